@@ -1,0 +1,42 @@
+# `make run` and `make test` set up .venv from nothing when it is missing or older than pyproject.toml.
+# With no NVIDIA GPU, torch's CPU build is installed first (TORCH_SPEC), so set-up stays small and fast.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH_SPEC ?= torch==2.13.0
+SUITE ?=
+FLEET ?= h100-node
+OUT_DIR ?= results/runs/gpu-check
+
+.PHONY: setup run test bench lint gpu-check clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(PY) -c "import torch" 2>/dev/null; then \
+		echo "no NVIDIA GPU: installing the CPU build of torch ($(TORCH_SPEC))"; \
+		$(PY) -m pip install -q "$(TORCH_SPEC)"; fi
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m harness bench $(if $(SUITE),--suite $(SUITE)) --quiet
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	@mkdir -p results/runs
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-json=results/runs/bench-$$(git rev-parse --short HEAD 2>/dev/null || echo local).json
+
+lint: $(STAMP)
+	$(PY) -m ruff check kernels harness tests benchmarks
+
+# On a GPU machine, offline: checks every kernel on the GPU, runs the quick suite, writes the run to OUT_DIR.
+gpu-check:
+	OUT_DIR=$(OUT_DIR) ./scripts/gpu_check.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

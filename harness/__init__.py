@@ -1,0 +1,1 @@
+"""tokenfleet's harness: device, timing, ceilings, runs, the model, capacity and reports."""

@@ -1,0 +1,136 @@
+"""`tokenfleet` (also `python -m harness`): env, bench, project, capacity, report, compare.
+
+User errors (a config that does not validate, an unknown name, a missing or unreadable file) print one line
+naming the file and the field and exit 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from harness.config import ConfigError
+from harness.output import FORMATS, emit, to_json
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Measure LLM tokens/s on this device and turn it into fleet capacity against demand.")
+
+FormatOpt = Annotated[str, typer.Option("--format", "-f", help="table | json | csv | md")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu | cuda (default: CUDA when present)")]
+
+
+def user_errors(fn):
+    """Turn ConfigError into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def check_format(fmt: str, allowed: tuple[str, ...] = FORMATS) -> str:
+    if fmt not in allowed:
+        raise ConfigError("--format", None, f"unknown format {fmt!r}; known: {', '.join(allowed)}")
+    return fmt
+
+
+@app.command()
+@user_errors
+def env(ceilings: Annotated[bool, typer.Option("--ceilings", help="also measure this device's ceilings")] = False,
+        fmt: FormatOpt = "table", device: DeviceOpt = None) -> None:
+    """Describe this device (NVML on NVIDIA) and, with --ceilings, measure what it can do."""
+    from harness.device import detect
+
+    check_format(fmt, ("table", "json"))
+    info = detect(device)
+    out: dict = {"device": info.to_dict()}
+    if ceilings:
+        out["ceilings"] = measure_ceilings(info)
+    if fmt == "json":
+        print(to_json(out))
+        return
+    emit([{"field": k, "value": v} for k, v in info.to_dict().items() if k != "nvml"], "table", "Device")
+    if info.nvml:
+        emit([{"field": k, "value": v} for k, v in info.nvml.items()], "table", "NVML")
+    if ceilings:
+        emit(out["ceilings"]["points"], "table", "Ceilings",
+             ["op", "dtype", "status", "value", "unit", "datasheet_value", "datasheet_ratio"])
+
+
+def measure_ceilings(info) -> dict:
+    """The default suite's ceilings on this device, without writing a run folder."""
+    from harness.hardware import load_hardware
+    from harness.parts.ceilings import plan
+    from harness.runner import RunContext, default_suite, execute
+    from harness.suite import load_suite
+
+    suite = load_suite(default_suite(info.kind))
+    ctx = RunContext(device=info, suite=suite, datasheet=load_hardware(info.datasheet) if info.datasheet else None)
+    points = []
+    for job in plan(suite.parts["ceilings"], ctx):
+        p = execute(job, ctx)
+        ctx.record_ceiling(p)
+        points.append(p)
+    return {**ctx.ceilings, "points": points}
+
+
+@app.command()
+@user_errors
+def bench(suite: Annotated[str | None, typer.Option("--suite", "-s", help="suite name or YAML path")] = None,
+          out: Annotated[Path | None, typer.Option("--out", help="run folder to write")] = None,
+          resume: Annotated[str | None, typer.Option("--resume", help="run id or folder to continue")] = None,
+          fmt: FormatOpt = "table", device: DeviceOpt = None,
+          quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False) -> None:
+    """Benchmark this device with a suite (default: quick on a GPU, ci-cpu on a CPU) into a run folder."""
+    from harness.results import read_run
+    from harness.runner import run_suite
+    from harness.tables import TITLES, kind_table, points_frame
+
+    check_format(fmt)
+    if resume and out:
+        raise ConfigError("--out", None, "--out and --resume exclude each other (a resumed run keeps its folder)")
+    run_dir = run_suite(suite, out=out, resume=resume, device=device, progress=not quiet and sys.stderr.isatty())
+    _, points = read_run(run_dir)
+    if fmt == "json":
+        print(to_json(points))
+    else:
+        df = points_frame(points)
+        for kind, title in TITLES.items():
+            t = kind_table(df, kind)
+            if len(t):
+                emit(t, fmt, title)
+    typer.echo(f"run folder: {run_dir}", err=fmt != "table")
+
+
+def _register_optional() -> None:
+    """Verbs delivered by other modules register themselves here."""
+    import importlib
+
+    for module in ("harness.cli_capacity", "harness.cli_report"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue
+        mod.register(app)
+
+
+_register_optional()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Configs as validated data: YAML files read into pydantic models (`extra="forbid"`).
+
+Every failure to read a config becomes one `ConfigError` naming the file and the field, which the CLI prints
+as a single line and exits 2 on. Nothing here knows about devices or runs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+CONFIG_ROOT = Path(os.environ.get("TOKENFLEET_CONFIGS", Path(__file__).resolve().parent.parent / "configs"))
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class Strict(BaseModel):
+    """Base for every config model: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ConfigError(Exception):
+    """A user-input error: one line, naming the file and the field. Exit code 2 at the CLI."""
+
+    def __init__(self, file: str | Path | None, field: str | None, message: str):
+        self.file, self.field, self.message = (str(file) if file else None), field, message
+        where = ": ".join(p for p in (self.file, self.field) if p)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+def validation_error(file: str | Path | None, err: ValidationError) -> ConfigError:
+    """The first validation error of `err` as a ConfigError (field path joined with dots)."""
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or None
+    return ConfigError(file, field, first["msg"])
+
+
+def read_yaml(path: str | Path) -> object:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(path, None, "file not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f"line {mark.line + 1}" if mark else None
+        raise ConfigError(path, line, f"not valid YAML ({getattr(e, 'problem', None) or e})") from None
+
+
+def load_yaml(path: str | Path, cls: type[T]) -> T:
+    """Read `path` and validate it as `cls`; any problem is a ConfigError naming file and field."""
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(path, None, f"expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise validation_error(path, e) from None
+
+
+def config_dir(kind: str) -> Path:
+    return CONFIG_ROOT / kind
+
+
+def known_names(kind: str) -> list[str]:
+    return sorted(p.stem for p in config_dir(kind).glob("*.yaml"))
+
+
+def resolve(kind: str, name_or_path: str | Path) -> Path:
+    """A config given by name (`configs/<kind>/<name>.yaml`) or by path; unknown names list the known ones."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.is_file():
+        if not p.is_file():
+            raise ConfigError(p, None, "file not found")
+        return p
+    candidate = config_dir(kind) / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        known = ", ".join(known_names(kind)) or "(none)"
+        raise ConfigError(config_dir(kind), kind.rstrip("s"), f"unknown name {str(name_or_path)!r}; known: {known}")
+    return candidate
+
+
+def load_named(kind: str, name_or_path: str | Path, cls: type[T]) -> T:
+    """Load a config by name or path and check that a named file's `id` matches its file name."""
+    path = resolve(kind, name_or_path)
+    obj = load_yaml(path, cls)
+    obj_id = getattr(obj, "id", None)
+    if obj_id is not None and path.parent == config_dir(kind) and obj_id != path.stem:
+        raise ConfigError(path, "id", f"{obj_id!r} does not match the file name {path.stem!r}")
+    return obj
+
+
+def load_all(kind: str, cls: type[T]) -> dict[str, T]:
+    return {name: load_named(kind, name, cls) for name in known_names(kind)}

@@ -1,0 +1,176 @@
+"""The one place that picks the device: a CUDA GPU when torch sees one, else the CPU.
+
+`TOKENFLEET_DEVICE=cpu|cuda` (or the CLI's `--device`) overrides. `DeviceInfo` records what the device is,
+read through NVML on NVIDIA; when NVML is missing or fails, the reason is recorded and the run goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+
+import torch
+
+from harness.config import ConfigError
+
+KINDS = ("cpu", "cuda")
+
+
+def pick(override: str | None = None) -> str:
+    """'cuda' or 'cpu'. An override that asks for CUDA where none is present is a user error."""
+    want = (override or os.environ.get("TOKENFLEET_DEVICE") or "").strip().lower() or None
+    if want is not None and want not in KINDS:
+        raise ConfigError("--device" if override else "TOKENFLEET_DEVICE", None,
+                          f"unknown device {want!r}; known: {', '.join(KINDS)}")
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device" if override else "TOKENFLEET_DEVICE", None,
+                          "cuda asked for, but torch sees no CUDA device")
+    return want or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class DeviceInfo:
+    kind: str
+    name: str
+    memory_bytes: int | None
+    compute_units: int | None  # multiprocessors on a GPU, logical cores on a CPU
+    threads: int | None  # torch intra-op threads (CPU timing depends on it)
+    torch_version: str
+    triton_version: str | None
+    cuda_version: str | None
+    driver_version: str | None = None
+    l2_bytes: int | None = None
+    capability: str | None = None
+    datasheet: str | None = None  # configs/hardware id this device maps to
+    nvml: dict = field(default_factory=dict)
+    nvml_error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.kind)
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _decode_reasons(pynvml, mask: int) -> list[str]:
+    names = []
+    for attr in dir(pynvml):
+        for prefix in ("nvmlClocksEventReason", "nvmlClocksThrottleReason"):
+            if attr.startswith(prefix) and attr not in (prefix + "All", prefix + "None"):
+                bit = getattr(pynvml, attr)
+                reason = attr[len(prefix):]
+                if isinstance(bit, int) and bit and mask & bit and reason not in names:
+                    names.append(reason)
+    return sorted(names)
+
+
+def read_nvml(index: int = 0) -> tuple[dict, str | None]:
+    """NVML fields for GPU `index`, or ({}, why not). Never raises."""
+    try:
+        import pynvml  # from the nvidia-ml-py package
+    except Exception as e:  # noqa: BLE001 - absent or broken: record why and go on
+        return {}, f"pynvml not importable: {e}"
+    try:
+        pynvml.nvmlInit()
+    except Exception as e:  # noqa: BLE001
+        return {}, f"nvmlInit failed: {e}"
+    out: dict = {}
+    errors: list[str] = []
+    try:
+        h = pynvml.nvmlDeviceGetHandleByIndex(index)
+
+        def get(key, fn, *args, scale=1.0):
+            try:
+                v = fn(h, *args)
+                out[key] = v.decode() if isinstance(v, bytes) else (v * scale if scale != 1.0 else v)
+            except Exception as e:  # noqa: BLE001 - one unreadable field does not lose the others
+                errors.append(f"{key}: {e}")
+
+        get("uuid", pynvml.nvmlDeviceGetUUID)
+        get("name", pynvml.nvmlDeviceGetName)
+        try:
+            out["memory_total_bytes"] = pynvml.nvmlDeviceGetMemoryInfo(h).total
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"memory: {e}")
+        get("power_limit_w", pynvml.nvmlDeviceGetEnforcedPowerLimit, scale=1e-3)
+        get("power_w", pynvml.nvmlDeviceGetPowerUsage, scale=1e-3)
+        get("temperature_c", pynvml.nvmlDeviceGetTemperature, pynvml.NVML_TEMPERATURE_GPU)
+        get("sm_clock_mhz", pynvml.nvmlDeviceGetClockInfo, pynvml.NVML_CLOCK_SM)
+        get("mem_clock_mhz", pynvml.nvmlDeviceGetClockInfo, pynvml.NVML_CLOCK_MEM)
+        get("sm_clock_max_mhz", pynvml.nvmlDeviceGetMaxClockInfo, pynvml.NVML_CLOCK_SM)
+        get("mem_clock_max_mhz", pynvml.nvmlDeviceGetMaxClockInfo, pynvml.NVML_CLOCK_MEM)
+        reasons_fn = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or getattr(
+            pynvml, "nvmlDeviceGetCurrentClocksThrottleReasons", None)
+        if reasons_fn is not None:
+            try:
+                out["clock_event_reasons"] = _decode_reasons(pynvml, reasons_fn(h))
+            except Exception as e:  # noqa: BLE001
+                errors.append(f"clock_event_reasons: {e}")
+        try:
+            out["driver_version"] = pynvml.nvmlSystemGetDriverVersion()
+            if isinstance(out["driver_version"], bytes):
+                out["driver_version"] = out["driver_version"].decode()
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"driver: {e}")
+    except Exception as e:  # noqa: BLE001
+        errors.append(f"handle: {e}")
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:  # noqa: BLE001, S110
+            pass
+    return out, ("; ".join(errors) or None)
+
+
+def detect(override: str | None = None) -> DeviceInfo:
+    """Describe the device this run uses (see `pick`)."""
+    from harness.hardware import match_device
+
+    kind = pick(override)
+    common = dict(torch_version=torch.__version__, triton_version=_version("triton"), cuda_version=torch.version.cuda)
+    if kind == "cuda":
+        idx = torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(idx)
+        nvml, nvml_error = read_nvml(idx)
+        info = DeviceInfo(
+            kind="cuda", name=props.name, memory_bytes=props.total_memory, compute_units=props.multi_processor_count,
+            threads=None, driver_version=nvml.get("driver_version"), l2_bytes=getattr(props, "L2_cache_size", None),
+            capability=f"{props.major}.{props.minor}", nvml=nvml, nvml_error=nvml_error, **common)
+    else:
+        info = DeviceInfo(kind="cpu", name=_cpu_name(), memory_bytes=_cpu_memory(), compute_units=os.cpu_count(),
+                          threads=torch.get_num_threads(), nvml_error="cpu run: NVML not read", **common)
+    hw = match_device(info.name)
+    info.datasheet = hw.id if hw else None
+    return info

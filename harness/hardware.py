@@ -1,0 +1,78 @@
+"""Accelerator datasheets (`configs/hardware/*.yaml`) and the mapping from a detected device name to one."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from harness.config import Strict, load_all, load_named
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
+
+
+class Interconnect(Strict):
+    type: str
+    per_direction_gbps: float | None = Field(None, gt=0, description="scale-up bandwidth, one direction, GB/s")
+
+
+class Hardware(Strict):
+    id: str
+    name: str
+    vendor: Literal["nvidia", "amd", "huawei", "cpu", "other"]
+    match: list[str] = Field(default_factory=list, description="substrings of detected device names")
+    memory_gb: float = Field(gt=0, description="vendor GB (1e9 bytes)")
+    memory_bandwidth_gbps: float = Field(gt=0, description="HBM/GDDR bandwidth, GB/s")
+    peak_tflops: dict[Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int8"], float] = Field(
+        description="DENSE peak (no 2:4 sparsity), TFLOP/s (TOP/s for int8)"
+    )
+    tdp_w: float | None = Field(None, gt=0)
+    l2_mb: float | None = Field(None, gt=0)
+    interconnect: Interconnect | None = None
+    sources: dict[str, str | list[str]] = Field(description="field name -> where the figure comes from")
+    unverified: list[str] = Field(default_factory=list, description="fields only third-party sources or memory back")
+    discrepancies: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _every_figure_sourced(self) -> Hardware:
+        needed = {"memory_gb", "memory_bandwidth_gbps", "peak_tflops"}
+        needed |= {f for f in ("tdp_w", "interconnect") if getattr(self, f) is not None}
+        missing = sorted(needed - set(self.sources))
+        if missing:
+            raise ValueError(f"no source given for {', '.join(missing)}")
+        for k, v in self.peak_tflops.items():
+            if v <= 0:
+                raise ValueError(f"peak_tflops.{k} must be positive")
+        return self
+
+    def peak(self, dtype: str) -> float | None:
+        """Dense peak FLOP/s for a dtype (fp32 matmuls on GPU may run as tf32: the caller says which)."""
+        v = self.peak_tflops.get(dtype)
+        return v * 1e12 if v else None
+
+    @property
+    def bandwidth_bytes_per_s(self) -> float:
+        return self.memory_bandwidth_gbps * 1e9
+
+    @property
+    def memory_bytes(self) -> float:
+        return self.memory_gb * 1e9
+
+
+def load_hardware(name: str) -> Hardware:
+    return load_named("hardware", name, Hardware)
+
+
+def all_hardware() -> dict[str, Hardware]:
+    return load_all("hardware", Hardware)
+
+
+def match_device(device_name: str) -> Hardware | None:
+    """The datasheet whose `match` substrings best fit a detected name (longest match wins), or None."""
+    best, best_len = None, 0
+    lowered = device_name.lower()
+    for hw in all_hardware().values():
+        for pat in hw.match:
+            if pat.lower() in lowered and len(pat) > best_len:
+                best, best_len = hw, len(pat)
+    return best

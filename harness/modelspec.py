@@ -1,0 +1,200 @@
+"""Model architectures as validated data (`configs/models/*.yaml`): shapes from the published config.json.
+
+Owned by the capacity model for counting (parameters, FLOPs, bytes) and read by `harness.model` to build layers.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from harness.config import Strict, load_all, load_named
+
+
+class MoE(Strict):
+    num_experts: int = Field(gt=0, description="routed experts per MoE layer")
+    experts_per_token: int = Field(gt=0)
+    moe_intermediate_size: int = Field(gt=0)
+    shared_experts: int = Field(0, ge=0)
+    dense_layers: int = Field(0, ge=0, description="the first k layers use a dense MLP of intermediate_size")
+
+
+class MLA(Strict):
+    q_lora_rank: int | None = Field(None, gt=0)
+    kv_lora_rank: int = Field(gt=0)
+    qk_nope_head_dim: int = Field(gt=0)
+    qk_rope_head_dim: int = Field(gt=0)
+    v_head_dim: int = Field(gt=0)
+
+
+class ModelConfig(Strict):
+    id: str
+    hf_repo: str
+    family: str = Field(description="llama | qwen2 | qwen3 | qwen3_moe | deepseek_v3 | tiny")
+    hidden_size: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0)
+    num_layers: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    num_kv_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
+    vocab_size: int = Field(gt=0)
+    rope_theta: float = Field(gt=0)
+    rms_norm_eps: float = Field(gt=0)
+    tie_word_embeddings: bool = False
+    qk_norm: bool = Field(False, description="Qwen3: RMSNorm over head_dim on q and k before RoPE")
+    attention_bias: bool = Field(False, description="Qwen2/2.5: bias on the q, k, v projections")
+    max_position_embeddings: int = Field(gt=0)
+    moe: MoE | None = None
+    mla: MLA | None = None
+    params_published: str | None = None
+    params_exact: int | None = Field(None, description="exact parameter count from an independent source, for checks")
+    params_active_exact: int | None = Field(None, description="exact activated parameters per token (MoE), for checks")
+    native_dtype: str | None = Field(None, description="dtype the published weights ship in (e.g. fp8 for DeepSeek-V3)")
+    sources: list[str] = Field(min_length=1)
+    discrepancies: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _heads(self) -> ModelConfig:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        return self
+
+    @property
+    def is_dense(self) -> bool:
+        return self.moe is None and self.mla is None
+
+    # ---- counting: one place for parameters, bytes and FLOPs (used by the capacity model and the harness) ----
+    # Conventions: SwiGLU MLP (gate, up, down: 3·H·I), RMSNorm weights only, no biases except the q/k/v bias of
+    # `attention_bias`. MoE router is a bias-free H×E linear; DeepSeek-V3's router adds an E-vector score bias.
+    # The DeepSeek-V3 MTP module is not part of `num_layers` and is not counted (671B "main model").
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def lm_head_params(self) -> int:
+        """LM-head matrix (the same tensor as the embedding when tied; counted once in `param_count`)."""
+        return self.vocab_size * self.hidden_size
+
+    def attention_params(self) -> int:
+        """One layer's attention: projections (GQA or MLA), their norms and biases; excludes the input norm."""
+        H, nh = self.hidden_size, self.num_heads
+        if self.mla:
+            m = self.mla
+            qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+            if m.q_lora_rank:  # q: H -> q_lora (norm) -> nh·qk
+                q = H * m.q_lora_rank + m.q_lora_rank + m.q_lora_rank * nh * qk
+            else:
+                q = H * nh * qk
+            kv = H * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank  # latent + shared rope key, latent norm
+            kv += m.kv_lora_rank * nh * (m.qk_nope_head_dim + m.v_head_dim)  # up-projection to per-head k_nope, v
+            return q + kv + nh * m.v_head_dim * H
+        hd, nkv = self.head_dim, self.num_kv_heads
+        n = H * nh * hd + 2 * H * nkv * hd + nh * hd * H
+        if self.attention_bias:
+            n += nh * hd + 2 * nkv * hd
+        if self.qk_norm:
+            n += 2 * hd
+        return n
+
+    @property
+    def dense_mlp_params(self) -> int:
+        return 3 * self.hidden_size * self.intermediate_size
+
+    @property
+    def expert_params(self) -> int:
+        """One routed (or shared) expert: a SwiGLU MLP of moe_intermediate_size."""
+        assert self.moe
+        return 3 * self.hidden_size * self.moe.moe_intermediate_size
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers - self.moe.dense_layers if self.moe else 0
+
+    def router_params(self) -> int:
+        if not self.moe:
+            return 0
+        bias = self.moe.num_experts if self.family == "deepseek_v3" else 0  # e_score_correction_bias
+        return self.hidden_size * self.moe.num_experts + bias
+
+    def _layer_params(self, experts: int | float) -> float:
+        """All layers, with `experts` routed experts per MoE layer (E for total, k for active)."""
+        per_layer = self.attention_params() + 2 * self.hidden_size  # + input and post-attention norms
+        n = self.num_layers * per_layer
+        if not self.moe:
+            return n + self.num_layers * self.dense_mlp_params
+        m = self.moe
+        n += m.dense_layers * self.dense_mlp_params
+        n += self.num_moe_layers * (self.router_params() + (experts + m.shared_experts) * self.expert_params)
+        return n
+
+    def param_count(self) -> int:
+        """Total parameters: embeddings, LM head (once if tied), all layers, final norm."""
+        head = 0 if self.tie_word_embeddings else self.lm_head_params
+        experts = self.moe.num_experts if self.moe else 0
+        return int(self.embedding_params + head + self._layer_params(experts) + self.hidden_size)
+
+    def active_param_count(self) -> int:
+        """Parameters one token touches: as `param_count` but only top-k routed experts (+ shared ones).
+        Counts the embedding table and LM head like DeepSeek's "36.7B incl. 0.9B embedding + 0.9B head"."""
+        head = 0 if self.tie_word_embeddings else self.lm_head_params
+        k = self.moe.experts_per_token if self.moe else 0
+        return int(self.embedding_params + head + self._layer_params(k) + self.hidden_size)
+
+    def routed_expert_params(self) -> int:
+        return self.num_moe_layers * self.moe.num_experts * self.expert_params if self.moe else 0
+
+    def kv_bytes_per_token(self, dtype_bytes: float = 2) -> float:
+        """KV-cache bytes per token, all layers. MLA caches one latent (kv_lora_rank) plus the shared rope key."""
+        if self.mla:
+            return (self.mla.kv_lora_rank + self.mla.qk_rope_head_dim) * self.num_layers * dtype_bytes
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
+
+    @property
+    def attn_dims(self) -> tuple[int, int]:
+        """(q·k width, v width) per head: the FLOP dims of attention itself (MLA: 192 and 128 for DeepSeek-V3)."""
+        if self.mla:
+            return self.mla.qk_nope_head_dim + self.mla.qk_rope_head_dim, self.mla.v_head_dim
+        return self.head_dim, self.head_dim
+
+    def attention_flops_per_token(self, context: float) -> float:
+        """QK^T and PV for one query token against `context` keys, all layers (2 FLOPs per MAC)."""
+        dqk, dv = self.attn_dims
+        return 2 * self.num_layers * self.num_heads * (dqk + dv) * context
+
+    def flops_per_token(self, context: float = 0) -> float:
+        """Forward FLOPs of one token at `context`: 2·(active non-embedding matmul params) + LM head + attention.
+        Norm weights and biases are counted as matmul params (they are <0.01% of any model here)."""
+        matmul = self.active_param_count() - self.embedding_params
+        if self.tie_word_embeddings:
+            matmul += self.lm_head_params  # the tied table is still multiplied as the LM head
+        return 2 * matmul + self.attention_flops_per_token(context)
+
+    def weight_bytes(self, dtype_bytes: float = 2) -> float:
+        """Bytes to hold all weights at one width (norms and routers in fp8 checkpoints are tiny; ignored)."""
+        return self.param_count() * dtype_bytes
+
+    def expected_experts_touched(self, batch: float) -> float:
+        """Expected distinct routed experts per MoE layer for `batch` tokens, routing uniform and independent:
+        E·(1−(1−k/E)^B). Real routers are skewed, which touches fewer experts: this is an upper bound on bytes."""
+        if not self.moe:
+            return 0.0
+        E, k = self.moe.num_experts, self.moe.experts_per_token
+        return E * (1 - (1 - k / E) ** max(batch, 0))
+
+    def decode_weight_bytes(self, batch: float, dtype_bytes: float = 2) -> float:
+        """Weight bytes one decode step reads: everything but the routed experts and the input-embedding table
+        (a decode step gathers B rows of it, not the table), plus the expected distinct routed experts."""
+        always = self.param_count() - self.routed_expert_params()
+        if not self.tie_word_embeddings:
+            always -= self.embedding_params
+        touched = self.num_moe_layers * self.expected_experts_touched(batch) * self.expert_params if self.moe else 0
+        return (always + touched) * dtype_bytes
+
+
+def load_model_config(name: str) -> ModelConfig:
+    return load_named("models", name, ModelConfig)
+
+
+def all_model_configs() -> dict[str, ModelConfig]:
+    return load_all("models", ModelConfig)

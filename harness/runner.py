@@ -1,0 +1,236 @@
+"""Runs a suite on the device `harness.device` picked: ceilings first, then each part's jobs, one point each.
+
+A job's failure is a row with its status (`oom`, `error`, `incorrect`), never a crash and never dropped.
+With `resume`, jobs whose point is already `ok` in the run folder are skipped.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from harness import results, timing
+from harness.device import DeviceInfo, detect
+from harness.hardware import DTYPE_BYTES, Hardware, load_hardware
+from harness.suite import Suite, load_suite, part_api
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return TORCH_DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; known: {', '.join(TORCH_DTYPES)}") from None
+
+
+def dtype_bytes(name: str) -> int:
+    return DTYPE_BYTES[name]
+
+
+@dataclass
+class Job:
+    key: dict  # identity of the point: kind, op/model, backend, dtype and the shape parameters
+    run: Callable[[RunContext], dict]  # returns measured fields (median_ms, flops, bytes, ...), maybe a status
+    label: str = ""
+
+
+@dataclass
+class RunContext:
+    device: DeviceInfo
+    suite: Suite
+    datasheet: Hardware | None
+    ceilings: dict = field(default_factory=lambda: {"copy_gbps": None, "matvec_gbps": {}, "matmul_tflops": {}})
+    seed: int = 0
+
+    @property
+    def torch_device(self) -> torch.device:
+        return self.device.torch_device
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.kind == "cuda"
+
+    def measure(self, fn: Callable[[], object], **overrides) -> timing.Timing:
+        """`harness.timing.measure` with this suite's settings; parts override per kind (flush_l2, cuda_graph)."""
+        t = self.suite.file.timing
+        kw = dict(device=self.torch_device, min_samples=t.min_samples, min_time_s=t.min_time_s,
+                  warmup_s=t.warmup_s, max_samples=t.max_samples, noise_limit=self.suite.file.noise_limit,
+                  l2_bytes=self.device.l2_bytes)
+        kw.update(overrides)
+        return timing.measure(fn, **kw)
+
+    def metrics(self, flops: float | None, bytes_: float | None, median_ms: float | None, dtype: str) -> dict:
+        """Rates and their fractions of this run's measured ceilings and of the datasheet."""
+        out: dict = {}
+        if not median_ms or median_ms <= 0:
+            return out
+        s = median_ms / 1e3
+        if flops:
+            rate = flops / s
+            out["tflops"] = rate / 1e12
+            measured = self.ceilings["matmul_tflops"].get(dtype)
+            out["mfu"] = rate / (measured * 1e12) if measured else None
+            peak = self.datasheet.peak(dtype) if self.datasheet else None
+            out["mfu_datasheet"] = rate / peak if peak else None
+        if bytes_:
+            bw = bytes_ / s
+            out["gbps"] = bw / 1e9
+            copy = self.ceilings["copy_gbps"]
+            out["mbu"] = bw / (copy * 1e9) if copy else None
+            mv = self.ceilings["matvec_gbps"].get(dtype)
+            out["mbu_matvec"] = bw / (mv * 1e9) if mv else None
+            out["mbu_datasheet"] = bw / self.datasheet.bandwidth_bytes_per_s if self.datasheet else None
+            if out.get("mbu") and out["mbu"] > 1.0:
+                out["warning"] = "MBU above 1 against the measured copy bandwidth: check the byte count or caching"
+        return out
+
+    def record_ceiling(self, point: dict) -> None:
+        if point.get("status") not in ("ok", "noisy") or point.get("value") is None:
+            return
+        if point["op"] == "copy":
+            self.ceilings["copy_gbps"] = point["value"]
+        elif point["op"] == "matvec":
+            self.ceilings["matvec_gbps"][point["dtype"]] = point["value"]
+        elif point["op"] == "matmul":
+            self.ceilings["matmul_tflops"][point["dtype"]] = point["value"]
+
+
+def _failure(exc: BaseException) -> dict:
+    oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    msg = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:500]
+    if oom and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {"status": "oom" if oom else "error", "error": msg}
+
+
+def execute(job: Job, ctx: RunContext) -> dict:
+    """Run one job into a point: key + measurements + derived rates + status. Never raises for job errors."""
+    t0 = time.perf_counter()
+    try:
+        measured = job.run(ctx) or {}
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # noqa: BLE001 - a failure is a row, not a crash
+        measured = _failure(e)
+    point = {**job.key, "device": ctx.device.name, **measured}
+    status = point.get("status")
+    if status is None:
+        status = "noisy" if point.get("noisy") else "ok"
+    point["status"] = status
+    if point.get("median_ms") and status in ("ok", "noisy"):
+        derived = ctx.metrics(point.get("flops"), point.get("bytes"), point["median_ms"], job.key.get("dtype", ""))
+        point = {**derived, **point}
+    point["elapsed_s"] = round(time.perf_counter() - t0, 3)
+    return results.clean_floats(point)
+
+
+def default_suite(device_kind: str) -> str:
+    return "quick" if device_kind == "cuda" else "ci-cpu"
+
+
+def manifest_for(run_id: str, suite: Suite, info: DeviceInfo, datasheet: Hardware | None) -> dict:
+    return {
+        "run_id": run_id,
+        "tokenfleet_version": results.version(),
+        "git_sha": results.git_sha(),
+        "command": results.command_line(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "suite": suite.id,
+        "config": suite.resolved(),
+        "environment": {
+            "device": info.to_dict(),
+            "datasheet": datasheet.model_dump() if datasheet else None,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "ceilings": {},
+    }
+
+
+def plan_all(suite: Suite, ctx: RunContext) -> list[Job]:
+    jobs: list[Job] = []
+    for name, spec in suite.parts.items():
+        _, plan = part_api(name)
+        jobs.extend(plan(spec, ctx))
+    return jobs
+
+
+def run_suite(suite_name: str | None = None, out: str | Path | None = None, resume: str | Path | None = None,
+              device: str | None = None, progress: bool = True, on_point: Callable[[dict], None] | None = None
+              ) -> Path:
+    """Measure a suite into a run folder and return its path. `resume` continues an existing run folder."""
+    info = detect(device)
+    datasheet = load_hardware(info.datasheet) if info.datasheet else None
+    if resume is not None:
+        run_dir = results.resolve_run(resume)
+        suite = load_suite(suite_name or results.read_manifest(run_dir)["suite"])
+        writer = results.RunWriter(run_dir, {"command": results.command_line()}, resume=True)
+    else:
+        suite = load_suite(suite_name or default_suite(info.kind))
+        run_id = results.make_run_id(info.name, suite.id)
+        run_dir = Path(out) if out else results.RUNS_ROOT / run_id
+        writer = results.RunWriter(run_dir, manifest_for(run_id, suite, info, datasheet))
+    ctx = RunContext(device=info, suite=suite, datasheet=datasheet)
+    for p in writer.existing:
+        if p.get("kind") == "ceiling" and p.get("status") == "ok":
+            ctx.record_ceiling(p)
+    done = [p for p in writer.existing if p.get("status") == "ok"]
+    try:
+        jobs = plan_all(suite, ctx)
+        _run_jobs(jobs, ctx, writer, done, progress, on_point)
+    finally:
+        writer.manifest["ceilings"] = ctx.ceilings
+        writer.manifest["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        writer.write_manifest()
+        writer.close()
+    from harness.tables import write_tables
+
+    write_tables(run_dir)
+    _link_latest(run_dir)
+    return run_dir
+
+
+def _link_latest(run_dir: Path) -> None:
+    """results/runs/latest -> the newest run under results/runs (what `make run`'s later steps read)."""
+    run_dir = Path(run_dir).resolve()
+    if run_dir.parent != results.RUNS_ROOT.resolve():
+        return
+    link = results.RUNS_ROOT / "latest"
+    if link.is_symlink() or not link.exists():
+        tmp = results.RUNS_ROOT / ".latest.tmp"
+        if tmp.is_symlink():
+            tmp.unlink()
+        tmp.symlink_to(run_dir.name)
+        tmp.replace(link)
+
+
+def is_done(job: Job, done: list[dict]) -> bool:
+    """A job is done when an `ok` point carries every field of its key with the same value."""
+    key = {k: results.jsonable(v) for k, v in job.key.items()}
+    return any(all(p.get(k) == v for k, v in key.items()) for p in done)
+
+
+def _run_jobs(jobs: list[Job], ctx: RunContext, writer: results.RunWriter, done: list[dict], progress: bool,
+              on_point: Callable[[dict], None] | None) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    todo = [j for j in jobs if not is_done(j, done)]
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  disable=not progress, transient=False) as bar:
+        task = bar.add_task("measuring", total=len(todo))
+        for job in todo:
+            bar.update(task, description=f"{job.label or job.key.get('kind')}"[:60])
+            point = execute(job, ctx)
+            writer.append(point)
+            if point["kind"] == "ceiling":
+                ctx.record_ceiling(point)
+            if on_point:
+                on_point(point)
+            bar.advance(task)

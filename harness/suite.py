@@ -1,0 +1,77 @@
+"""Suites (`configs/suites/*.yaml`): what a run measures, as validated data.
+
+The top level is checked here; each part's section (`ceilings`, `kernels`, `prefill`, `decode`) is checked by
+that part's own `Spec`, and errors name the file and the field (`kernels.ops.0.op`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+from harness.config import ConfigError, Strict, load_named, validation_error
+from harness.parts import PARTS
+
+
+class TimingSpec(Strict):
+    min_samples: int = Field(10, ge=1)
+    min_time_s: float = Field(0.2, gt=0)
+    warmup_s: float = Field(0.1, ge=0)
+    max_samples: int = Field(1000, ge=1)
+
+
+class SuiteFile(Strict):
+    id: str
+    description: str
+    device: Literal["cpu", "cuda", "any"] = "any"
+    noise_limit: float = Field(0.1, gt=0, description="(p80-p20)/median above which a point is `noisy`")
+    timing: TimingSpec = TimingSpec()
+    ceilings: dict[str, Any] | None = None
+    kernels: dict[str, Any] | None = None
+    prefill: dict[str, Any] | None = None
+    decode: dict[str, Any] | None = None
+
+
+class Suite:
+    """A validated suite: the file's top level plus one Spec object per part present."""
+
+    def __init__(self, file: SuiteFile, parts: dict[str, BaseModel], path: str):
+        self.file, self.parts, self.path = file, parts, path
+
+    @property
+    def id(self) -> str:
+        return self.file.id
+
+    def resolved(self) -> dict:
+        out = self.file.model_dump(exclude={n for n in PARTS})
+        out.update({name: spec.model_dump() for name, spec in self.parts.items()})
+        return out
+
+
+def part_api(name: str) -> tuple[type[BaseModel], Any]:
+    module, spec_attr, plan_attr = PARTS[name]
+    mod = importlib.import_module(module)
+    return getattr(mod, spec_attr), getattr(mod, plan_attr)
+
+
+def load_suite(name_or_path: str) -> Suite:
+    from harness.config import resolve
+
+    path = resolve("suites", name_or_path)
+    file = load_named("suites", name_or_path, SuiteFile)
+    parts: dict[str, BaseModel] = {}
+    for name in PARTS:
+        section = getattr(file, name)
+        if section is None:
+            continue
+        spec_cls, _ = part_api(name)
+        try:
+            parts[name] = spec_cls.model_validate(section)
+        except ValidationError as e:
+            err = validation_error(path, e)
+            raise ConfigError(path, f"{name}.{err.field}" if err.field else name, err.message) from None
+    if not parts:
+        raise ConfigError(path, None, f"a suite needs at least one of: {', '.join(PARTS)}")
+    return Suite(file, parts, str(path))
