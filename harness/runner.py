@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 
 from harness import results, timing
+from harness.config import ConfigError
 from harness.device import DeviceInfo, detect
 from harness.hardware import DTYPE_BYTES, Hardware, load_hardware
-from harness.suite import Suite, load_suite, part_api
+from harness.suite import Suite, load_suite, part_api, suite_from_dict
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -170,7 +171,13 @@ def run_suite(suite_name: str | None = None, out: str | Path | None = None, resu
     datasheet = load_hardware(info.datasheet) if info.datasheet else None
     if resume is not None:
         run_dir = results.resolve_run(resume)
-        suite = load_suite(suite_name or results.read_manifest(run_dir)["suite"])
+        manifest = results.read_manifest(run_dir)
+        if suite_name:
+            suite = load_suite(suite_name)
+        elif isinstance(manifest.get("config"), dict):  # the suite exactly as the run resolved it
+            suite = suite_from_dict(manifest["config"], str(run_dir / "manifest.json"))
+        else:
+            raise ConfigError(run_dir / "manifest.json", "config", "missing: cannot tell what the run measures")
         writer = results.RunWriter(run_dir, {"command": results.command_line()}, resume=True)
     else:
         suite = load_suite(suite_name or default_suite(info.kind))

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
-from harness.config import ConfigError, Strict, load_named, validation_error
+from harness.config import ConfigError, Strict, load_named, read_yaml, validation_error
 from harness.parts import PARTS
 
 
@@ -56,11 +56,12 @@ def part_api(name: str) -> tuple[type[BaseModel], Any]:
     return getattr(mod, spec_attr), getattr(mod, plan_attr)
 
 
-def load_suite(name_or_path: str) -> Suite:
-    from harness.config import resolve
-
-    path = resolve("suites", name_or_path)
-    file = load_named("suites", name_or_path, SuiteFile)
+def suite_from_dict(data: dict, path: str) -> Suite:
+    """Validate a suite's data (a file's, or a run manifest's resolved `config`); errors name `path` and the field."""
+    try:
+        file = SuiteFile.model_validate(data)
+    except ValidationError as e:
+        raise validation_error(path, e) from None
     parts: dict[str, BaseModel] = {}
     for name in PARTS:
         section = getattr(file, name)
@@ -75,3 +76,11 @@ def load_suite(name_or_path: str) -> Suite:
     if not parts:
         raise ConfigError(path, None, f"a suite needs at least one of: {', '.join(PARTS)}")
     return Suite(file, parts, str(path))
+
+
+def load_suite(name_or_path: str) -> Suite:
+    from harness.config import resolve
+
+    path = resolve("suites", name_or_path)
+    load_named("suites", name_or_path, SuiteFile)  # file-level checks (parse, id matches the file name)
+    return suite_from_dict(read_yaml(path), str(path))

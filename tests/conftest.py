@@ -1,0 +1,41 @@
+"""Shared test set-up: small, fast suites written to tmp folders; the CLI run in-process or as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Triton runs under its interpreter on a machine without CUDA; this must be set before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+TINY_CEILINGS_SUITE = """
+id: {id}
+description: tiny suite for tests
+noise_limit: 0.5
+timing: {{min_samples: 3, min_time_s: 0.01, warmup_s: 0.0, max_samples: 20}}
+ceilings:
+  copy_mb: 8
+  matmul: {{fp32: 256, bf16: 256}}
+  matvec: {{n: 512, k: 512, dtypes: [fp32]}}
+"""
+
+
+@pytest.fixture
+def tiny_suite(tmp_path: Path) -> Path:
+    p = tmp_path / "tiny.yaml"
+    p.write_text(TINY_CEILINGS_SUITE.format(id="tiny"))
+    return p
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m harness ARGS` in a subprocess (exit codes and stderr exactly as a user sees them)."""
+    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO, env={**os.environ, "COLUMNS": "200"})

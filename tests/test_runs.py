@@ -1,0 +1,129 @@
+"""Run folders: schema refusal, truncated points, resume after a kill, and the runner's failure rows."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from harness import results
+from harness.config import ConfigError
+from harness.runner import Job, execute, run_suite
+from tests.conftest import REPO, TINY_CEILINGS_SUITE
+
+
+def make_run(tmp_path, points=()):
+    w = results.RunWriter(tmp_path / "run", {"run_id": "r1", "suite": "tiny", "command": "test"})
+    for p in points:
+        w.append(p)
+    w.close()
+    return tmp_path / "run"
+
+
+def test_round_trip_and_schema_refusal(tmp_path):
+    run = make_run(tmp_path, [{"kind": "ceiling", "op": "copy", "status": "ok", "value": 1.0}])
+    manifest, points = results.read_run(run)
+    assert manifest["schema_version"] == results.SCHEMA_VERSION
+    assert points[0]["run_id"] == "r1" and points[0]["value"] == 1.0
+
+    m = json.loads((run / "manifest.json").read_text())
+    m["schema_version"] = 99
+    (run / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ConfigError, match="schema_version.*99") as e:
+        results.read_run(run)
+    assert "manifest.json" in str(e.value)
+
+
+def test_point_of_unknown_schema_refused(tmp_path):
+    run = make_run(tmp_path, [{"kind": "ceiling", "op": "copy", "status": "ok"}])
+    with open(run / "points.jsonl", "a") as f:
+        f.write(json.dumps({"schema_version": 7, "kind": "decode", "status": "ok"}) + "\n")
+    with pytest.raises(ConfigError, match="points.jsonl: schema_version"):
+        results.read_points(run)
+
+
+def test_truncated_last_line_ignored_with_warning(tmp_path):
+    run = make_run(tmp_path, [{"kind": "ceiling", "op": "copy", "status": "ok"},
+                              {"kind": "ceiling", "op": "matmul", "status": "ok"}])
+    with open(run / "points.jsonl", "a") as f:
+        f.write('{"schema_version": 1, "kind": "dec')
+    with pytest.warns(UserWarning, match="truncated last line"):
+        points = results.read_points(run)
+    assert [p["op"] for p in points] == ["copy", "matmul"]
+
+
+def test_corrupt_middle_line_is_an_error(tmp_path):
+    run = make_run(tmp_path, [{"kind": "ceiling", "op": "copy", "status": "ok"}])
+    text = (run / "points.jsonl").read_text()
+    (run / "points.jsonl").write_text("{not json\n" + text)
+    with pytest.raises(ConfigError, match="line 1"):
+        results.read_points(run)
+
+
+def test_failures_become_rows(tmp_path, tiny_suite):
+    from harness.runner import RunContext
+    from harness.device import detect
+    from harness.suite import load_suite
+
+    ctx = RunContext(device=detect("cpu"), suite=load_suite(str(tiny_suite)), datasheet=None)
+
+    def boom(ctx):
+        raise RuntimeError("kernel exploded")
+
+    def oom(ctx):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    assert execute(Job({"kind": "kernel", "op": "x"}, boom), ctx)["status"] == "error"
+    p = execute(Job({"kind": "kernel", "op": "x"}, oom), ctx)
+    assert p["status"] == "oom" and "out of memory" in p["error"]
+    bad = execute(Job({"kind": "kernel", "op": "x"}, lambda c: {"status": "incorrect", "error": "off"}), ctx)
+    assert bad["status"] == "incorrect" and "tflops" not in bad
+
+
+def test_bench_writes_run_and_metrics(tmp_path, tiny_suite):
+    run = run_suite(str(tiny_suite), out=tmp_path / "r", progress=False)
+    manifest, points = results.read_run(run)
+    assert manifest["environment"]["device"]["kind"] == "cpu"
+    assert manifest["ceilings"]["copy_gbps"] > 0
+    assert manifest["ceilings"]["matmul_tflops"]["fp32"] > 0
+    assert {p["op"] for p in points} == {"copy", "matmul", "matvec"}
+    assert all(p["status"] in ("ok", "noisy") for p in points)
+    matvec = next(p for p in points if p["op"] == "matvec")
+    assert 0 < matvec["mbu"]  # reported against this run's copy ceiling
+    assert (run / "summary.md").read_text().startswith("# Run")
+
+
+def test_resume_after_kill_repeats_no_finished_point(tmp_path):
+    # A suite of many slow-enough points, killed with SIGKILL after the first two are written.
+    suite = tmp_path / "slow.yaml"
+    suite.write_text(TINY_CEILINGS_SUITE.format(id="slow").replace(
+        "matmul: {fp32: 256, bf16: 256}", "matmul: {fp32: 512, bf16: 512}").replace(
+        "min_time_s: 0.01", "min_time_s: 0.4").replace("max_samples: 20", "max_samples: 2000").replace(
+        "dtypes: [fp32]", "dtypes: [fp32, bf16]"))
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "bench", "--suite", str(suite), "--out", str(out),
+                             "--quiet"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    pts = out / "points.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if pts.exists() and pts.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = results.read_points(out)
+    assert 2 <= len(before) < 5, "the kill should land mid-run"
+
+    done = subprocess.run([sys.executable, "-m", "harness", "bench", "--resume", str(out), "--quiet"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    after = results.read_points(out)
+    ok_keys = [results.point_key(p) for p in after if p["status"] == "ok"]
+    assert len(ok_keys) == len(set(ok_keys)), "a finished point was measured again"
+    assert {p["op"] + p["dtype"] for p in after} == {"copyfp32", "matmulfp32", "matmulbf16", "matvecfp32",
+                                                        "matvecbf16"}
+    assert after[: len(before)] == before  # what was measured before the kill is kept as it was
