@@ -154,6 +154,15 @@ def read_nvml(index: int = 0) -> tuple[dict, str | None]:
     return out, ("; ".join(errors) or None)
 
 
+TELEMETRY_FIELDS = ("power_w", "temperature_c", "sm_clock_mhz", "mem_clock_mhz", "clock_event_reasons")
+
+
+def telemetry(index: int = 0) -> dict | None:
+    """Power, temperature, clocks and clock-event reasons right now (read after a point), or None off NVIDIA."""
+    fields, _ = read_nvml(index)
+    return {k: fields[k] for k in TELEMETRY_FIELDS if k in fields} or None
+
+
 def detect(override: str | None = None) -> DeviceInfo:
     """Describe the device this run uses (see `pick`)."""
     from harness.hardware import match_device

@@ -17,7 +17,7 @@ import torch
 
 from harness import results, timing
 from harness.config import ConfigError
-from harness.device import DeviceInfo, detect
+from harness.device import DeviceInfo, detect, telemetry
 from harness.hardware import DTYPE_BYTES, Hardware, load_hardware
 from harness.suite import Suite, load_suite, part_api, suite_from_dict
 
@@ -128,6 +128,9 @@ def execute(job: Job, ctx: RunContext) -> dict:
     if point.get("median_ms") and status in ("ok", "noisy"):
         derived = ctx.metrics(point.get("flops"), point.get("bytes"), point["median_ms"], job.key.get("dtype", ""))
         point = {**derived, **point}
+    if ctx.on_gpu and status in ("ok", "noisy"):
+        # Read just after the samples: a power or thermal clock event here explains a slow point.
+        point["telemetry"] = telemetry(torch.cuda.current_device())
     point["elapsed_s"] = round(time.perf_counter() - t0, 3)
     return results.clean_floats(point)
 

@@ -1,0 +1,138 @@
+"""Capacity-planning configs: workloads, demand scenarios and fleets (`configs/{workloads,demand,fleets}/`).
+
+Every count and every planning knob carries a source or says it is an assumption, with a reason.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from harness.config import Strict, load_all, load_named
+
+SHARE_TOL = 1e-6
+
+
+class Workload(Strict):
+    id: str
+    description: str
+    input_len: int = Field(gt=0, description="prompt tokens I")
+    output_len: int = Field(gt=0, description="generated tokens O")
+    prefix_cache_hit: float = Field(0.0, ge=0, lt=1, description="fraction h of the prompt already in the KV cache")
+    ttft_ms: float = Field(gt=0, description="time-to-first-token limit")
+    tpot_ms: float = Field(gt=0, description="time-per-output-token limit")
+    count: Literal["total", "output"] = Field(description="which tokens demand counts: input+output, or output only")
+    assumption: str | None = None
+    source: str | None = None
+
+
+class DemandPoint(Strict):
+    date: dt.date
+    tokens_per_day: float = Field(gt=0)
+    statement: str
+    source: str
+    unverified: bool = False
+
+
+class Demand(Strict):
+    id: str
+    description: str
+    metric: str
+    kind: Literal["reported", "primary"]
+    pair: str | None = Field(None, description="the other side of a reported/primary pair")
+    counts: Literal["total", "output", "unknown"]
+    counts_note: str
+    why_differs: str = Field(description="one line: why this figure differs from its pair")
+    points: list[DemandPoint] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _dated(self) -> Demand:
+        dates = [p.date for p in self.points]
+        if dates != sorted(dates):
+            raise ValueError("points must be in date order")
+        return self
+
+    @property
+    def latest(self) -> DemandPoint:
+        return self.points[-1]
+
+
+class FleetGpu(Strict):
+    gpu: str
+    count: int = Field(ge=0)
+    tp: int | None = Field(None, gt=0, description="GPUs per replica; default: the 1,2,4,8,16 with most tokens/s/GPU")
+    source: str | None = None
+    assumption: bool = False
+    reason: str | None = None
+
+    @model_validator(mode="after")
+    def _sourced(self) -> FleetGpu:
+        if not self.source and not (self.assumption and self.reason):
+            raise ValueError("give a `source`, or `assumption: true` with a `reason`")
+        return self
+
+
+class ModelShare(Strict):
+    model: str
+    share: float = Field(gt=0, le=1)
+    dtype: Literal["bf16", "fp16", "fp8"] | None = None
+
+
+class WorkloadShare(Strict):
+    workload: str
+    share: float = Field(gt=0, le=1)
+
+
+def _sums_to_one(items: list, what: str) -> None:
+    total = sum(i.share for i in items)
+    if not math.isclose(total, 1.0, abs_tol=SHARE_TOL):
+        raise ValueError(f"{what} shares sum to {total:g}, not 1")
+
+
+class Fleet(Strict):
+    id: str
+    description: str
+    gpus: list[FleetGpu] = Field(min_length=1)
+    utilization: float = Field(1.0, gt=0, le=1, description="fraction of the day the GPUs serve at the planned batch")
+    peak_factor: float = Field(1.0, ge=1, description="peak-hour demand / average demand")
+    pue: float = Field(1.0, ge=1, description="facility power / IT power")
+    models: list[ModelShare] = Field(min_length=1)
+    workloads: list[WorkloadShare] = Field(min_length=1)
+    assumptions: dict[str, str] = Field(default_factory=dict, description="field -> why this value was assumed")
+    sources: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> Fleet:
+        _sums_to_one(self.models, "models")
+        _sums_to_one(self.workloads, "workloads")
+        for f in ("utilization", "peak_factor", "pue"):
+            if f in self.model_fields_set and f not in self.assumptions and f not in self.sources:
+                raise ValueError(f"{f} is set without a source or an `assumptions.{f}` reason")
+        return self
+
+
+def load_workload(name: str) -> Workload:
+    return load_named("workloads", name, Workload)
+
+
+def load_demand(name: str) -> Demand:
+    return load_named("demand", name, Demand)
+
+
+def load_fleet(name: str) -> Fleet:
+    return load_named("fleets", name, Fleet)
+
+
+def all_workloads() -> dict[str, Workload]:
+    return load_all("workloads", Workload)
+
+
+def all_demand() -> dict[str, Demand]:
+    return load_all("demand", Demand)
+
+
+def all_fleets() -> dict[str, Fleet]:
+    return load_all("fleets", Fleet)

@@ -1,0 +1,218 @@
+"""Fleet capacity against demand: Σ_g N_g·daily_g, coverage, GPUs needed, power, and the demand growth fit.
+
+A GPU type's rate mixes the (model, workload) classes by their share of demand tokens: the harmonic mean of the
+per-class rates (time per token adds up, rates do not). Classes a GPU type cannot hold even at tp 16 are left out
+of its mix and named in `unservable`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from pathlib import Path
+
+import numpy as np
+
+from harness.capacity import SECONDS_PER_DAY, Run, auto_tp, efficiency_from_runs, project, read_runs
+from harness.capacity_config import Demand, DemandPoint, Fleet, load_demand, load_fleet
+from harness.config import ConfigError, known_names, resolve
+
+REPORTED, PRIMARY = "china-reported", "china-nda"  # coverage is always shown against both (DESIGN.md)
+DAYS_PER_MONTH = 365.25 / 12
+
+
+# ---- demand -----------------------------------------------------------------------------------------------
+def fixed_demand(tokens_per_day: float) -> Demand:
+    if not tokens_per_day > 0:
+        raise ConfigError("--demand-tokens-per-day", None, f"must be positive, got {tokens_per_day}")
+    return Demand(id="custom", description="given on the command line", metric="tokens_per_day", kind="primary",
+                  counts="unknown", counts_note="given on the command line",
+                  why_differs="a figure given on the command line",
+                  points=[DemandPoint(date=dt.date.today(), tokens_per_day=tokens_per_day,
+                                      statement="--demand-tokens-per-day", source="command line")])
+
+
+def growth_fit(d: Demand) -> dict | None:
+    """Least-squares line through ln(tokens/day) against date: a = ln value at day 0, b per day."""
+    if len(d.points) < 2:
+        return None
+    t = np.array([p.date.toordinal() for p in d.points], dtype=float)
+    y = np.log([p.tokens_per_day for p in d.points])
+    b, a = np.polyfit(t, y, 1)
+    return {"per_day": float(b), "intercept": float(a),
+            "growth_per_month": math.expm1(b * DAYS_PER_MONTH),
+            "doubling_months": math.log(2) / (float(b) * DAYS_PER_MONTH) if b > 0 else None,
+            "from": f"log-linear fit of {len(d.points)} points {d.points[0].date} .. {d.points[-1].date}"}
+
+
+def outgrows(fit: dict | None, capacity_per_day: float, peak_factor: float) -> dt.date | None:
+    """The date the fitted demand·peak_factor reaches `capacity_per_day` (in the past when already exceeded)."""
+    if not fit or fit["per_day"] <= 0 or capacity_per_day <= 0:
+        return None
+    t = (math.log(capacity_per_day / peak_factor) - fit["intercept"]) / fit["per_day"]
+    try:
+        return dt.date.fromordinal(int(round(t)))
+    except (ValueError, OverflowError):
+        return None
+
+
+def demand_of(name: str | Demand | None, tokens_per_day: float | None = None) -> Demand:
+    if tokens_per_day is not None:
+        return fixed_demand(tokens_per_day)
+    if isinstance(name, Demand):
+        return name
+    return load_demand(name or REPORTED)
+
+
+# ---- fleet ------------------------------------------------------------------------------------------------
+def check_refs(fleet: Fleet, path: Path | str | None) -> None:
+    """Every gpu/model/workload a fleet names exists; otherwise ConfigError naming the fleet file and field."""
+    for key, kind, items in (("gpus", "hardware", [g.gpu for g in fleet.gpus]),
+                             ("models", "models", [m.model for m in fleet.models]),
+                             ("workloads", "workloads", [w.workload for w in fleet.workloads])):
+        known = known_names(kind)
+        for i, name in enumerate(items):
+            if name not in known:
+                attr = {"gpus": "gpu", "models": "model", "workloads": "workload"}[key]
+                raise ConfigError(path, f"{key}.{i}.{attr}", f"unknown {attr} {name!r}; known: {', '.join(known)}")
+
+
+def fleet_of(fleet: str | Fleet) -> tuple[Fleet, str | None]:
+    if isinstance(fleet, Fleet):
+        return fleet, None
+    path = resolve("fleets", fleet)
+    f = load_fleet(str(path))
+    check_refs(f, path)
+    return f, str(path)
+
+
+def gpu_mix(gpu: str, fleet: Fleet, tp: int | None, runs: list[Run], eff, dtype: str | None = None,
+            workloads: list[tuple[str, float]] | None = None) -> dict:
+    """Counted tokens/s per GPU of one type over the fleet's model × workload mix (harmonic mean by share)."""
+    classes = []
+    for ms in fleet.models:
+        for wl, ws in workloads or [(w.workload, w.share) for w in fleet.workloads]:
+            kw = dict(runs=runs, eff=eff)
+            d = dtype or ms.dtype
+            r = project(ms.model, gpu, wl, d, tp=tp, **kw) if tp else auto_tp(ms.model, gpu, wl, d, **kw)
+            classes.append((ms.share * ws, r))
+    ok = [(s, r) for s, r in classes if r["fits"] and r["tokens_per_s_per_gpu"] > 0]
+    share = sum(s for s, _ in ok)
+    rate = share / sum(s / r["tokens_per_s_per_gpu"] for s, r in ok) if ok else 0.0
+    sources = {r["source"] for _, r in ok}
+    return {
+        "rate": rate, "classes": classes,
+        "unservable": sorted({f"{r['model']}/{r['workload']}" for s, r in classes if not r["fits"]}),
+        "tp": ",".join(sorted({f"{r['model']}:{r['tp']}" for _, r in ok})),
+        "source": sources.pop() if len(sources) == 1 else ("mixed" if sources else "projected"),
+        "ttft_missed": sorted({f"{r['model']}/{r['workload']}" for _, r in ok if not r["ttft_ok"]}),
+        "tpot_missed": sorted({f"{r['model']}/{r['workload']}" for _, r in ok if not r["tpot_ok"]}),
+        "power_w": next((r["power_w_per_gpu"] for _, r in ok if r.get("power_w_per_gpu")), None),
+    }
+
+
+def capacity_table(fleet: str | Fleet, demand: str | Demand | None = None,
+                   runs: list[Run | str | Path] | None = None, utilization: float | None = None,
+                   peak_factor: float | None = None,
+                   demand_tokens_per_day: float | None = None, dtype: str | None = None,
+                   workloads: list[tuple[str, float]] | None = None) -> tuple[list[dict], dict]:
+    """Rows per accelerator type plus a `total` row, and a summary (demand, growth, coverage vs 14T and 140T).
+    `dtype` and `workloads` override the fleet's (used by the sweep)."""
+    f, path = fleet_of(fleet)
+    u = f.utilization if utilization is None else utilization
+    pf = f.peak_factor if peak_factor is None else peak_factor
+    if not 0 < u <= 1:
+        raise ConfigError(path or "--utilization", "utilization", f"must be in (0, 1], got {u}")
+    if pf < 1:
+        raise ConfigError(path or "--peak-factor", "peak_factor", f"must be ≥ 1, got {pf}")
+    d = demand_of(demand, demand_tokens_per_day)
+    reported, primary = load_demand(REPORTED), load_demand(PRIMARY)
+    runs = read_runs(runs)
+    eff = efficiency_from_runs(runs)
+    need = d.latest.tokens_per_day * pf
+    rows = []
+    for g in f.gpus:
+        mix = gpu_mix(g.gpu, f, g.tp, runs, eff, dtype, workloads)
+        daily_gpu = mix["rate"] * SECONDS_PER_DAY * u
+        daily = g.count * daily_gpu
+        power = mix["power_w"]
+        mw = g.count * power * f.pue / 1e6 if power else None
+        rows.append({
+            "gpu": g.gpu, "count": g.count, "count_source": g.source or f"assumption: {g.reason}", "tp": mix["tp"],
+            "tokens_per_s_per_gpu": mix["rate"], "tokens_per_day_per_gpu": daily_gpu, "tokens_per_day": daily,
+            "share_of_demand": daily / d.latest.tokens_per_day,
+            "coverage": daily / need,
+            "coverage_vs_china_reported": daily / (reported.latest.tokens_per_day * pf),
+            "coverage_vs_china_nda": daily / (primary.latest.tokens_per_day * pf),
+            "gpus_needed_alone": math.ceil(need / daily_gpu) if daily_gpu else None,
+            "power_mw": mw, "energy_mwh_per_day": mw * 24 if mw is not None else None,
+            # Board power at TDP all day (an upper bound) × PUE, per counted token.
+            "joules_per_token": power * f.pue / (mix["rate"] * u) if power and mix["rate"] else None,
+            "source": mix["source"], "unservable": ", ".join(mix["unservable"]),
+            "ttft_missed": ", ".join(mix["ttft_missed"]), "tpot_missed": ", ".join(mix["tpot_missed"]),
+        })
+    cap = sum(r["tokens_per_day"] for r in rows)
+    srcs = {r["source"] for r in rows}
+    mws = [r["power_mw"] for r in rows if r["power_mw"] is not None]
+    total_mw = sum(mws) if mws else None
+    rows.append({
+        "gpu": "total", "count": sum(g.count for g in f.gpus), "tokens_per_day": cap,
+        "share_of_demand": cap / d.latest.tokens_per_day, "coverage": cap / need,
+        "coverage_vs_china_reported": cap / (reported.latest.tokens_per_day * pf),
+        "coverage_vs_china_nda": cap / (primary.latest.tokens_per_day * pf),
+        "power_mw": total_mw, "energy_mwh_per_day": total_mw * 24 if total_mw is not None else None,
+        "joules_per_token": total_mw * 1e6 * SECONDS_PER_DAY / cap if total_mw and cap else None,
+        "source": srcs.pop() if len(srcs) == 1 else "mixed",
+    })
+    fit = growth_fit(d)
+    counted = [w for w, _ in workloads] if workloads else [w.workload for w in f.workloads]
+    summary = {
+        "fleet": f.id, "demand": d.id, "demand_tokens_per_day": d.latest.tokens_per_day,
+        "demand_date": d.latest.date, "demand_counts": d.counts, "demand_counts_note": d.counts_note,
+        "capacity_tokens_per_day": cap, "utilization": u, "peak_factor": pf, "pue": f.pue,
+        "coverage": cap / need,
+        "china_reported_tokens_per_day": reported.latest.tokens_per_day,
+        "china_nda_tokens_per_day": primary.latest.tokens_per_day,
+        "coverage_vs_china_reported": cap / (reported.latest.tokens_per_day * pf),
+        "coverage_vs_china_nda": cap / (primary.latest.tokens_per_day * pf),
+        "why_differs": reported.why_differs if d.id in (REPORTED, PRIMARY, "custom") else d.why_differs,
+        "growth_per_month": fit["growth_per_month"] if fit else None,
+        "doubling_months": fit["doubling_months"] if fit else None,
+        "growth_fit": fit["from"] if fit else "one point: no growth fit",
+        "outgrows_fleet_on": outgrows(fit, cap, pf),
+        "already_outgrown": cap < need,
+        "outgrows_fleet_on_china_nda": outgrows(growth_fit(primary), cap, pf),
+        "outgrows_fleet_on_china_reported": outgrows(growth_fit(reported), cap, pf),
+        "counted_tokens": "; ".join(f"{w}: {_count_of(w)}" for w in counted),
+        "efficiency": eff.to_dict(), "fleet_file": path,
+        "assumptions": dict(f.assumptions),
+    }
+    return rows, summary
+
+
+def _count_of(workload: str) -> str:
+    from harness.capacity import _workload
+
+    return _workload(workload).count
+
+
+SWEEP_UTILIZATION = (0.3, 0.5, 0.7, 0.9, 1.0)
+
+
+def sweep(fleet: str | Fleet, demand: str | Demand | None = None, runs: list[Run | str | Path] | None = None,
+          peak_factor: float | None = None, demand_tokens_per_day: float | None = None) -> list[dict]:
+    """Sensitivity of fleet capacity to utilization, workload (each alone) and dtype (all models in one dtype)."""
+    f, _ = fleet_of(fleet)
+    runs = read_runs(runs)  # once, not per case
+    base = dict(demand=demand, runs=runs, peak_factor=peak_factor, demand_tokens_per_day=demand_tokens_per_day)
+    cases = [("baseline", "fleet file", {})]
+    cases += [("utilization", u, {"utilization": u}) for u in SWEEP_UTILIZATION]
+    cases += [("workload", w.workload, {"workloads": [(w.workload, 1.0)]}) for w in f.workloads]
+    cases += [("dtype", dt_, {"dtype": dt_}) for dt_ in ("bf16", "fp8")]
+    rows = []
+    for var, value, kw in cases:
+        _, s = capacity_table(f, **base, **kw)
+        rows.append({"variable": var, "value": value, "capacity_tokens_per_day": s["capacity_tokens_per_day"],
+                     "coverage": s["coverage"], "coverage_vs_china_reported": s["coverage_vs_china_reported"],
+                     "coverage_vs_china_nda": s["coverage_vs_china_nda"], "outgrows_fleet_on": s["outgrows_fleet_on"]})
+    return rows

@@ -1,0 +1,134 @@
+"""`tokenfleet project` and `tokenfleet capacity`: the capacity model at the command line.
+
+`register(app)` adds both verbs to a typer app (the lead's `harness.cli` calls it). Bad input raises ConfigError,
+printed as one line with exit code 2.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from harness.config import ConfigError
+from harness.output import FORMATS, emit, to_json
+
+PROJECT_COLUMNS = ["model", "gpu", "dtype", "tp", "workload", "input_len", "output_len", "prefix_cache_hit", "fits",
+                   "batch", "batch_limit", "b_mem", "b_slo", "tpot_ms", "tpot_limit_ms", "tpot_ok", "ttft_ms",
+                   "ttft_limit_ms", "ttft_ok", "prefill_tokens_per_s_per_gpu", "decode_tokens_per_s_per_gpu",
+                   "output_tokens_per_s_per_gpu", "total_tokens_per_s_per_gpu", "count", "tokens_per_day_per_gpu",
+                   "utilization", "weight_gb", "kv_bytes_per_token", "power_w_per_gpu", "joules_per_token", "source",
+                   "decode_source", "prefill_source"]
+CAPACITY_COLUMNS = ["gpu", "count", "tp", "tokens_per_s_per_gpu", "tokens_per_day", "share_of_demand", "coverage",
+                    "coverage_vs_china_reported", "coverage_vs_china_nda", "gpus_needed_alone", "power_mw",
+                    "energy_mwh_per_day", "joules_per_token", "source", "unservable", "ttft_missed", "tpot_missed"]
+
+# A terminal is narrow: the table view leaves out the per-model TP list and the flags (md/csv/json keep them).
+CAPACITY_TABLE_COLUMNS = ["gpu", "count", "tokens_per_s_per_gpu", "tokens_per_day", "share_of_demand",
+                          "coverage_vs_china_reported", "coverage_vs_china_nda", "gpus_needed_alone", "power_mw",
+                          "joules_per_token", "source"]
+
+
+def _fmt(fmt: str, allowed: tuple[str, ...]) -> str:
+    from harness.cli import check_format
+
+    return check_format(fmt, allowed)
+
+
+def _kv_rows(d: dict) -> list[dict]:
+    return [{"field": k, "value": v if not isinstance(v, (list, dict)) else to_json(v).replace("\n", " ")}
+            for k, v in d.items()]
+
+
+def project_cmd(
+    model: Annotated[str, typer.Option("--model", "-m", help="model id (configs/models) or YAML path")],
+    gpu: Annotated[str, typer.Option("--gpu", "-g", help="accelerator id (configs/hardware) or YAML path")],
+    dtype: Annotated[str | None, typer.Option(help="bf16 | fp16 | fp8 (default: model's native, else bf16)")] = None,
+    tp: Annotated[int | None, typer.Option(help="GPUs per replica (default: the best of 1,2,4,8,16 that fits)")] = None,
+    workload: Annotated[str | None, typer.Option("--workload", "-w", help="workload id (configs/workloads)")] = None,
+    input_len: Annotated[int | None, typer.Option(help="prompt tokens (overrides the workload's)")] = None,
+    output_len: Annotated[int | None, typer.Option(help="output tokens (overrides the workload's)")] = None,
+    tpot_ms: Annotated[float | None, typer.Option(help="TPOT limit, ms")] = None,
+    ttft_ms: Annotated[float | None, typer.Option(help="TTFT limit, ms")] = None,
+    batch: Annotated[int | None, typer.Option(help="batch cap (default 256, vLLM's max_num_seqs)")] = None,
+    run: Annotated[list[str] | None, typer.Option("--run", help="run folder(s): measured efficiencies/grids")] = None,
+    utilization: Annotated[float, typer.Option(help="fraction of the day serving, for tokens/day")] = 1.0,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table | json")] = "table",
+) -> None:
+    """Project one model on one accelerator for a workload: batch, TTFT/TPOT, tokens/s and tokens/day per GPU."""
+    from harness.capacity import auto_tp, project, read_runs, resolve_workload
+
+    _fmt(fmt, ("table", "json"))
+    if batch is not None and batch < 1:
+        raise ConfigError("--batch", None, f"must be ≥ 1, got {batch}")
+    w = resolve_workload(workload, input_len, output_len, tpot_ms, ttft_ms)
+    runs = read_runs(run)
+    kw = dict(batch_cap=batch, runs=runs, utilization=utilization)
+    res = project(model, gpu, w, dtype, tp=tp, **kw) if tp is not None else auto_tp(model, gpu, w, dtype, **kw)
+    if fmt == "json":
+        print(to_json(res))
+        return
+    emit(_kv_rows({k: res[k] for k in PROJECT_COLUMNS if k in res}), "table",
+         f"{res['model']} on {res['gpu']} ({res['source']})")
+    emit(_kv_rows({f"efficiency.{k}": v for k, v in res["efficiency"].items()}), "table", "Efficiencies")
+    for n in res["notes"]:
+        typer.echo(f"note: {n}")
+
+
+def capacity_cmd(
+    fleet: Annotated[str, typer.Option("--fleet", help="fleet id (configs/fleets) or YAML path")],
+    demand: Annotated[str | None, typer.Option(help="demand scenario (configs/demand); default china-reported")] = None,
+    demand_tokens_per_day: Annotated[float | None, typer.Option(help="a fixed demand instead of a scenario")] = None,
+    run: Annotated[list[str] | None, typer.Option("--run", help="run folder(s): measured efficiencies/grids")] = None,
+    utilization: Annotated[float | None, typer.Option(help="override the fleet's utilization, (0, 1]")] = None,
+    peak_factor: Annotated[float | None, typer.Option(help="override the fleet's peak factor, ≥ 1")] = None,
+    do_sweep: Annotated[bool, typer.Option("--sweep", help="sensitivity over utilization, workload and dtype")] = False,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table | json | csv | md")] = "table",
+) -> None:
+    """Fleet capacity in tokens/day against demand, per accelerator type and in total."""
+    from harness.capacity import read_runs
+    from harness.capacity_fleet import capacity_table, sweep
+
+    _fmt(fmt, FORMATS)
+    if demand and demand_tokens_per_day is not None:
+        raise ConfigError("--demand", None, "give --demand or --demand-tokens-per-day, not both")
+    runs = read_runs(run)
+    kw = dict(demand=demand, runs=runs, peak_factor=peak_factor, demand_tokens_per_day=demand_tokens_per_day)
+    rows, summary = capacity_table(fleet, utilization=utilization, **kw)
+    sweep_rows = sweep(fleet, **kw) if do_sweep else None
+    if fmt == "json":
+        print(to_json({"rows": rows, "summary": summary, **({"sweep": sweep_rows} if do_sweep else {})}))
+        return
+    title = (f"{summary['fleet']}: tokens/day vs {summary['demand']} "
+             f"({summary['demand_tokens_per_day']:.3g}/day, {summary['demand_date']})")
+    emit(rows, fmt, title, CAPACITY_TABLE_COLUMNS if fmt == "table" else CAPACITY_COLUMNS)
+    if fmt == "csv":
+        return
+    s = summary
+    lines = {
+        "capacity tokens/day": f"{s['capacity_tokens_per_day']:.3g} (counted: {s['counted_tokens']})",
+        "coverage": f"{s['coverage']:.3g} of {s['demand']} × peak factor {s['peak_factor']:g}",
+        "coverage vs reported": f"{s['coverage_vs_china_reported']:.3g} (china-reported, "
+                                f"{s['china_reported_tokens_per_day']:.3g}/day)",
+        "coverage vs primary": f"{s['coverage_vs_china_nda']:.3g} (china-nda, {s['china_nda_tokens_per_day']:.3g}/day)",
+        "why they differ": s["why_differs"],
+        "demand growth": (f"{s['growth_per_month']:.1%}/month, doubling every {s['doubling_months']:.1f} months "
+                          f"({s['growth_fit']})" if s["growth_per_month"] is not None else s["growth_fit"]),
+        "demand outgrows fleet": (f"{s['outgrows_fleet_on']}" + (" (already)" if s["already_outgrown"] else "")
+                                  if s["outgrows_fleet_on"] else "n/a"),
+        "... on china-reported / china-nda fits": f"{s['outgrows_fleet_on_china_reported']} / "
+                                                  f"{s['outgrows_fleet_on_china_nda']}",
+        "utilization, peak factor, PUE": f"{s['utilization']:g}, {s['peak_factor']:g}, {s['pue']:g}",
+        "efficiency": f"e_c {s['efficiency']['compute']:.2f}, e_m {s['efficiency']['memory']:.2f} "
+                      f"({s['efficiency']['from']})",
+    }
+    emit([{"field": k, "value": v} for k, v in lines.items()], fmt, "Summary")
+    if sweep_rows:
+        emit(sweep_rows, fmt, "Sensitivity")
+
+
+def register(app: typer.Typer) -> None:
+    from harness.cli import user_errors
+
+    app.command("project")(user_errors(project_cmd))
+    app.command("capacity")(user_errors(capacity_cmd))
