@@ -1,0 +1,169 @@
+"""`tokenfleet report`: a synthetic run with points of every kind (and failed ones) as HTML + markdown, the HTML
+checked in real headless Chromium (it loads, every table heading is there, the plots render)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from harness import report, results
+from harness.hardware import load_hardware
+from tests.conftest import run_cli
+
+HEADINGS = ["Device and environment", "Ceilings (measured)", "Kernels", "Prefill", "Decode",
+            "Capacity against demand", "Points not ok"]
+
+
+def synthetic_points(scale: float = 1.0) -> list[dict]:
+    """Points of every kind and status, H100-like numbers; `scale` multiplies every time (a slower run)."""
+
+    def timed(ms: float, **extra) -> dict:
+        ms *= scale
+        return {"median_ms": ms, "p20_ms": ms * 0.98, "p80_ms": ms * 1.02, "spread": 0.04, "n_samples": 20, **extra}
+
+    pts = [
+        {"kind": "ceiling", "op": "copy", "dtype": "fp32", "mb": 1024, "status": "ok", "value": 2900 / scale,
+         "unit": "GB/s", "datasheet_value": 3350, **timed(0.74, bytes=2 * 2**30)},
+        {"kind": "ceiling", "op": "matmul", "dtype": "bf16", "m": 8192, "n": 8192, "k": 8192, "status": "ok",
+         "value": 700 / scale, "unit": "TFLOP/s", "datasheet_value": 989, **timed(1.57, flops=2 * 8192**3)},
+        {"kind": "ceiling", "op": "matvec", "dtype": "bf16", "m": 1, "n": 8192, "k": 8192, "status": "ok",
+         "value": 2600 / scale, "unit": "GB/s", "datasheet_value": 3350, **timed(0.052, bytes=2 * 8192**2)},
+    ]
+    for m in (1, 16, 256, 4096):  # gemm 4096x4096 at growing M: from bandwidth- to compute-bound
+        flops, byts = 2 * m * 4096 * 4096, 2 * (m * 4096 + 4096 * 4096 + m * 4096)
+        ms = max(flops / 650e12, byts / 2.8e12) * 1e3
+        for backend, f in (("torch", 1.0), ("triton", 1.1)):
+            pts.append({"kind": "kernel", "op": "gemm", "backend": backend, "dtype": "bf16", "m": m, "n": 4096,
+                        "k": 4096, "status": "ok", "flops": flops, "bytes": byts,
+                        "tflops": flops / (ms * f * scale / 1e3) / 1e12, "gbps": byts / (ms * f * scale / 1e3) / 1e9,
+                        **timed(ms * f)})
+    pts += [
+        {"kind": "kernel", "op": "rmsnorm", "backend": "torch", "dtype": "bf16", "rows": 8192, "hidden": 4096,
+         "status": "ok", "flops": 4 * 8192 * 4096, "bytes": 4 * 8192 * 4096, "gbps": 2400, **timed(0.056)},
+        {"kind": "kernel", "op": "rmsnorm", "backend": "triton", "dtype": "bf16", "rows": 8192, "hidden": 4096,
+         "status": "incorrect", "error": "relative error 0.3 > tolerance 0.01"},
+        {"kind": "kernel", "op": "rope", "backend": "triton", "dtype": "bf16", "tokens": 65536, "q_heads": 32,
+         "kv_heads": 8, "head_dim": 128, "status": "skipped", "note": "Triton's interpreter is a correctness tool"},
+    ]
+    for plen in (512, 2048):
+        pts.append({"kind": "prefill", "model": "llama-3.1-8b", "backend": "torch", "dtype": "bf16", "batch": 1,
+                    "prompt_len": plen, "status": "ok", "ttft_ms": plen / 20 * scale,
+                    "tokens_per_s": 20000 / scale, "mfu": 0.6, **timed(plen / 20)})
+    pts.append({"kind": "prefill", "model": "llama-3.1-8b", "backend": "torch", "dtype": "bf16", "batch": 1,
+                "prompt_len": 8192, "status": "error", "error": "RuntimeError: boom"})
+    for ctx in (1024, 4096):
+        for b in (1, 8, 32, 128):
+            if b == 128 and ctx == 4096:
+                pts.append({"kind": "decode", "model": "llama-3.1-8b", "backend": "torch", "dtype": "bf16",
+                            "batch": b, "context": ctx, "status": "oom", "error": "CUDA out of memory"})
+                continue
+            tpot = (6.0 + 0.02 * b * ctx / 1024) * scale
+            pts.append({"kind": "decode", "model": "llama-3.1-8b", "backend": "torch", "dtype": "bf16", "batch": b,
+                        "context": ctx, "status": "ok", "tpot_ms": tpot, "tokens_per_s": b * 1e3 / tpot,
+                        "tokens_per_s_per_seq": 1e3 / tpot, "mbu": 0.8, **timed(tpot / scale)})
+    return pts
+
+
+def make_run(folder: Path, points: list[dict], device: str = "NVIDIA H100 80GB HBM3", run_id: str = "run-a") -> Path:
+    sheet = load_hardware("h100-sxm").model_dump()
+    w = results.RunWriter(folder, {
+        "run_id": run_id, "suite": "synthetic", "command": "test", "created": "2026-03-20T00:00:00+00:00",
+        "environment": {"device": {"kind": "cuda", "name": device, "memory_bytes": 80 * 2**30,
+                                   "torch_version": "2.x", "datasheet": "h100-sxm"}, "datasheet": sheet},
+        "ceilings": {"copy_gbps": 2900, "matvec_gbps": {"bf16": 2600}, "matmul_tflops": {"bf16": 700}}})
+    for p in points:
+        w.append(p)
+    w.close()
+    return folder
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    return make_run(tmp_path / "run", synthetic_points())
+
+
+def test_report_of_run_with_failed_points(run_dir: Path, tmp_path: Path):
+    html_path, md_path = report.write(run_dir)
+    assert (html_path, md_path) == (run_dir / "report.html", run_dir / "report.md")
+    text = html_path.read_text()
+    for h in HEADINGS:
+        assert f"<h2>{h}</h2>" in text
+    assert "<script" not in text.lower() and "http://" not in text and "https://" not in text  # offline, no JS
+    assert text.count("data:image/png;base64,") == 2  # roofline + decode; capacity left out without --fleet
+    assert "no fleet given" in text
+    for status in ("oom", "error", "incorrect", "skipped"):
+        assert f'<td class="txt">{status}</td>' in text
+    md = md_path.read_text()
+    for h in HEADINGS:
+        assert f"## {h}" in md
+    for png in re.findall(r"\]\((report-\w+\.png)\)", md):
+        assert (run_dir / png).read_bytes().startswith(b"\x89PNG")
+
+
+def test_report_without_kernel_or_decode_points(tmp_path: Path):
+    run = make_run(tmp_path / "run", [p for p in synthetic_points() if p["kind"] in ("ceiling", "prefill")])
+    rep = report.build(run)
+    notes = " ".join(n for s in rep.sections for n in s.notes)
+    assert "no kernel points" in notes and "no decode points" in notes
+
+
+def test_report_cli_paths_and_bad_run(run_dir: Path, tmp_path: Path):
+    r = run_cli("report", str(run_dir), "--html", str(tmp_path / "out" / "r.html"), "--md", str(tmp_path / "r.md"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(tmp_path / "out" / "r.html"), str(tmp_path / "r.md")]
+    assert (tmp_path / "r-roofline.png").is_file()
+    r = run_cli("report", str(tmp_path / "nope"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_report_with_fleet(run_dir: Path):
+    pytest.importorskip("harness.capacity_fleet", reason="the capacity model has not landed")
+    rep = report.build(run_dir, ["h100-node"])
+    cap = next(s for s in rep.sections if s.title == "Capacity against demand")
+    assert cap.plot and cap.tables and len(cap.tables[0][1])
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        if path := shutil.which(name):
+            return path
+    return None
+
+
+def _chrome(*args: str, profile: Path) -> subprocess.CompletedProcess:
+    # The background-networking flags matter in closed networks: without them Chromium's own connections hang.
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}"]
+    return subprocess.run([_chromium(), *flags, *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.skipif(_chromium() is None, reason="Chromium not found (scripts/ensure_chromium.sh installs it)")
+def test_html_in_headless_chromium(run_dir: Path, tmp_path: Path):
+    html_path, _ = report.write(run_dir)
+    url = html_path.resolve().as_uri()
+    dom = _chrome("--dump-dom", url, profile=tmp_path / "p1").stdout
+    for h in HEADINGS:
+        assert f"<h2>{h}</h2>" in dom, h
+    # every table survived parsing: as many <table> elements as the report has non-empty tables
+    rep = report.build(run_dir)
+    assert dom.count("<table") == sum(1 for s in rep.sections for _, t in s.tables if len(t))
+    assert dom.count('src="data:image/png;base64,') == 2
+
+    shot = tmp_path / "shot.png"
+    _chrome(f"--screenshot={shot}", "--window-size=1400,4000", url, profile=tmp_path / "p2")
+    from matplotlib.image import imread
+
+    img = imread(shot)
+    assert img.shape[0] >= 3000 and img.shape[1] >= 1000
+    rgb = (img[..., :3] * 255).round().astype(np.uint32)
+    packed = np.unique((rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2]).ravel())
+    # Measured here: this page renders ~1400 distinct colours with its plots and ~220 with the images removed
+    # (text anti-aliasing only), so 600 means the PNGs were decoded and drawn.
+    assert len(packed) > 600, f"screenshot looks blank or plot-less: {len(packed)} distinct colours"
+    assert (31 << 16 | 119 << 8 | 180) in packed  # matplotlib's first line colour (C0): a plot, not just text
