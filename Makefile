@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 SUITE ?=
-FLEET ?= h100-node
+FLEET ?= china-2026-mix
 OUT_DIR ?= results/runs/gpu-check
 
 .PHONY: setup run test bench lint gpu-check clean
@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	$(PY) -m harness bench $(if $(SUITE),--suite $(SUITE)) --quiet
+	$(PY) -m harness capacity --fleet $(FLEET) --run results/runs/latest
+	$(PY) -m harness report results/runs/latest --fleet $(FLEET)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
