@@ -36,6 +36,10 @@ def points_frame(points: list[dict]) -> pd.DataFrame:
     if df.empty:
         return df
     df["shape"] = [shape_of(p) for p in points]
+    for c in SHAPE_FIELDS + ("scaled_from_layers", "n_samples"):
+        # Shape columns hold ints with gaps (other kinds): nullable Int64 prints 256, not 256.0.
+        if c in df and pd.api.types.is_numeric_dtype(df[c]) and (df[c].dropna() % 1 == 0).all():
+            df[c] = df[c].astype("Int64")
     if "tflops" in df and "backend" in df:
         df["vs_torch"] = _vs_torch(df)
     return df

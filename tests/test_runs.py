@@ -64,8 +64,8 @@ def test_corrupt_middle_line_is_an_error(tmp_path):
 
 
 def test_failures_become_rows(tmp_path, tiny_suite):
-    from harness.runner import RunContext
     from harness.device import detect
+    from harness.runner import RunContext
     from harness.suite import load_suite
 
     ctx = RunContext(device=detect("cpu"), suite=load_suite(str(tiny_suite)), datasheet=None)

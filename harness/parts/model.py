@@ -1,0 +1,361 @@
+"""Model parts: `prefill` (batch × prompt length -> TTFT, prefill tokens/s, MFU) and `decode` (batch × context ->
+step time, decode tokens/s, MBU), over `harness.model` with seeded random weights at the real shapes.
+
+Per model and dtype the weights are built once on the device (one model held at a time; jobs run in plan order)
+and checked before anything is timed: the torch backend's decode-with-cache against a full recompute, the triton
+backend's logits against the torch backend's. A model that does not fit (or `layers: N`) is built with N real
+layers; its time is scaled to the full layer count, with embedding + final norm + LM head timed once
+(`scaled_from_layers`). `tp: p` builds one GPU's shard (heads/p, kv_heads/p, intermediate/p, vocab/p); the
+all-reduces are not in the time. On CPU only the torch backend is timed: triton points are `skipped`.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import Field, PositiveInt, field_validator
+
+from harness import model as M
+from harness.config import Strict, known_names
+from harness.modelspec import ModelConfig, load_model_config
+from harness.runner import Job, RunContext, dtype_bytes
+
+# Relative L2 error of logits allowed between backends / paths. The check runs the full stack of real-shaped
+# layers, so rounding compounds: bf16 (8 mantissa bits) rounds each layer's output to ~0.4%; fp32 is looser than
+# its epsilon because Triton's tl.dot runs fp32 as tf32 on sm80+ (10 mantissa bits).
+TOLERANCE = {"fp32": 1e-2, "bf16": 6e-2, "fp16": 2e-2}
+MEMORY_FRACTION = 0.85  # of the free memory the points may plan for
+WEIGHT_FRACTION = 0.6  # of that, for weights, when choosing how many layers fit
+CHECK_BATCH, CHECK_LEN = 2, 8
+CPU_TRITON_NOTE = "CPU: Triton runs under its interpreter (correctness only, never timed); torch backend timed"
+
+
+class _ModelSpec(Strict):
+    models: list[str] = Field(min_length=1)
+    backends: list[Literal["triton", "torch"]] = Field(default_factory=lambda: ["triton", "torch"], min_length=1)
+    dtypes: list[Literal["fp32", "bf16", "fp16"]] = Field(default_factory=lambda: ["bf16"], min_length=1)
+    batch: list[PositiveInt] = Field(default_factory=lambda: [1], min_length=1)
+    layers: PositiveInt | None = Field(None, description="build this many real layers and scale to the full count")
+    tp: PositiveInt = Field(1, description="tensor-parallel degree: time one GPU's shard of every projection")
+    check: bool = Field(True, description="check logits before timing (off only for debugging)")
+
+    @field_validator("models")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        known = known_names("models")
+        unknown = [m for m in v if m not in known]
+        if unknown:
+            raise ValueError(f"unknown model {unknown[0]!r}; known: {', '.join(known)}")
+        return v
+
+
+class PrefillSpec(_ModelSpec):
+    prompt_len: list[PositiveInt] = Field(default_factory=lambda: [128, 512, 2048], min_length=1)
+
+
+class DecodeSpec(_ModelSpec):
+    context: list[PositiveInt] = Field(default_factory=lambda: [128, 1024, 4096], min_length=1)
+    cuda_graph: bool = Field(True, description="capture the decode step in a CUDA graph on GPU")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62  # unknown: do not refuse
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@dataclass
+class _Built:
+    model: M.Transformer  # torch backend; the n built layers
+    full_layers: int
+    rel_error: dict  # backend -> relative error of its check (None: not checked)
+    failed: dict  # backend -> the incorrect-point dict
+
+
+class _Session:
+    """One model's weights on the device at a time, shared by its backends and grid points."""
+
+    def __init__(self):
+        self.key: tuple | None = None
+        self.built: _Built | None = None
+        self.cache: M.KVCache | None = None
+
+    def drop(self, device: torch.device, everything: bool = True) -> None:
+        self.cache = None
+        if everything:
+            self.key, self.built = None, None
+        _free(device)
+
+    def get(self, ctx: RunContext, name: str, dtype: str, spec: _ModelSpec) -> _Built:
+        key = (name, dtype, spec.tp, spec.layers)
+        if key == self.key:
+            return self.built
+        self.drop(ctx.torch_device)
+        cfg = M.shard_config(load_model_config(name), spec.tp)
+        n = layers_to_build(cfg, dtype_bytes(dtype), _available_bytes(ctx.torch_device), spec.layers)
+        model = M.build_model(cfg, "torch", dtype, ctx.torch_device, seed=ctx.seed, layers=n)
+        self.key, self.built = key, _Built(model, cfg.num_layers, {}, {})
+        return self.built
+
+    def check(self, ctx: RunContext, built: _Built, backend: str, dtype: str, enabled: bool) -> dict | None:
+        """None when the backend's logits check out (once per model/dtype/backend), else the incorrect point."""
+        if not enabled or backend in built.rel_error or backend in built.failed:
+            return built.failed.get(backend)
+        err = check_logits(built.model, backend, seed=ctx.seed + 1)
+        built.rel_error[backend] = err
+        if not math.isfinite(err) or err > TOLERANCE[dtype]:
+            what = "vs the torch backend" if backend == "triton" else "decode with KV cache vs full recompute"
+            built.failed[backend] = {"status": "incorrect", "rel_error": err if math.isfinite(err) else None,
+                                     "error": f"logits {what}: relative error {err:.3g} > {TOLERANCE[dtype]}"}
+        return built.failed.get(backend)
+
+
+def layers_to_build(cfg: ModelConfig, dtype_bytes_: int, available: int, requested: int | None) -> int:
+    """`requested` (capped at the model's count), else as many layers as fit in WEIGHT_FRACTION of the free
+    memory beside embedding and LM head (at least 1). Raises OutOfMemoryError when not even that fits."""
+    counts = M.param_counts(cfg)
+    head = (counts["embedding"] + counts["lm_head"] + counts["norm"]) * dtype_bytes_
+    per_layer = counts["layer"] * dtype_bytes_
+    budget = available * MEMORY_FRACTION
+    if requested is not None:
+        n = min(requested, cfg.num_layers)
+    else:
+        n = max(1, min(cfg.num_layers, int((budget * WEIGHT_FRACTION - head) // per_layer)))
+    need = head + n * per_layer
+    if need > budget:
+        raise torch.OutOfMemoryError(f"{cfg.id}: {n} layers + embedding/head need {need / 1e9:.1f} GB of weights; "
+                                     f"{available / 1e9:.1f} GB free")
+    return n
+
+
+def _rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double(), want.double()
+    if not torch.isfinite(got).all():
+        return math.inf
+    return float((got - want).norm() / want.norm().clamp_min(1e-30))
+
+
+@torch.no_grad()
+def check_logits(model: M.Transformer, backend: str, seed: int = 0, batch: int = CHECK_BATCH,
+                 prompt_len: int = CHECK_LEN) -> float:
+    """Relative L2 error of the next-token logits of a fresh random prompt (prefill) and one decode step.
+    torch: decoding with the cache vs recomputing the whole sequence; triton: vs the torch backend."""
+    dev = model.device
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    tokens = torch.randint(0, model.cfg.vocab_size, (batch, prompt_len + 1), generator=gen, device=dev)
+
+    def cached(m: M.Transformer) -> torch.Tensor:
+        cache = m.new_cache(batch, prompt_len + 1)
+        first = M.prefill(m, tokens[:, :prompt_len], cache)  # [B, V]
+        second = M.decode_one_token(m, tokens[:, prompt_len], cache)  # [B, V]
+        return torch.stack([first, second], 1)  # [B, 2, V]
+
+    m = model.with_backend(backend)
+    got = cached(m)
+    want = model.forward(tokens)[:, prompt_len - 1:] if backend == "torch" else cached(model.with_backend("torch"))
+    return _rel_error(got, want)
+
+
+def _scaled(t, head, n: int, full: int) -> dict:
+    """Timing of n layers (+ embedding/head) scaled to `full` layers: head + (t - head)·full/n."""
+    out = t.to_dict()
+    if head is None or n == full:
+        return out
+    h = head.to_dict()
+    for k in ("median_ms", "p20_ms", "p80_ms"):
+        out[k] = h[k] + (out[k] - h[k]) * full / n
+    out["spread"] = (out["p80_ms"] - out["p20_ms"]) / out["median_ms"] if out["median_ms"] > 0 else math.inf
+    out["noisy"] = bool(t.noisy or head.noisy)
+    return out
+
+
+def _point_memory_check(ctx: RunContext, need: float, what: str) -> None:
+    """On CPU an allocation past memory is the kernel's OOM killer, not an exception: refuse it up front."""
+    if ctx.torch_device.type == "cpu":
+        avail = _available_bytes(ctx.torch_device) * MEMORY_FRACTION
+        if need > avail:
+            raise torch.OutOfMemoryError(f"{what} needs ~{need / 1e9:.1f} GB; {avail / 1e9:.1f} GB free on the CPU")
+
+
+def _guard_oom(session: _Session, ctx: RunContext, fn):
+    """Run fn; on OOM free the cache (outside the except block, so the traceback no longer pins the tensors)
+    and raise a fresh OutOfMemoryError for the runner to record."""
+    try:
+        return fn()
+    except torch.OutOfMemoryError as e:
+        msg = str(e).splitlines()[0] if str(e) else "out of memory"
+    session.drop(ctx.torch_device, everything=False)
+    raise torch.OutOfMemoryError(msg)
+
+
+def _measure_step(ctx: RunContext, step, cuda_graph: bool):
+    """Time a decode step, in a CUDA graph when asked and on a GPU; a failed capture falls back to eager and says
+    why. Returns (Timing, note or None)."""
+    if cuda_graph and ctx.on_gpu:
+        try:
+            return ctx.measure(step, cuda_graph=True), None
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - recorded in the point, timed eager instead
+            torch.cuda.synchronize()
+            return ctx.measure(step, cuda_graph=False), f"CUDA graph capture failed, timed eager: {e}"[:300]
+    return ctx.measure(step, cuda_graph=False), None
+
+
+def _common(built: _Built, n: int, backend: str) -> dict:
+    out: dict = {"rel_error": built.rel_error.get(backend)}
+    if n < built.full_layers:
+        out["scaled_from_layers"] = n
+    return out
+
+
+def _notes(*parts: str | None) -> dict:
+    text = "; ".join(p for p in parts if p)
+    return {"note": text} if text else {}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _prefill_point(ctx: RunContext, session: _Session, spec: PrefillSpec, name: str, dtype: str, backend: str,
+                   batch: int, prompt_len: int) -> dict:
+    built = session.get(ctx, name, dtype, spec)
+    bad = session.check(ctx, built, backend, dtype, spec.check)
+    if bad:
+        return bad
+    m = built.model.with_backend(backend)
+    cfg, n, full = m.cfg, m.cfg.num_layers, built.full_layers
+    db = dtype_bytes(dtype)
+    session.drop(ctx.torch_device, everything=False)
+    tokens_n = batch * prompt_len
+    # KV cache + a generous bound on live activations (the fused QKV and gate/up outputs, a few [T, D] buffers).
+    act = tokens_n * ((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + 3 * cfg.intermediate_size
+                      + 6 * cfg.hidden_size) * db
+    _point_memory_check(ctx, tokens_n * M.kv_bytes_per_token(cfg, db) + 2 * act, "prefill")
+    gen = torch.Generator(device=ctx.torch_device).manual_seed(ctx.seed + batch * 7919 + prompt_len)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=gen, device=ctx.torch_device)
+    session.cache = cache = m.new_cache(batch, prompt_len)
+
+    def fn():
+        with torch.no_grad():
+            return m.forward_prefill(tokens, cache)
+
+    t = ctx.measure(fn)
+    head = None
+    if n < full:
+        h = m.with_layers(0)
+        head = ctx.measure(lambda: h.forward_prefill(tokens, None))
+    timing = _scaled(t, head, n, full)
+    full_cfg = M.with_layers(cfg, full)
+    ms = timing["median_ms"]
+    return {
+        **timing, "ttft_ms": ms, "tokens_per_s": tokens_n / (ms / 1e3),
+        "flops": M.prefill_flops(full_cfg, batch, prompt_len),
+        "bytes": M.prefill_bytes(full_cfg, batch, prompt_len, db),
+        **_common(built, n, backend),
+        **_notes(f"{n} of {full} layers timed, embedding+head {head.median_ms:.3f} ms" if head else None),
+    }
+
+
+def _decode_point(ctx: RunContext, session: _Session, spec: DecodeSpec, name: str, dtype: str, backend: str,
+                  batch: int, context: int) -> dict:
+    built = session.get(ctx, name, dtype, spec)
+    bad = session.check(ctx, built, backend, dtype, spec.check)
+    if bad:
+        return bad
+    m = built.model.with_backend(backend)
+    cfg, n, full = m.cfg, m.cfg.num_layers, built.full_layers
+    db = dtype_bytes(dtype)
+    session.drop(ctx.torch_device, everything=False)
+    _point_memory_check(ctx, batch * (context + 1) * M.kv_bytes_per_token(cfg, db), "decode KV cache")
+    session.cache = cache = m.new_cache(batch, context + 1).fill_random(ctx.seed + batch + context)
+    gen = torch.Generator(device=ctx.torch_device).manual_seed(ctx.seed + batch * 7919 + context)
+    tokens = torch.randint(0, cfg.vocab_size, (batch,), generator=gen, device=ctx.torch_device)  # [B]
+    # The new token of every sequence goes to position `context`: the step reads context+1 positions. pos is
+    # not advanced, so every sample (and CUDA-graph replay) does the same work.
+    pos = torch.full((batch,), context, dtype=torch.int32, device=ctx.torch_device)  # [B]
+
+    def step():
+        with torch.no_grad():
+            return m.forward_decode(tokens, pos, cache)
+
+    t, graph_note = _measure_step(ctx, step, spec.cuda_graph)
+    head = None
+    if n < full:
+        h = m.with_layers(0)
+        head, _ = _measure_step(ctx, lambda: h.forward_decode(tokens, pos, cache), t.cuda_graph)
+    timing = _scaled(t, head, n, full)
+    full_cfg = M.with_layers(cfg, full)
+    ms = timing["median_ms"]
+    return {
+        **timing, "tpot_ms": ms, "tokens_per_s": batch / (ms / 1e3), "tokens_per_s_per_seq": 1e3 / ms,
+        "flops": M.decode_flops(full_cfg, batch, context), "bytes": M.decode_bytes(full_cfg, batch, context, db),
+        **_common(built, n, backend),
+        **_notes(graph_note, f"{n} of {full} layers timed, embedding+head {head.median_ms:.3f} ms" if head else None),
+    }
+
+
+def _skipped(note: str):
+    def run(ctx: RunContext) -> dict:
+        return {"status": "skipped", "note": note}
+
+    return run
+
+
+def _plan(kind: str, spec: _ModelSpec, ctx: RunContext, lengths: list[int], length_key: str, point) -> list[Job]:
+    session = _Session()
+    jobs: list[Job] = []
+    for name in spec.models:
+        cfg = load_model_config(name)
+        why_not = None
+        if not cfg.is_dense:
+            why_not = f"{name}: MoE / MLA models are not built by harness.model (dense only)"
+        else:
+            try:
+                M.shard_config(cfg, spec.tp)
+            except ValueError as e:
+                why_not = str(e)
+        for dtype in spec.dtypes:
+            for backend in spec.backends:
+                for batch in spec.batch:
+                    for length in lengths:
+                        key = {"kind": kind, "model": name, "backend": backend, "dtype": dtype, "batch": batch,
+                               length_key: length, "tp": spec.tp, "layers": spec.layers}
+                        label = f"{kind} {name} {backend} {dtype} b{batch} {length_key}{length}"
+                        if why_not:
+                            run = _skipped(why_not)
+                        elif backend == "triton" and not ctx.on_gpu:
+                            run = _skipped(CPU_TRITON_NOTE)
+                        else:
+                            def run(c: RunContext, a=(name, dtype, backend, batch, length)) -> dict:
+                                return _guard_oom(session, c, lambda: point(c, session, spec, *a))
+                        jobs.append(Job(key=key, run=run, label=label))
+    return jobs
+
+
+def plan_prefill(spec: PrefillSpec, ctx: RunContext) -> list[Job]:
+    return _plan("prefill", spec, ctx, spec.prompt_len, "prompt_len", _prefill_point)
+
+
+def plan_decode(spec: DecodeSpec, ctx: RunContext) -> list[Job]:
+    return _plan("decode", spec, ctx, spec.context, "context", _decode_point)

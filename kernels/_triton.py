@@ -1,0 +1,74 @@
+"""Import Triton so that `import kernels` works on a machine without a GPU.
+
+With no CUDA device, Triton kernels can only run under Triton's interpreter (numpy, one program
+at a time; correctness only, never timed). The interpreter is chosen from the environment, so the
+variable must be set before Triton is imported; `setdefault` keeps an explicit choice. This is the only
+device-dependent line in `kernels/`: the harness alone decides where things run.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+# Kernel files keep the autotune space to one config when interpreting: every config is a full
+# (slow, numpy) run there, and timings from the interpreter mean nothing.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Floating dtypes every launcher accepts (tl.dot takes all three on sm80+; fp32 dots run as tf32 there).
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors on `device`, used to size split-K / split-KV grids.
+
+    Under the interpreter there is no parallel hardware; a small number keeps grids (and test time) small
+    while still exercising more than one split.
+    """
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def smem_bytes(device: torch.device) -> int:
+    """Shared memory one program may use on `device` (227 KiB on H100, 163 KiB on A100).
+
+    Autotune spaces drop configs above it up front instead of compiling them only to hit OutOfResources.
+    """
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return int(getattr(props, "shared_memory_per_block_optin", 0) or 227 * 1024)
+    return 227 * 1024
+
+
+def check_float(name: str, *tensors: torch.Tensor) -> None:
+    """Raise ValueError unless all tensors share one supported floating dtype and one device."""
+    dtype = tensors[0].dtype
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name}: dtype {dtype} not supported (use float16, bfloat16 or float32)")
+    for t in tensors[1:]:
+        if t.dtype != dtype:
+            raise ValueError(f"{name}: all inputs must share one dtype, got {dtype} and {t.dtype}")
+        if t.device != tensors[0].device:
+            raise ValueError(f"{name}: inputs on different devices: {tensors[0].device} and {t.device}")
+
+
+def check_out(name: str, out: torch.Tensor | None, shape: tuple, dtype: torch.dtype, device) -> None:
+    """Validate a caller-supplied output buffer (contiguous, exact shape/dtype/device)."""
+    if out is None:
+        return
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != torch.device(device):
+        raise ValueError(
+            f"{name}: out must be {tuple(shape)} {dtype} on {device}, "
+            f"got {tuple(out.shape)} {out.dtype} on {out.device}"
+        )
+    if not out.is_contiguous():
+        raise ValueError(f"{name}: out must be contiguous")
+
+
+__all__ = ["FLOAT_DTYPES", "INTERPRET", "check_float", "check_out", "num_sms", "smem_bytes", "tl", "triton"]

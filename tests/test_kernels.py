@@ -1,0 +1,479 @@
+"""Kernel ops against float64 references, plus the references against independent formulas.
+
+Without CUDA the Triton kernels run under Triton's interpreter (slow, one program at a time), so shapes
+here are tiny and deliberately odd: no size is a multiple of any block. `TestGPU` repeats each op at
+model-sized shapes in every dtype and is skipped without CUDA.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels import REGISTRY, rel_error
+from kernels._triton import INTERPRET
+from kernels.attention_decode import attention_decode, attention_decode_ref
+from kernels.attention_prefill import attention_prefill, attention_prefill_ref
+from kernels.gemm import gemm, gemm_ref
+from kernels.rmsnorm import rmsnorm, rmsnorm_ref
+from kernels.rope import rope, rope_ref
+from kernels.silu_mul import silu_mul, silu_mul_ref
+
+# Interpreted kernels take CPU tensors; compiled ones need the GPU.
+DEVICE = "cpu" if INTERPRET else "cuda"
+HAS_CUDA = torch.cuda.is_available()
+DOT_OPS = {"gemm", "attention_prefill", "attention_decode"}
+
+# Small odd shapes per op: the shapes the CPU suite runs (several per op, exercising masks and edge cases).
+SMALL_SHAPES = {
+    "gemm": [
+        {"m": 1, "n": 45, "k": 70},  # decode row
+        {"m": 5, "n": 33, "k": 300},  # skinny, K split across programs
+        {"m": 70, "n": 37, "k": 19},  # tall M, K smaller than one block
+    ],
+    "rmsnorm": [
+        {"rows": 7, "hidden": 300, "residual": False},
+        {"rows": 5, "hidden": 33, "residual": True},
+        {"rows": 1, "hidden": 1, "residual": False},
+    ],
+    "rope": [
+        {"tokens": 7, "q_heads": 6, "kv_heads": 2, "head_dim": 32},
+        {"tokens": 1, "q_heads": 3, "kv_heads": 3, "head_dim": 16},
+    ],
+    "silu_mul": [
+        {"rows": 7, "n": 301},
+        {"rows": 1, "n": 1},
+    ],
+    "attention_prefill": [
+        {"batch": 2, "q_heads": 4, "kv_heads": 2, "seq": 37, "head_dim": 32, "causal": True},
+        {"batch": 1, "q_heads": 3, "kv_heads": 1, "seq": 70, "head_dim": 16, "causal": True},
+        {"batch": 1, "q_heads": 2, "kv_heads": 2, "seq": 19, "head_dim": 64, "causal": False},
+        {"batch": 1, "q_heads": 2, "kv_heads": 1, "seq": 1, "head_dim": 16, "causal": True},
+    ],
+    "attention_decode": [
+        {"batch": 3, "q_heads": 8, "kv_heads": 2, "context": [1, 37, 70], "max_context": 70, "head_dim": 32},
+        {"batch": 2, "q_heads": 2, "kv_heads": 2, "context": 19, "head_dim": 64},
+        {"batch": 4, "q_heads": 4, "kv_heads": 1, "max_context": 45, "head_dim": 16},  # random lengths
+    ],
+}
+
+
+def _bf16_marks(name: str) -> list:
+    # Elementwise ops in bf16 are right under the interpreter (measured); dots are not.
+    if INTERPRET and name in DOT_OPS:
+        return [pytest.mark.skip(reason="Triton's interpreter gets bf16 tl.dot wrong")]
+    return []
+
+
+def _to64(args: tuple) -> tuple:
+    return tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def _check_op(name: str, shape: dict, dtype: torch.dtype, device: str = DEVICE, seed: int = 0, **kw) -> None:
+    op = REGISTRY[name]
+    args = op.make_inputs(shape, dtype, device, seed)
+    outs = op.outputs(op.triton(*args, **kw))
+    refs = op.outputs(op.reference(*_to64(args)))
+    assert len(outs) == len(refs)
+    for out, ref in zip(outs, refs, strict=True):
+        assert out.dtype == dtype and out.shape == ref.shape
+        err = rel_error(out, ref)
+        assert err <= op.tolerance(dtype), f"{name} {shape} {dtype}: rel error {err:.2e} > {op.tolerance(dtype):.0e}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Every op, every small shape, against its float64 reference.
+
+@pytest.mark.parametrize(
+    "name,shape,dtype",
+    [pytest.param(n, s, d, id=f"{n}-{i}-{str(d)[6:]}", marks=_bf16_marks(n) if d == torch.bfloat16 else [])
+     for n, shapes in SMALL_SHAPES.items() for i, s in enumerate(shapes)
+     for d in (torch.float32, torch.float16, torch.bfloat16)],
+)
+def test_op_matches_float64_reference(name, shape, dtype):
+    _check_op(name, shape, dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Every output element is written: pass NaN-filled `out=` buffers, expect no NaN left and the same values.
+
+@pytest.mark.parametrize("name", list(SMALL_SHAPES))
+def test_every_output_element_written(name):
+    op = REGISTRY[name]
+    args = op.make_inputs(SMALL_SHAPES[name][0], torch.float16, DEVICE, seed=1)
+    expected = op.outputs(op.triton(*args))
+    poisoned = tuple(torch.full_like(e, float("nan")) for e in expected)
+    result = op.triton(*args, out=poisoned[0] if len(poisoned) == 1 else poisoned)
+    for got, buf, exp in zip(op.outputs(result), poisoned, expected, strict=True):
+        assert got.data_ptr() == buf.data_ptr(), "launcher must write into out="
+        assert not torch.isnan(got).any()
+        torch.testing.assert_close(got, exp, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Paths and layouts the default shapes do not reach.
+
+def test_gemm_forced_split_k_and_batched_x():
+    x = torch.randn(2, 3, 200, device=DEVICE, dtype=torch.float16)
+    w = (torch.randn(29, 200, device=DEVICE) / 200**0.5).to(torch.float16)
+    ref = gemm_ref(x.double(), w.double())
+    for split_k in (1, 3, 7):  # 7 asks for more splits than K has aligned chunks
+        y = gemm(x, w, split_k=split_k)
+        assert y.shape == (2, 3, 29)
+        assert rel_error(y, ref) <= REGISTRY["gemm"].tolerance(torch.float16)
+
+
+def test_gemm_strided_inputs():
+    big = torch.randn(40, 2 * 67, device=DEVICE)
+    x = big[::2, :67]  # strided rows, a view
+    w = torch.randn(67, 31, device=DEVICE).T  # [31, 67] with column-major strides
+    assert rel_error(gemm(x, w), gemm_ref(x.double(), w.double())) <= 2e-3
+
+
+def test_rmsnorm_strided_rows_and_fp32_weight():
+    x = torch.randn(9, 2 * 130, device=DEVICE, dtype=torch.float16)[:, :130]
+    w = 1 + 0.1 * torch.randn(130, device=DEVICE)
+    y = rmsnorm(x, w, 1e-5)
+    assert y.is_contiguous() and y.dtype == torch.float16
+    assert rel_error(y, rmsnorm_ref(x.double(), w.double(), 1e-5)) <= 1e-3
+
+
+def test_rope_fused_qkv_views_and_int64_positions():
+    t, hq, hkv, d = 5, 4, 2, 16
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, device=DEVICE)
+    q = qkv[:, : hq * d].view(t, hq, d)
+    k = qkv[:, hq * d: (hq + hkv) * d].view(t, hkv, d)
+    positions = torch.tensor([0, 3, 17, 1000, 131071], device=DEVICE, dtype=torch.int64)
+    q_out, k_out = rope(q, k, positions, 10000.0)
+    q_ref, k_ref = rope_ref(q.double(), k.double(), positions, 10000.0)
+    assert rel_error(q_out, q_ref) <= 1e-5 and rel_error(k_out, k_ref) <= 1e-5
+    assert torch.equal(q_out[0], q[0])  # position 0 is the identity
+    assert q.data_ptr() == qkv.data_ptr() and not torch.equal(q_out, q)  # new tensors, input untouched
+
+
+def test_silu_mul_halves_of_fused_gate_up():
+    gate_up = torch.randn(6, 2 * 77, device=DEVICE, dtype=torch.float16)
+    gate, up = gate_up[:, :77], gate_up[:, 77:]
+    assert rel_error(silu_mul(gate, up), silu_mul_ref(gate.double(), up.double())) <= 1e-3
+
+
+def test_attention_prefill_strided_bshd_layout():
+    # Models often hold q/k/v as [B, S, H, D] and transpose; no copy should be needed.
+    q = torch.randn(1, 21, 4, 32, device=DEVICE).transpose(1, 2)
+    k = torch.randn(1, 21, 2, 32, device=DEVICE).transpose(1, 2)
+    v = torch.randn(1, 21, 2, 32, device=DEVICE).transpose(1, 2)
+    o = attention_prefill(q, k, v, causal=True)
+    assert rel_error(o, attention_prefill_ref(q.double(), k.double(), v.double())) <= 2e-3
+
+
+@pytest.mark.parametrize("chunk_size", [16, 32, 80])
+def test_attention_decode_splits_and_never_reads_past_length(chunk_size):
+    q, k, v, lens = REGISTRY["attention_decode"].make_inputs(
+        {"batch": 3, "q_heads": 4, "kv_heads": 2, "context": [5, 33, 50], "max_context": 50, "head_dim": 32},
+        torch.float16, DEVICE, seed=2)
+    ref = attention_decode_ref(q.double(), k.double(), v.double(), lens)
+    # NaN after each sequence's length: any read of it would poison the output.
+    valid = torch.arange(50, device=DEVICE)[None, :] < lens[:, None]
+    k_nan = k.masked_fill(~valid[:, None, :, None], float("nan"))
+    v_nan = v.masked_fill(~valid[:, None, :, None], float("nan"))
+    o = attention_decode(q, k_nan, v_nan, lens, chunk_size=chunk_size)
+    assert rel_error(o, ref) <= REGISTRY["attention_decode"].tolerance(torch.float16)
+
+
+def test_attention_decode_length_one_returns_v0():
+    q, k, v, _ = REGISTRY["attention_decode"].make_inputs(
+        {"batch": 2, "q_heads": 4, "kv_heads": 4, "context": 9, "head_dim": 16}, torch.float32, DEVICE, seed=3)
+    o = attention_decode(q, k, v, torch.ones(2, dtype=torch.int32, device=DEVICE))
+    torch.testing.assert_close(o, v[:, :, 0, :], rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# The GPU autotune spaces, one config at a time, under the interpreter: the block sizes a real GPU picks
+# (BLOCK_M 256, BLOCK_K 256, split-K, BLOCK_N 128 ...) meet the same masks and edges as the tiny CPU ones.
+
+GPU_CONFIG_SHAPES = {
+    "gemm": [{"m": 70, "n": 270, "k": 300}, {"m": 5, "n": 100, "k": 1100}],
+    "attention_prefill": [
+        {"batch": 1, "q_heads": 2, "kv_heads": 1, "seq": 150, "head_dim": 64, "causal": True},
+        {"batch": 1, "q_heads": 1, "kv_heads": 1, "seq": 130, "head_dim": 128, "causal": False},
+    ],
+    "attention_decode": [
+        {"batch": 3, "q_heads": 8, "kv_heads": 2, "context": [1, 200, 300], "max_context": 300, "head_dim": 128},
+    ],
+}
+
+
+def _gpu_space(name: str):
+    from kernels import attention_decode as ad
+    from kernels import attention_prefill as ap
+    from kernels import gemm as gm
+
+    return {
+        "gemm": (gm._gemm_kernel, gm._gemm_configs(interpret=False)),
+        "attention_prefill": (ap._attention_prefill_kernel, ap._attention_configs(interpret=False)),
+        "attention_decode": (ad._attention_decode_kernel, ad._decode_configs(interpret=False)),
+    }[name]
+
+
+@pytest.mark.skipif(not INTERPRET, reason="compiled runs autotune over these configs themselves")
+@pytest.mark.parametrize("name", sorted(GPU_CONFIG_SHAPES))
+def test_gpu_autotune_configs_under_interpreter(name, monkeypatch):
+    kernel, configs = _gpu_space(name)
+    for config in configs:
+        monkeypatch.setattr(kernel, "configs", [config])  # one config: the autotuner runs it without timing
+        for shape in GPU_CONFIG_SHAPES[name]:
+            _check_op(name, shape, torch.float16)
+
+
+def test_gpu_autotune_spaces_are_sane():
+    from kernels import attention_decode as ad
+    from kernels import attention_prefill as ap
+    from kernels import gemm as gm
+
+    # The unmasked causal stage must end on a key-block edge.
+    assert all(c.kwargs["BLOCK_M"] % c.kwargs["BLOCK_N"] == 0 for c in ap._attention_configs(interpret=False))
+    for dtype in (torch.float16, torch.float32):
+        t = torch.empty(0, dtype=dtype)
+        gemm_space = gm._gemm_configs(interpret=False)
+        for m in (1, 7, 16, 33, 64, 65, 256, 16384):
+            kept = gm._prune_configs(gemm_space, {"M": m, "x_ptr": t})
+            assert kept and all((c.kwargs["GROUP_M"] == 1) == (m <= gm.SKINNY_M) for c in kept)
+        # Every head dim keeps a config that fits H100 shared memory (sizes checked against sm90 compiles).
+        for d in (16, 64, 128, 256):
+            for s in (1, 64, 4096):
+                kept = ap._prune_configs(ap._attention_configs(interpret=False), {"S": s, "q_ptr": t}, HEAD_D=d)
+                assert kept and all((c.kwargs["BLOCK_M"] + 2 * c.num_stages * c.kwargs["BLOCK_N"]) * d
+                                    * t.element_size() <= 227 * 1024 for c in kept)
+            assert ad._prune_configs(ad._decode_configs(interpret=False), {"k_ptr": t}, HEAD_D=d)
+
+
+def test_split_choices_fill_a_gpu():
+    from kernels.attention_decode import _pick_chunk
+    from kernels.gemm import _pick_split_k
+
+    sms = torch.device("cpu")  # 4 "SMs" off-GPU; shapes below scale the same way on a GPU
+    assert _pick_split_k(1, 64, 4096, sms) > 1  # one tile: split K
+    assert _pick_split_k(4096, 4096, 4096, sms) == 1  # prefill: never
+    chunk = _pick_chunk(1, 1, 131072, sms)
+    assert 131072 / chunk <= 64 and chunk % 16 == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# A seeded sweep of random small shapes (fp16), beyond the hand-picked ones.
+
+def _random_shapes(n: int = 4) -> list:
+    g = torch.Generator().manual_seed(1234)
+
+    def r(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+    out = []
+    for _ in range(n):
+        group, hkv, d = r(1, 5), r(1, 2), [16, 32, 64][r(0, 2)]
+        out += [
+            ("gemm", {"m": r(1, 90), "n": r(1, 90), "k": r(1, 200)}),
+            ("rmsnorm", {"rows": r(1, 20), "hidden": r(1, 300), "residual": bool(r(0, 1))}),
+            ("rope", {"tokens": r(1, 9), "q_heads": group * hkv, "kv_heads": hkv, "head_dim": d}),
+            ("silu_mul", {"rows": r(1, 9), "n": r(1, 300)}),
+            ("attention_prefill", {"batch": r(1, 2), "q_heads": group * hkv, "kv_heads": hkv, "seq": r(1, 70),
+                                   "head_dim": d, "causal": bool(r(0, 1))}),
+            ("attention_decode", {"batch": r(1, 4), "q_heads": group * hkv, "kv_heads": hkv, "max_context": r(1, 70),
+                                  "head_dim": d}),
+        ]
+    return out
+
+
+@pytest.mark.parametrize("name,shape", [pytest.param(n, s, id=f"{n}-{i}") for i, (n, s) in enumerate(_random_shapes())])
+def test_random_shapes(name, shape):
+    _check_op(name, shape, torch.float16, seed=7)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input is a clear ValueError, not a crash inside Triton.
+
+def test_bad_inputs_raise_value_error():
+    f16 = dict(device=DEVICE, dtype=torch.float16)
+    with pytest.raises(ValueError, match="disagree on K"):
+        gemm(torch.randn(3, 8, **f16), torch.randn(4, 9, **f16))
+    with pytest.raises(ValueError, match="share one dtype"):
+        gemm(torch.randn(3, 8, **f16), torch.randn(4, 8, device=DEVICE))
+    with pytest.raises(ValueError, match="not supported"):
+        silu_mul(torch.randn(3, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="must match"):
+        silu_mul(torch.randn(3, 8, **f16), torch.randn(3, 9, **f16))
+    with pytest.raises(ValueError, match="weight"):
+        rmsnorm(torch.randn(3, 8, **f16), torch.randn(9, **f16), 1e-6)
+    with pytest.raises(ValueError, match="positions"):
+        rope(torch.randn(3, 2, 16, **f16), torch.randn(3, 1, 16, **f16), torch.zeros(3, device=DEVICE), 1e4)
+    with pytest.raises(ValueError, match="head_dim"):
+        attention_prefill(*(torch.randn(1, 2, 5, 24, **f16) for _ in range(3)))
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        attention_prefill(torch.randn(1, 3, 5, 16, **f16), *(torch.randn(1, 2, 5, 16, **f16) for _ in range(2)))
+    with pytest.raises(ValueError, match="context_lens"):
+        attention_decode(torch.randn(2, 2, 16, **f16), *(torch.randn(2, 2, 8, 16, **f16) for _ in range(2)),
+                         torch.ones(3, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="out must be"):
+        silu_mul(torch.randn(3, 8, **f16), torch.randn(3, 8, **f16), out=torch.empty(3, 8, device=DEVICE))
+
+
+# --------------------------------------------------------------------------------------------------
+# References against independent formulas (float64, no Triton involved).
+
+def _g(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_gemm_ref_matches_linear():
+    x = torch.randn(3, 5, 17, generator=_g(), dtype=torch.float64)
+    w = torch.randn(11, 17, generator=_g(1), dtype=torch.float64)
+    torch.testing.assert_close(gemm_ref(x, w), F.linear(x, w))
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_rmsnorm_ref_matches_loop_and_torch(residual):
+    x = torch.randn(4, 13, generator=_g(), dtype=torch.float64)
+    r = torch.randn(4, 13, generator=_g(1), dtype=torch.float64)
+    w = torch.randn(13, generator=_g(2), dtype=torch.float64)
+    h = x + r if residual else x
+    expected = torch.stack([
+        torch.tensor([h[i, j] / math.sqrt(sum(float(v) ** 2 for v in h[i]) / 13 + 1e-6) * w[j] for j in range(13)],
+                     dtype=torch.float64)
+        for i in range(4)
+    ])
+    got = rmsnorm_ref(x, w, 1e-6, r) if residual else rmsnorm_ref(x, w, 1e-6)
+    y = got[0] if residual else got
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(y, F.rms_norm(h, (13,), w, eps=1e-6))
+    if residual:
+        torch.testing.assert_close(got[1], h)
+
+
+def test_rope_ref_matches_complex_rotation():
+    t, h, d, theta = 6, 3, 16, 10000.0
+    q = torch.randn(t, h, d, generator=_g(), dtype=torch.float64)
+    k = torch.randn(t, 1, d, generator=_g(1), dtype=torch.float64)
+    pos = torch.tensor([0, 1, 5, 77, 300, 4095])
+    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)  # fp32, as HF Llama/Qwen
+    rot = torch.polar(torch.ones(t, d // 2, dtype=torch.float64), (pos.float()[:, None] * inv_freq).double())
+
+    def complex_rope(x):  # rotate-half pairs element j with j + D/2
+        z = torch.complex(x[..., : d // 2], x[..., d // 2:]) * rot[:, None, :]
+        return torch.cat((z.real, z.imag), dim=-1)
+
+    q_ref, k_ref = rope_ref(q, k, pos, theta)
+    torch.testing.assert_close(q_ref, complex_rope(q))
+    torch.testing.assert_close(k_ref, complex_rope(k))
+
+
+def test_silu_mul_ref_matches_torch_silu():
+    g = torch.randn(5, 23, generator=_g(), dtype=torch.float64)
+    u = torch.randn(5, 23, generator=_g(1), dtype=torch.float64)
+    torch.testing.assert_close(silu_mul_ref(g, u), F.silu(g) * u)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_prefill_ref_matches_sdpa(causal):
+    q = torch.randn(2, 6, 11, 16, generator=_g(), dtype=torch.float64)
+    k = torch.randn(2, 2, 11, 16, generator=_g(1), dtype=torch.float64)
+    v = torch.randn(2, 2, 11, 16, generator=_g(2), dtype=torch.float64)
+    expected = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1), is_causal=causal)
+    torch.testing.assert_close(attention_prefill_ref(q, k, v, causal), expected)
+
+
+def test_attention_decode_ref_matches_per_sequence_sdpa():
+    q = torch.randn(3, 6, 16, generator=_g(), dtype=torch.float64)
+    k = torch.randn(3, 2, 20, 16, generator=_g(1), dtype=torch.float64)
+    v = torch.randn(3, 2, 20, 16, generator=_g(2), dtype=torch.float64)
+    lens = torch.tensor([1, 13, 20], dtype=torch.int32)
+    got = attention_decode_ref(q, k, v, lens)
+    for b, n in enumerate(lens.tolist()):
+        kb = k[b, :, :n].repeat_interleave(3, dim=0)  # [Hq, n, D]
+        vb = v[b, :, :n].repeat_interleave(3, dim=0)
+        expected = F.scaled_dot_product_attention(q[b][:, None, :], kb, vb)[:, 0, :]
+        torch.testing.assert_close(got[b], expected)
+
+
+# --------------------------------------------------------------------------------------------------
+# Registry contract.
+
+@pytest.mark.parametrize("name", list(SMALL_SHAPES))
+def test_registry_contract(name):
+    op = REGISTRY[name]
+    assert op.name == name
+    shape = SMALL_SHAPES[name][0]
+    a = op.make_inputs(shape, torch.float32, "cpu", 0)
+    b = op.make_inputs(shape, torch.float32, "cpu", 0)
+    c = op.make_inputs(shape, torch.float32, "cpu", 1)
+    floats = [i for i, t in enumerate(a) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    assert floats
+    for i in floats:
+        assert a[i].numel() == 1 or a[i].std() > 0, f"{name} input {i} is constant"
+        assert torch.equal(a[i], b[i]), "same seed must give the same inputs"
+        assert not torch.equal(a[i], c[i]), "a different seed must give different inputs"
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        assert op.flops(shape) > 0 and op.bytes_moved(shape, dtype) > 0
+        assert 0 < op.tolerance(dtype) < 0.05
+        assert op.make_inputs(shape, dtype, "cpu", 0)[floats[0]].dtype == dtype
+    assert op.bytes_moved(shape, torch.float32) == 2 * op.bytes_moved(shape, torch.float16) - _int_input_bytes(
+        name, shape)
+    assert isinstance(op.outputs(op.reference(*a)), tuple)
+
+
+def _int_input_bytes(name: str, shape: dict) -> int:
+    # Integer inputs do not scale with the float dtype.
+    return {"rope": 4 * shape.get("tokens", 0), "attention_decode": 4 * shape.get("batch", 0)}.get(name, 0)
+
+
+def test_counts_by_hand():
+    assert REGISTRY["gemm"].flops({"m": 2, "n": 3, "k": 4}) == 48
+    assert REGISTRY["gemm"].bytes_moved({"m": 2, "n": 3, "k": 4}, torch.float16) == (8 + 12 + 6) * 2
+    causal = {"batch": 1, "q_heads": 2, "kv_heads": 1, "seq": 4, "head_dim": 8, "causal": True}
+    assert REGISTRY["attention_prefill"].flops(causal) == 4 * 2 * 8 * 10
+    assert REGISTRY["attention_prefill"].flops({**causal, "causal": False}) == 4 * 2 * 8 * 16
+    dec = {"batch": 2, "q_heads": 4, "kv_heads": 2, "context": [3, 5], "max_context": 8, "head_dim": 16}
+    assert REGISTRY["attention_decode"].flops(dec) == 4 * 4 * 16 * 8
+    # K/V bytes follow the real lengths, not the 8-slot cache.
+    assert REGISTRY["attention_decode"].bytes_moved(dec, torch.float16) == 2 * 2 * 16 * 8 * 2 + 2 * 2 * 4 * 16 * 2 + 8
+    assert REGISTRY["attention_decode"].flops({**dec, "context": 4}) == REGISTRY["attention_decode"].flops(dec)
+
+
+def test_rel_error():
+    ref = torch.tensor([3.0, 4.0])
+    assert rel_error(ref, ref) == 0.0
+    assert rel_error(torch.tensor([3.0, 5.0]), ref) == pytest.approx(0.2)
+    assert rel_error(torch.tensor([float("nan"), 4.0]), ref) == float("inf")
+    assert kernels.KernelOp.outputs(ref) == (ref,)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model-sized shapes on a real GPU (compiled Triton, autotuned).
+
+GPU_SHAPES = {
+    "gemm": [{"m": 4096, "n": 4096, "k": 4096}, {"m": 1, "n": 4096, "k": 4096}, {"m": 200, "n": 14336, "k": 4096},
+             {"m": 3, "n": 1000, "k": 4000}],
+    "rmsnorm": [{"rows": 4096, "hidden": 4096, "residual": True}, {"rows": 777, "hidden": 5120, "residual": False}],
+    "rope": [{"tokens": 4096, "q_heads": 32, "kv_heads": 8, "head_dim": 128, "max_position": 131072}],
+    "silu_mul": [{"rows": 2048, "n": 14336}],
+    "attention_prefill": [
+        {"batch": 1, "q_heads": 32, "kv_heads": 8, "seq": 2048, "head_dim": 128, "causal": True},
+        {"batch": 2, "q_heads": 16, "kv_heads": 16, "seq": 1000, "head_dim": 64, "causal": True},
+        {"batch": 1, "q_heads": 8, "kv_heads": 2, "seq": 777, "head_dim": 128, "causal": False},
+    ],
+    "attention_decode": [
+        {"batch": 16, "q_heads": 32, "kv_heads": 8, "max_context": 8192, "head_dim": 128},
+        {"batch": 1, "q_heads": 28, "kv_heads": 4, "context": 131072, "head_dim": 128},
+        {"batch": 64, "q_heads": 16, "kv_heads": 16, "max_context": 1000, "head_dim": 64},
+    ],
+}
+
+
+@pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs a CUDA GPU (compiled Triton)")
+class TestGPU:
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+    @pytest.mark.parametrize(
+        "name,shape", [pytest.param(n, s, id=f"{n}-{i}") for n, ss in GPU_SHAPES.items() for i, s in enumerate(ss)])
+    def test_op_at_model_shapes(self, name, shape, dtype):
+        _check_op(name, shape, dtype, device="cuda")

@@ -1,0 +1,111 @@
+"""harness.parts.model: the prefill and decode grids on the CPU (torch timed, triton skipped), layer scaling,
+failed checks as `incorrect` rows, and spec validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from harness import model as M
+from harness.device import detect
+from harness.parts import model as part
+from harness.runner import RunContext, execute
+from harness.suite import Suite, SuiteFile, TimingSpec
+
+
+@pytest.fixture(scope="module")
+def ctx() -> RunContext:
+    file = SuiteFile(id="test", description="test", noise_limit=10.0,
+                     timing=TimingSpec(min_samples=2, min_time_s=0.005, warmup_s=0.0, max_samples=5))
+    return RunContext(device=detect("cpu"), suite=Suite(file, {}, "test"), datasheet=None,
+                      ceilings={"copy_gbps": 10.0, "matvec_gbps": {"fp32": 10.0}, "matmul_tflops": {"fp32": 0.1}})
+
+
+def test_prefill_grid(ctx):
+    spec = part.PrefillSpec(models=["tiny", "tiny-qwen3"], dtypes=["fp32"], batch=[1, 2], prompt_len=[8, 16])
+    jobs = part.plan_prefill(spec, ctx)
+    assert len(jobs) == 2 * 2 * 2 * 2  # models x backends x batch x prompt_len
+    points = [execute(j, ctx) for j in jobs]
+    torch_pts = [p for p in points if p["backend"] == "torch"]
+    assert all(p["status"] == "ok" for p in torch_pts), [p.get("error") for p in torch_pts]
+    assert all(p["status"] == "skipped" and "interpreter" in p["note"] for p in points if p["backend"] == "triton")
+    p = next(p for p in torch_pts if p["model"] == "tiny" and p["batch"] == 2 and p["prompt_len"] == 16)
+    assert p["kind"] == "prefill" and p["tp"] == 1 and p["layers"] is None and "scaled_from_layers" not in p
+    assert p["ttft_ms"] == p["median_ms"] > 0
+    assert p["tokens_per_s"] == pytest.approx(32 / (p["median_ms"] / 1e3))
+    cfg = M.load_model_config("tiny")
+    assert p["flops"] == M.prefill_flops(cfg, 2, 16) and p["bytes"] == M.prefill_bytes(cfg, 2, 16, 4)
+    assert p["mfu"] is not None and p["rel_error"] < 1e-4
+
+
+def test_decode_grid_with_scaled_layers(ctx):
+    spec = part.DecodeSpec(models=["tiny"], backends=["torch"], dtypes=["fp32"], batch=[1, 3], context=[5, 20],
+                           layers=1)
+    points = [execute(j, ctx) for j in part.plan_decode(spec, ctx)]
+    assert [p["status"] for p in points] == ["ok"] * 4, [p.get("error") for p in points]
+    p = points[-1]
+    assert (p["kind"], p["batch"], p["context"], p["layers"]) == ("decode", 3, 20, 1)
+    assert p["scaled_from_layers"] == 1 and "1 of 2 layers" in p["note"]
+    assert p["cuda_graph"] is False  # CPU: eager
+    assert p["tpot_ms"] == p["median_ms"] > 0
+    assert p["tokens_per_s"] == pytest.approx(3 / (p["median_ms"] / 1e3))
+    assert p["tokens_per_s_per_seq"] == pytest.approx(1e3 / p["median_ms"])
+    cfg = M.load_model_config("tiny")  # counted at the full layer count
+    assert p["bytes"] == M.decode_bytes(cfg, 3, 20, 4) and p["mbu"] is not None
+
+
+def test_tp_shard_is_measured(ctx):
+    spec = part.DecodeSpec(models=["tiny"], backends=["torch"], dtypes=["fp32"], context=[4], tp=2)
+    (p,) = [execute(j, ctx) for j in part.plan_decode(spec, ctx)]
+    assert p["status"] == "ok" and p["tp"] == 2
+    assert p["flops"] == M.decode_flops(M.shard_config(M.load_model_config("tiny"), 2), 1, 4)
+
+
+def test_failed_check_is_incorrect_and_not_timed(ctx, monkeypatch):
+    monkeypatch.setattr(part, "check_logits", lambda *a, **k: 0.5)
+    spec = part.PrefillSpec(models=["tiny"], backends=["torch"], dtypes=["fp32"], prompt_len=[4, 8])
+    points = [execute(j, ctx) for j in part.plan_prefill(spec, ctx)]
+    assert [p["status"] for p in points] == ["incorrect", "incorrect"]
+    assert "relative error" in points[0]["error"] and "median_ms" not in points[0]
+
+
+def test_check_catches_a_broken_cache_path(monkeypatch):
+    m = M.build_model("tiny", dtype="fp32", seed=1)
+    assert part.check_logits(m, "torch") < 1e-5
+    ops = M.load_ops("torch")
+    # Decode attention that misses the newest position: the full recompute (prefill path) stays right.
+    def late(q, k, v, lens):
+        return ops.attention_decode(q, k, v, lens - 1)
+
+    broken = M.Ops(**{**ops.__dict__, "attention_decode": late})
+    monkeypatch.setattr(M, "load_ops", lambda backend: broken)
+    assert part.check_logits(m, "torch") > 1e-2
+
+
+def test_oom_estimate_is_an_oom_point(ctx, monkeypatch):
+    monkeypatch.setattr(part, "_available_bytes", lambda device: 10_000)  # nothing fits
+    spec = part.DecodeSpec(models=["tiny"], backends=["torch"], dtypes=["fp32"], batch=[1, 2], context=[8])
+    points = [execute(j, ctx) for j in part.plan_decode(spec, ctx)]
+    assert [p["status"] for p in points] == ["oom", "oom"]
+
+
+def test_layers_to_build_fits_memory():
+    cfg = M.load_model_config("llama-3.1-70b")
+    per_layer = M.param_counts(cfg)["layer"] * 2
+    n = part.layers_to_build(cfg, 2, 80e9, None)
+    assert 1 <= n < cfg.num_layers and n * per_layer < 80e9 * part.MEMORY_FRACTION
+    assert part.layers_to_build(cfg, 2, 80e9, 4) == 4
+    assert part.layers_to_build(M.load_model_config("tiny"), 2, 80e9, None) == 2
+    with pytest.raises(torch.OutOfMemoryError):
+        part.layers_to_build(cfg, 2, 1e9, None)
+
+
+def test_spec_validation():
+    with pytest.raises(ValidationError, match="unknown model"):
+        part.PrefillSpec(models=["gpt-5"])
+    with pytest.raises(ValidationError):
+        part.DecodeSpec(models=["tiny"], backends=["cuda"])
+    with pytest.raises(ValidationError):
+        part.DecodeSpec(models=["tiny"], context=[0])
+    assert part.DecodeSpec(models=["tiny"]).cuda_graph is True
