@@ -13,7 +13,6 @@ Weights are seeded random (`build_model`) or read from a local Hugging Face fold
 from __future__ import annotations
 
 import functools
-import importlib
 import json
 import math
 import warnings
@@ -53,48 +52,17 @@ class Ops:
     attention_decode: object
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    # x: [..., K], w: [N, K] -> [..., N]. cuBLAS / oneDNN accumulate in fp32 without upcasting the weight;
-    # gemm_ref converts the whole weight to fp32 first: 12x slower for a bf16 [1,1024]x[75968,1024] matvec on
-    # this CPU (186 ms vs 16 ms), which would make the torch backend's decode numbers about that copy.
-    return F.linear(x, w)
-
-
-def _sdpa_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
-    # q: [B, Hq, S, D], k/v: [B, Hkv, S, D]. Flash / fused SDPA instead of the reference's materialized fp32
-    # S×S scores (5x faster on CPU at S=2048, and no O(S²) memory).
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
-
-
-def _grouped_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    context_lens: torch.Tensor) -> torch.Tensor:
-    # q: [B, Hq, D], caches: [B, Hkv, S_max, D], context_lens: [B]. The G = Hq/Hkv query heads sharing a KV head
-    # form one [G, D] x [D, S] product, so K/V are read once in their own dtype (the reference upcasts the whole
-    # cache to fp32 first). Two batched matmuls, not SDPA: SDPA's CPU flash kernel with a mask took 5.3 ms per
-    # qwen3-0.6b layer at context 512 (fp32, 2 cores) against 0.09 ms here.
-    b, hq, d = q.shape
-    hkv, s_max = k_cache.shape[1], k_cache.shape[2]
-    qg = q.reshape(b, hkv, hq // hkv, d)  # [B, Hkv, G, D]
-    scores = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * (1.0 / math.sqrt(d))  # [B, Hkv, G, S_max]
-    valid = torch.arange(s_max, device=q.device)[None, :] < context_lens[:, None]  # [B, S_max]
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    p = torch.softmax(scores, dim=-1).to(q.dtype)
-    return torch.matmul(p, v_cache).reshape(b, hq, d)  # [B, Hq, D]
-
-
 @functools.cache
 def load_ops(backend: str) -> Ops:
-    """`triton`: the Triton kernels `kernels.<op>.<op>`. `ref`: their torch references `<op>_ref` (fp32 math
-    throughout). `torch`: the references, except gemm (F.linear) and attention (SDPA for prefill, grouped matmuls
-    for decode), whose references upcast whole weights / caches or materialize fp32 S×S scores, and so would time
-    the reference's copies rather than PyTorch."""
+    """`triton`: the Triton kernels. `torch`: each op's vendor baseline (`kernels.REGISTRY[op].baseline`: F.linear,
+    SDPA, grouped matmuls for decode attention; the reference where no faster torch path exists). `ref`: the torch
+    references (fp32 math throughout), for tests."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
-    suffix = "" if backend == "triton" else "_ref"
-    fns = {op: getattr(importlib.import_module(f"kernels.{op}"), op + suffix) for op in OPS}
-    if backend == "torch":
-        fns.update(gemm=_linear, attention_prefill=_sdpa_prefill, attention_decode=_grouped_decode)
-    return Ops(**fns)
+    from kernels import REGISTRY
+
+    attr = {"triton": "triton", "torch": "baseline", "ref": "reference"}[backend]
+    return Ops(**{op: getattr(REGISTRY[op], attr) for op in OPS})
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ class KernelOp:
     name: str
     triton: Callable[..., Any]  # Triton launcher: triton(*make_inputs(...))
     reference: Callable[..., Any]  # torch reference with the same arguments
+    baseline: Callable[..., Any]  # the vendor path timed beside Triton (cuBLAS, SDPA/FlashAttention, ...)
     make_inputs: Callable[[dict, torch.dtype, Any, int], tuple]  # (shape, dtype, device, seed) -> args
     flops: Callable[[dict], int]  # floating-point operations of one call
     bytes_moved: Callable[[dict, torch.dtype], int]  # minimum bytes: inputs read once, outputs written once
@@ -43,6 +44,9 @@ def _op(name: str, module: Any) -> KernelOp:
         name=name,
         triton=getattr(module, name),
         reference=getattr(module, f"{name}_ref"),
+        # Where the reference upcasts whole tensors (fp32 weights, S×S scores), it would time those copies:
+        # such ops give a `<op>_baseline` that runs the fast torch path in the input dtype.
+        baseline=getattr(module, f"{name}_baseline", getattr(module, f"{name}_ref")),
         make_inputs=module.make_inputs,
         flops=module.flops,
         bytes_moved=module.bytes_moved,

@@ -235,6 +235,22 @@ def _total_context(shape: dict) -> int:
     return sum(lens)
 
 
+def attention_decode_baseline(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    context_lens: torch.Tensor) -> torch.Tensor:
+    # q: [B, Hq, D], caches: [B, Hkv, S_max, D], context_lens: [B]. The G = Hq/Hkv query heads sharing a KV head
+    # form one [G, D] x [D, S] product, so K/V are read once in their own dtype (the reference upcasts the whole
+    # cache to fp32 first). Two batched matmuls, not SDPA: SDPA's CPU flash kernel with a mask took 5.3 ms per
+    # qwen3-0.6b layer at context 512 (fp32, 2 cores) against 0.09 ms here.
+    b, hq, d = q.shape
+    hkv, s_max = k_cache.shape[1], k_cache.shape[2]
+    qg = q.reshape(b, hkv, hq // hkv, d)  # [B, Hkv, G, D]
+    scores = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * (1.0 / math.sqrt(d))  # [B, Hkv, G, S_max]
+    valid = torch.arange(s_max, device=q.device)[None, :] < context_lens[:, None]  # [B, S_max]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    p = torch.softmax(scores, dim=-1).to(q.dtype)
+    return torch.matmul(p, v_cache).reshape(b, hq, d)  # [B, Hq, D]
+
+
 def flops(shape: dict) -> int:
     # q.k and p.v: 2 * D flops each per (query head, cached token).
     return 4 * shape["q_heads"] * shape["head_dim"] * _total_context(shape)

@@ -427,6 +427,19 @@ def _int_input_bytes(name: str, shape: dict) -> int:
     return {"rope": 4 * shape.get("tokens", 0), "attention_decode": 4 * shape.get("batch", 0)}.get(name, 0)
 
 
+@pytest.mark.parametrize("name", list(SMALL_SHAPES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_vendor_baseline_matches_reference(name, dtype):
+    # The torch backend times `baseline` (F.linear, SDPA, grouped matmuls): it must compute the same op.
+    op = REGISTRY[name]
+    for shape in SMALL_SHAPES[name]:
+        args = op.make_inputs(shape, dtype, DEVICE, seed=3)
+        ref = op.outputs(op.reference(*[a.double() if torch.is_tensor(a) and a.is_floating_point() else a
+                                        for a in args]))
+        for out, r in zip(op.outputs(op.baseline(*args)), ref, strict=True):
+            assert rel_error(out, r) <= op.tolerance(dtype), (name, shape)
+
+
 def test_counts_by_hand():
     assert REGISTRY["gemm"].flops({"m": 2, "n": 3, "k": 4}) == 48
     assert REGISTRY["gemm"].bytes_moved({"m": 2, "n": 3, "k": 4}, torch.float16) == (8 + 12 + 6) * 2

@@ -1,7 +1,7 @@
 """Kernels: each op x shape x dtype x backend of `kernels.REGISTRY`, checked against its reference, then timed.
 
-Backends: `triton` (ours) and `torch` (the vendor baseline: the op's `baseline` when the registry gives one,
-e.g. cuBLAS through torch.matmul or FlashAttention through SDPA, else its torch reference). On the CPU only the
+Backends: `triton` (ours) and `torch` (the op's vendor `baseline`: cuBLAS through F.linear, FlashAttention
+through SDPA, ...). On the CPU only the
 torch backend is timed: Triton's interpreter runs one program at a time in numpy and is a correctness tool,
 so Triton points there are `skipped` with that reason. Shapes come from model configs (`models:` + `tokens:`)
 or are given literally (`shapes:`).
@@ -103,7 +103,7 @@ def kernel_job(op: str, shape: dict, dtype: str, backend: str, flush_l2: bool) -
         args_shape = {k: v for k, v in shape.items() if k != "source"}
         dt = torch_dtype(dtype)
         inputs = entry.make_inputs(args_shape, dt, ctx.torch_device, ctx.seed)
-        fn = entry.triton if backend == "triton" else (getattr(entry, "baseline", None) or entry.reference)
+        fn = entry.triton if backend == "triton" else entry.baseline
         # Correct before fast: the reference runs in fp32 (fp64 on the CPU) on the same fresh random inputs.
         ref_dtype = torch.float32 if ctx.on_gpu else torch.float64
         outs = entry.outputs(fn(*inputs))
