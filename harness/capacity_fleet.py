@@ -180,7 +180,9 @@ def capacity_table(fleet: str | Fleet, demand: str | Demand | None = None,
         "doubling_months": fit["doubling_months"] if fit else None,
         "growth_fit": fit["from"] if fit else "one point: no growth fit",
         "outgrows_fleet_on": outgrows(fit, cap, pf),
-        "already_outgrown": cap < need,
+        "already_outgrown": cap < need,  # at the scenario's latest dated point
+        # Extrapolated to today: a date already past means the fitted demand has overtaken this fleet by now.
+        "outgrown_by_today": bool((o := outgrows(fit, cap, pf)) and o <= dt.date.today()),
         "outgrows_fleet_on_china_nda": outgrows(growth_fit(primary), cap, pf),
         "outgrows_fleet_on_china_reported": outgrows(growth_fit(reported), cap, pf),
         "counted_tokens": "; ".join(f"{w}: {_count_of(w)}" for w in counted),

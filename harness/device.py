@@ -6,6 +6,7 @@ read through NVML on NVIDIA; when NVML is missing or fails, the reason is record
 
 from __future__ import annotations
 
+import glob
 import os
 import platform
 from dataclasses import asdict, dataclass, field
@@ -41,7 +42,7 @@ class DeviceInfo:
     triton_version: str | None
     cuda_version: str | None
     driver_version: str | None = None
-    l2_bytes: int | None = None
+    l2_bytes: int | None = None  # on a CPU: the last-level cache
     capability: str | None = None
     datasheet: str | None = None  # configs/hardware id this device maps to
     nvml: dict = field(default_factory=dict)
@@ -163,6 +164,19 @@ def telemetry(index: int = 0) -> dict | None:
     return {k: fields[k] for k in TELEMETRY_FIELDS if k in fields} or None
 
 
+def _cpu_llc_bytes() -> int | None:
+    """The largest cache of CPU 0 (sysfs), which the timing flush must exceed."""
+    sizes = []
+    for idx in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            text = open(idx).read().strip().upper()
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
+            sizes.append(int(text.rstrip("KMG")) * mult)
+        except (OSError, ValueError):
+            continue
+    return max(sizes) if sizes else None
+
+
 def detect(override: str | None = None) -> DeviceInfo:
     """Describe the device this run uses (see `pick`)."""
     from harness.hardware import match_device
@@ -179,7 +193,8 @@ def detect(override: str | None = None) -> DeviceInfo:
             capability=f"{props.major}.{props.minor}", nvml=nvml, nvml_error=nvml_error, **common)
     else:
         info = DeviceInfo(kind="cpu", name=_cpu_name(), memory_bytes=_cpu_memory(), compute_units=os.cpu_count(),
-                          threads=torch.get_num_threads(), nvml_error="cpu run: NVML not read", **common)
+                          threads=torch.get_num_threads(), l2_bytes=_cpu_llc_bytes(),
+                          nvml_error="cpu run: NVML not read", **common)
     hw = match_device(info.name)
     info.datasheet = hw.id if hw else None
     return info

@@ -2,7 +2,8 @@
 
 GPU: CUDA events around each sample and one synchronize at the end; warm-up by time, with the first call
 (compile/autotune) timed and reported separately; an optional L2 flush between samples (a buffer of at least
-twice the L2 written outside the timed region); optional CUDA-graph replay. CPU: `time.perf_counter_ns`.
+twice the L2 written outside the timed region); optional CUDA-graph replay. CPU: `time.perf_counter_ns`, and the
+flush writes twice the last-level cache instead.
 """
 
 from __future__ import annotations
@@ -66,10 +67,11 @@ def measure(
     if kind == "cuda":
         return _measure_cuda(fn, min_samples, min_time_s, warmup_s, max_samples, flush_l2, l2_bytes, cuda_graph,
                              noise_limit)
-    return _measure_cpu(fn, min_samples, min_time_s, warmup_s, max_samples, noise_limit)
+    return _measure_cpu(fn, min_samples, min_time_s, warmup_s, max_samples, noise_limit, flush_l2, l2_bytes)
 
 
-def _measure_cpu(fn, min_samples, min_time_s, warmup_s, max_samples, noise_limit) -> Timing:
+def _measure_cpu(fn, min_samples, min_time_s, warmup_s, max_samples, noise_limit, flush_l2=False,
+                 l2_bytes=None) -> Timing:
     t0 = time.perf_counter_ns()
     fn()
     first_ms = (time.perf_counter_ns() - t0) / 1e6
@@ -78,8 +80,12 @@ def _measure_cpu(fn, min_samples, min_time_s, warmup_s, max_samples, noise_limit
         fn()
         calls += 1
     per_call = (time.perf_counter() - start) / calls
+    # On a CPU the last-level cache plays the L2's part: writing twice its size evicts the previous sample's data.
+    flush = torch.empty(2 * (l2_bytes or DEFAULT_L2_BYTES) // 4, dtype=torch.int32) if flush_l2 else None
     samples = []
     for _ in range(_sample_count(per_call, min_samples, min_time_s, max_samples)):
+        if flush is not None:
+            flush.zero_()
         t = time.perf_counter_ns()
         fn()
         samples.append((time.perf_counter_ns() - t) / 1e6)
