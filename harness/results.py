@@ -196,4 +196,6 @@ def clean_floats(d: dict) -> dict:
 
 
 def command_line() -> str:
-    return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    prog = Path(sys.argv[0]).name
+    prog = "tokenfleet" if prog in ("__main__.py", "tokenfleet", "harness") else prog
+    return " ".join([prog, *sys.argv[1:]])

@@ -45,7 +45,8 @@ def copy_job(spec: Spec) -> Job:
         return {**t.to_dict(), "bytes": moved, "value": gbps, "unit": "GB/s", "datasheet_value": sheet,
                 "datasheet_ratio": gbps / sheet if sheet else None}
 
-    return Job({"kind": "ceiling", "op": "copy", "dtype": "fp32", "mb": spec.copy_mb}, run, "ceiling copy")
+    mb = int(spec.copy_mb) if float(spec.copy_mb).is_integer() else spec.copy_mb
+    return Job({"kind": "ceiling", "op": "copy", "dtype": "fp32", "mb": mb}, run, "ceiling copy")
 
 
 def matmul_job(dtype: str, size: int, allow_tf32: bool) -> Job:
