@@ -74,11 +74,12 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _cpu_memory() -> int | None:
+def meminfo(field: str) -> int | None:
+    """A /proc/meminfo field in bytes (MemTotal, MemAvailable, ...), or None where unreadable."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemTotal:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -192,7 +193,7 @@ def detect(override: str | None = None) -> DeviceInfo:
             threads=None, driver_version=nvml.get("driver_version"), l2_bytes=getattr(props, "L2_cache_size", None),
             capability=f"{props.major}.{props.minor}", nvml=nvml, nvml_error=nvml_error, **common)
     else:
-        info = DeviceInfo(kind="cpu", name=_cpu_name(), memory_bytes=_cpu_memory(), compute_units=os.cpu_count(),
+        info = DeviceInfo(kind="cpu", name=_cpu_name(), memory_bytes=meminfo("MemTotal"), compute_units=os.cpu_count(),
                           threads=torch.get_num_threads(), l2_bytes=_cpu_llc_bytes(),
                           nvml_error="cpu run: NVML not read", **common)
     hw = match_device(info.name)

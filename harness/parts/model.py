@@ -21,6 +21,7 @@ from pydantic import Field, PositiveInt, field_validator
 
 from harness import model as M
 from harness.config import Strict, known_names
+from harness.device import meminfo
 from harness.modelspec import ModelConfig, load_model_config
 from harness.runner import Job, RunContext, dtype_bytes
 
@@ -68,14 +69,7 @@ class DecodeSpec(_ModelSpec):
 def _available_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62  # unknown: do not refuse
+    return meminfo("MemAvailable") or 1 << 62  # unknown: do not refuse
 
 
 def _free(device: torch.device) -> None:
@@ -116,6 +110,14 @@ class _Session:
         model = M.build_model(cfg, "torch", dtype, ctx.torch_device, seed=ctx.seed, layers=n)
         self.key, self.built = key, _Built(model, cfg.num_layers, {}, {})
         return self.built
+
+    def prepare(self, ctx: RunContext, spec: _ModelSpec, name: str, dtype: str, backend: str
+                ) -> tuple[_Built, dict | None]:
+        """The model for a point, checked for this backend, with the previous point's cache freed."""
+        built = self.get(ctx, name, dtype, spec)
+        bad = self.check(ctx, built, backend, dtype, spec.check)
+        self.drop(ctx.torch_device, everything=False)
+        return built, bad
 
     def check(self, ctx: RunContext, built: _Built, backend: str, dtype: str, enabled: bool) -> dict | None:
         """None when the backend's logits check out (once per model/dtype/backend), else the incorrect point."""
@@ -239,14 +241,12 @@ def _notes(*parts: str | None) -> dict:
 
 def _prefill_point(ctx: RunContext, session: _Session, spec: PrefillSpec, name: str, dtype: str, backend: str,
                    batch: int, prompt_len: int) -> dict:
-    built = session.get(ctx, name, dtype, spec)
-    bad = session.check(ctx, built, backend, dtype, spec.check)
+    built, bad = session.prepare(ctx, spec, name, dtype, backend)
     if bad:
         return bad
     m = built.model.with_backend(backend)
     cfg, n, full = m.cfg, m.cfg.num_layers, built.full_layers
     db = dtype_bytes(dtype)
-    session.drop(ctx.torch_device, everything=False)
     tokens_n = batch * prompt_len
     # KV cache + a generous bound on live activations (the fused QKV and gate/up outputs, a few [T, D] buffers).
     act = tokens_n * ((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + 3 * cfg.intermediate_size
@@ -279,14 +279,12 @@ def _prefill_point(ctx: RunContext, session: _Session, spec: PrefillSpec, name: 
 
 def _decode_point(ctx: RunContext, session: _Session, spec: DecodeSpec, name: str, dtype: str, backend: str,
                   batch: int, context: int) -> dict:
-    built = session.get(ctx, name, dtype, spec)
-    bad = session.check(ctx, built, backend, dtype, spec.check)
+    built, bad = session.prepare(ctx, spec, name, dtype, backend)
     if bad:
         return bad
     m = built.model.with_backend(backend)
     cfg, n, full = m.cfg, m.cfg.num_layers, built.full_layers
     db = dtype_bytes(dtype)
-    session.drop(ctx.torch_device, everything=False)
     _point_memory_check(ctx, batch * (context + 1) * M.kv_bytes_per_token(cfg, db), "decode KV cache")
     session.cache = cache = m.new_cache(batch, context + 1).fill_random(ctx.seed + batch + context)
     gen = torch.Generator(device=ctx.torch_device).manual_seed(ctx.seed + batch * 7919 + context)
