@@ -127,3 +127,37 @@ def test_resume_after_kill_repeats_no_finished_point(tmp_path):
     assert {p["op"] + p["dtype"] for p in after} == {"copyfp32", "matmulfp32", "matmulbf16", "matvecfp32",
                                                         "matvecbf16"}
     assert after[: len(before)] == before  # what was measured before the kill is kept as it was
+
+
+def test_interrupted_decode_grid_resumes_without_repeats(tmp_path):
+    # Interrupt (as a kill would) after the second decode point; --resume must finish only the rest.
+    suite = tmp_path / "grid.yaml"
+    # A huge noise limit: a noisy point is (rightly) measured again on resume, which this test is not about.
+    suite.write_text(TINY_CEILINGS_SUITE.format(id="grid").replace("noise_limit: 0.5", "noise_limit: 100") + """
+decode:
+  models: [tiny]
+  backends: [torch]
+  dtypes: [fp32]
+  batch: [1, 2]
+  context: [8, 16]
+""")
+    seen = []
+
+    def stop_after_two_decode_points(point):
+        if point["kind"] == "decode":
+            seen.append(point)
+            if len(seen) == 2:
+                raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_suite(str(suite), out=out, progress=False, on_point=stop_after_two_decode_points)
+    before = results.read_points(out)
+    assert sum(p["kind"] == "decode" for p in before) == 2
+
+    run_suite(None, resume=out, progress=False)
+    after = results.read_points(out)
+    decode = [(p["batch"], p["context"]) for p in after if p["kind"] == "decode"]
+    assert sorted(decode) == [(1, 8), (1, 16), (2, 8), (2, 16)], "each grid point measured exactly once"
+    assert after[: len(before)] == before
+    assert all(p["status"] == "ok" for p in after if p["kind"] == "decode")
