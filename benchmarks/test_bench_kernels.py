@@ -1,6 +1,7 @@
 """Micro-benchmarks of the kernel ops (a regression guard; the product's numbers come from the harness).
 
-Torch backend: the reference on whatever device is present (CPU: small/medium shapes, float32).
+Torch backend: the op's vendor baseline (`REGISTRY[op].baseline`) on whatever device is present (CPU:
+small/medium shapes, float32).
 Triton backend: compiled kernels on a CUDA GPU in bfloat16 (skipped without one; interpreted Triton
 timings mean nothing). Each op is checked against its reference before it is timed.
 
@@ -52,12 +53,12 @@ def test_bench_kernel(benchmark, name, backend):
     shape = GPU_SHAPES[name] if on_gpu else CPU_SHAPES[name]
     dtype = torch.bfloat16 if on_gpu else torch.float32
     args = op.make_inputs(shape, dtype, DEVICE, seed=0)
-    fn = op.triton if backend == "triton" else op.reference
+    fn = op.triton if backend == "triton" else op.baseline
 
-    if backend == "triton":  # correct before fast (also compiles and autotunes outside the timed loop)
-        refs = op.outputs(op.reference(*args))
-        for out, ref in zip(op.outputs(fn(*args)), refs, strict=True):
-            assert rel_error(out, ref) <= op.tolerance(dtype)
+    # Correct before fast (on GPU this also compiles and autotunes outside the timed loop).
+    refs = op.outputs(op.reference(*args))
+    for out, ref in zip(op.outputs(fn(*args)), refs, strict=True):
+        assert rel_error(out, ref) <= op.tolerance(dtype)
 
     def run():
         fn(*args)
