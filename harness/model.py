@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from harness.modelspec import ModelConfig, load_model_config
+from harness.modelspec import ModelConfig, RopeScaling, load_model_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -238,6 +238,26 @@ class KVCache:
         return self
 
 
+def rope_frequencies(cfg: ModelConfig, device: torch.device) -> float | torch.Tensor:
+    """What the rope op takes: the base theta, or, with Llama 3.1's `rope_scaling`, the fp32 [D/2] inv_freq table
+    with its per-frequency factors (long wavelengths / factor, short kept, a smooth blend between), as in HF's
+    `_compute_llama3_parameters`."""
+    s = cfg.rope_scaling
+    if s is None:
+        return cfg.rope_theta
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))  # [D/2]
+    wavelen = 2 * math.pi / inv
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor)
+    blended = (1 - smooth) * inv / s.factor + smooth * inv
+    out = torch.where(wavelen > low_wavelen, inv / s.factor, inv)
+    out = torch.where((wavelen >= high_wavelen) & (wavelen <= low_wavelen), blended, out)
+    return out.to(device=device, dtype=torch.float32)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The model
 
@@ -252,7 +272,7 @@ class Transformer:
             raise ValueError(f"{cfg.id}: {len(weights.layers)} layers of weights for num_layers {cfg.num_layers}")
         self.cfg, self.weights, self.backend, self.ops = cfg, weights, backend, load_ops(backend)
         self.n_q, self.n_kv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.eps, self.theta = cfg.rms_norm_eps, cfg.rope_theta
+        self.eps, self.theta = cfg.rms_norm_eps, rope_frequencies(cfg, self.device)
 
     def with_backend(self, backend: str) -> Transformer:
         return Transformer(self.cfg, self.weights, backend)
@@ -413,7 +433,14 @@ def config_from_hf(hf: dict, name: str = "local", source: str = "config.json") -
     rope = hf.get("rope_parameters") or {}  # transformers 5 moved rope_theta / rope_scaling here
     theta = hf.get("rope_theta") or rope.get("rope_theta") or 10000.0
     scaling = hf.get("rope_scaling") or ({k: v for k, v in rope.items() if k != "rope_theta"} or None)
-    if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
+    kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+    rope_scaling = None
+    if kind == "llama3":
+        rope_scaling = RopeScaling(rope_type="llama3", factor=scaling["factor"],
+                                   low_freq_factor=scaling["low_freq_factor"],
+                                   high_freq_factor=scaling["high_freq_factor"],
+                                   original_max_position_embeddings=scaling["original_max_position_embeddings"])
+    elif kind != "default":
         warnings.warn(f"{source}: rope scaling {scaling} is not applied (plain RoPE with theta {theta}): same cost, "
                       "different logits at long context", stacklevel=2)
     return ModelConfig(
@@ -421,7 +448,7 @@ def config_from_hf(hf: dict, name: str = "local", source: str = "config.json") -
         hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
         num_layers=hf["num_hidden_layers"], num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, vocab_size=hf["vocab_size"],
-        rope_theta=float(theta), rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta), rope_scaling=rope_scaling, rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), qk_norm=family == "qwen3",
         attention_bias=bool(hf.get("attention_bias", family == "qwen2")),
         max_position_embeddings=hf.get("max_position_embeddings", 4096), sources=[source],

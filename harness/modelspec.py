@@ -5,6 +5,8 @@ Owned by the capacity model for counting (parameters, FLOPs, bytes) and read by 
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from harness.config import Strict, load_all, load_named
@@ -26,6 +28,17 @@ class MLA(Strict):
     v_head_dim: int = Field(gt=0)
 
 
+class RopeScaling(Strict):
+    """Llama 3.1's RoPE scaling (config.json `rope_scaling`, rope_type llama3): long wavelengths divided by
+    `factor`, short ones kept, a smooth blend between; the cost is the same as plain RoPE."""
+
+    rope_type: Literal["llama3"]
+    factor: float = Field(gt=0)
+    low_freq_factor: float = Field(gt=0)
+    high_freq_factor: float = Field(gt=0)
+    original_max_position_embeddings: int = Field(gt=0)
+
+
 class ModelConfig(Strict):
     id: str
     hf_repo: str
@@ -38,6 +51,7 @@ class ModelConfig(Strict):
     head_dim: int = Field(gt=0)
     vocab_size: int = Field(gt=0)
     rope_theta: float = Field(gt=0)
+    rope_scaling: RopeScaling | None = None
     rms_norm_eps: float = Field(gt=0)
     tie_word_embeddings: bool = False
     qk_norm: bool = Field(False, description="Qwen3: RMSNorm over head_dim on q and k before RoPE")

@@ -70,9 +70,10 @@ def _rope_kernel(
                  HALF_D, BLOCK_KH)
 
 
-def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float, *, out=None):
+def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float | torch.Tensor, *, out=None):
     """Apply RoPE to q [T, Hq, D] and k [T, Hkv, D] at integer positions [T]; returns (q_out, k_out).
 
+    `theta`: the base (inv_freq = theta^(-2j/D)), or an fp32 [D/2] inv_freq table for scaled RoPE.
     q and k may be strided views (e.g. slices of a fused qkv projection) as long as D is unit-stride.
     `out`: optional (q_out, k_out) contiguous buffers.
     """
@@ -87,8 +88,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float
     # The rotated halves are loaded as power-of-2 tiles; Llama/Qwen head dims (64, 128, 256) all are.
     if d < 2 or d % 2 or (d // 2) & (d // 2 - 1):
         raise ValueError(f"rope: head_dim must be 2 * a power of 2, got {d}")
-    if theta <= 0:
-        raise ValueError(f"rope: theta must be > 0, got {theta}")
+    inv_freq = _frequencies(theta, d, q.device)
     q_out, k_out = out if out is not None else (None, None)
     check_out("rope", q_out, q.shape, q.dtype, q.device)
     check_out("rope", k_out, k.shape, k.dtype, k.device)
@@ -105,7 +105,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float
     block_qh = triton.next_power_of_2(max(hq, 1))
     block_kh = triton.next_power_of_2(max(hkv, 1))
     _rope_kernel[(t,)](
-        q, k, positions, _inv_freq(float(theta), d, q.device), q_out, k_out,
+        q, k, positions, inv_freq, q_out, k_out,
         hq, hkv,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
@@ -121,14 +121,27 @@ def _inv_freq(theta: float, d: int, device: torch.device) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
 
 
+def _frequencies(theta: float | torch.Tensor, d: int, device: torch.device) -> torch.Tensor:
+    """The fp32 [D/2] inverse-frequency table: from a base `theta`, or given (scaled RoPE such as Llama 3.1's,
+    whose per-frequency factors the model computes: harness.model.rope_frequencies)."""
+    if isinstance(theta, torch.Tensor):
+        if theta.shape != (d // 2,) or theta.dtype != torch.float32 or theta.device != torch.device(device):
+            raise ValueError(f"rope: an inv_freq table must be fp32 [{d // 2}] on {device}, "
+                             f"got {theta.dtype} {tuple(theta.shape)} on {theta.device}")
+        return theta.contiguous()
+    if theta <= 0:
+        raise ValueError(f"rope: theta must be > 0, got {theta}")
+    return _inv_freq(float(theta), d, device)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
 
-def rope_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float):
+def rope_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float | torch.Tensor):
     """HF-style reference: inv_freq and angles in fp32 (the op's definition), rotation in >= fp32."""
-    angles = positions.to(torch.float32)[:, None] * _inv_freq(float(theta), q.shape[-1], q.device)  # [T, D/2]
+    angles = positions.to(torch.float32)[:, None] * _frequencies(theta, q.shape[-1], q.device)  # [T, D/2]
     compute = torch.promote_types(q.dtype, torch.float32)
     emb = torch.cat((angles, angles), dim=-1).to(compute)[:, None, :]  # [T, 1, D]
     cos, sin = emb.cos(), emb.sin()

@@ -440,6 +440,22 @@ def test_vendor_baseline_matches_reference(name, dtype):
             assert rel_error(out, r) <= op.tolerance(dtype), (name, shape)
 
 
+def test_rope_takes_an_inv_freq_table():
+    # Scaled RoPE (Llama 3.1) passes its own fp32 [D/2] table instead of a base theta.
+    from kernels.rope import _inv_freq, rope, rope_ref
+
+    q, k, pos, theta = REGISTRY["rope"].make_inputs({"tokens": 5, "q_heads": 4, "kv_heads": 2, "head_dim": 32},
+                                                    torch.float32, DEVICE, seed=4)
+    table = _inv_freq(theta, 32, torch.device(DEVICE)) / torch.linspace(1, 8, 16, device=DEVICE)  # scaled
+    got = rope(q, k, pos, table)
+    want = rope_ref(q.double(), k.double(), pos, table)
+    for g, w in zip(got, want, strict=True):
+        assert rel_error(g, w) <= REGISTRY["rope"].tolerance(torch.float32)
+    assert rel_error(got[0], rope_ref(q, k, pos, theta)[0]) > 1e-3  # the table changed the rotation
+    with pytest.raises(ValueError, match="inv_freq table"):
+        rope(q, k, pos, table[:8])
+
+
 def test_counts_by_hand():
     assert REGISTRY["gemm"].flops({"m": 2, "n": 3, "k": 4}) == 48
     assert REGISTRY["gemm"].bytes_moved({"m": 2, "n": 3, "k": 4}, torch.float16) == (8 + 12 + 6) * 2

@@ -53,12 +53,18 @@ def test_random_weights_stay_finite_and_non_degenerate():
 # --- Hugging Face parity ---------------------------------------------------------------------------------------
 
 
+# Llama 3.1's scaling with a tiny original context, so positions of a short test sequence cross every band.
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8}
+
+
 def _hf_model(family: str, tie: bool):
     transformers = pytest.importorskip("transformers")
     common = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=512, tie_word_embeddings=tie)
-    if family == "llama":
-        conf = transformers.LlamaConfig(**common, rope_theta=10000.0)
+    if family in ("llama", "llama3"):
+        conf = (transformers.LlamaConfig(**common, rope_theta=10000.0) if family == "llama" else
+                transformers.LlamaConfig(**common, rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING)))
         cls = transformers.LlamaForCausalLM
     elif family == "qwen3":
         conf = transformers.Qwen3Config(**common, head_dim=32, rope_theta=1e6)  # head_dim != hidden/heads
@@ -75,11 +81,13 @@ def _hf_model(family: str, tie: bool):
     return hf
 
 
-@pytest.mark.parametrize(("family", "tie"), [("llama", False), ("qwen3", True), ("qwen2", False)])
+@pytest.mark.parametrize(("family", "tie"), [("llama", False), ("llama3", False), ("qwen3", True), ("qwen2", False)])
 def test_torch_backend_matches_transformers(tmp_path, family, tie):
     hf = _hf_model(family, tie)
     hf.save_pretrained(tmp_path, safe_serialization=True)
     m = M.from_pretrained(tmp_path, backend="torch", dtype="fp32")
+    assert (m.cfg.rope_scaling is not None) == (family == "llama3")
+    family = "llama" if family == "llama3" else family
     assert m.cfg.family == family and m.cfg.tie_word_embeddings == tie
     assert m.cfg.qk_norm == (family == "qwen3") and m.cfg.attention_bias == (family == "qwen2")
     assert M.param_counts(m.cfg)["total"] == sum(p.numel() for p in hf.parameters())
