@@ -112,12 +112,13 @@ class _Session:
         return self.built
 
     def prepare(self, ctx: RunContext, spec: _ModelSpec, name: str, dtype: str, backend: str
-                ) -> tuple[_Built, dict | None]:
-        """The model for a point, checked for this backend, with the previous point's cache freed."""
+                ) -> tuple[_Built, M.Transformer, dict | None]:
+        """The model for a point on `backend`, checked, with the previous point's cache freed; or the
+        `incorrect` point when the check failed."""
         built = self.get(ctx, name, dtype, spec)
         bad = self.check(ctx, built, backend, dtype, spec.check)
         self.drop(ctx.torch_device, everything=False)
-        return built, bad
+        return built, built.model.with_backend(backend), bad
 
     def check(self, ctx: RunContext, built: _Built, backend: str, dtype: str, enabled: bool) -> dict | None:
         """None when the backend's logits check out (once per model/dtype/backend), else the incorrect point."""
@@ -241,12 +242,10 @@ def _notes(*parts: str | None) -> dict:
 
 def _prefill_point(ctx: RunContext, session: _Session, spec: PrefillSpec, name: str, dtype: str, backend: str,
                    batch: int, prompt_len: int) -> dict:
-    built, bad = session.prepare(ctx, spec, name, dtype, backend)
+    built, m, bad = session.prepare(ctx, spec, name, dtype, backend)
     if bad:
         return bad
-    m = built.model.with_backend(backend)
-    cfg, n, full = m.cfg, m.cfg.num_layers, built.full_layers
-    db = dtype_bytes(dtype)
+    cfg, n, full, db = m.cfg, m.cfg.num_layers, built.full_layers, dtype_bytes(dtype)
     tokens_n = batch * prompt_len
     # KV cache + a generous bound on live activations (the fused QKV and gate/up outputs, a few [T, D] buffers).
     act = tokens_n * ((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + 3 * cfg.intermediate_size
@@ -279,12 +278,10 @@ def _prefill_point(ctx: RunContext, session: _Session, spec: PrefillSpec, name: 
 
 def _decode_point(ctx: RunContext, session: _Session, spec: DecodeSpec, name: str, dtype: str, backend: str,
                   batch: int, context: int) -> dict:
-    built, bad = session.prepare(ctx, spec, name, dtype, backend)
+    built, m, bad = session.prepare(ctx, spec, name, dtype, backend)
     if bad:
         return bad
-    m = built.model.with_backend(backend)
-    cfg, n, full = m.cfg, m.cfg.num_layers, built.full_layers
-    db = dtype_bytes(dtype)
+    cfg, n, full, db = m.cfg, m.cfg.num_layers, built.full_layers, dtype_bytes(dtype)
     _point_memory_check(ctx, batch * (context + 1) * M.kv_bytes_per_token(cfg, db), "decode KV cache")
     session.cache = cache = m.new_cache(batch, context + 1).fill_random(ctx.seed + batch + context)
     gen = torch.Generator(device=ctx.torch_device).manual_seed(ctx.seed + batch * 7919 + context)
