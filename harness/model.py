@@ -106,14 +106,6 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
             "norm": cfg.hidden_size, "total": layers + emb + head + cfg.hidden_size}
 
 
-def kv_bytes_per_token(cfg: ModelConfig, dtype_bytes: int) -> int:
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
-
-
-def weight_bytes(cfg: ModelConfig, dtype_bytes: int) -> int:
-    return param_counts(cfg)["total"] * dtype_bytes
-
-
 def prefill_flops(cfg: ModelConfig, batch: int, prompt_len: int) -> float:
     """2·(layer params)·tokens + causal attention (QKᵀ and PV over S(S+1)/2 pairs) + LM head on the last token."""
     tokens = batch * prompt_len
@@ -127,7 +119,7 @@ def prefill_bytes(cfg: ModelConfig, batch: int, prompt_len: int, dtype_bytes: in
     layers = cfg.num_layers * layer_params(cfg) + cfg.hidden_size
     head = cfg.vocab_size * cfg.hidden_size
     return dtype_bytes * (layers + head + tokens * cfg.hidden_size + batch * cfg.vocab_size) \
-        + tokens * kv_bytes_per_token(cfg, dtype_bytes)
+        + tokens * cfg.kv_bytes_per_token(dtype_bytes)
 
 
 def decode_flops(cfg: ModelConfig, batch: int, context: int) -> float:
@@ -139,7 +131,7 @@ def decode_flops(cfg: ModelConfig, batch: int, context: int) -> float:
 def decode_bytes(cfg: ModelConfig, batch: int, context: int, dtype_bytes: int) -> float:
     """One step: layer weights + LM head once, B embedding rows, KV of context+1 positions read per sequence
     (the new one written first), B logit rows written."""
-    kv = kv_bytes_per_token(cfg, dtype_bytes)
+    kv = cfg.kv_bytes_per_token(dtype_bytes)
     weights = cfg.num_layers * layer_params(cfg) + cfg.hidden_size + cfg.vocab_size * cfg.hidden_size
     return dtype_bytes * (weights + batch * cfg.hidden_size + batch * cfg.vocab_size) + batch * (context + 2) * kv
 

@@ -21,14 +21,12 @@ from harness.device import DeviceInfo, detect, telemetry
 from harness.hardware import DTYPE_BYTES, Hardware, load_hardware
 from harness.suite import Suite, load_suite, part_api, suite_from_dict
 
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def torch_dtype(name: str) -> torch.dtype:
-    try:
-        return TORCH_DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; known: {', '.join(TORCH_DTYPES)}") from None
+    """fp32 | bf16 | fp16 -> the torch dtype (one map, harness.model's)."""
+    from harness.model import to_dtype
+
+    return to_dtype(name)
 
 
 def dtype_bytes(name: str) -> int:

@@ -28,7 +28,7 @@ def test_counts_match_published(name):
     assert cfg.sources and cfg.is_dense
     total = M.param_counts(cfg)["total"]
     assert total == (cfg.params_exact or DERIVED[name])
-    assert M.kv_bytes_per_token(cfg, 2) == KV_BF16[name]
+    assert cfg.kv_bytes_per_token(2) == KV_BF16[name]
 
 
 def test_shard_config():

@@ -250,7 +250,7 @@ def _prefill_point(ctx: RunContext, session: _Session, spec: PrefillSpec, name: 
     # KV cache + a generous bound on live activations (the fused QKV and gate/up outputs, a few [T, D] buffers).
     act = tokens_n * ((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + 3 * cfg.intermediate_size
                       + 6 * cfg.hidden_size) * db
-    _point_memory_check(ctx, tokens_n * M.kv_bytes_per_token(cfg, db) + 2 * act, "prefill")
+    _point_memory_check(ctx, tokens_n * cfg.kv_bytes_per_token(db) + 2 * act, "prefill")
     gen = torch.Generator(device=ctx.torch_device).manual_seed(ctx.seed + batch * 7919 + prompt_len)
     tokens = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=gen, device=ctx.torch_device)
     session.cache = cache = m.new_cache(batch, prompt_len)
@@ -282,7 +282,7 @@ def _decode_point(ctx: RunContext, session: _Session, spec: DecodeSpec, name: st
     if bad:
         return bad
     cfg, n, full, db = m.cfg, m.cfg.num_layers, built.full_layers, dtype_bytes(dtype)
-    _point_memory_check(ctx, batch * (context + 1) * M.kv_bytes_per_token(cfg, db), "decode KV cache")
+    _point_memory_check(ctx, batch * (context + 1) * cfg.kv_bytes_per_token(db), "decode KV cache")
     session.cache = cache = m.new_cache(batch, context + 1).fill_random(ctx.seed + batch + context)
     gen = torch.Generator(device=ctx.torch_device).manual_seed(ctx.seed + batch * 7919 + context)
     tokens = torch.randint(0, cfg.vocab_size, (batch,), generator=gen, device=ctx.torch_device)  # [B]
