@@ -23,7 +23,7 @@ import numpy as np
 
 from harness.capacity_config import Workload, load_workload
 from harness.config import ConfigError
-from harness.hardware import DTYPE_BYTES, Hardware, load_hardware
+from harness.hardware import Hardware, dtype_bytes, load_hardware
 from harness.modelspec import ModelConfig, load_model_config
 
 # ---- documented defaults (all overridable; every result says which were used) ----------------------------------
@@ -132,12 +132,6 @@ def _ratio_grid(samples: list[tuple[float, float, float]]):
 
 
 # ---- the serving model -------------------------------------------------------------------------------------
-def dtype_bytes(dtype: str) -> int:
-    if dtype not in DTYPE_BYTES:
-        raise ConfigError("--dtype", None, f"unknown dtype {dtype!r}; known: {', '.join(DTYPE_BYTES)}")
-    return DTYPE_BYTES[dtype]
-
-
 @dataclass
 class Projector:
     """Per-op roofline of one replica: model `m` on `tp` GPUs of type `hw`, weights in `dtype`."""

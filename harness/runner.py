@@ -18,7 +18,7 @@ import torch
 from harness import results, timing
 from harness.config import ConfigError
 from harness.device import DeviceInfo, detect, telemetry
-from harness.hardware import DTYPE_BYTES, Hardware, load_hardware
+from harness.hardware import Hardware, load_hardware
 from harness.suite import Suite, load_suite, part_api, suite_from_dict
 
 
@@ -27,10 +27,6 @@ def torch_dtype(name: str) -> torch.dtype:
     from harness.model import to_dtype
 
     return to_dtype(name)
-
-
-def dtype_bytes(name: str) -> int:
-    return DTYPE_BYTES[name]
 
 
 @dataclass

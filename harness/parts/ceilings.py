@@ -10,7 +10,8 @@ import torch
 from pydantic import Field
 
 from harness.config import Strict
-from harness.runner import Job, RunContext, dtype_bytes, torch_dtype
+from harness.hardware import dtype_bytes
+from harness.runner import Job, RunContext, torch_dtype
 
 
 class MatvecSpec(Strict):

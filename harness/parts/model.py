@@ -22,8 +22,9 @@ from pydantic import Field, PositiveInt, field_validator
 from harness import model as M
 from harness.config import Strict, known_names
 from harness.device import meminfo
+from harness.hardware import dtype_bytes
 from harness.modelspec import ModelConfig, load_model_config
-from harness.runner import Job, RunContext, dtype_bytes
+from harness.runner import Job, RunContext
 
 # Relative L2 error of logits allowed between backends / paths. The check runs the full stack of real-shaped
 # layers, so rounding compounds: bf16 (8 mantissa bits) rounds each layer's output to ~0.4%; fp32 is looser than
