@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.capacity import SECONDS_PER_DAY, Run, auto_tp, efficiency_from_runs, project, read_runs
+from harness.capacity import SECONDS_PER_DAY, Run, _workload, auto_tp, efficiency_from_runs, project, read_runs
 from harness.capacity_config import Demand, DemandPoint, Fleet, load_demand, load_fleet
 from harness.config import ConfigError, known_names, resolve
 
@@ -193,8 +193,6 @@ def capacity_table(fleet: str | Fleet, demand: str | Demand | None = None,
 
 
 def _count_of(workload: str) -> str:
-    from harness.capacity import _workload
-
     return _workload(workload).count
 
 

@@ -10,3 +10,6 @@ PARTS: dict[str, tuple[str, str, str]] = {
     "prefill": ("harness.parts.model", "PrefillSpec", "plan_prefill"),
     "decode": ("harness.parts.model", "DecodeSpec", "plan_decode"),
 }
+
+# Why Triton points are `skipped` on a CPU, in every part that has them.
+CPU_TRITON_NOTE = "Triton's interpreter is a correctness tool, not a timing tool: CPU timings use the torch backend"

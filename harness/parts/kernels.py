@@ -16,9 +16,8 @@ from pydantic import Field, field_validator, model_validator
 
 from harness.config import Strict
 from harness.modelspec import ModelConfig, load_model_config
+from harness.parts import CPU_TRITON_NOTE
 from harness.runner import Job, RunContext, torch_dtype
-
-CPU_TRITON_NOTE = "Triton's interpreter is a correctness tool, not a timing tool: CPU timings use the torch backend"
 
 
 class OpCase(Strict):

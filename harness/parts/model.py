@@ -24,6 +24,7 @@ from harness.config import Strict, known_names
 from harness.device import meminfo
 from harness.hardware import dtype_bytes
 from harness.modelspec import ModelConfig, load_model_config
+from harness.parts import CPU_TRITON_NOTE
 from harness.runner import Job, RunContext
 
 # Relative L2 error of logits allowed between backends / paths. The check runs the full stack of real-shaped
@@ -33,7 +34,6 @@ TOLERANCE = {"fp32": 1e-2, "bf16": 6e-2, "fp16": 2e-2}
 MEMORY_FRACTION = 0.85  # of the free memory the points may plan for
 WEIGHT_FRACTION = 0.6  # of that, for weights, when choosing how many layers fit
 CHECK_BATCH, CHECK_LEN = 2, 8
-CPU_TRITON_NOTE = "CPU: Triton runs under its interpreter (correctness only, never timed); torch backend timed"
 
 
 class _ModelSpec(Strict):
