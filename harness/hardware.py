@@ -6,16 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from harness.config import ConfigError, Strict, load_all, load_named
-
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
-
-
-def dtype_bytes(dtype: str) -> int:
-    """Bytes per element of a dtype name; an unknown name is a user error naming the known ones."""
-    if dtype not in DTYPE_BYTES:
-        raise ConfigError("--dtype", None, f"unknown dtype {dtype!r}; known: {', '.join(DTYPE_BYTES)}")
-    return DTYPE_BYTES[dtype]
+from harness.config import Strict, load_all, load_named
 
 
 class Interconnect(Strict):

@@ -28,7 +28,7 @@ timeout $((460 - ($(date +%s) - start))) "$PY" -m harness bench --suite quick --
 bench_rc=${PIPESTATUS[0]}
 if [ "$bench_rc" != 0 ] && [ -f "$OUT_DIR/run/manifest.json" ]; then
     # Out of time or interrupted: what was measured stays; the tables are written from it.
-    "$PY" -c "from harness.tables import write_tables; write_tables('$OUT_DIR/run')" || true
+    "$PY" -c "from harness.report.tables import write_tables; write_tables('$OUT_DIR/run')" || true
 fi
 tar -czf "$OUT_DIR/gpu-check.tar.gz" -C "$OUT_DIR" --exclude gpu-check.tar.gz . 2>/dev/null || true
 find "$OUT_DIR/run" -type f ! -name manifest.json ! -name points.jsonl ! -name summary.md -delete 2>/dev/null

@@ -1,19 +1,19 @@
-"""Invariants of the capacity model (harness.capacity, harness.capacity_fleet) and its configs and CLI."""
+"""Invariants of the capacity model (harness.capacity.project, harness.capacity.fleet) and its configs and CLI."""
 
 import json
 
 import pytest
-import typer
 import yaml
 from typer.testing import CliRunner
 
-from harness.capacity import Efficiency, Projector, b_mem, project, read_runs, resolve_workload
-from harness.capacity_config import Fleet, all_demand, all_fleets, all_workloads, load_demand, load_fleet, load_workload
-from harness.capacity_fleet import capacity_table, growth_fit, outgrows, sweep
-from harness.cli_capacity import register
+from harness.capacity.config import Fleet, all_demand, all_fleets, all_workloads, load_demand, load_fleet, load_workload
+from harness.capacity.fleet import capacity_table, growth_fit, outgrows, sweep
+from harness.capacity.project import Efficiency, Projector, b_mem, project, read_runs, resolve_workload
+from harness.cli.main import app as tokenfleet_app
 from harness.config import ConfigError
-from harness.hardware import DTYPE_BYTES, all_hardware, load_hardware
-from harness.modelspec import all_model_configs, load_model_config
+from harness.dtypes import DTYPE_BYTES
+from harness.hardware import all_hardware, load_hardware
+from harness.model.spec import all_model_configs, load_model_config
 
 MODELS = ["llama-3.1-8b", "qwen3-32b", "qwen3-30b-a3b", "qwen3-235b-a22b", "deepseek-v3"]
 
@@ -254,9 +254,7 @@ def test_bad_run_folder(tmp_path):
 # ---- CLI -----------------------------------------------------------------------------------------------------
 @pytest.fixture
 def cli():
-    app = typer.Typer()
-    register(app)
-    return app
+    return tokenfleet_app
 
 
 def _err(result) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from harness.compare import compare
+from harness.report.compare import compare
 from tests.conftest import run_cli
 from tests.test_report import make_run, synthetic_points
 

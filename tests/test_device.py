@@ -3,8 +3,8 @@ import sys
 
 import pytest
 
-from harness import device
 from harness.config import ConfigError
+from harness.measure import device
 
 
 def test_cpu_detected_without_gpu(monkeypatch):

@@ -1,4 +1,4 @@
-"""harness.model: logits match Hugging Face transformers, the backends agree, the KV cache reproduces a full
+"""harness.model.decoder: logits match Hugging Face transformers, the backends agree, the KV cache reproduces a full
 recompute, and the counts match the published parameter counts. CPU, tiny configs (fp32: the Triton
 interpreter's tl.dot on bf16 is not a faithful bf16 dot, so interpreter comparisons use fp32)."""
 
@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import model as M
-from harness.modelspec import load_model_config
+from harness.model import decoder as M
+from harness.model import hf as HF
+from harness.model.spec import load_model_config
 
 DENSE = ["llama-2-7b", "llama-2-70b", "llama-3.1-8b", "llama-3.1-70b", "qwen3-0.6b", "qwen3-8b", "qwen3-32b"]
 # From reference/facts.yaml (derived.kv_cache_bytes_per_token_bf16).
@@ -85,7 +86,7 @@ def _hf_model(family: str, tie: bool):
 def test_torch_backend_matches_transformers(tmp_path, family, tie):
     hf = _hf_model(family, tie)
     hf.save_pretrained(tmp_path, safe_serialization=True)
-    m = M.from_pretrained(tmp_path, backend="torch", dtype="fp32")
+    m = HF.from_pretrained(tmp_path, backend="torch", dtype="fp32")
     assert (m.cfg.rope_scaling is not None) == (family == "llama3")
     family = "llama" if family == "llama3" else family
     assert m.cfg.family == family and m.cfg.tie_word_embeddings == tie
@@ -180,9 +181,9 @@ def test_layer_subset_and_head_only_share_weights():
 def test_from_pretrained_rejects_unsupported(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "deepseek_v3"}')
     with pytest.raises(FileNotFoundError):
-        M.from_pretrained(tmp_path)
+        HF.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="not supported"):
-        M.config_from_hf({"model_type": "deepseek_v3"})
+        HF.config_from_hf({"model_type": "deepseek_v3"})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

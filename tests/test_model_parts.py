@@ -1,4 +1,4 @@
-"""harness.parts.model: the prefill and decode grids on the CPU (torch timed, triton skipped), layer scaling,
+"""harness.measure.parts.model: the prefill and decode grids on the CPU (torch timed, triton skipped), layer scaling,
 failed checks as `incorrect` rows, and spec validation."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from harness import model as M
-from harness.device import detect
-from harness.parts import model as part
-from harness.runner import RunContext, execute
-from harness.suite import Suite, SuiteFile, TimingSpec
+from harness.measure.device import detect
+from harness.measure.parts import model as part
+from harness.measure.runner import RunContext, execute
+from harness.measure.suite import Suite, SuiteFile, TimingSpec
+from harness.model import decoder as M
 
 
 @pytest.fixture(scope="module")

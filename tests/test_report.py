@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness import report, results
+from harness import results
 from harness.hardware import load_hardware
+from harness.report import document as report
 from tests.conftest import run_cli
 
 HEADINGS = ["Device and environment", "Ceilings (measured)", "Kernels", "Prefill", "Decode",
@@ -122,7 +123,6 @@ def test_report_cli_paths_and_bad_run(run_dir: Path, tmp_path: Path):
 
 
 def test_report_with_fleet(run_dir: Path):
-    pytest.importorskip("harness.capacity_fleet", reason="the capacity model has not landed")
     rep = report.build(run_dir, ["h100-node"])
     cap = next(s for s in rep.sections if s.title == "Capacity against demand")
     assert cap.plot and cap.tables and len(cap.tables[0][1])

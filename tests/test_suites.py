@@ -5,9 +5,9 @@ import json
 import pytest
 
 from harness.config import known_names
-from harness.device import detect
-from harness.runner import RunContext, plan_all
-from harness.suite import load_suite
+from harness.measure.device import detect
+from harness.measure.runner import RunContext, plan_all
+from harness.measure.suite import load_suite
 
 
 @pytest.mark.parametrize("name", known_names("suites"))

@@ -2,7 +2,7 @@ import time
 
 import pytest
 
-from harness.timing import measure, summarize
+from harness.measure.timing import measure, summarize
 
 
 def busy(ms: float):

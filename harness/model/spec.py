@@ -1,6 +1,6 @@
 """Model architectures as validated data (`configs/models/*.yaml`): shapes from the published config.json.
 
-Owned by the capacity model for counting (parameters, FLOPs, bytes) and read by `harness.model` to build layers.
+Owned by the capacity model for counting (parameters, FLOPs, bytes) and read by `harness.model.decoder` to build layers.
 """
 
 from __future__ import annotations

@@ -6,13 +6,12 @@ that part's own `Spec`, and errors name the file and the field (`kernels.ops.0.o
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
 from harness.config import ConfigError, Strict, load_named, read_yaml, validation_error
-from harness.parts import PARTS
+from harness.measure.parts import PARTS
 
 
 class TimingSpec(Strict):
@@ -51,9 +50,7 @@ class Suite:
 
 
 def part_api(name: str) -> tuple[type[BaseModel], Any]:
-    module, spec_attr, plan_attr = PARTS[name]
-    mod = importlib.import_module(module)
-    return getattr(mod, spec_attr), getattr(mod, plan_attr)
+    return PARTS[name]
 
 
 def suite_from_dict(data: dict, path: str) -> Suite:

@@ -2,7 +2,7 @@
 
 The HTML embeds its plots as base64 PNG and uses no JavaScript, so it reads offline and in mail attachments; the
 markdown twin writes the PNGs beside itself for terminals and pull requests. Both come from the same `Report`,
-so they never disagree. The capacity section comes from harness.capacity_fleet (fleet against demand, with this
+so they never disagree. The capacity section comes from harness.capacity.fleet (fleet against demand, with this
 run's measured efficiencies) and is left out with a note when no fleet is given or that module is not available.
 """
 
@@ -18,10 +18,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness import plots
+from harness.capacity.fleet import CAPACITY_COLUMNS, capacity_table, growth_fit, load_demand
+from harness.capacity.project import read_runs
 from harness.output import _cell, markdown_table  # _cell: the number format every verb prints
+from harness.report import plots
+from harness.report.tables import TITLES, failed_table, kind_table, points_frame
 from harness.results import read_run, resolve_run
-from harness.tables import TITLES, failed_table, kind_table, points_frame
 
 
 @dataclass
@@ -99,18 +101,11 @@ def grid(df: pd.DataFrame, kind: str) -> list[tuple[str, pd.DataFrame]]:
 
 
 def capacity_section(fleets: list[str], demand: str | None, run_dir: Path) -> Section:
-    """Fleet capacity against demand from harness.capacity_fleet (this run feeding its measured efficiencies), with
+    """Fleet capacity against demand from harness.capacity.fleet (this run feeding its measured efficiencies), with
     the plot of demand and its growth fit against each fleet; a note instead when it cannot be made."""
     sec = Section("Capacity against demand")
     if not fleets:
         sec.notes.append("left out: no fleet given (`tokenfleet report RUN --fleet h100-node`)")
-        return sec
-    try:
-        from harness.capacity import read_runs
-        from harness.capacity_fleet import capacity_table, growth_fit, load_demand
-        from harness.cli_capacity import CAPACITY_COLUMNS
-    except ImportError as e:
-        sec.notes.append(f"left out: the capacity model is not available here ({e})")
         return sec
     runs = read_runs([run_dir])
     lines, summaries = [], []

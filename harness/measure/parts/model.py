@@ -1,5 +1,5 @@
 """Model parts: `prefill` (batch × prompt length -> TTFT, prefill tokens/s, MFU) and `decode` (batch × context ->
-step time, decode tokens/s, MBU), over `harness.model` with seeded random weights at the real shapes.
+step time, decode tokens/s, MBU), over `harness.model.decoder` with seeded random weights at the real shapes.
 
 Per model and dtype the weights are built once on the device (one model held at a time; jobs run in plan order)
 and checked before anything is timed: the torch backend's decode-with-cache against a full recompute, the triton
@@ -19,13 +19,12 @@ from typing import Literal
 import torch
 from pydantic import Field, PositiveInt, field_validator
 
-from harness import model as M
 from harness.config import Strict, known_names
-from harness.device import meminfo
-from harness.hardware import dtype_bytes
-from harness.modelspec import ModelConfig, load_model_config
-from harness.parts import CPU_TRITON_NOTE
-from harness.runner import Job, RunContext
+from harness.dtypes import dtype_bytes
+from harness.measure.context import CPU_TRITON_NOTE, Job, RunContext
+from harness.measure.device import meminfo
+from harness.model import decoder as M
+from harness.model.spec import ModelConfig, load_model_config
 
 # Relative L2 error of logits allowed between backends / paths. The check runs the full stack of real-shaped
 # layers, so rounding compounds: bf16 (8 mantissa bits) rounds each layer's output to ~0.4%; fp32 is looser than
@@ -325,7 +324,7 @@ def _plan(kind: str, spec: _ModelSpec, ctx: RunContext, lengths: list[int], leng
         cfg = load_model_config(name)
         why_not = None
         if not cfg.is_dense:
-            why_not = f"{name}: MoE / MLA models are not built by harness.model (dense only)"
+            why_not = f"{name}: MoE / MLA models are not built by harness.model.decoder (dense only)"
         else:
             try:
                 M.shard_config(cfg, spec.tp)

@@ -156,7 +156,7 @@ class DemandSeries:
     dates: list[date]
     tokens_per_day: list[float]
     unverified: list[bool] = field(default_factory=list)
-    fit: dict | None = None  # harness.capacity_fleet.growth_fit: ln(tokens/day) = intercept + per_day * ordinal
+    fit: dict | None = None  # harness.capacity.fleet.growth_fit: ln(tokens/day) = intercept + per_day * ordinal
 
 
 @dataclass

@@ -10,8 +10,8 @@ import torch
 from pydantic import Field
 
 from harness.config import Strict
-from harness.hardware import dtype_bytes
-from harness.runner import Job, RunContext, torch_dtype
+from harness.dtypes import dtype_bytes, to_dtype
+from harness.measure.context import Job, RunContext
 
 
 class MatvecSpec(Strict):
@@ -52,7 +52,7 @@ def copy_job(spec: Spec) -> Job:
 
 def matmul_job(dtype: str, size: int, allow_tf32: bool) -> Job:
     def run(ctx: RunContext) -> dict:
-        dt = torch_dtype(dtype)
+        dt = to_dtype(dtype)
         gen = torch.Generator(device=ctx.torch_device).manual_seed(ctx.seed + 1)
         a = _randn((size, size), dt, ctx.torch_device, gen)
         b = _randn((size, size), dt, ctx.torch_device, gen)
@@ -80,7 +80,7 @@ def matmul_job(dtype: str, size: int, allow_tf32: bool) -> Job:
 
 def matvec_job(dtype: str, n: int, k: int) -> Job:
     def run(ctx: RunContext) -> dict:
-        dt = torch_dtype(dtype)
+        dt = to_dtype(dtype)
         gen = torch.Generator(device=ctx.torch_device).manual_seed(ctx.seed + 2)
         w = _randn((n, k), dt, ctx.torch_device, gen) / k**0.5
         x = _randn((1, k), dt, ctx.torch_device, gen)

@@ -1,4 +1,4 @@
-"""Runs a suite on the device `harness.device` picked: ceilings first, then each part's jobs, one point each.
+"""Runs a suite on the device `harness.measure.device` picked: ceilings first, then each part's jobs, one point each.
 
 A job's failure is a row with its status (`oom`, `error`, `incorrect`), never a crash and never dropped.
 With `resume`, jobs whose point is already `ok` in the run folder are skipped.
@@ -9,92 +9,17 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from harness import results, timing
+from harness import results
 from harness.config import ConfigError
-from harness.device import DeviceInfo, detect, telemetry
 from harness.hardware import Hardware, load_hardware
-from harness.suite import Suite, load_suite, part_api, suite_from_dict
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """fp32 | bf16 | fp16 -> the torch dtype (one map, harness.model's)."""
-    from harness.model import to_dtype
-
-    return to_dtype(name)
-
-
-@dataclass
-class Job:
-    key: dict  # identity of the point: kind, op/model, backend, dtype and the shape parameters
-    run: Callable[[RunContext], dict]  # returns measured fields (median_ms, flops, bytes, ...), maybe a status
-    label: str = ""
-
-
-@dataclass
-class RunContext:
-    device: DeviceInfo
-    suite: Suite
-    datasheet: Hardware | None
-    ceilings: dict = field(default_factory=lambda: {"copy_gbps": None, "matvec_gbps": {}, "matmul_tflops": {}})
-    seed: int = 0
-
-    @property
-    def torch_device(self) -> torch.device:
-        return self.device.torch_device
-
-    @property
-    def on_gpu(self) -> bool:
-        return self.device.kind == "cuda"
-
-    def measure(self, fn: Callable[[], object], **overrides) -> timing.Timing:
-        """`harness.timing.measure` with this suite's settings; parts override per kind (flush_l2, cuda_graph)."""
-        t = self.suite.file.timing
-        kw = dict(device=self.torch_device, min_samples=t.min_samples, min_time_s=t.min_time_s,
-                  warmup_s=t.warmup_s, max_samples=t.max_samples, noise_limit=self.suite.file.noise_limit,
-                  l2_bytes=self.device.l2_bytes)
-        kw.update(overrides)
-        return timing.measure(fn, **kw)
-
-    def metrics(self, flops: float | None, bytes_: float | None, median_ms: float | None, dtype: str) -> dict:
-        """Rates and their fractions of this run's measured ceilings and of the datasheet."""
-        out: dict = {}
-        if not median_ms or median_ms <= 0:
-            return out
-        s = median_ms / 1e3
-        if flops:
-            rate = flops / s
-            out["tflops"] = rate / 1e12
-            measured = self.ceilings["matmul_tflops"].get(dtype)
-            out["mfu"] = rate / (measured * 1e12) if measured else None
-            peak = self.datasheet.peak(dtype) if self.datasheet else None
-            out["mfu_datasheet"] = rate / peak if peak else None
-        if bytes_:
-            bw = bytes_ / s
-            out["gbps"] = bw / 1e9
-            copy = self.ceilings["copy_gbps"]
-            out["mbu"] = bw / (copy * 1e9) if copy else None
-            mv = self.ceilings["matvec_gbps"].get(dtype)
-            out["mbu_matvec"] = bw / (mv * 1e9) if mv else None
-            out["mbu_datasheet"] = bw / self.datasheet.bandwidth_bytes_per_s if self.datasheet else None
-            if out.get("mbu") and out["mbu"] > 1.0:
-                out["warning"] = "MBU above 1 against the measured copy bandwidth: check the byte count or caching"
-        return out
-
-    def record_ceiling(self, point: dict) -> None:
-        if point.get("status") not in ("ok", "noisy") or point.get("value") is None:
-            return
-        if point["op"] == "copy":
-            self.ceilings["copy_gbps"] = point["value"]
-        elif point["op"] == "matvec":
-            self.ceilings["matvec_gbps"][point["dtype"]] = point["value"]
-        elif point["op"] == "matmul":
-            self.ceilings["matmul_tflops"][point["dtype"]] = point["value"]
+from harness.measure.context import Job, RunContext
+from harness.measure.device import DeviceInfo, detect, telemetry
+from harness.measure.suite import Suite, load_suite, part_api, suite_from_dict
 
 
 def _failure(exc: BaseException) -> dict:
@@ -194,9 +119,6 @@ def run_suite(suite_name: str | None = None, out: str | Path | None = None, resu
         writer.manifest["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         writer.write_manifest()
         writer.close()
-    from harness.tables import write_tables
-
-    write_tables(run_dir)
     _link_latest(run_dir)
     return run_dir
 

@@ -1,7 +1,7 @@
 """`tokenfleet project` and `tokenfleet capacity`: the capacity model at the command line.
 
-`register(app)` adds both verbs to a typer app (the lead's `harness.cli` calls it). Bad input raises ConfigError,
-printed as one line with exit code 2.
+Both verbs are added to the app in `harness.cli.common`. Bad input raises ConfigError, printed as one line with
+exit code 2.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from harness.capacity.fleet import CAPACITY_COLUMNS
+from harness.cli.common import app, check_format, user_errors
 from harness.config import ConfigError
 from harness.output import FORMATS, emit, to_json
 
@@ -19,10 +21,6 @@ PROJECT_COLUMNS = ["model", "gpu", "dtype", "tp", "workload", "input_len", "outp
                    "output_tokens_per_s_per_gpu", "total_tokens_per_s_per_gpu", "count", "tokens_per_day_per_gpu",
                    "utilization", "weight_gb", "kv_bytes_per_token", "power_w_per_gpu", "joules_per_token", "source",
                    "decode_source", "prefill_source"]
-CAPACITY_COLUMNS = ["gpu", "count", "tp", "tokens_per_s_per_gpu", "tokens_per_day", "share_of_demand", "coverage",
-                    "coverage_vs_china_reported", "coverage_vs_china_nda", "gpus_needed_alone", "power_mw",
-                    "energy_mwh_per_day", "joules_per_token", "source", "unservable", "ttft_missed", "tpot_missed"]
-
 # A terminal is narrow: the table view leaves out the per-model TP list and the flags (md/csv/json keep them).
 CAPACITY_TABLE_COLUMNS = ["gpu", "count", "tokens_per_s_per_gpu", "tokens_per_day", "share_of_demand",
                           "coverage_vs_china_reported", "coverage_vs_china_nda", "gpus_needed_alone", "power_mw",
@@ -30,8 +28,6 @@ CAPACITY_TABLE_COLUMNS = ["gpu", "count", "tokens_per_s_per_gpu", "tokens_per_da
 
 
 def _fmt(fmt: str, allowed: tuple[str, ...]) -> str:
-    from harness.cli import check_format
-
     return check_format(fmt, allowed)
 
 
@@ -40,6 +36,8 @@ def _kv_rows(d: dict) -> list[dict]:
             for k, v in d.items()]
 
 
+@app.command("project")
+@user_errors
 def project_cmd(
     model: Annotated[str, typer.Option("--model", "-m", help="model id (configs/models) or YAML path")],
     gpu: Annotated[str, typer.Option("--gpu", "-g", help="accelerator id (configs/hardware) or YAML path")],
@@ -56,7 +54,7 @@ def project_cmd(
     fmt: Annotated[str, typer.Option("--format", "-f", help="table | json")] = "table",
 ) -> None:
     """Project one model on one accelerator for a workload: batch, TTFT/TPOT, tokens/s and tokens/day per GPU."""
-    from harness.capacity import auto_tp, project, read_runs, resolve_workload
+    from harness.capacity.project import auto_tp, project, read_runs, resolve_workload
 
     _fmt(fmt, ("table", "json"))
     if batch is not None and batch < 1:
@@ -75,6 +73,8 @@ def project_cmd(
         typer.echo(f"note: {n}")
 
 
+@app.command("capacity")
+@user_errors
 def capacity_cmd(
     fleet: Annotated[str, typer.Option("--fleet", help="fleet id (configs/fleets) or YAML path")],
     demand: Annotated[str | None, typer.Option(help="demand scenario (configs/demand); default china-reported")] = None,
@@ -86,8 +86,8 @@ def capacity_cmd(
     fmt: Annotated[str, typer.Option("--format", "-f", help="table | json | csv | md")] = "table",
 ) -> None:
     """Fleet capacity in tokens/day against demand, per accelerator type and in total."""
-    from harness.capacity import read_runs
-    from harness.capacity_fleet import capacity_table, sweep
+    from harness.capacity.fleet import capacity_table, sweep
+    from harness.capacity.project import read_runs
 
     _fmt(fmt, FORMATS)
     if demand and demand_tokens_per_day is not None:
@@ -127,10 +127,3 @@ def capacity_cmd(
     emit([{"field": k, "value": v} for k, v in lines.items()], fmt, "Summary")
     if sweep_rows:
         emit(sweep_rows, fmt, "Sensitivity")
-
-
-def register(app: typer.Typer) -> None:
-    from harness.cli import user_errors
-
-    app.command("project")(user_errors(project_cmd))
-    app.command("capacity")(user_errors(capacity_cmd))

@@ -1,46 +1,16 @@
-"""`tokenfleet` (also `python -m harness`): env, bench, project, capacity, report, compare.
-
-User errors (a config that does not validate, an unknown name, a missing or unreadable file) print one line
-naming the file and the field and exit 2; no traceback.
-"""
+"""`tokenfleet env` and `tokenfleet bench`: describe this device, measure it into a run folder."""
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from harness.cli.common import DeviceOpt, FormatOpt, app, check_format, user_errors
 from harness.config import ConfigError
-from harness.output import FORMATS, emit, to_json
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Measure LLM tokens/s on this device and turn it into fleet capacity against demand.")
-
-FormatOpt = Annotated[str, typer.Option("--format", "-f", help="table | json | csv | md")]
-DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu | cuda (default: CUDA when present)")]
-
-
-def user_errors(fn):
-    """Turn ConfigError into one line on stderr and exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except ConfigError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
-
-
-def check_format(fmt: str, allowed: tuple[str, ...] = FORMATS) -> str:
-    if fmt not in allowed:
-        raise ConfigError("--format", None, f"unknown format {fmt!r}; known: {', '.join(allowed)}")
-    return fmt
+from harness.output import emit, to_json
 
 
 @app.command()
@@ -48,7 +18,7 @@ def check_format(fmt: str, allowed: tuple[str, ...] = FORMATS) -> str:
 def env(ceilings: Annotated[bool, typer.Option("--ceilings", help="also measure this device's ceilings")] = False,
         fmt: FormatOpt = "table", device: DeviceOpt = None) -> None:
     """Describe this device (NVML on NVIDIA) and, with --ceilings, measure what it can do."""
-    from harness.device import detect
+    from harness.measure.device import detect
 
     check_format(fmt, ("table", "json"))
     info = detect(device)
@@ -69,9 +39,9 @@ def env(ceilings: Annotated[bool, typer.Option("--ceilings", help="also measure 
 def measure_ceilings(info) -> dict:
     """The default suite's ceilings on this device, without writing a run folder."""
     from harness.hardware import load_hardware
-    from harness.parts.ceilings import plan
-    from harness.runner import RunContext, default_suite, execute
-    from harness.suite import load_suite
+    from harness.measure.parts.ceilings import plan
+    from harness.measure.runner import RunContext, default_suite, execute
+    from harness.measure.suite import load_suite
 
     suite = load_suite(default_suite(info.kind))
     ctx = RunContext(device=info, suite=suite, datasheet=load_hardware(info.datasheet) if info.datasheet else None)
@@ -91,14 +61,15 @@ def bench(suite: Annotated[str | None, typer.Option("--suite", "-s", help="suite
           fmt: FormatOpt = "table", device: DeviceOpt = None,
           quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False) -> None:
     """Benchmark this device with a suite (default: quick on a GPU, ci-cpu on a CPU) into a run folder."""
+    from harness.measure.runner import run_suite
+    from harness.report.tables import TITLES, kind_table, points_frame, write_tables
     from harness.results import read_run
-    from harness.runner import run_suite
-    from harness.tables import TITLES, kind_table, points_frame
 
     check_format(fmt)
     if resume and out:
         raise ConfigError("--out", None, "--out and --resume exclude each other (a resumed run keeps its folder)")
     run_dir = run_suite(suite, out=out, resume=resume, device=device, progress=not quiet and sys.stderr.isatty())
+    write_tables(run_dir)  # points.csv, <kind>.csv, summary.md: derived from points.jsonl, rewritten on resume
     _, points = read_run(run_dir)
     if fmt == "json":
         print(to_json(points))
@@ -109,28 +80,3 @@ def bench(suite: Annotated[str | None, typer.Option("--suite", "-s", help="suite
             if len(t):
                 emit(t, fmt, title)
     typer.echo(f"run folder: {run_dir}", err=fmt != "table")
-
-
-def _register_optional() -> None:
-    """Verbs delivered by other modules register themselves here."""
-    import importlib
-
-    for module in ("harness.cli_capacity", "harness.cli_report"):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        mod.register(app)
-
-
-_register_optional()
-
-
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()

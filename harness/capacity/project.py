@@ -8,7 +8,7 @@
     T_pre = prefill of I·(1−h) new tokens (same per-op roofline; compute-bound at any real prompt length)
     T_req = T_pre + O·T_dec(B*, C)/B*;  per GPU: (I+O)/T_req/p total, O/T_req/p output tokens/s
 
-Fleet capacity against demand lives in `harness.capacity_fleet`.
+Fleet capacity against demand lives in `harness.capacity.fleet`.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.capacity_config import Workload, load_workload
+from harness.capacity.config import Workload, load_workload
 from harness.config import ConfigError
-from harness.hardware import Hardware, dtype_bytes, load_hardware
-from harness.modelspec import ModelConfig, load_model_config
+from harness.dtypes import dtype_bytes
+from harness.hardware import Hardware, load_hardware
+from harness.model.spec import ModelConfig, load_model_config
 
 # ---- documented defaults (all overridable; every result says which were used) ----------------------------------
 # Efficiencies when no run is given. Assumptions, not measurements of this project: replace them with a run.
@@ -402,12 +403,5 @@ def auto_tp(model: str | ModelConfig, gpu: str | Hardware, workload: str | Workl
     return best or res
 
 
-def capacity_table(fleet, demand=None, runs=None, **kw) -> tuple[list[dict], dict]:
-    """Fleet capacity against demand: see `harness.capacity_fleet.capacity_table` (re-exported here for callers)."""
-    from harness.capacity_fleet import capacity_table as table
-
-    return table(fleet, demand, runs, **kw)
-
-
-__all__ = ["Efficiency", "Projector", "Run", "auto_tp", "b_mem", "capacity_table", "efficiency_from_runs", "project",
+__all__ = ["Efficiency", "Projector", "Run", "auto_tp", "b_mem", "efficiency_from_runs", "project",
            "read_runs", "resolve_workload"]

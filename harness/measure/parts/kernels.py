@@ -15,9 +15,9 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from harness.config import Strict
-from harness.modelspec import ModelConfig, load_model_config
-from harness.parts import CPU_TRITON_NOTE
-from harness.runner import Job, RunContext, torch_dtype
+from harness.dtypes import to_dtype
+from harness.measure.context import CPU_TRITON_NOTE, Job, RunContext
+from harness.model.spec import ModelConfig, load_model_config
 
 
 class OpCase(Strict):
@@ -100,7 +100,7 @@ def kernel_job(op: str, shape: dict, dtype: str, backend: str, flush_l2: bool) -
         if backend == "triton" and not ctx.on_gpu:
             return {"status": "skipped", "note": CPU_TRITON_NOTE}
         args_shape = {k: v for k, v in shape.items() if k != "source"}
-        dt = torch_dtype(dtype)
+        dt = to_dtype(dtype)
         inputs = entry.make_inputs(args_shape, dt, ctx.torch_device, ctx.seed)
         fn = entry.triton if backend == "triton" else entry.baseline
         # Correct before fast: the reference runs in fp32 (fp64 on the CPU) on the same fresh random inputs.

@@ -13,11 +13,16 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.capacity import SECONDS_PER_DAY, Run, _workload, auto_tp, efficiency_from_runs, project, read_runs
-from harness.capacity_config import Demand, DemandPoint, Fleet, load_demand, load_fleet
+from harness.capacity.config import Demand, DemandPoint, Fleet, load_demand, load_fleet
+from harness.capacity.project import SECONDS_PER_DAY, Run, _workload, auto_tp, efficiency_from_runs, project, read_runs
 from harness.config import ConfigError, known_names, resolve
 
 REPORTED, PRIMARY = "china-reported", "china-nda"  # coverage is always shown against both (DESIGN.md)
+# The columns of a capacity table, in the order every view prints them.
+CAPACITY_COLUMNS = ["gpu", "count", "tp", "tokens_per_s_per_gpu", "tokens_per_day", "share_of_demand", "coverage",
+                    "coverage_vs_china_reported", "coverage_vs_china_nda", "gpus_needed_alone", "power_mw",
+                    "energy_mwh_per_day", "joules_per_token", "source", "unservable", "ttft_missed", "tpot_missed"]
+
 DAYS_PER_MONTH = 365.25 / 12
 
 

@@ -1,0 +1,72 @@
+"""`tokenfleet report` and `tokenfleet compare`: a run as a report, two runs side by side."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from harness.cli.common import FormatOpt, app, check_format, user_errors
+from harness.output import emit, to_json
+
+
+@app.command()
+@user_errors
+def report(
+    run: Annotated[str, typer.Argument(help="run folder, or a run id under results/runs/")],
+    fleet: Annotated[list[str] | None, typer.Option(
+        "--fleet", help="fleet name or YAML (configs/fleets/), repeatable; without it: no capacity section")
+    ] = None,
+    demand: Annotated[str | None, typer.Option(
+        "--demand", help="demand scenario (configs/demand/), default china-reported")] = None,
+    html: Annotated[Path | None, typer.Option("--html", help="HTML file (default: RUN/report.html)")] = None,
+    md: Annotated[Path | None, typer.Option("--md", help="markdown file, PNGs beside it (default: RUN/report.md)")
+                  ] = None,
+) -> None:
+    """A run as one self-contained HTML report (plots embedded, no JavaScript) and a markdown twin."""
+    from harness.report.document import write
+
+    html_path, md_path = write(run, fleet or [], demand, html, md)
+    typer.echo(str(html_path))
+    typer.echo(str(md_path))
+
+@app.command()
+@user_errors
+def compare(
+    run_a: Annotated[str, typer.Argument(help="baseline run (folder or run id)")],
+    run_b: Annotated[str, typer.Argument(help="run compared against it")],
+    fail_over: Annotated[float | None, typer.Option(
+        "--fail-over", help="exit 1 when a point slowed beyond its noise by more than PCT percent, or failed",
+        metavar="PCT")] = None,
+    fmt: FormatOpt = "table",
+) -> None:
+    """Ratios B/A of median time and throughput per matching point, with each side's noise."""
+    from harness.report.compare import COLUMNS, compare
+
+    check_format(fmt)
+    cmp = compare(run_a, run_b)
+    # Machine formats keep stdout parseable: the header and summary go to stderr there.
+    to_err = fmt in ("json", "csv")
+    typer.echo(cmp.header(), err=to_err)
+    if fmt == "json":
+        print(to_json({"a": cmp.a.run_id, "b": cmp.b.run_id, "device_a": cmp.a.device, "device_b": cmp.b.device,
+                       "cross_device": cmp.cross_device, "rows": cmp.rows}))
+    elif fmt == "csv":
+        emit(cmp.rows, fmt, columns=COLUMNS + ["throughput_field", "cross_device"])
+    else:
+        both = [r for r in cmp.rows if r["changed"] not in ("only_a", "only_b")]
+        one = [r for r in cmp.rows if r["changed"] in ("only_a", "only_b")]
+        emit(both, fmt, "Matched points (B/A)", COLUMNS)
+        if one:
+            emit(one, fmt, "Points in one run only", ["changed", "kind", "name", "backend", "dtype", "shape",
+                                                      "status_a", "status_b"])
+    typer.echo(cmp.summary(), err=to_err)
+    if fail_over is not None:
+        bad = cmp.regressions(fail_over)
+        for r in bad:
+            what = (f"slower x{r['time_ratio']:.3f} (noise {max(r['spread_a'], r['spread_b']):.1%})"
+                    if r["changed"] == "slower" else f"failed ({r['note']})")
+            typer.echo(f"regression: {r['kind']} {r['name']} {r['backend']} {r['dtype']} {r['shape']}: {what}",
+                       err=True)
+        if bad:
+            typer.echo(f"{len(bad)} point(s) regressed beyond --fail-over {fail_over:g}%", err=True)
+            raise typer.Exit(1)

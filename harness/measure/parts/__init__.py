@@ -1,0 +1,14 @@
+"""Parts of a suite. Each module gives a `Spec` (the YAML section, validated) and `plan(spec, ctx) -> list[Job]`.
+
+The runner knows the parts only through `PARTS` (section name -> (Spec class, plan function)), in run order:
+ceilings first, because every later point is reported against them.
+"""
+
+from harness.measure.parts import ceilings, kernels, model
+
+PARTS = {
+    "ceilings": (ceilings.Spec, ceilings.plan),
+    "kernels": (kernels.Spec, kernels.plan),
+    "prefill": (model.PrefillSpec, model.plan_prefill),
+    "decode": (model.DecodeSpec, model.plan_decode),
+}

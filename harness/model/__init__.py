@@ -1,0 +1,1 @@
+"""The decoder and its KV cache (`decoder`), the model spec (`spec`), Hugging Face loading (`hf`)."""

@@ -1,0 +1,1 @@
+"""Reading runs for people: tables, plots, the markdown/HTML report, and comparing two runs."""
