@@ -89,10 +89,14 @@ def load_named(kind: str, name_or_path: str | Path, cls: type[T]) -> T:
     """Load a config by name or path and check that a named file's `id` matches its file name."""
     path = resolve(kind, name_or_path)
     obj = load_yaml(path, cls)
-    obj_id = getattr(obj, "id", None)
+    check_id(kind, path, getattr(obj, "id", None))
+    return obj
+
+
+def check_id(kind: str, path: Path, obj_id: str | None) -> None:
+    """A file under configs/<kind>/ is named after its `id`, so a name finds exactly one file."""
     if obj_id is not None and path.parent == config_dir(kind) and obj_id != path.stem:
         raise ConfigError(path, "id", f"{obj_id!r} does not match the file name {path.stem!r}")
-    return obj
 
 
 def load_all(kind: str, cls: type[T]) -> dict[str, T]:

@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import warnings
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from harness.config import ConfigError
 
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "oom", "error", "incorrect", "noisy", "skipped")
+# The statuses whose numbers may enter tables, plots, ratios, ceilings and capacity: a noisy point is a real
+# measurement, only less certain; every other status has no number to use. One set, used by every reader.
+USABLE = frozenset({"ok", "noisy"})
 KINDS = ("ceiling", "kernel", "prefill", "decode", "allreduce")
 RUNS_ROOT = Path(__file__).resolve().parent.parent / "results" / "runs"
 
@@ -124,6 +128,86 @@ def resolve_run(run: str | Path) -> Path:
     if (RUNS_ROOT / str(run)).is_dir():
         return RUNS_ROOT / str(run)
     raise ConfigError(run, None, "run folder not found")
+
+
+def usable(point: dict) -> bool:
+    return point.get("status") in USABLE
+
+
+def empty_ceilings() -> dict:
+    return {"copy_gbps": None, "matvec_gbps": {}, "matmul_tflops": {}}
+
+
+def add_ceiling(ceilings: dict, point: dict, replace: bool = True) -> None:
+    """Fold one ceiling point into a ceilings dict (copy_gbps, matvec_gbps[dtype], matmul_tflops[dtype]).
+    replace=False keeps a value already there (the manifest's, when rebuilding a cut-short run's ceilings)."""
+    if point.get("kind", "ceiling") != "ceiling" or not usable(point) or point.get("value") is None:
+        return
+    op, value = point.get("op"), point["value"]
+    if op == "copy":
+        if replace or not ceilings.get("copy_gbps"):
+            ceilings["copy_gbps"] = value
+    elif op in ("matvec", "matmul"):
+        per_dtype = ceilings.setdefault("matvec_gbps" if op == "matvec" else "matmul_tflops", {})
+        if replace:
+            per_dtype[point["dtype"]] = value
+        else:
+            per_dtype.setdefault(point["dtype"], value)
+
+
+def ceilings_of(manifest: dict, points: list[dict]) -> dict:
+    """A run's measured ceilings: the manifest's, completed from its ceiling points when the run was cut short."""
+    c = {**empty_ceilings(), **(manifest.get("ceilings") or {})}
+    for p in points:
+        add_ceiling(c, p, replace=False)
+    return c
+
+
+@dataclass
+class Run:
+    """One run folder as every reader sees it (capacity, compare, report): manifest and points, the last record of
+    each point key standing (a resumed run may hold a failed point and its later retry under one key)."""
+
+    path: Path
+    manifest: dict
+    points: list[dict]
+
+    @property
+    def run_id(self) -> str:
+        return str(self.manifest.get("run_id") or self.path.name)
+
+    @property
+    def device(self) -> str:
+        dev = (self.manifest.get("environment") or {}).get("device") or {}
+        if dev.get("name"):
+            return str(dev["name"])
+        names = {p.get("device") for p in self.points if p.get("device")}
+        return ", ".join(sorted(names)) or "unknown device"
+
+    @property
+    def hardware_id(self) -> str | None:
+        """The datasheet id (configs/hardware) of the device the run measured; the runner stores the whole datasheet."""
+        sheet = (self.manifest.get("environment") or {}).get("datasheet")
+        return sheet.get("id") if isinstance(sheet, dict) else sheet
+
+    def by_key(self) -> dict[str, dict]:
+        return {point_key(p): p for p in self.points}
+
+    def usable(self, kind: str) -> list[dict]:
+        return [p for p in self.points if p.get("kind") == kind and usable(p)]
+
+    @property
+    def ceilings(self) -> dict:
+        return ceilings_of(self.manifest, self.points)
+
+
+def load_run(run: str | Path | Run) -> Run:
+    """A run folder (path or run id under results/runs/) read once; a `Run` passes through."""
+    if isinstance(run, Run):
+        return run
+    folder = resolve_run(run)
+    manifest, points = read_run(folder)
+    return Run(folder, manifest, list({point_key(p): p for p in points}.values()))
 
 
 class RunWriter:

@@ -12,6 +12,7 @@ from harness.measure.parts import model as part
 from harness.measure.runner import RunContext, execute
 from harness.measure.suite import Suite, SuiteFile, TimingSpec
 from harness.model import decoder as M
+from harness.results import USABLE  # ok or noisy: a loaded machine makes points noisy, not wrong
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def test_prefill_grid(ctx):
     assert len(jobs) == 2 * 2 * 2 * 2  # models x backends x batch x prompt_len
     points = [execute(j, ctx) for j in jobs]
     torch_pts = [p for p in points if p["backend"] == "torch"]
-    assert all(p["status"] == "ok" for p in torch_pts), [p.get("error") for p in torch_pts]
+    assert all(p["status"] in USABLE for p in torch_pts), [p.get("error") for p in torch_pts]  # noisy: load
     assert all(p["status"] == "skipped" and "interpreter" in p["note"] for p in points if p["backend"] == "triton")
     p = next(p for p in torch_pts if p["model"] == "tiny" and p["batch"] == 2 and p["prompt_len"] == 16)
     assert p["kind"] == "prefill" and p["tp"] == 1 and p["layers"] is None and "scaled_from_layers" not in p
@@ -43,7 +44,7 @@ def test_decode_grid_with_scaled_layers(ctx):
     spec = part.DecodeSpec(models=["tiny"], backends=["torch"], dtypes=["fp32"], batch=[1, 3], context=[5, 20],
                            layers=1)
     points = [execute(j, ctx) for j in part.plan_decode(spec, ctx)]
-    assert [p["status"] for p in points] == ["ok"] * 4, [p.get("error") for p in points]
+    assert all(p["status"] in USABLE for p in points) and len(points) == 4, [p.get("error") for p in points]
     p = points[-1]
     assert (p["kind"], p["batch"], p["context"], p["layers"]) == ("decode", 3, 20, 1)
     assert p["scaled_from_layers"] == 1 and "1 of 2 layers" in p["note"]
@@ -58,7 +59,7 @@ def test_decode_grid_with_scaled_layers(ctx):
 def test_tp_shard_is_measured(ctx):
     spec = part.DecodeSpec(models=["tiny"], backends=["torch"], dtypes=["fp32"], context=[4], tp=2)
     (p,) = [execute(j, ctx) for j in part.plan_decode(spec, ctx)]
-    assert p["status"] == "ok" and p["tp"] == 2
+    assert p["status"] in USABLE and p["tp"] == 2
     assert p["flops"] == M.decode_flops(M.shard_config(M.load_model_config("tiny"), 2), 1, 4)
 
 

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from harness.capacity.config import Demand, DemandPoint, Fleet, load_demand, load_fleet
-from harness.capacity.project import SECONDS_PER_DAY, Run, _workload, auto_tp, efficiency_from_runs, project, read_runs
+from harness.capacity.project import SECONDS_PER_DAY, _workload, auto_tp, efficiency_from_runs, project, read_runs
 from harness.config import ConfigError, known_names, resolve
+from harness.results import Run
 
 REPORTED, PRIMARY = "china-reported", "china-nda"  # coverage is always shown against both (DESIGN.md)
 # The columns of a capacity table, in the order every view prints them.

@@ -26,6 +26,7 @@ from harness.config import ConfigError
 from harness.dtypes import dtype_bytes
 from harness.hardware import Hardware, load_hardware
 from harness.model.spec import ModelConfig, load_model_config
+from harness.results import Run, load_run, usable
 
 # ---- documented defaults (all overridable; every result says which were used) ----------------------------------
 # Efficiencies when no run is given. Assumptions, not measurements of this project: replace them with a run.
@@ -57,45 +58,17 @@ class Efficiency:
 
 
 # ---- runs: efficiencies and measured grids -------------------------------------------------------------------
-@dataclass
-class Run:
-    path: str
-    manifest: dict
-    points: list[dict]
-
-    @property
-    def run_id(self) -> str:
-        return str(self.manifest.get("run_id") or Path(self.path).name)
-
-    @property
-    def datasheet(self) -> str | None:
-        return (self.manifest.get("environment") or {}).get("datasheet")
-
-    def ok(self, kind: str) -> list[dict]:
-        return [p for p in self.points if p.get("kind") == kind and p.get("status") == "ok"]
-
-
 def read_runs(paths: list[str | Path | Run] | None) -> list[Run]:
-    """Run folders (paths or run ids under results/runs/) through harness.results; ConfigError when unreadable.
-    Already-read `Run`s pass through, so callers may hand over either."""
-    from harness.results import read_run, resolve_run
-
-    runs = []
-    for p in paths or []:
-        if isinstance(p, Run):
-            runs.append(p)
-            continue
-        folder = resolve_run(p)
-        manifest, points = read_run(folder)
-        runs.append(Run(str(folder), manifest, points))
-    return runs
+    """Run folders (paths or run ids under results/runs/) read once through harness.results; ConfigError when
+    unreadable. Already-read `Run`s pass through, so callers may hand over either."""
+    return [load_run(p) for p in paths or []]
 
 
 def efficiency_from_runs(runs: list[Run]) -> Efficiency:
     """e_c = median datasheet MFU of ok prefill points; e_m = median datasheet MBU of ok decode points.
     A field no run measures keeps its default, and `source` says which is which."""
-    mfu = [p["mfu_datasheet"] for r in runs for p in r.ok("prefill") if _pos(p.get("mfu_datasheet"))]
-    mbu = [p["mbu_datasheet"] for r in runs for p in r.ok("decode") if _pos(p.get("mbu_datasheet"))]
+    mfu = [p["mfu_datasheet"] for r in runs for p in r.usable("prefill") if _pos(p.get("mfu_datasheet"))]
+    mbu = [p["mbu_datasheet"] for r in runs for p in r.usable("decode") if _pos(p.get("mbu_datasheet"))]
     if not mfu and not mbu:
         return Efficiency()
     ids = ",".join(r.run_id for r in runs)
@@ -232,10 +205,10 @@ def measured_for(runs: list[Run], proj: Projector) -> Measured | None:
     if proj.tp != 1:
         return None
     for r in runs:
-        if r.datasheet != proj.hw.id:
+        if r.hardware_id != proj.hw.id:
             continue
         mine = [p for p in r.points if p.get("model") == proj.m.id and p.get("dtype") == proj.dtype
-                and p.get("status") == "ok"]
+                and usable(p)]
         dec = [(p["batch"], p["context"], t / 1e3) for p in mine if p.get("kind") == "decode"
                and _pos(p.get("batch")) and _pos(p.get("context")) and (t := _step_ms(p, "tpot_ms", "median_ms"))]
         pre = [(p["batch"], p["prompt_len"], t / 1e3) for p in mine if p.get("kind") == "prefill"
@@ -249,7 +222,7 @@ def measured_for(runs: list[Run], proj: Projector) -> Measured | None:
                                 max(d[1] for d in dec))
         if pre:
             out.prefill = _ratio_grid([(n, 1, t / proj.t_pre(n, 0, b)) for b, n, t in pre])
-        power = [p["telemetry"]["power_w"] for p in r.ok("decode")
+        power = [p["telemetry"]["power_w"] for p in r.usable("decode")
                  if isinstance(p.get("telemetry"), dict) and _pos(p["telemetry"].get("power_w"))]
         out.power_w = statistics.median(power) if power else None
         return out

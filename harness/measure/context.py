@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from harness import results
 from harness.hardware import Hardware
 from harness.measure import timing
 from harness.measure.device import DeviceInfo
@@ -34,7 +35,7 @@ class RunContext:
     device: DeviceInfo
     suite: Suite
     datasheet: Hardware | None
-    ceilings: dict = field(default_factory=lambda: {"copy_gbps": None, "matvec_gbps": {}, "matmul_tflops": {}})
+    ceilings: dict = field(default_factory=results.empty_ceilings)
     seed: int = 0
 
     @property
@@ -80,11 +81,4 @@ class RunContext:
         return out
 
     def record_ceiling(self, point: dict) -> None:
-        if point.get("status") not in ("ok", "noisy") or point.get("value") is None:
-            return
-        if point["op"] == "copy":
-            self.ceilings["copy_gbps"] = point["value"]
-        elif point["op"] == "matvec":
-            self.ceilings["matvec_gbps"][point["dtype"]] = point["value"]
-        elif point["op"] == "matmul":
-            self.ceilings["matmul_tflops"][point["dtype"]] = point["value"]
+        results.add_ceiling(self.ceilings, point)

@@ -44,10 +44,10 @@ def execute(job: Job, ctx: RunContext) -> dict:
     if status is None:
         status = "noisy" if point.get("noisy") else "ok"
     point["status"] = status
-    if point.get("median_ms") and status in ("ok", "noisy"):
+    if point.get("median_ms") and status in results.USABLE:
         derived = ctx.metrics(point.get("flops"), point.get("bytes"), point["median_ms"], job.key.get("dtype", ""))
         point = {**derived, **point}
-    if ctx.on_gpu and status in ("ok", "noisy"):
+    if ctx.on_gpu and status in results.USABLE:
         # Read just after the samples: a power or thermal clock event here explains a slow point.
         point["telemetry"] = telemetry(torch.cuda.current_device())
     point["elapsed_s"] = round(time.perf_counter() - t0, 3)
@@ -108,8 +108,7 @@ def run_suite(suite_name: str | None = None, out: str | Path | None = None, resu
         writer = results.RunWriter(run_dir, manifest_for(run_id, suite, info, datasheet))
     ctx = RunContext(device=info, suite=suite, datasheet=datasheet)
     for p in writer.existing:
-        if p.get("kind") == "ceiling" and p.get("status") == "ok":
-            ctx.record_ceiling(p)
+        ctx.record_ceiling(p)
     done = [p for p in writer.existing if p.get("status") == "ok"]
     try:
         jobs = plan_all(suite, ctx)

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
-from harness.config import ConfigError, Strict, load_named, read_yaml, validation_error
+from harness.config import ConfigError, Strict, check_id, read_yaml, resolve, validation_error
 from harness.measure.parts import PARTS
 
 
@@ -76,8 +76,8 @@ def suite_from_dict(data: dict, path: str) -> Suite:
 
 
 def load_suite(name_or_path: str) -> Suite:
-    from harness.config import resolve
-
+    """A suite by name (configs/suites/) or path: read once, validated once, its id matching its file name."""
     path = resolve("suites", name_or_path)
-    load_named("suites", name_or_path, SuiteFile)  # file-level checks (parse, id matches the file name)
-    return suite_from_dict(read_yaml(path), str(path))
+    suite = suite_from_dict(read_yaml(path), str(path))
+    check_id("suites", path, suite.id)
+    return suite

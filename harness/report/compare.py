@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.config import ConfigError
-from harness.results import point_key, read_run, resolve_run
+from harness.results import USABLE, Run, load_run, resolve_run
 
-OK = ("ok", "noisy")
 THROUGHPUT = ("tokens_per_s", "tflops", "gbps", "value")  # first one both sides have; all are higher-is-better
 NAME_FIELDS = ("kind", "op", "model", "backend", "dtype")
 KIND_ORDER = {"ceiling": 0, "kernel": 1, "prefill": 2, "decode": 3}
@@ -24,28 +23,9 @@ COLUMNS = ["kind", "name", "backend", "dtype", "shape", "status_a", "status_b", 
 
 
 @dataclass
-class Side:
-    dir: Path
-    manifest: dict
-    points: dict[str, dict]  # point_key -> point
-
-    @property
-    def run_id(self) -> str:
-        return str(self.manifest.get("run_id") or self.dir.name)
-
-    @property
-    def device(self) -> str:
-        dev = (self.manifest.get("environment") or {}).get("device") or {}
-        if dev.get("name"):
-            return str(dev["name"])
-        names = {p.get("device") for p in self.points.values() if p.get("device")}
-        return ", ".join(sorted(names)) or "unknown device"
-
-
-@dataclass
 class Comparison:
-    a: Side
-    b: Side
+    a: Run
+    b: Run
     rows: list[dict] = field(default_factory=list)
 
     @property
@@ -77,14 +57,10 @@ def _schema_version(run_dir: Path):
         return None  # read_run names the real problem
 
 
-def _side(run_dir: Path) -> Side:
-    manifest, points = read_run(run_dir)
-    # A resumed run may hold a failed point and its later retry under one key: the last one written stands.
-    return Side(run_dir, manifest, {point_key(p): p for p in points})
 
 
 def _spread(p: dict) -> float | None:
-    if p.get("status") not in OK:
+    if p.get("status") not in USABLE:
         return None  # a failed point has no timing, hence no noise
     if p.get("spread") is not None:
         return float(p["spread"])
@@ -108,11 +84,11 @@ def _pair(key: str, a: dict | None, b: dict | None) -> dict:
     if a is None or b is None:
         row["changed"] = "only_b" if a is None else "only_a"
         return row
-    a_ok, b_ok = a.get("status") in OK, b.get("status") in OK
+    a_ok, b_ok = a.get("status") in USABLE, b.get("status") in USABLE
     if not (a_ok and b_ok):
         row["changed"] = "failed" if a_ok else "n/a"
         row["note"] = "; ".join(f"{s}: {p.get('status')} {p.get('error') or ''}".strip()
-                                for s, p in (("A", a), ("B", b)) if p.get("status") not in OK)
+                                for s, p in (("A", a), ("B", b)) if p.get("status") not in USABLE)
         return row
     ta, tb = a.get("median_ms"), b.get("median_ms")
     if ta and tb:
@@ -140,9 +116,10 @@ def compare(run_a: str | Path, run_b: str | Path) -> Comparison:
         raise ConfigError(db / "manifest.json", "schema_version",
                           f"{vb!r} differs from {va!r} of run A ({da}): runs of different schema versions are not "
                           "comparable")
-    cmp = Comparison(_side(da), _side(db))
-    keys = list(cmp.a.points) + [k for k in cmp.b.points if k not in cmp.a.points]
-    rows = [_pair(k, cmp.a.points.get(k), cmp.b.points.get(k)) for k in keys]
+    cmp = Comparison(load_run(da), load_run(db))
+    pa, pb = cmp.a.by_key(), cmp.b.by_key()
+    keys = list(pa) + [k for k in pb if k not in pa]
+    rows = [_pair(k, pa.get(k), pb.get(k)) for k in keys]
     for r in rows:
         r["cross_device"] = cmp.cross_device
     cmp.rows = sorted(rows, key=lambda r: (r["changed"] in ("only_a", "only_b"), KIND_ORDER.get(r["kind"], 9),

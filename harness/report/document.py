@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from harness import results
 from harness.capacity.fleet import CAPACITY_COLUMNS, capacity_table, growth_fit, load_demand
 from harness.capacity.project import read_runs
 from harness.output import _cell, markdown_table  # _cell: the number format every verb prints
@@ -64,20 +65,6 @@ def environment_table(manifest: dict) -> pd.DataFrame:
     return pd.DataFrame([{"field": k, "value": v} for k, v in rows if v is not None])
 
 
-def ceilings_of(manifest: dict, df: pd.DataFrame) -> dict:
-    """This run's measured ceilings: from the manifest, or from its ceiling points when the run was cut short."""
-    c = dict(manifest.get("ceilings") or {})
-    c.setdefault("matmul_tflops", {})
-    c.setdefault("matvec_gbps", {})
-    if not df.empty and "kind" in df:
-        for _, p in df[(df["kind"] == "ceiling") & df["status"].isin(plots.OK)].iterrows():
-            if p.get("op") == "copy" and not c.get("copy_gbps"):
-                c["copy_gbps"] = p["value"]
-            elif p.get("op") in ("matmul", "matvec"):
-                c["matmul_tflops" if p["op"] == "matmul" else "matvec_gbps"].setdefault(p["dtype"], p["value"])
-    return c
-
-
 def grid(df: pd.DataFrame, kind: str) -> list[tuple[str, pd.DataFrame]]:
     """tokens/s over the kind's grid (prefill: batch x prompt_len; decode: batch x context), one per model/dtype/
     backend. Failed cells show their status, so a hole in the grid is explained where it is."""
@@ -88,7 +75,7 @@ def grid(df: pd.DataFrame, kind: str) -> list[tuple[str, pd.DataFrame]]:
     out = []
     keys = [c for c in ("model", "dtype", "backend") if c in sub]
     for name, g in sub.groupby(keys, dropna=False):
-        cell = [_cell(t) if s in plots.OK else s for t, s in zip(g["tokens_per_s"], g["status"], strict=True)]
+        cell = [_cell(t) if s in results.USABLE else s for t, s in zip(g["tokens_per_s"], g["status"], strict=True)]
         g = g.assign(cell=cell).astype({c: "int64" for c in cols if g[c].notna().all()})
         piv = g.pivot_table(index=cols[0], columns=cols[1], values="cell", aggfunc="last")
         piv.columns = [f"{cols[1]}={c}" for c in piv.columns]
@@ -153,7 +140,7 @@ def build(run: str | Path, fleets: list[str] | None = None, demand: str | None =
     run_dir = resolve_run(run)
     manifest, points = read_run(run_dir)
     df = points_frame(points)
-    ceilings = ceilings_of(manifest, df)
+    ceilings = results.ceilings_of(manifest, points)
     sheet = (manifest.get("environment") or {}).get("datasheet")
     sheet = sheet if isinstance(sheet, dict) else None
     dev = (manifest.get("environment") or {}).get("device") or {}

@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-OK = ("ok", "noisy")  # noisy points are real measurements, only less certain; failed ones have no numbers
+from harness.results import USABLE
+
 MARKERS = {"triton": "o", "torch": "s"}
 SIZE = (9, 5.5)
 DPI = 100
@@ -42,7 +43,7 @@ def _empty(title: str, message: str) -> Figure:
 def _ok(df: pd.DataFrame, kind: str, needed: Sequence[str]) -> pd.DataFrame:
     if df.empty or "kind" not in df or any(c not in df for c in needed):
         return pd.DataFrame()
-    sub = df[(df["kind"] == kind) & df["status"].isin(OK)]
+    sub = df[(df["kind"] == kind) & df["status"].isin(USABLE)]
     return sub.dropna(subset=list(needed))
 
 

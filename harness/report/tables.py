@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from harness.output import markdown_table
-from harness.results import read_run
+from harness.results import USABLE, read_run
 
 SHAPE_FIELDS = ("m", "n", "k", "rows", "hidden", "tokens", "batch", "seq", "prompt_len", "context", "q_heads",
                 "kv_heads", "head_dim", "mb", "tp", "layers")
@@ -50,7 +50,7 @@ def _vs_torch(df: pd.DataFrame) -> pd.Series:
     out = pd.Series([None] * len(df), index=df.index, dtype=object)
     kern = df[df["kind"] == "kernel"]
     for (_op, _shape, _dtype), g in kern.groupby(["op", "shape", "dtype"]):
-        t = g[(g["backend"] == "torch") & (g["status"] == "ok")]["median_ms"]
+        t = g[(g["backend"] == "torch") & (g["status"].isin(USABLE))]["median_ms"]
         if len(t):
             for i in g[g["backend"] == "triton"].index:
                 if pd.notna(df.at[i, "median_ms"]):
