@@ -19,7 +19,11 @@ class Hardware(Strict):
     name: str
     vendor: Literal["nvidia", "amd", "huawei", "cpu", "other"]
     match: list[str] = Field(default_factory=list, description="substrings of detected device names")
-    memory_gb: float = Field(gt=0, description="vendor GB (1e9 bytes)")
+    # Memory names its unit. HBM capacities are binary: an "80 GB" H100 reports 85,520,809,984 B (79.6 GiB) to NVML,
+    # a "141 GB" H200 150,754,820,096 B (140.4 GiB): give `memory_gib` (2^30 B) for those, `memory_gb` (1e9 B)
+    # only where a source states decimal bytes. `memory_bytes` converts, once; everything else uses bytes.
+    memory_gib: float | None = Field(None, gt=0, description="device memory, GiB (2^30 bytes)")
+    memory_gb: float | None = Field(None, gt=0, description="device memory, GB (1e9 bytes)")
     memory_bandwidth_gbps: float = Field(gt=0, description="HBM/GDDR bandwidth, GB/s")
     peak_tflops: dict[Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int8"], float] = Field(
         description="DENSE peak (no 2:4 sparsity), TFLOP/s (TOP/s for int8)"
@@ -33,7 +37,9 @@ class Hardware(Strict):
 
     @model_validator(mode="after")
     def _every_figure_sourced(self) -> Hardware:
-        needed = {"memory_gb", "memory_bandwidth_gbps", "peak_tflops"}
+        if (self.memory_gib is None) == (self.memory_gb is None):
+            raise ValueError("give exactly one of memory_gib (2^30 bytes) and memory_gb (1e9 bytes)")
+        needed = {"memory_gib" if self.memory_gib is not None else "memory_gb", "memory_bandwidth_gbps", "peak_tflops"}
         needed |= {f for f in ("tdp_w", "interconnect") if getattr(self, f) is not None}
         missing = sorted(needed - set(self.sources))
         if missing:
@@ -54,7 +60,8 @@ class Hardware(Strict):
 
     @property
     def memory_bytes(self) -> float:
-        return self.memory_gb * 1e9
+        """Device memory in bytes: the one conversion from the datasheet's unit."""
+        return self.memory_gib * 2**30 if self.memory_gib is not None else self.memory_gb * 1e9
 
 
 def load_hardware(name: str) -> Hardware:

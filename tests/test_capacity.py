@@ -42,7 +42,7 @@ def test_batch1_decode_never_beats_bandwidth(model, dtype):
 def test_fp8_halves_weight_bytes_and_grows_batch():
     bf, f8 = project("llama-3.1-8b", "h100-sxm", "summarize-8k", "bf16"), \
         project("llama-3.1-8b", "h100-sxm", "summarize-8k", "fp8")
-    assert f8["weight_gb"] * 2 == pytest.approx(bf["weight_gb"])
+    assert f8["weight_bytes"] * 2 == pytest.approx(bf["weight_bytes"])
     assert f8["b_mem"] >= bf["b_mem"]
 
 
@@ -60,7 +60,7 @@ def test_more_hbm_never_lowers_throughput(model):
     hw = load_hardware("h100-sxm")
     last = 0.0
     for gb in (40, 80, 120, 200, 400):
-        r = project(model, hw.model_copy(update={"memory_gb": gb}), "summarize-8k")
+        r = project(model, hw.model_copy(update={"memory_gib": gb}), "summarize-8k")
         assert r["tokens_per_s_per_gpu"] >= last
         last = r["tokens_per_s_per_gpu"]
 
@@ -237,7 +237,7 @@ def test_measured_run(tmp_path):
     p = Projector(load_model_config("llama-3.1-8b"), load_hardware("h100-sxm"))
     assert r["tpot_ms"] == pytest.approx(2 * p.t_dec(r["batch"], 1024 + 512) * 1e3, rel=0.05)
     other = project("llama-3.1-8b", "h200", "baseline-1k1k", runs=runs)  # efficiencies carry, grid does not
-    assert other["source"] == "projected" and other["efficiency"]["memory"] == 0.6
+    assert other["source"] == "calibrated" and other["efficiency"]["memory"] == 0.6
 
 
 def test_bad_run_folder(tmp_path):

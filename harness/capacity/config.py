@@ -101,6 +101,10 @@ class Fleet(Strict):
     pue: float = Field(1.0, ge=1, description="facility power / IT power")
     models: list[ModelShare] = Field(min_length=1)
     workloads: list[WorkloadShare] = Field(min_length=1)
+    # Deployment parameters (None: the engine defaults of harness.capacity.project.default_deployment).
+    kv_dtype: Literal["bf16", "fp16", "fp8"] | None = Field(None, description="KV-cache dtype")
+    batch_cap: int | None = Field(None, gt=0, description="max sequences per replica (vLLM max_num_seqs)")
+    max_batched_tokens: int | None = Field(None, gt=0, description="token budget per engine step (chunked prefill)")
     assumptions: dict[str, str] = Field(default_factory=dict, description="field -> why this value was assumed")
     sources: dict[str, str] = Field(default_factory=dict)
 
@@ -108,7 +112,7 @@ class Fleet(Strict):
     def _check(self) -> Fleet:
         _sums_to_one(self.models, "models")
         _sums_to_one(self.workloads, "workloads")
-        for f in ("utilization", "peak_factor", "pue"):
+        for f in ("utilization", "peak_factor", "pue", "kv_dtype", "batch_cap", "max_batched_tokens"):
             if f in self.model_fields_set and f not in self.assumptions and f not in self.sources:
                 raise ValueError(f"{f} is set without a source or an `assumptions.{f}` reason")
         return self

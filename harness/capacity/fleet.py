@@ -1,8 +1,10 @@
 """Fleet capacity against demand: Σ_g N_g·daily_g, coverage, GPUs needed, power, and the demand growth fit.
 
-A GPU type's rate mixes the (model, workload) classes by their share of demand tokens: the harmonic mean of the
-per-class rates (time per token adds up, rates do not). Classes a GPU type cannot hold even at tp 16 are left out
-of its mix and named in `unservable`.
+Demand is a mix of (model, workload) classes. Each class is routed to the GPU types that can serve it
+(`harness.capacity.routing`: the largest multiple of the mix the fleet serves, each type's time split over the
+classes it can hold), so a GPU that cannot hold a model never counts against that model's demand. A row's
+`tokens_per_s_per_gpu` is its own rate on the classes it can serve (harmonic mean by share: time per token adds
+up, rates do not); its `tokens_per_day` is what the routing gives it; classes it cannot hold are `unservable`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,17 @@ from pathlib import Path
 import numpy as np
 
 from harness.capacity.config import Demand, DemandPoint, Fleet, load_demand, load_fleet
-from harness.capacity.project import SECONDS_PER_DAY, _workload, auto_tp, efficiency_from_runs, project, read_runs
+from harness.capacity.project import (
+    SECONDS_PER_DAY,
+    _model,
+    _workload,
+    auto_tp,
+    check_tp,
+    efficiency_from_runs,
+    project,
+    read_runs,
+)
+from harness.capacity.routing import route
 from harness.config import ConfigError, known_names, resolve
 from harness.results import Run
 
@@ -62,6 +74,14 @@ def outgrows(fit: dict | None, capacity_per_day: float, peak_factor: float) -> d
         return None
 
 
+def coverage(tokens_per_day: float, d: Demand, pf: float, reported: Demand, primary: Demand) -> dict:
+    """The one coverage function: tokens/day against the scenario (raw and × peak factor) and both China figures."""
+    return {"share_of_demand": tokens_per_day / d.latest.tokens_per_day,
+            "coverage": tokens_per_day / (d.latest.tokens_per_day * pf),
+            "coverage_vs_china_reported": tokens_per_day / (reported.latest.tokens_per_day * pf),
+            "coverage_vs_china_nda": tokens_per_day / (primary.latest.tokens_per_day * pf)}
+
+
 def demand_of(name: str | Demand | None, tokens_per_day: float | None = None) -> Demand:
     if tokens_per_day is not None:
         return fixed_demand(tokens_per_day)
@@ -81,6 +101,9 @@ def check_refs(fleet: Fleet, path: Path | str | None) -> None:
             if name not in known:
                 attr = {"gpus": "gpu", "models": "model", "workloads": "workload"}[key]
                 raise ConfigError(path, f"{key}.{i}.{attr}", f"unknown {attr} {name!r}; known: {', '.join(known)}")
+    for i, g in enumerate(fleet.gpus):
+        for ms in fleet.models if g.tp else []:
+            check_tp(_model(ms.model), g.tp, path, f"gpus.{i}.tp")
 
 
 def fleet_of(fleet: str | Fleet) -> tuple[Fleet, str | None]:
@@ -92,16 +115,25 @@ def fleet_of(fleet: str | Fleet) -> tuple[Fleet, str | None]:
     return f, str(path)
 
 
-def gpu_mix(gpu: str, fleet: Fleet, tp: int | None, runs: list[Run], eff, dtype: str | None = None,
+def classes_of(fleet: Fleet, workloads: list[tuple[str, float]] | None = None) -> list[tuple[str, str, float]]:
+    """(model, workload, share of demand tokens) of every class of the fleet's mix."""
+    wls = workloads or [(w.workload, w.share) for w in fleet.workloads]
+    return [(ms.model, wl, ms.share * ws) for ms in fleet.models for wl, ws in wls]
+
+
+def deployment_of(fleet: Fleet) -> dict:
+    return dict(kv_dtype=fleet.kv_dtype, batch_cap=fleet.batch_cap, max_batched_tokens=fleet.max_batched_tokens)
+
+
+def gpu_mix(gpu: str, fleet: Fleet, tp: int | None, runs: list[Run], dtype: str | None = None,
             workloads: list[tuple[str, float]] | None = None) -> dict:
-    """Counted tokens/s per GPU of one type over the fleet's model × workload mix (harmonic mean by share)."""
+    """One GPU type on every class of the mix: per-class results, and its own rate on the classes it can serve."""
+    dtypes = {ms.model: dtype or ms.dtype for ms in fleet.models}
     classes = []
-    for ms in fleet.models:
-        for wl, ws in workloads or [(w.workload, w.share) for w in fleet.workloads]:
-            kw = dict(runs=runs, eff=eff)
-            d = dtype or ms.dtype
-            r = project(ms.model, gpu, wl, d, tp=tp, **kw) if tp else auto_tp(ms.model, gpu, wl, d, **kw)
-            classes.append((ms.share * ws, r))
+    for model, wl, share in classes_of(fleet, workloads):
+        kw = dict(runs=runs, **deployment_of(fleet))
+        r = project(model, gpu, wl, dtypes[model], tp=tp, **kw) if tp else auto_tp(model, gpu, wl, dtypes[model], **kw)
+        classes.append((share, r))
     ok = [(s, r) for s, r in classes if r["fits"] and r["tokens_per_s_per_gpu"] > 0]
     share = sum(s for s, _ in ok)
     rate = share / sum(s / r["tokens_per_s_per_gpu"] for s, r in ok) if ok else 0.0
@@ -115,6 +147,19 @@ def gpu_mix(gpu: str, fleet: Fleet, tp: int | None, runs: list[Run], eff, dtype:
         "tpot_missed": sorted({f"{r['model']}/{r['workload']}" for _, r in ok if not r["tpot_ok"]}),
         "power_w": next((r["power_w_per_gpu"] for _, r in ok if r.get("power_w_per_gpu")), None),
     }
+
+
+def routed(mixes: list[dict], counts: list[int]) -> tuple[float, list[float], list[str]]:
+    """Tokens/s of the demand mix the fleet serves, each GPU type's part of it, and the classes no GPU serves."""
+    rates = np.array([[r["tokens_per_s_per_gpu"] if r["fits"] else 0.0 for _, r in mx["classes"]] for mx in mixes])
+    names = [f"{r['model']}/{r['workload']}" for _, r in mixes[0]["classes"]]
+    nobody = [n for n, col in zip(names, rates.T, strict=True) if not col.any()]
+    # A class no GPU type can hold is named and left out of the mix (its demand is unserved, not zero-rated).
+    shares = np.array([s if col.any() else 0.0 for (s, _), col in zip(mixes[0]["classes"], rates.T, strict=True)])
+    if not shares.any():
+        return 0.0, [0.0] * len(mixes), nobody
+    lam, served = route(rates, np.array(counts, dtype=float), shares / shares.sum())
+    return lam, list(served.sum(axis=1)), nobody
 
 
 def capacity_table(fleet: str | Fleet, demand: str | Demand | None = None,
@@ -137,38 +182,36 @@ def capacity_table(fleet: str | Fleet, demand: str | Demand | None = None,
     eff = efficiency_from_runs(runs)
     need = d.latest.tokens_per_day * pf
     rows = []
-    for g in f.gpus:
-        mix = gpu_mix(g.gpu, f, g.tp, runs, eff, dtype, workloads)
-        daily_gpu = mix["rate"] * SECONDS_PER_DAY * u
-        daily = g.count * daily_gpu
+    mixes = [gpu_mix(g.gpu, f, g.tp, runs, dtype, workloads) for g in f.gpus]
+    served_per_s, parts, nobody = routed(mixes, [g.count for g in f.gpus])
+    for g, mix, part in zip(f.gpus, mixes, parts, strict=True):
+        alone_gpu = mix["rate"] * SECONDS_PER_DAY * u  # one GPU of this type serving the classes it can hold
+        daily = part * SECONDS_PER_DAY * u  # what routing gives this type, serving only classes it can hold
+        rate = part / g.count if g.count else 0.0
         power = mix["power_w"]
         mw = g.count * power * f.pue / 1e6 if power else None
         rows.append({
             "gpu": g.gpu, "count": g.count, "count_source": g.source or f"assumption: {g.reason}", "tp": mix["tp"],
-            "tokens_per_s_per_gpu": mix["rate"], "tokens_per_day_per_gpu": daily_gpu, "tokens_per_day": daily,
-            "share_of_demand": daily / d.latest.tokens_per_day,
-            "coverage": daily / need,
-            "coverage_vs_china_reported": daily / (reported.latest.tokens_per_day * pf),
-            "coverage_vs_china_nda": daily / (primary.latest.tokens_per_day * pf),
-            "gpus_needed_alone": math.ceil(need / daily_gpu) if daily_gpu else None,
+            "tokens_per_s_per_gpu": rate, "tokens_per_day_per_gpu": rate * SECONDS_PER_DAY * u,
+            "alone_tokens_per_s_per_gpu": mix["rate"], "tokens_per_day": daily,
+            **coverage(daily, d, pf, reported, primary),
+            "gpus_needed_alone": math.ceil(need / alone_gpu) if alone_gpu else None,
             "power_mw": mw, "energy_mwh_per_day": mw * 24 if mw is not None else None,
             # Board power at TDP all day (an upper bound) × PUE, per counted token.
-            "joules_per_token": power * f.pue / (mix["rate"] * u) if power and mix["rate"] else None,
+            "joules_per_token": power * f.pue / (rate * u) if power and rate else None,
             "source": mix["source"], "unservable": ", ".join(mix["unservable"]),
             "ttft_missed": ", ".join(mix["ttft_missed"]), "tpot_missed": ", ".join(mix["tpot_missed"]),
         })
-    cap = sum(r["tokens_per_day"] for r in rows)
+    cap = served_per_s * SECONDS_PER_DAY * u
     srcs = {r["source"] for r in rows}
     mws = [r["power_mw"] for r in rows if r["power_mw"] is not None]
     total_mw = sum(mws) if mws else None
     rows.append({
         "gpu": "total", "count": sum(g.count for g in f.gpus), "tokens_per_day": cap,
-        "share_of_demand": cap / d.latest.tokens_per_day, "coverage": cap / need,
-        "coverage_vs_china_reported": cap / (reported.latest.tokens_per_day * pf),
-        "coverage_vs_china_nda": cap / (primary.latest.tokens_per_day * pf),
+        **coverage(cap, d, pf, reported, primary),
         "power_mw": total_mw, "energy_mwh_per_day": total_mw * 24 if total_mw is not None else None,
         "joules_per_token": total_mw * 1e6 * SECONDS_PER_DAY / cap if total_mw and cap else None,
-        "source": srcs.pop() if len(srcs) == 1 else "mixed",
+        "source": srcs.pop() if len(srcs) == 1 else "mixed", "unservable": ", ".join(nobody),
     })
     fit = growth_fit(d)
     counted = [w for w, _ in workloads] if workloads else [w.workload for w in f.workloads]
@@ -176,11 +219,9 @@ def capacity_table(fleet: str | Fleet, demand: str | Demand | None = None,
         "fleet": f.id, "demand": d.id, "demand_tokens_per_day": d.latest.tokens_per_day,
         "demand_date": d.latest.date, "demand_counts": d.counts, "demand_counts_note": d.counts_note,
         "capacity_tokens_per_day": cap, "utilization": u, "peak_factor": pf, "pue": f.pue,
-        "coverage": cap / need,
+        **{k: v for k, v in coverage(cap, d, pf, reported, primary).items() if k != "share_of_demand"},
         "china_reported_tokens_per_day": reported.latest.tokens_per_day,
         "china_nda_tokens_per_day": primary.latest.tokens_per_day,
-        "coverage_vs_china_reported": cap / (reported.latest.tokens_per_day * pf),
-        "coverage_vs_china_nda": cap / (primary.latest.tokens_per_day * pf),
         "why_differs": reported.why_differs if d.id in (REPORTED, PRIMARY, "custom") else d.why_differs,
         "growth_per_month": fit["growth_per_month"] if fit else None,
         "doubling_months": fit["doubling_months"] if fit else None,

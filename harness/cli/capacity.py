@@ -16,15 +16,23 @@ from harness.config import ConfigError
 from harness.output import FORMATS, emit, to_json
 
 PROJECT_COLUMNS = ["model", "gpu", "dtype", "tp", "workload", "input_len", "output_len", "prefix_cache_hit", "fits",
-                   "batch", "batch_limit", "b_mem", "b_slo", "tpot_ms", "tpot_limit_ms", "tpot_ok", "ttft_ms",
-                   "ttft_limit_ms", "ttft_ok", "prefill_tokens_per_s_per_gpu", "decode_tokens_per_s_per_gpu",
-                   "output_tokens_per_s_per_gpu", "total_tokens_per_s_per_gpu", "count", "tokens_per_day_per_gpu",
-                   "utilization", "weight_gb", "kv_bytes_per_token", "power_w_per_gpu", "joules_per_token", "source",
+                   "batch", "batch_limit", "b_mem", "b_slo", "b_budget", "tpot_ms", "decode_step_ms", "tpot_limit_ms",
+                   "tpot_ok", "ttft_ms", "ttft_limit_ms", "ttft_ok", "prefill_tokens_per_s_per_gpu",
+                   "decode_tokens_per_s_per_gpu", "output_tokens_per_s_per_gpu", "total_tokens_per_s_per_gpu", "count",
+                   "tokens_per_day_per_gpu", "utilization", "weight_bytes", "kv_bytes_per_token_per_gpu", "kv_dtype",
+                   "batch_cap", "max_batched_tokens", "power_w_per_gpu", "joules_per_token", "source",
                    "decode_source", "prefill_source"]
 # A terminal is narrow: the table view leaves out the per-model TP list and the flags (md/csv/json keep them).
 CAPACITY_TABLE_COLUMNS = ["gpu", "count", "tokens_per_s_per_gpu", "tokens_per_day", "share_of_demand",
                           "coverage_vs_china_reported", "coverage_vs_china_nda", "gpus_needed_alone", "power_mw",
                           "joules_per_token", "source"]
+
+
+DEFAULT_FLEET = "china-2026-mix"  # the Makefile's FLEET: `make run` and `capacity` without --fleet agree
+BATCH_HELP = "batch cap, sequences per replica (default: vLLM V1's max_num_seqs, 1024 on >= 70 GiB GPUs, else 256)"
+BUDGET_HELP = "token budget per engine step, chunked prefill (default: vLLM V1's max_num_batched_tokens 8192/2048)"
+KV_HELP = "KV-cache dtype bf16 | fp16 | fp8 (default bf16: vLLM's kv_cache_dtype auto)"
+RUN_HELP = "run folder(s): measured grids for their device, efficiencies for the rest"
 
 
 def _fmt(fmt: str, allowed: tuple[str, ...]) -> str:
@@ -48,20 +56,35 @@ def project_cmd(
     output_len: Annotated[int | None, typer.Option(help="output tokens (overrides the workload's)")] = None,
     tpot_ms: Annotated[float | None, typer.Option(help="TPOT limit, ms")] = None,
     ttft_ms: Annotated[float | None, typer.Option(help="TTFT limit, ms")] = None,
-    batch: Annotated[int | None, typer.Option(help="batch cap (default 256, vLLM's max_num_seqs)")] = None,
-    run: Annotated[list[str] | None, typer.Option("--run", help="run folder(s): measured efficiencies/grids")] = None,
+    batch: Annotated[int | None, typer.Option(help=BATCH_HELP)] = None,
+    max_batched_tokens: Annotated[int | None, typer.Option(help=BUDGET_HELP)] = None,
+    kv_dtype: Annotated[str | None, typer.Option(help=KV_HELP)] = None,
+    run: Annotated[list[str] | None, typer.Option("--run", help=RUN_HELP)] = None,
     utilization: Annotated[float, typer.Option(help="fraction of the day serving, for tokens/day")] = 1.0,
     fmt: Annotated[str, typer.Option("--format", "-f", help="table | json")] = "table",
 ) -> None:
     """Project one model on one accelerator for a workload: batch, TTFT/TPOT, tokens/s and tokens/day per GPU."""
-    from harness.capacity.project import auto_tp, project, read_runs, resolve_workload
+    from harness.capacity.project import (
+        _model,
+        auto_tp,
+        check_context,
+        check_deployment,
+        check_tp,
+        project,
+        read_runs,
+        resolve_workload,
+    )
 
     _fmt(fmt, ("table", "json"))
-    if batch is not None and batch < 1:
-        raise ConfigError("--batch", None, f"must be ≥ 1, got {batch}")
     w = resolve_workload(workload, input_len, output_len, tpot_ms, ttft_ms)
+    m = _model(model)
+    check_context(m, w, "--input-len" if input_len is not None or workload is None else "--workload")
+    if tp is not None:
+        check_tp(m, tp)
+    check_deployment(batch, max_batched_tokens, kv_dtype)  # before any run is read
     runs = read_runs(run)
-    kw = dict(batch_cap=batch, runs=runs, utilization=utilization)
+    kw = dict(batch_cap=batch, runs=runs, utilization=utilization, kv_dtype=kv_dtype,
+              max_batched_tokens=max_batched_tokens)
     res = project(model, gpu, w, dtype, tp=tp, **kw) if tp is not None else auto_tp(model, gpu, w, dtype, **kw)
     if fmt == "json":
         print(to_json(res))
@@ -76,22 +99,32 @@ def project_cmd(
 @app.command("capacity")
 @user_errors
 def capacity_cmd(
-    fleet: Annotated[str, typer.Option("--fleet", help="fleet id (configs/fleets) or YAML path")],
+    fleet: Annotated[str, typer.Option("--fleet", help="fleet id (configs/fleets) or YAML path")] = DEFAULT_FLEET,
     demand: Annotated[str | None, typer.Option(help="demand scenario (configs/demand); default china-reported")] = None,
     demand_tokens_per_day: Annotated[float | None, typer.Option(help="a fixed demand instead of a scenario")] = None,
     run: Annotated[list[str] | None, typer.Option("--run", help="run folder(s): measured efficiencies/grids")] = None,
     utilization: Annotated[float | None, typer.Option(help="override the fleet's utilization, (0, 1]")] = None,
     peak_factor: Annotated[float | None, typer.Option(help="override the fleet's peak factor, ≥ 1")] = None,
+    batch: Annotated[int | None, typer.Option(help=BATCH_HELP + "; overrides the fleet's batch_cap")] = None,
+    max_batched_tokens: Annotated[int | None, typer.Option(help=BUDGET_HELP + "; overrides the fleet's")] = None,
+    kv_dtype: Annotated[str | None, typer.Option(help=KV_HELP + "; overrides the fleet's")] = None,
     do_sweep: Annotated[bool, typer.Option("--sweep", help="sensitivity over utilization, workload and dtype")] = False,
     fmt: Annotated[str, typer.Option("--format", "-f", help="table | json | csv | md")] = "table",
 ) -> None:
-    """Fleet capacity in tokens/day against demand, per accelerator type and in total."""
-    from harness.capacity.fleet import capacity_table, sweep
-    from harness.capacity.project import read_runs
+    """Fleet capacity in tokens/day against demand, per accelerator type and in total (default fleet: the one
+    `make run` uses)."""
+    from harness.capacity.fleet import capacity_table, fleet_of, sweep
+    from harness.capacity.project import check_deployment, read_runs
 
     _fmt(fmt, FORMATS)
     if demand and demand_tokens_per_day is not None:
         raise ConfigError("--demand", None, "give --demand or --demand-tokens-per-day, not both")
+    f, _ = fleet_of(fleet)
+    given = dict(batch_cap=batch, max_batched_tokens=max_batched_tokens, kv_dtype=kv_dtype)
+    check_deployment(batch, max_batched_tokens, kv_dtype)
+    if any(v is not None for v in given.values()):
+        f = f.model_copy(update={k: v for k, v in given.items() if v is not None})
+    fleet = f
     runs = read_runs(run)
     kw = dict(demand=demand, runs=runs, peak_factor=peak_factor, demand_tokens_per_day=demand_tokens_per_day)
     rows, summary = capacity_table(fleet, utilization=utilization, **kw)

@@ -20,7 +20,17 @@ import torch
 import torch.nn.functional as F
 
 from harness.dtypes import to_dtype
-from harness.model.spec import ModelConfig, load_model_config
+from harness.model.spec import (  # noqa: F401  (the counts live on the spec; re-exported for callers)
+    ModelConfig,
+    decode_bytes,
+    decode_flops,
+    layer_params,
+    load_model_config,
+    param_counts,
+    prefill_bytes,
+    prefill_flops,
+    tp_problem,
+)
 
 BACKENDS = ("triton", "torch", "ref")  # "ref": pure references, for tests
 OPS = ("gemm", "rmsnorm", "rope", "silu_mul", "attention_prefill", "attention_decode")
@@ -52,7 +62,7 @@ def load_ops(backend: str) -> Ops:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Shapes and counts (of the config given: pass a tp shard or a layer subset to count what is measured)
+# Shapes (counts: harness.model.spec, of the config given: pass a tp shard or a layer subset)
 
 
 def shard_config(cfg: ModelConfig, tp: int) -> ModelConfig:
@@ -60,66 +70,17 @@ def shard_config(cfg: ModelConfig, tp: int) -> ModelConfig:
     kv_heads < p), intermediate/p, vocab/p (vocab-parallel embedding and LM head). Hidden size is unchanged."""
     if tp == 1:
         return cfg
-    if tp < 1 or cfg.num_heads % tp:
-        raise ValueError(f"{cfg.id}: num_heads {cfg.num_heads} is not divisible by tp {tp}")
-    kv = cfg.num_kv_heads
-    if kv % tp and tp % kv:
-        raise ValueError(f"{cfg.id}: num_kv_heads {kv} and tp {tp}: neither divides the other")
+    problem = tp_problem(cfg, tp)
+    if problem:
+        raise ValueError(problem)
     return cfg.model_copy(update=dict(
-        num_heads=cfg.num_heads // tp, num_kv_heads=max(1, kv // tp),
+        num_heads=cfg.num_heads // tp, num_kv_heads=max(1, cfg.num_kv_heads // tp),
         intermediate_size=math.ceil(cfg.intermediate_size / tp), vocab_size=math.ceil(cfg.vocab_size / tp),
     ))
 
 
 def with_layers(cfg: ModelConfig, n: int) -> ModelConfig:
     return cfg if n == cfg.num_layers else cfg.model_copy(update=dict(num_layers=n))
-
-
-def layer_params(cfg: ModelConfig) -> int:
-    """Parameters of one decoder layer: 2 norms, fused QKV (+bias), q/k norms, O, gate+up, down."""
-    d, hd, hq, hkv, inter = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size
-    qkv = (hq + 2 * hkv) * hd
-    return (2 * d + qkv * d + (qkv if cfg.attention_bias else 0) + (2 * hd if cfg.qk_norm else 0)
-            + hq * hd * d + 3 * d * inter)
-
-
-def param_counts(cfg: ModelConfig) -> dict[str, int]:
-    """Parameter counts; `lm_head` is 0 when tied (the embedding is the LM head)."""
-    emb = cfg.vocab_size * cfg.hidden_size
-    layers = cfg.num_layers * layer_params(cfg)
-    head = 0 if cfg.tie_word_embeddings else emb
-    return {"layer": layer_params(cfg), "layers": layers, "embedding": emb, "lm_head": head,
-            "norm": cfg.hidden_size, "total": layers + emb + head + cfg.hidden_size}
-
-
-def prefill_flops(cfg: ModelConfig, batch: int, prompt_len: int) -> float:
-    """2·(layer params)·tokens + causal attention (QKᵀ and PV over S(S+1)/2 pairs) + LM head on the last token."""
-    tokens = batch * prompt_len
-    attn = 4 * cfg.head_dim * cfg.num_heads * cfg.num_layers * batch * prompt_len * (prompt_len + 1) / 2
-    return 2 * cfg.num_layers * layer_params(cfg) * tokens + attn + 2 * cfg.hidden_size * cfg.vocab_size * batch
-
-
-def prefill_bytes(cfg: ModelConfig, batch: int, prompt_len: int, dtype_bytes: int) -> float:
-    """Minimum bytes: every weight once (the embedding only for the rows looked up), KV written, logits out."""
-    tokens = batch * prompt_len
-    layers = cfg.num_layers * layer_params(cfg) + cfg.hidden_size
-    head = cfg.vocab_size * cfg.hidden_size
-    return dtype_bytes * (layers + head + tokens * cfg.hidden_size + batch * cfg.vocab_size) \
-        + tokens * cfg.kv_bytes_per_token(dtype_bytes)
-
-
-def decode_flops(cfg: ModelConfig, batch: int, context: int) -> float:
-    """One step, B new tokens each attending to context+1 positions."""
-    attn = 4 * cfg.head_dim * cfg.num_heads * cfg.num_layers * batch * (context + 1)
-    return 2 * batch * (cfg.num_layers * layer_params(cfg) + cfg.hidden_size * cfg.vocab_size) + attn
-
-
-def decode_bytes(cfg: ModelConfig, batch: int, context: int, dtype_bytes: int) -> float:
-    """One step: layer weights + LM head once, B embedding rows, KV of context+1 positions read per sequence
-    (the new one written first), B logit rows written."""
-    kv = cfg.kv_bytes_per_token(dtype_bytes)
-    weights = cfg.num_layers * layer_params(cfg) + cfg.hidden_size + cfg.vocab_size * cfg.hidden_size
-    return dtype_bytes * (weights + batch * cfg.hidden_size + batch * cfg.vocab_size) + batch * (context + 2) * kv
 
 
 # ---------------------------------------------------------------------------------------------------------------

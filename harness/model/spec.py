@@ -1,6 +1,7 @@
-"""Model architectures as validated data (`configs/models/*.yaml`): shapes from the published config.json.
-
-Owned by the capacity model for counting (parameters, FLOPs, bytes) and read by `harness.model.decoder` to build layers.
+"""Model architectures as validated data (`configs/models/*.yaml`): shapes from the published config.json, and
+the ONE home of parameter, FLOP and byte counts: the decoder (`harness.model.decoder` re-exports the dense-decoder
+counts below), the measured points (`harness.measure.parts.model`) and the capacity model
+(`harness.capacity.serving`) all count through this module.
 """
 
 from __future__ import annotations
@@ -204,6 +205,105 @@ class ModelConfig(Strict):
             always -= self.embedding_params
         touched = self.num_moe_layers * self.expected_experts_touched(batch) * self.expert_params if self.moe else 0
         return (always + touched) * dtype_bytes
+
+
+    # ---- tensor parallelism: what each rank holds ----
+    def kv_replication(self, tp: int) -> float:
+        """How many copies of the KV cache `tp` ranks hold together: GQA KV heads are split while tp divides
+        them and replicated once tp exceeds them (each rank keeps at least one head); MLA's latent is not split
+        by heads at all, so every rank holds all of it (vLLM and SGLang without DP attention)."""
+        if self.mla:
+            return float(tp)
+        return max(1.0, tp / self.num_kv_heads)
+
+    def kv_bytes_per_token_per_gpu(self, tp: int, dtype_bytes: float = 2) -> float:
+        return self.kv_bytes_per_token(dtype_bytes) * self.kv_replication(tp) / tp
+
+    # ---- per-op counts of one forward pass (the capacity model's roofline sums over these) ----
+    def forward_ops(self, tokens: float, attn_ctx: float, kv_read_tokens: float, logits_tokens: float,
+                    weight_bytes: float, kv_bytes_per_token: float):
+        """(name, flops, bytes) of one forward over `tokens` new tokens, all layers: each weight read once,
+        attention over `attn_ctx` keys per token reading `kv_read_tokens` cached tokens, logits for
+        `logits_tokens`. MoE reads the expected distinct experts `tokens` touch."""
+        L, H = self.num_layers, self.hidden_size
+        attn_w = L * (self.attention_params() + 2 * H)  # projections + their norms + the two layer norms
+        yield "attn_proj", 2 * tokens * attn_w, attn_w * weight_bytes
+        yield "attn_core", tokens * self.attention_flops_per_token(attn_ctx), kv_read_tokens * kv_bytes_per_token
+        n_dense = self.moe.dense_layers if self.moe else L
+        if n_dense:
+            w = n_dense * self.dense_mlp_params
+            yield "mlp", 2 * tokens * w, w * weight_bytes
+        if self.moe:
+            nl, ep = self.num_moe_layers, self.expert_params
+            k, shared = self.moe.experts_per_token, self.moe.shared_experts
+            router = nl * self.router_params()
+            touched = self.expected_experts_touched(tokens)
+            yield "experts", 2 * tokens * nl * (k + shared) * ep + 2 * tokens * router, \
+                (nl * (touched + shared) * ep + router) * weight_bytes
+        head = self.lm_head_params + H  # + final norm
+        yield "lm_head", 2 * logits_tokens * head, head * weight_bytes
+
+
+def tp_problem(cfg: ModelConfig, tp: int) -> str | None:
+    """Why `cfg` cannot be split over `tp` ranks (None when it can): heads must divide evenly, and KV heads
+    must divide tp or be divided by it (replicated when fewer than tp)."""
+    if tp < 1:
+        return f"tp must be >= 1, got {tp}"
+    if cfg.num_heads % tp:
+        return f"{cfg.id}: num_heads {cfg.num_heads} is not divisible by tp {tp}"
+    kv = cfg.num_kv_heads
+    if not cfg.mla and kv % tp and tp % kv:
+        return f"{cfg.id}: num_kv_heads {kv} and tp {tp}: neither divides the other"
+    return None
+
+
+# ---- counts of the dense decoder as built (`harness.model.decoder`; of the config given: a tp shard or a layer
+# subset counts what is measured). Fused QKV and gate/up; the embedding and LM head as separate tables.
+def layer_params(cfg: ModelConfig) -> int:
+    """Parameters of one decoder layer: 2 norms, fused QKV (+bias), q/k norms, O, gate+up, down."""
+    d, hd, hq, hkv, inter = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size
+    qkv = (hq + 2 * hkv) * hd
+    return (2 * d + qkv * d + (qkv if cfg.attention_bias else 0) + (2 * hd if cfg.qk_norm else 0)
+            + hq * hd * d + 3 * d * inter)
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter counts; `lm_head` is 0 when tied (the embedding is the LM head)."""
+    emb = cfg.vocab_size * cfg.hidden_size
+    layers = cfg.num_layers * layer_params(cfg)
+    head = 0 if cfg.tie_word_embeddings else emb
+    return {"layer": layer_params(cfg), "layers": layers, "embedding": emb, "lm_head": head,
+            "norm": cfg.hidden_size, "total": layers + emb + head + cfg.hidden_size}
+
+
+def prefill_flops(cfg: ModelConfig, batch: int, prompt_len: int) -> float:
+    """2·(layer params)·tokens + causal attention (QKᵀ and PV over S(S+1)/2 pairs) + LM head on the last token."""
+    tokens = batch * prompt_len
+    attn = 4 * cfg.head_dim * cfg.num_heads * cfg.num_layers * batch * prompt_len * (prompt_len + 1) / 2
+    return 2 * cfg.num_layers * layer_params(cfg) * tokens + attn + 2 * cfg.hidden_size * cfg.vocab_size * batch
+
+
+def prefill_bytes(cfg: ModelConfig, batch: int, prompt_len: int, dtype_bytes: int) -> float:
+    """Minimum bytes: every weight once (the embedding only for the rows looked up), KV written, logits out."""
+    tokens = batch * prompt_len
+    layers = cfg.num_layers * layer_params(cfg) + cfg.hidden_size
+    head = cfg.vocab_size * cfg.hidden_size
+    return dtype_bytes * (layers + head + tokens * cfg.hidden_size + batch * cfg.vocab_size) \
+        + tokens * cfg.kv_bytes_per_token(dtype_bytes)
+
+
+def decode_flops(cfg: ModelConfig, batch: int, context: int) -> float:
+    """One step, B new tokens each attending to context+1 positions."""
+    attn = 4 * cfg.head_dim * cfg.num_heads * cfg.num_layers * batch * (context + 1)
+    return 2 * batch * (cfg.num_layers * layer_params(cfg) + cfg.hidden_size * cfg.vocab_size) + attn
+
+
+def decode_bytes(cfg: ModelConfig, batch: int, context: int, dtype_bytes: int) -> float:
+    """One step: layer weights + LM head once, B embedding rows, KV of context+1 positions read per sequence
+    (the new one written first), B logit rows written."""
+    kv = cfg.kv_bytes_per_token(dtype_bytes)
+    weights = cfg.num_layers * layer_params(cfg) + cfg.hidden_size + cfg.vocab_size * cfg.hidden_size
+    return dtype_bytes * (weights + batch * cfg.hidden_size + batch * cfg.vocab_size) + batch * (context + 2) * kv
 
 
 def load_model_config(name: str) -> ModelConfig:

@@ -1,0 +1,219 @@
+"""What runs tell the capacity model: measured grids (this device, model, dtype, backend, tp) and efficiencies
+(e_c, e_m) to calibrate devices no run measured.
+
+- A point belongs to a group (datasheet id, model, dtype, tp). Within a group the *deployable* backend is the
+  fastest correct one of `triton` and `compile` (`torch` only when it is the only backend there): a backend with
+  any `incorrect` point is not correct. Only the deployable backend's points enter numbers.
+- All given runs are merged: each cell (decode: batch × context; prefill: batch × prompt_len) takes the point
+  with the smallest spread, whichever run it came from.
+- Efficiencies for other devices: e_m = median `mbu_datasheet` of the deployable decode points, e_c = median
+  `mfu_datasheet` of the deployable prefill points, from points of the projected dtype when a run has them (fp8
+  from fp8), else of any dtype (said in `source`). The step overhead is folded into e_m (MBU is measured over the
+  whole step), so calibrated projections add none.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from harness.results import Run, load_run, usable
+
+# Documented defaults when no run is given. Assumptions, not measurements of this project: replace them with a run.
+#  e_c 0.5: fraction of the DENSE datasheet matmul peak a whole forward sustains (large GEMMs alone reach more on
+#           Hopper; attention, norms, MoE grouping and launch gaps pull a full pass down).
+#  e_m 0.7: fraction of datasheet HBM bandwidth a decode step streams weights + KV at (a device copy runs near
+#           0.8-0.9 of datasheet; decode GEMVs and paged attention do worse).
+#  overhead 0.3 ms per forward: scheduler, sampling and launch gaps with CUDA graphs.
+DEFAULT_E_C, DEFAULT_E_M, DEFAULT_OVERHEAD_MS = 0.5, 0.7, 0.3
+DEPLOYABLE = ("triton", "compile")
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    compute: float = DEFAULT_E_C
+    memory: float = DEFAULT_E_M
+    overhead_ms: float = DEFAULT_OVERHEAD_MS
+    source: str = "defaults (e_c 0.5, e_m 0.7, 0.3 ms/forward: assumptions, see harness/capacity/calibrate.py)"
+    run_id: str | None = None  # the run the efficiencies come from (None: defaults)
+
+    def to_dict(self) -> dict:
+        return {"compute": self.compute, "memory": self.memory, "overhead_ms": self.overhead_ms, "from": self.source}
+
+
+def read_runs(paths: list[str | Path | Run] | None) -> list[Run]:
+    """Run folders (paths or run ids under results/runs/) read once; ConfigError when unreadable."""
+    return [load_run(p) for p in paths or []]
+
+
+def _pos(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and math.isfinite(v)
+
+
+def _spread(p: dict) -> float:
+    s = p.get("spread")
+    return float(s) if isinstance(s, (int, float)) and math.isfinite(s) else math.inf
+
+
+def _seconds(p: dict) -> float | None:
+    for k in ("tpot_ms", "median_ms") if p.get("kind") == "decode" else ("median_ms", "ttft_ms"):
+        if _pos(p.get(k)):
+            return float(p[k]) / 1e3
+    return None
+
+
+def _cell(p: dict) -> tuple | None:
+    if p.get("kind") == "decode" and _pos(p.get("batch")) and _pos(p.get("context")):
+        return ("decode", p["batch"], p["context"])
+    if p.get("kind") == "prefill" and _pos(p.get("batch")) and _pos(p.get("prompt_len")):
+        return ("prefill", p["batch"], p["prompt_len"])
+    return None
+
+
+@dataclass
+class Group:
+    """The model points of one (datasheet id, model, dtype, tp), all runs merged, per backend."""
+
+    hardware_id: str
+    model: str
+    dtype: str
+    tp: int
+    points: dict  # backend -> list[(run_id, point)]
+
+    def correct(self) -> list[str]:
+        return [b for b, pts in self.points.items()
+                if not any(p.get("status") == "incorrect" for _, p in pts) and any(usable(p) for _, p in pts)]
+
+    def deployable(self) -> str | None:
+        """The fastest correct backend of `triton`/`compile` (geometric mean time over the cells both measured),
+        else `torch` when it is the only backend present, else None."""
+        ok = self.correct()
+        cands = [b for b in DEPLOYABLE if b in ok]
+        if not cands:
+            return "torch" if ok == ["torch"] and set(self.points) == {"torch"} else None
+        if len(cands) == 1:
+            return cands[0]
+        cells = {b: self.cells(b) for b in cands}
+        shared = set.intersection(*(set(c) for c in cells.values()))
+        if not shared:
+            return cands[0]
+        return min(cands, key=lambda b: sum(math.log(cells[b][k][0]) for k in shared))
+
+    def cells(self, backend: str) -> dict:
+        """cell -> (seconds, spread, run_id, point): the smallest-spread usable point of each cell."""
+        best: dict = {}
+        for run_id, p in self.points.get(backend, []):
+            key, t = _cell(p), _seconds(p)
+            if not usable(p) or key is None or t is None:
+                continue
+            if key not in best or _spread(p) < best[key][1]:
+                best[key] = (t, _spread(p), run_id, p)
+        return best
+
+
+def groups(runs: list[Run]) -> dict[tuple, Group]:
+    """(hardware_id, model, dtype, tp) -> Group over every run given."""
+    out: dict[tuple, Group] = {}
+    for r in runs:
+        hw = r.hardware_id
+        for p in r.points:
+            if p.get("kind") not in ("decode", "prefill") or not hw or not p.get("model"):
+                continue
+            key = (hw, p["model"], p.get("dtype"), int(p.get("tp") or 1))
+            g = out.setdefault(key, Group(*key, points=defaultdict(list)))
+            g.points[p.get("backend") or "unknown"].append((r.run_id, p))
+    return out
+
+
+# ---- measured grids ------------------------------------------------------------------------------------------
+def _interp2(xs, ys, grid, x: float, y: float) -> float:
+    """Bilinear interpolation on a rectangular grid, held constant beyond its edges."""
+    row = np.array([np.interp(y, ys, grid[i]) for i in range(len(xs))])
+    return float(np.interp(x, xs, row))
+
+
+class RatioGrid:
+    """measured/projected over (a, b) cells on log2 axes; a missing grid cell takes its nearest sample."""
+
+    def __init__(self, samples: list[tuple[float, float, float]]):
+        self.xs = np.unique([math.log2(s[0]) for s in samples])
+        self.ys = np.unique([math.log2(s[1]) for s in samples])
+        pts = np.array([(math.log2(a), math.log2(b), r) for a, b, r in samples])
+        self.grid = np.empty((len(self.xs), len(self.ys)))
+        for i, x in enumerate(self.xs):
+            for j, y in enumerate(self.ys):
+                d = (pts[:, 0] - x) ** 2 + (pts[:, 1] - y) ** 2
+                self.grid[i, j] = pts[d == d.min(), 2].mean()
+
+    def __call__(self, a: float, b: float) -> float:
+        return _interp2(self.xs, self.ys, self.grid, math.log2(max(a, 1e-9)), math.log2(max(b, 1e-9)))
+
+    def inside(self, a: float, b: float) -> bool:
+        la, lb = math.log2(max(a, 1e-9)), math.log2(max(b, 1e-9))
+        eps = 1e-9
+        return self.xs[0] - eps <= la <= self.xs[-1] + eps and self.ys[0] - eps <= lb <= self.ys[-1] + eps
+
+
+@dataclass
+class Measured:
+    """The measured cells of one group on its deployable backend, as seconds per decode step / prefill."""
+
+    backend: str
+    runs: list[str]
+    decode: dict  # (batch, context) -> seconds
+    prefill: dict  # (batch, prompt_len) -> seconds
+    power_w: float | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend}, run {', '.join(self.runs)}"
+
+
+def measured_for(runs: list[Run], hardware_id: str, model: str, dtype: str, tp: int) -> Measured | None:
+    """This device, model, dtype and tp on the deployable backend; None when no run measured it."""
+    g = groups(runs).get((hardware_id, model, dtype, tp))
+    backend = g.deployable() if g else None
+    if backend is None:
+        return None
+    cells = g.cells(backend)
+    if not cells:
+        return None
+    dec = {(k[1], k[2]): v[0] for k, v in cells.items() if k[0] == "decode"}
+    pre = {(k[1], k[2]): v[0] for k, v in cells.items() if k[0] == "prefill"}
+    power = [v[3]["telemetry"]["power_w"] for k, v in cells.items() if k[0] == "decode"
+             and isinstance(v[3].get("telemetry"), dict) and _pos(v[3]["telemetry"].get("power_w"))]
+    return Measured(backend, sorted({v[2] for v in cells.values()}), dec, pre,
+                    statistics.median(power) if power else None)
+
+
+# ---- efficiencies ----------------------------------------------------------------------------------------------
+def efficiency_from_runs(runs: list[Run], dtype: str | None = None, exclude: tuple | None = None) -> Efficiency:
+    """Median datasheet MFU (prefill) and MBU (decode) of each group's deployable backend, from the projected
+    dtype's points when any run has them. `exclude` (hardware_id, model, dtype, tp) leaves out a measured group
+    (its own grid is used instead). A field no run measures keeps its default; `source` names the runs."""
+    picked = []
+    for key, g in groups(runs).items():
+        b = g.deployable()
+        if b and key != exclude:
+            picked += [(g, v[3], v[2]) for v in g.cells(b).values()]
+    if dtype and any(g.dtype == dtype for g, _, _ in picked):
+        picked = [(g, p, r) for g, p, r in picked if g.dtype == dtype]
+    mfu = [p["mfu_datasheet"] for _, p, _ in picked if p["kind"] == "prefill" and _pos(p.get("mfu_datasheet"))]
+    mbu = [p["mbu_datasheet"] for _, p, _ in picked if p["kind"] == "decode" and _pos(p.get("mbu_datasheet"))]
+    if not mfu and not mbu:
+        return Efficiency()
+    devices = sorted({f"{g.hardware_id} {g.model} {g.dtype} tp{g.tp} {g.deployable()}" for g, _, _ in picked})
+    ids = sorted({r for _, _, r in picked})
+    # Clamp at 1: above-datasheet figures are byte-count bugs, not efficiencies to extrapolate from.
+    e_c = min(statistics.median(mfu), 1.0) if mfu else DEFAULT_E_C
+    e_m = min(statistics.median(mbu), 1.0) if mbu else DEFAULT_E_M
+    how_c = f"median prefill mfu_datasheet of {len(mfu)} points" if mfu else "default"
+    how_m = f"median decode mbu_datasheet of {len(mbu)} points (step overhead included)" if mbu else "default"
+    overhead = 0.0 if mbu else DEFAULT_OVERHEAD_MS
+    src = f"run {', '.join(ids)} ({'; '.join(devices)}): e_c {how_c}, e_m {how_m}"
+    return Efficiency(e_c, e_m, overhead, src, ", ".join(ids))
