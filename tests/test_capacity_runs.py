@@ -240,3 +240,16 @@ def test_capacity_without_fleet_uses_the_default():
     res = CliRunner().invoke(app, ["capacity", "--format", "json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["summary"]["fleet"] == "china-2026-mix"
+
+
+# ---- validation against published serving results (README table) -----------------------------------------------
+def test_validation_rows_within_20pct():
+    from harness.capacity.validate import load_published, validation_rows
+
+    pub = load_published()
+    assert set(pub.deployments) == set(pub.sources) and all(r.source in pub.sources for r in pub.rows)
+    rows = validation_rows()
+    assert len(rows) == len(pub.rows) >= 10
+    for r in rows:
+        assert 0.8 <= r["ratio"] <= 1.2, r
+        assert r["command"].startswith("tokenfleet project ")

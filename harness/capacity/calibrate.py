@@ -201,7 +201,8 @@ def efficiency_from_runs(runs: list[Run], dtype: str | None = None, exclude: tup
         b = g.deployable()
         if b and key != exclude:
             picked += [(g, v[3], v[2]) for v in g.cells(b).values()]
-    if dtype and any(g.dtype == dtype for g, _, _ in picked):
+    same = bool(dtype) and any(g.dtype == dtype for g, _, _ in picked)
+    if same:
         picked = [(g, p, r) for g, p, r in picked if g.dtype == dtype]
     mfu = [p["mfu_datasheet"] for _, p, _ in picked if p["kind"] == "prefill" and _pos(p.get("mfu_datasheet"))]
     mbu = [p["mbu_datasheet"] for _, p, _ in picked if p["kind"] == "decode" and _pos(p.get("mbu_datasheet"))]
@@ -216,4 +217,6 @@ def efficiency_from_runs(runs: list[Run], dtype: str | None = None, exclude: tup
     how_m = f"median decode mbu_datasheet of {len(mbu)} points (step overhead included)" if mbu else "default"
     overhead = 0.0 if mbu else DEFAULT_OVERHEAD_MS
     src = f"run {', '.join(ids)} ({'; '.join(devices)}): e_c {how_c}, e_m {how_m}"
+    if dtype and not same:
+        src += f" (no {dtype} points: efficiencies of the dtypes measured)"
     return Efficiency(e_c, e_m, overhead, src, ", ".join(ids))
