@@ -253,3 +253,18 @@ def test_validation_rows_within_20pct():
     for r in rows:
         assert 0.8 <= r["ratio"] <= 1.2, r
         assert r["command"].startswith("tokenfleet project ")
+
+
+def test_fp8_projected_from_fp8_points(tmp_path):
+    def as_fp8(p):
+        if p.get("kind") == "decode" and p.get("backend") == "triton":
+            return {**p, "dtype": "fp8", "tpot_ms": p["tpot_ms"] * 0.6, "median_ms": p["median_ms"] * 0.6,
+                    "mbu_datasheet": 0.5}
+        return p
+    runs = read_runs([copy_run(FOLLOWUP, tmp_path / "fp8", as_fp8), copy_run(QUICK, tmp_path / "quick")])
+    assert efficiency_from_runs(runs, "fp8").memory == 0.5  # fp8 points, not the bf16 ones
+    assert "no bf16 points" not in efficiency_from_runs(runs, "bf16").source
+    w, cap = grid_workload(4096, 128)
+    r = project("llama-3.1-8b", "h200", w, "fp8", batch_cap=cap, runs=runs)
+    t = [p for p in run_points(FOLLOWUP) if p["batch"] == 128][0]["tpot_ms"] * 0.6
+    assert r["source"] == "measured" and r["decode_step_ms"] == pytest.approx(t, rel=0.05)
