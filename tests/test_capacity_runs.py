@@ -268,3 +268,12 @@ def test_fp8_projected_from_fp8_points(tmp_path):
     r = project("llama-3.1-8b", "h200", w, "fp8", batch_cap=cap, runs=runs)
     t = [p for p in run_points(FOLLOWUP) if p["batch"] == 128][0]["tpot_ms"] * 0.6
     assert r["source"] == "measured" and r["decode_step_ms"] == pytest.approx(t, rel=0.05)
+
+
+def test_fleet_rows_label_extrapolation(h200_runs):
+    fleet = Fleet.model_validate(dict(id="t", description="t", gpus=[{"gpu": "h200", "count": 8, "tp": 1,
+                                                                      "source": "t"}],
+                                      models=[{"model": "llama-3.1-8b", "share": 1.0, "dtype": "bf16"}],
+                                      workloads=[{"workload": "chat", "share": 1.0}]))
+    rows, _ = capacity_table(fleet, runs=h200_runs)
+    assert rows[0]["source"] == "measured" and rows[0]["extrapolated"] == "llama-3.1-8b/chat"

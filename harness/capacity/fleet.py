@@ -145,6 +145,7 @@ def gpu_mix(gpu: str, fleet: Fleet, tp: int | None, runs: list[Run], dtype: str 
         "source": sources.pop() if len(sources) == 1 else ("mixed" if sources else "projected"),
         "ttft_missed": sorted({f"{r['model']}/{r['workload']}" for _, r in ok if not r["ttft_ok"]}),
         "tpot_missed": sorted({f"{r['model']}/{r['workload']}" for _, r in ok if not r["tpot_ok"]}),
+        "extrapolated": sorted({f"{r['model']}/{r['workload']}" for _, r in ok if r.get("extrapolated")}),
         "power_w": next((r["power_w_per_gpu"] for _, r in ok if r.get("power_w_per_gpu")), None),
     }
 
@@ -201,6 +202,7 @@ def capacity_table(fleet: str | Fleet, demand: str | Demand | None = None,
             "joules_per_token": power * f.pue / (rate * u) if power and rate else None,
             "source": mix["source"], "unservable": ", ".join(mix["unservable"]),
             "ttft_missed": ", ".join(mix["ttft_missed"]), "tpot_missed": ", ".join(mix["tpot_missed"]),
+            "extrapolated": ", ".join(mix["extrapolated"]),  # measured classes taken beyond the run's grid
         })
     cap = served_per_s * SECONDS_PER_DAY * u
     srcs = {r["source"] for r in rows}
