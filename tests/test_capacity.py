@@ -14,6 +14,7 @@ from harness.config import ConfigError
 from harness.dtypes import DTYPE_BYTES
 from harness.hardware import all_hardware, load_hardware
 from harness.model.spec import all_model_configs, load_model_config
+from harness.results import RunWriter
 
 MODELS = ["llama-3.1-8b", "qwen3-32b", "qwen3-30b-a3b", "qwen3-235b-a22b", "deepseek-v3"]
 
@@ -210,22 +211,22 @@ def test_unknown_names_list_known():
 
 # ---- runs: measured efficiencies and grids -------------------------------------------------------------------
 def make_run(tmp_path, factor=2.0):
+    """A run folder written the way the runner writes one (RunWriter; the whole datasheet in the manifest)."""
     d = tmp_path / "run1"
-    d.mkdir()
-    (d / "manifest.json").write_text(json.dumps({"schema_version": 1, "run_id": "run1", "environment": {
-        "device": {"name": "NVIDIA H100 80GB HBM3"}, "datasheet": "h100-sxm"}, "ceilings": {}}))
+    w = RunWriter(d, {"run_id": "run1", "environment": {"device": {"name": "NVIDIA H100 80GB HBM3"},
+                                                        "datasheet": load_hardware("h100-sxm").model_dump()},
+                      "ceilings": {}})
     proj = Projector(load_model_config("llama-3.1-8b"), load_hardware("h100-sxm"))
-    pts = []
     for b in (1, 8, 64, 256):
         for c in (512, 2048):
-            pts.append({"schema_version": 1, "kind": "decode", "model": "llama-3.1-8b", "backend": "torch",
-                        "dtype": "bf16", "status": "ok", "batch": b, "context": c,
-                        "median_ms": factor * proj.t_dec(b, c) * 1e3, "mbu_datasheet": 0.6})
+            w.append({"kind": "decode", "model": "llama-3.1-8b", "backend": "torch", "dtype": "bf16", "tp": 1,
+                      "status": "ok", "batch": b, "context": c, "median_ms": factor * proj.t_dec(b, c) * 1e3,
+                      "mbu_datasheet": 0.6})
     for n in (512, 2048):
-        pts.append({"schema_version": 1, "kind": "prefill", "model": "llama-3.1-8b", "backend": "torch",
-                    "dtype": "bf16", "status": "ok", "batch": 1, "prompt_len": n,
-                    "median_ms": factor * proj.t_pre(n) * 1e3, "mfu_datasheet": 0.4})
-    (d / "points.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pts))
+        w.append({"kind": "prefill", "model": "llama-3.1-8b", "backend": "torch", "dtype": "bf16", "tp": 1,
+                  "status": "ok", "batch": 1, "prompt_len": n, "median_ms": factor * proj.t_pre(n) * 1e3,
+                  "mfu_datasheet": 0.4})
+    w.close()
     return d
 
 
