@@ -24,7 +24,7 @@ STATUSES = ("ok", "oom", "error", "incorrect", "noisy", "skipped")
 # The statuses whose numbers may enter tables, plots, ratios, ceilings and capacity: a noisy point is a real
 # measurement, only less certain; every other status has no number to use. One set, used by every reader.
 USABLE = frozenset({"ok", "noisy"})
-KINDS = ("ceiling", "kernel", "prefill", "decode", "allreduce")
+KINDS = ("ceiling", "kernel", "prefill", "decode", "collective")
 RUNS_ROOT = Path(__file__).resolve().parent.parent / "results" / "runs"
 
 # Fields that identify a point (the rest are measurements): used to match points for --resume and compare.
@@ -34,6 +34,9 @@ MEASURED_FIELDS = {
     "mfu_datasheet", "mbu_datasheet", "mbu_matvec", "datasheet_value", "datasheet_ratio", "device", "rel_error",
     "telemetry", "note", "warning", "ttft_ms", "tpot_ms", "tokens_per_s_per_seq", "value", "unit", "label",
     "scaled_from_layers", "elapsed_s", "timestamp",
+    # distributed runs (harness.measure.distributed, parts/collective.py, parts/tp.py)
+    "median_ms_by_rank", "telemetry_by_rank", "algbw_gbps", "busbw_gbps", "comm_ms", "comm_fraction",
+    "median_ms_no_comm", "rel_error_prefill", "rel_error_decode",
 }
 
 
@@ -118,6 +121,15 @@ def read_points(run_dir: str | Path) -> list[dict]:
 def read_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
     """(manifest, points) of a run folder; ConfigError naming file and field on anything unreadable."""
     return read_manifest(run_dir), read_points(run_dir)
+
+
+def update_manifest(run_dir: str | Path, **fields) -> None:
+    """Set top-level manifest fields of a run no writer holds (e.g. the launcher's `failure` after torchrun)."""
+    manifest = read_manifest(run_dir)
+    manifest.update(fields)
+    tmp = Path(run_dir) / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, default=str, allow_nan=False) + "\n")
+    os.replace(tmp, Path(run_dir) / "manifest.json")
 
 
 def resolve_run(run: str | Path) -> Path:

@@ -59,7 +59,10 @@ def bench(suite: Annotated[str | None, typer.Option("--suite", "-s", help="suite
           out: Annotated[Path | None, typer.Option("--out", help="run folder to write")] = None,
           resume: Annotated[str | None, typer.Option("--resume", help="run id or folder to continue")] = None,
           fmt: FormatOpt = "table", device: DeviceOpt = None,
-          quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False) -> None:
+          quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+          nproc: Annotated[int | None, typer.Option(
+              "--nproc", min=1, help="N ranks of this node through torchrun (one GPU each; gloo on CPU)")] = None,
+          ) -> None:
     """Benchmark this device with a suite (default: quick on a GPU, ci-cpu on a CPU) into a run folder."""
     from harness.measure.runner import run_suite
     from harness.report.tables import TITLES, kind_table, points_frame, write_tables
@@ -68,7 +71,12 @@ def bench(suite: Annotated[str | None, typer.Option("--suite", "-s", help="suite
     check_format(fmt)
     if resume and out:
         raise ConfigError("--out", None, "--out and --resume exclude each other (a resumed run keeps its folder)")
-    run_dir = run_suite(suite, out=out, resume=resume, device=device, progress=not quiet and sys.stderr.isatty())
+    progress = not quiet and sys.stderr.isatty()
+    run_dir = _distributed(nproc, suite, out, resume, device, progress)
+    if run_dir is None:  # a rank other than 0: rank 0 writes and prints
+        return
+    if run_dir is False:
+        run_dir = run_suite(suite, out=out, resume=resume, device=device, progress=progress)
     write_tables(run_dir)  # points.csv, <kind>.csv, summary.md: derived from points.jsonl, rewritten on resume
     _, points = read_run(run_dir)
     if fmt == "json":
@@ -80,3 +88,39 @@ def bench(suite: Annotated[str | None, typer.Option("--suite", "-s", help="suite
             if len(t):
                 emit(t, fmt, title)
     typer.echo(f"run folder: {run_dir}", err=fmt != "table")
+
+
+def _distributed(nproc: int | None, suite, out, resume, device, progress):
+    """`--nproc N` (N > 1): launch torchrun with this command and exit with its code. Under torchrun: this rank's
+    part (rank 0: the run folder; others: None). Otherwise False (a one-process run)."""
+    from harness.measure import distributed, launch
+
+    if distributed.under_launcher():
+        try:
+            return launch.run_suite(suite, out, resume, device, progress)
+        except launch.RunFailed as e:
+            where = f"; `tokenfleet bench --resume {out or resume} --nproc N` continues it" if out or resume else ""
+            typer.echo(f"error: run stopped: {e}{where}", err=True)
+            raise typer.Exit(1) from None
+    if not nproc or nproc == 1:
+        return False
+    from harness.measure.suite import load_suite
+    from harness.results import resolve_run
+
+    if suite:  # bad input: one line and exit 2 here, not once per rank
+        load_suite(suite)
+    if resume:
+        resolve_run(resume)
+    raise typer.Exit(launch.launch(nproc, _without_nproc(sys.argv[1:])))
+
+
+def _without_nproc(args: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out

@@ -86,9 +86,10 @@ def plan_all(suite: Suite, ctx: RunContext) -> list[Job]:
 
 
 def run_suite(suite_name: str | None = None, out: str | Path | None = None, resume: str | Path | None = None,
-              device: str | None = None, progress: bool = True, on_point: Callable[[dict], None] | None = None
-              ) -> Path:
-    """Measure a suite into a run folder and return its path. `resume` continues an existing run folder."""
+              device: str | None = None, progress: bool = True, on_point: Callable[[dict], None] | None = None,
+              group=None) -> Path:
+    """Measure a suite into a run folder and return its path. `resume` continues an existing run folder.
+    `group`: rank 0's `harness.measure.distributed.Group` in a run on several ranks (it runs the job loop)."""
     info = detect(device)
     datasheet = load_hardware(info.datasheet) if info.datasheet else None
     if resume is not None:
@@ -106,13 +107,15 @@ def run_suite(suite_name: str | None = None, out: str | Path | None = None, resu
         run_id = results.make_run_id(info.name, suite.id)
         run_dir = Path(out) if out else results.RUNS_ROOT / run_id
         writer = results.RunWriter(run_dir, manifest_for(run_id, suite, info, datasheet))
+    if group is not None:
+        group.prepare(suite, writer, info)
     ctx = RunContext(device=info, suite=suite, datasheet=datasheet)
     for p in writer.existing:
         ctx.record_ceiling(p)
     done = [p for p in writer.existing if p.get("status") == "ok"]
     try:
         jobs = plan_all(suite, ctx)
-        _run_jobs(jobs, ctx, writer, done, progress, on_point)
+        (group.run_jobs if group is not None else _run_jobs)(jobs, ctx, writer, done, progress, on_point)
     finally:
         writer.manifest["ceilings"] = ctx.ceilings
         writer.manifest["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -31,6 +31,8 @@ class SuiteFile(Strict):
     kernels: dict[str, Any] | None = None
     prefill: dict[str, Any] | None = None
     decode: dict[str, Any] | None = None
+    collectives: dict[str, Any] | None = None  # run on N ranks: `tokenfleet bench --nproc N`
+    tp: dict[str, Any] | None = None
 
 
 class Suite:

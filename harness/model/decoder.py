@@ -232,7 +232,11 @@ class Transformer:
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.cfg, batch, max_len, self.dtype, self.device)
 
-    # --- building blocks, shared by prefill and decode (T tokens flattened) ---
+    # --- building blocks, shared by prefill and decode (T tokens flattened); harness.model.tp overrides
+    # _embed, _layers, _mlp and _logits to add its collectives ---
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.weights.embed)  # [T] -> [T, D]
 
     def _qkv(self, lw: Layer, x: torch.Tensor, positions: torch.Tensor):
         # x: [T, D] (normed), positions: [T]
@@ -289,7 +293,7 @@ class Transformer:
         b, s = tokens.shape
         t, hd, ops = b * s, self.hd, self.ops
         positions = torch.arange(s, device=tokens.device, dtype=torch.int32).repeat(b)  # [T]
-        h = F.embedding(tokens.reshape(t), self.weights.embed)  # [T, D]
+        h = self._embed(tokens.reshape(t))  # [T, D]
 
         def attention(i: int, lw: Layer, y: torch.Tensor) -> torch.Tensor:
             q, k, v = self._qkv(lw, y, positions)  # q: [T, Hq, hd], k/v: [T, Hkv, hd]
@@ -324,7 +328,7 @@ class Transformer:
         b, hd, ops = tokens.shape[0], self.hd, self.ops
         context_lens = pos + 1  # [B] int32
         slots = (cache.slot_base + pos[:, None].long()).view(-1)  # [B·Hkv] rows of k[i].view(-1, hd)
-        h = F.embedding(tokens, self.weights.embed)  # [B, D]
+        h = self._embed(tokens)  # [B, D]
 
         def attention(i: int, lw: Layer, y: torch.Tensor) -> torch.Tensor:
             q, k, v = self._qkv(lw, y, pos)  # q: [B, Hq, hd], k/v: [B, Hkv, hd]

@@ -4,11 +4,13 @@ The runner knows the parts only through `PARTS` (section name -> (Spec class, pl
 ceilings first, because every later point is reported against them.
 """
 
-from harness.measure.parts import ceilings, kernels, model
+from harness.measure.parts import ceilings, collective, kernels, model, tp
 
 PARTS = {
     "ceilings": (ceilings.Spec, ceilings.plan),
+    "collectives": (collective.Spec, collective.plan),  # runs on N ranks (harness.measure.distributed)
     "kernels": (kernels.Spec, kernels.plan),
     "prefill": (model.PrefillSpec, model.plan_prefill),
     "decode": (model.DecodeSpec, model.plan_decode),
+    "tp": (tp.Spec, tp.plan),  # tensor-parallel prefill/decode at tp = world size
 }

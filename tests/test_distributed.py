@@ -1,0 +1,176 @@
+"""Runs on several ranks (torchrun, gloo on the CPU): tensor-parallel logits against the unsharded model, the
+ci-cpu-tp suite end to end, a rank killed mid-run (recorded, no hang) and its --resume; plus the pieces that
+need no second process (lockstep call counts, the collective curve, one-process skips)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from harness import results
+from harness.cli.main import app
+from harness.cli.measure import _without_nproc as without_nproc
+from harness.measure import distributed as D
+from harness.measure.parts.collective import Spec as CollectiveSpec
+from harness.measure.parts.collective import collective_curve, sizes
+from harness.measure.runner import run_suite
+from tests.conftest import REPO, run_cli
+
+BOUND_S = 120  # a two-rank launch here costs ~10-25 s (three Python processes importing torch on 2 cores)
+
+
+@pytest.fixture(scope="module")
+def tp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tp") / "run"
+    t0 = time.perf_counter()
+    r = run_cli("bench", "--suite", "ci-cpu-tp", "--nproc", "2", "--out", str(out), "--quiet", timeout=BOUND_S)
+    assert r.returncode == 0, r.stderr[-3000:]
+    manifest, points = results.read_run(out)
+    return manifest, points, time.perf_counter() - t0
+
+
+def test_tp2_logits_equal_tp1_logits_fp32(tp_run):
+    # Every tp point carries its check: the sharded model over 2 gloo ranks against the unsharded model on the
+    # same full weights, next-token logits of a prefill and of a decode step.
+    _, points, _ = tp_run
+    tp = [p for p in points if p.get("tp") == 2]
+    assert tp and all(p["dtype"] == "fp32" for p in tp)
+    for p in tp:
+        assert p["rel_error_prefill"] <= 1e-5 and p["rel_error_decode"] <= 1e-5, p
+        assert p["rel_error_prefill"] > 0 or p["rel_error_decode"] > 0  # a real comparison, not the same tensor
+
+
+def test_bench_nproc2_writes_tp_decode_and_collective_points(tp_run):
+    manifest, points, _ = tp_run
+    env = manifest["environment"]
+    assert env["world_size"] == 2 and env["distributed_backend"] == "gloo"
+    assert [r["device"]["kind"] for r in env["ranks"]] == ["cpu", "cpu"] and "failure" not in manifest
+    decode = [p for p in points if p["kind"] == "decode"]
+    assert decode and all(p["tp"] == 2 and p["world_size"] == 2 for p in decode)
+    for p in decode + [p for p in points if p["kind"] == "prefill"]:
+        assert p["status"] in ("ok", "noisy"), p
+        assert p["median_ms"] > 0 and len(p["median_ms_by_rank"]) == 2
+        assert p["median_ms"] - p["median_ms_no_comm"] == pytest.approx(p["comm_ms"])
+    coll = [p for p in points if p["kind"] == "collective"]
+    assert {p["op"] for p in coll} == {"all_reduce", "all_gather"}
+    for p in coll:
+        assert p["status"] in ("ok", "noisy"), p
+        factor = 2 * (2 - 1) / 2 if p["op"] == "all_reduce" else (2 - 1) / 2  # nccl-tests' busbw, n = 2
+        assert p["busbw_gbps"] == pytest.approx(p["algbw_gbps"] * factor)
+        assert p["algbw_gbps"] == pytest.approx(p["bytes"] / (p["median_ms"] / 1e3) / 1e9)
+    curve = collective_curve(points, "all_reduce")
+    assert curve is not None and curve.world_size == 2 and curve.floor_ms > 0
+
+
+def _wait_for(pred, timeout: float) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_rank_killed_mid_run_is_recorded_without_hang_and_resumes(tmp_path):
+    suite = tmp_path / "coll.yaml"
+    suite.write_text("""
+id: coll
+description: collectives only, slow enough to be killed mid-run
+noise_limit: 100
+timing: {min_samples: 3, min_time_s: 0.1, warmup_s: 0.0, max_samples: 500}
+collectives: {ops: [all_reduce, all_gather], dtypes: [fp32], min_bytes: 8, max_bytes: 16384}
+""")
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "bench", "--suite", str(suite), "--nproc", "2",
+                             "--out", str(out), "--quiet"], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        def started() -> bool:
+            pts = out / "points.jsonl"
+            return pts.exists() and pts.read_text().count("\n") >= 2
+
+        assert _wait_for(started, BOUND_S), "the run never got going"
+        victim = results.read_manifest(out)["environment"]["ranks"][1]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        t_kill = time.perf_counter()
+        _, err = proc.communicate(timeout=60)  # no hang: torchrun and rank 0 give up within a bounded time
+        waited = time.perf_counter() - t_kill
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    manifest, before = results.read_run(out)
+    assert manifest.get("failure", {}).get("error"), err[-2000:]
+    assert before[-1]["status"] == "error", before[-1]
+    jobs = 2 * len(sizes(CollectiveSpec(ops=["all_reduce"], dtypes=["fp32"], min_bytes=8, max_bytes=16384), "fp32"))
+    assert 2 <= len([p for p in before if p["status"] != "error"]) < jobs, "the kill should land mid-run"
+
+    r = run_cli("bench", "--resume", str(out), "--nproc", "2", "--quiet", timeout=BOUND_S)
+    assert r.returncode == 0, r.stderr[-3000:]
+    after = results.read_points(out)
+    assert after[: len(before)] == before  # what was written before the kill is kept as it was
+    ok = [results.point_key(p) for p in after if p["status"] == "ok"]
+    assert len(ok) == len(set(ok)) == jobs, "every job measured exactly once"
+    print(f"killed run gave up {waited:.1f} s after the kill")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# No second process
+
+
+def test_lockstep_counts_are_what_measure_calls(tmp_path):
+    # lockstep_measure relies on ctx.measure making exactly 1 + 1 + n calls with warmup_s=0, min=max=n: a peer
+    # rank calling its collectives a different number of times would pair the wrong ones.
+    from harness.measure.timing import measure
+
+    calls = []
+    for n in (3, 7):
+        calls.clear()
+        measure(lambda: calls.append(1), warmup_s=0.0, min_samples=n, max_samples=n, min_time_s=10.0)
+        assert len(calls) == 2 + n
+
+
+def test_collective_curve_interpolates_and_floors():
+    pts = [{"kind": "collective", "op": "all_reduce", "status": "ok", "world_size": 8, "dtype": "bf16",
+            "bytes": b, "median_ms": ms} for b, ms in [(8, 0.01), (1 << 20, 0.02), (1 << 30, 4.0)]]
+    pts.append({**pts[0], "world_size": 2, "median_ms": 1.0})
+    curve = collective_curve(pts, "all_reduce")
+    assert curve.world_size == 8 and curve.floor_ms == 0.01
+    assert curve(1) == 0.01  # below the smallest size: the latency floor
+    assert 0.02 < curve(1 << 25) < 4.0  # between sizes: log-log
+    assert curve(1 << 31) == pytest.approx(8.0)  # beyond: the largest size's bandwidth
+    assert curve.busbw_gbps(1 << 30) == pytest.approx((1 << 30) / 4e-3 / 1e9 * 2 * 7 / 8)
+    assert collective_curve(pts, "all_gather") is None
+
+
+def test_one_process_skips_collectives_and_tp_points(tmp_path):
+    suite = tmp_path / "one.yaml"
+    suite.write_text("""
+id: one
+description: distributed parts in one process
+timing: {min_samples: 1, min_time_s: 0.001, warmup_s: 0.0, max_samples: 2}
+collectives: {ops: [all_reduce], dtypes: [fp32], min_bytes: 8, max_bytes: 8}
+tp: {models: [tiny], backends: [torch], dtypes: [fp32], context: [8]}
+""")
+    run = run_suite(str(suite), out=tmp_path / "run", progress=False)
+    points = results.read_points(run)
+    assert [p["status"] for p in points] == ["skipped", "skipped"]
+    assert all("--nproc" in p["note"] for p in points)
+    assert D.current() is None and D.world_size() == 1
+
+
+def test_nproc_is_taken_out_of_the_relaunched_command():
+    assert without_nproc(["bench", "--nproc", "2", "--suite", "s", "--nproc=4", "-q"]) == ["bench", "--suite", "s",
+                                                                                           "-q"]
+
+
+def test_bad_suite_with_nproc_is_one_line_exit_2():
+    # Checked before torchrun starts: one line, exit 2, no ranks launched.
+    res = CliRunner().invoke(app, ["bench", "--suite", "no-such-suite", "--nproc", "2"])
+    assert res.exit_code == 2 and "no-such-suite" in res.output and res.output.count("\n") == 1, res.output
