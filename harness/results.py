@@ -36,7 +36,7 @@ MEASURED_FIELDS = {
     "scaled_from_layers", "elapsed_s", "timestamp",
     # distributed runs (harness.measure.distributed, parts/collective.py, parts/tp.py)
     "median_ms_by_rank", "telemetry_by_rank", "algbw_gbps", "busbw_gbps", "comm_ms", "comm_fraction",
-    "median_ms_no_comm", "rel_error_prefill", "rel_error_decode",
+    "median_ms_no_comm", "rel_error_prefill", "rel_error_decode", "graph_iters",
 }
 
 

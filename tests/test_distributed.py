@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from harness import results
@@ -118,6 +119,29 @@ collectives: {ops: [all_reduce, all_gather], dtypes: [fp32], min_bytes: 8, max_b
     ok = [results.point_key(p) for p in after if p["status"] == "ok"]
     assert len(ok) == len(set(ok)) == jobs, "every job measured exactly once"
     print(f"killed run gave up {waited:.1f} s after the kill")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="needs 2 CUDA GPUs (NCCL); the gloo tests above cover the same code on the CPU")
+def test_nccl_tp2_decode_in_cuda_graphs(tmp_path):
+    suite = tmp_path / "gpu2.yaml"
+    suite.write_text("""
+id: gpu2
+description: two GPUs, NCCL
+timing: {min_samples: 5, min_time_s: 0.05, warmup_s: 0.02, max_samples: 200}
+collectives: {ops: [all_reduce, all_gather], dtypes: [bf16], min_bytes: 8, max_bytes: 1048576}
+tp: {models: [tiny, tiny-qwen3], backends: [triton, torch], dtypes: [fp32, bf16], batch: [1, 8], prompt_len: [64],
+     context: [256]}
+""")
+    r = run_cli("bench", "--suite", str(suite), "--nproc", "2", "--out", str(tmp_path / "run"), "--quiet",
+                timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    manifest, points = results.read_run(tmp_path / "run")
+    assert manifest["environment"]["distributed_backend"] == "nccl"
+    assert all(p["status"] in ("ok", "noisy") for p in points), [p.get("error") for p in points]
+    assert all(p["cuda_graph"] for p in points if p["kind"] in ("decode", "collective")), "graphs not captured"
+    # fp32 torch is exact fp32 on GPU (matmul TF32 off by default); the Triton backend's fp32 dot runs as TF32.
+    assert all(p["rel_error_decode"] <= 1e-5 for p in points if p.get("backend") == "torch" and p["dtype"] == "fp32")
 
 
 # ---------------------------------------------------------------------------------------------------------------

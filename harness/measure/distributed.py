@@ -151,7 +151,8 @@ def agreed_graph(fn, iters: int = 1):
             fn()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: the NCCL watchdog thread's event queries must not invalidate this thread's capture.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             for _ in range(iters):
                 fn()
     except Exception as e:  # noqa: BLE001 - recorded in the point; timed eager instead

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from harness import results
+from harness.config import ConfigError
 from harness.measure import distributed as D
 from harness.measure.context import Job, RunContext
 
@@ -98,11 +99,14 @@ class Leader:
 
     def prepare(self, suite, writer, info) -> None:
         """Once the run folder exists: the suite to the others; every rank's device into the manifest."""
+        env = writer.manifest["environment"]
+        if env.get("world_size", self.g.world) != self.g.world:  # resumed: its tp points need the same world
+            raise ConfigError(writer.dir / "manifest.json", "environment.world_size",
+                              f"the run has {env['world_size']} ranks; resume it with --nproc {env['world_size']}")
         self.g.broadcast(suite.resolved())
         self.prepared = True
         if os.environ.get(RUN_DIR_FILE_ENV):
             Path(os.environ[RUN_DIR_FILE_ENV]).write_text(str(writer.dir.resolve()))
-        env = writer.manifest["environment"]
         env.update(ranks=self.g.gather(_rank_info(info)), world_size=self.g.world, distributed_backend=self.g.backend)
         writer.write_manifest()
 

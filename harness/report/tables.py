@@ -17,13 +17,16 @@ COLUMNS = {
                 "spread"],
     "kernel": ["op", "backend", "dtype", "shape", "status", "median_ms", "tflops", "gbps", "mfu", "mbu",
                "mfu_datasheet", "mbu_datasheet", "vs_torch"],
-    "prefill": ["model", "backend", "dtype", "batch", "prompt_len", "status", "ttft_ms", "tokens_per_s", "tflops",
-                "mfu", "mfu_datasheet", "scaled_from_layers"],
-    "decode": ["model", "backend", "dtype", "batch", "context", "status", "tpot_ms", "tokens_per_s",
-               "tokens_per_s_per_seq", "gbps", "mbu", "mbu_matvec", "mbu_datasheet", "cuda_graph",
+    "prefill": ["model", "backend", "dtype", "tp", "batch", "prompt_len", "status", "ttft_ms", "tokens_per_s",
+                "tflops", "mfu", "mfu_datasheet", "comm_fraction", "scaled_from_layers"],
+    "decode": ["model", "backend", "dtype", "tp", "batch", "context", "status", "tpot_ms", "tokens_per_s",
+               "tokens_per_s_per_seq", "gbps", "mbu", "mbu_matvec", "mbu_datasheet", "cuda_graph", "comm_fraction",
                "scaled_from_layers"],
+    "collective": ["op", "dtype", "world_size", "bytes", "status", "median_ms", "algbw_gbps", "busbw_gbps",
+                   "cuda_graph"],
 }
-TITLES = {"ceiling": "Ceilings (measured)", "kernel": "Kernels", "prefill": "Prefill", "decode": "Decode"}
+TITLES = {"ceiling": "Ceilings (measured)", "kernel": "Kernels", "prefill": "Prefill", "decode": "Decode",
+          "collective": "Collectives (nccl-tests' algbw and busbw)"}
 
 
 def shape_of(p: dict) -> str:

@@ -120,7 +120,7 @@ def job(op: str, dtype: str, nbytes: int, graph_iters: int) -> Job:
         total = n * elem
         algbw = total / (t["median_ms"] / 1e3) / 1e9
         return {**t, "bytes": total, "algbw_gbps": algbw, "busbw_gbps": algbw * BUS_FACTOR[op](g.world),
-                "graph_iters": iters, **({"note": note} if note else {})}
+                "cuda_graph": step is not call, "graph_iters": iters, **({"note": note} if note else {})}
 
     g = D.current()
     key = {"kind": "collective", "op": op, "dtype": dtype, "size_bytes": nbytes, "world_size": D.world_size(),

@@ -133,6 +133,12 @@ def _comm_fields(t: dict, t0: dict) -> dict:
     return {"median_ms_no_comm": ms0, "comm_ms": ms - ms0, "comm_fraction": (ms - ms0) / ms if ms > 0 else None}
 
 
+def _cache(ctx: RunContext, m: T.TPTransformer, batch: int, length: int, seed: int | None) -> M.KVCache:
+    P._point_memory_check(ctx, batch * length * m.cfg.kv_bytes_per_token(m.dtype.itemsize), "KV cache")
+    cache = m.new_cache(batch, length)
+    return cache if seed is None else cache.fill_random(seed)
+
+
 def _point(ctx: RunContext, session: _Session, spec: Spec, kind: str, name: str, dtype: str, backend: str,
            batch: int, length: int) -> dict:
     g = D.current()
@@ -144,14 +150,14 @@ def _point(ctx: RunContext, session: _Session, spec: Spec, kind: str, name: str,
     gen = torch.Generator(device=dev).manual_seed(ctx.seed + batch * 7919 + length)  # the same tokens on every rank
     if kind == "prefill":
         tokens = torch.randint(0, m.vocab_size, (batch, length), generator=gen, device=dev)  # [B, S]
-        cache, failed = D.agree(lambda: m.new_cache(batch, length))
+        cache, failed = D.agree(lambda: _cache(ctx, m, batch, length, None))
 
         def step_of(x):
             return lambda: x.forward_prefill(tokens, cache)
     else:
         tokens = torch.randint(0, m.vocab_size, (batch,), generator=gen, device=dev)  # [B]
         pos = torch.full((batch,), length, dtype=torch.int32, device=dev)  # every sample does the same work
-        cache, failed = D.agree(lambda: m.new_cache(batch, length + 1).fill_random(ctx.seed + batch + length))
+        cache, failed = D.agree(lambda: _cache(ctx, m, batch, length + 1, ctx.seed + batch + length))
 
         def step_of(x):
             return lambda: x.forward_decode(tokens, pos, cache)
