@@ -89,7 +89,7 @@ def run_suite(suite_name: str | None = None, out: str | Path | None = None, resu
               device: str | None = None, progress: bool = True, on_point: Callable[[dict], None] | None = None,
               group=None) -> Path:
     """Measure a suite into a run folder and return its path. `resume` continues an existing run folder.
-    `group`: rank 0's `harness.measure.distributed.Group` in a run on several ranks (it runs the job loop)."""
+    `group`: rank 0's `harness.measure.launch.Leader` in a run on several ranks (it runs the job loop)."""
     info = detect(device)
     datasheet = load_hardware(info.datasheet) if info.datasheet else None
     if resume is not None:

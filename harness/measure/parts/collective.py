@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from pydantic import Field, PositiveInt
 
+from harness import results
 from harness.config import Strict
 from harness.dtypes import dtype_bytes, to_dtype
 from harness.measure import distributed as D
@@ -162,9 +163,9 @@ class CollectiveCurve:
 def collective_curve(points: list[dict], op: str = "all_reduce", world_size: int | None = None,
                      dtype: str | None = None) -> CollectiveCurve | None:
     """The curve of `op` at `world_size` (default: the largest measured) and `dtype` (default: bf16 if measured,
-    else any), from a run's points (`ok` or `noisy` only); None when the run has no such points."""
+    else any), from a run's points (usable ones: `ok` or `noisy`); None when the run has no such points."""
     pts = [p for p in points if p.get("kind") == "collective" and p.get("op") == op
-           and p.get("status") in ("ok", "noisy") and p.get("median_ms") and p.get("bytes")]
+           and p.get("status") in results.USABLE and p.get("median_ms") and p.get("bytes")]
     if world_size is None and pts:
         world_size = max(p["world_size"] for p in pts)
     pts = [p for p in pts if p.get("world_size") == world_size]
