@@ -18,6 +18,7 @@ from harness import results
 from harness.cli.main import app
 from harness.cli.measure import _without_nproc as without_nproc
 from harness.measure import distributed as D
+from harness.measure.launch import merge
 from harness.measure.parts.collective import Spec as CollectiveSpec
 from harness.measure.parts.collective import collective_curve, sizes
 from harness.measure.runner import run_suite
@@ -187,6 +188,16 @@ tp: {models: [tiny], backends: [torch], dtypes: [fp32], context: [8]}
     assert [p["status"] for p in points] == ["skipped", "skipped"]
     assert all("--nproc" in p["note"] for p in points)
     assert D.current() is None and D.world_size() == 1
+
+
+def test_merge_names_the_failing_rank_and_stops_on_disagreement():
+    ok = {"status": "ok", "error": None, "median_ms": 1.0, "raised": False}
+    bad = {"status": "oom", "error": "OutOfMemoryError: CUDA out of memory", "median_ms": None, "raised": True}
+    point, stop = merge({"kind": "decode", "status": "ok", "median_ms": 1.0}, [ok, bad])
+    assert point["status"] == "oom" and point["error"].startswith("rank 1: ") and stop
+    assert point["median_ms_by_rank"] == [1.0, None]
+    point, stop = merge({"kind": "decode", "status": "oom", "error": "x"}, [{**bad, "error": "x"}, bad])
+    assert point["error"] == "x" and not stop  # every rank raised alike: in step, the run goes on
 
 
 def test_nproc_is_taken_out_of_the_relaunched_command():

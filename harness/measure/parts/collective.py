@@ -120,7 +120,9 @@ def job(op: str, dtype: str, nbytes: int, graph_iters: int) -> Job:
             t[k] /= iters
         total = n * elem
         algbw = total / (t["median_ms"] / 1e3) / 1e9
-        return {**t, "bytes": total, "algbw_gbps": algbw, "busbw_gbps": algbw * BUS_FACTOR[op](g.world),
+        # gbps is algbw; the memory-bandwidth fractions the runner would derive from `bytes` mean nothing here.
+        none = dict.fromkeys(("mbu", "mbu_matvec", "mbu_datasheet", "warning"))
+        return {**t, **none, "bytes": total, "algbw_gbps": algbw, "busbw_gbps": algbw * BUS_FACTOR[op](g.world),
                 "cuda_graph": step is not call, "graph_iters": iters, **({"note": note} if note else {})}
 
     g = D.current()

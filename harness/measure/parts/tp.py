@@ -17,6 +17,7 @@ point on every rank together (`distributed.agree`).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from pydantic import Field, PositiveInt
@@ -91,19 +92,26 @@ class _Session:
         if key != self.key:
             self.key, self.model = None, None
             P._free(ctx.torch_device)
-            built, failed = D.agree(lambda: self._build(ctx, spec, name, dtype, g))
+            n, failed = D.agree(lambda: _layers_here(ctx, spec, name, dtype, g))
             if failed:
                 return None, fields, failed
-            self.key, (self.model, self.full_layers) = key, built
+            n = int(-g.max(-n))  # every rank builds as many layers as the tightest rank can hold
+            built, failed = D.agree(lambda: T.build_tp_model(load_model_config(name), g.rank, g.world, "torch",
+                                                             dtype, ctx.torch_device, ctx.seed, n))
+            if failed:
+                return None, fields, failed
+            self.key, self.model = key, built
+            self.full_layers = M.shard_config(load_model_config(name), g.world).num_layers
         return self.model.with_backend(backend), fields, None
 
-    @staticmethod
-    def _build(ctx: RunContext, spec: Spec, name: str, dtype: str, g: D.Group):
-        cfg = load_model_config(name)
-        shard = M.shard_config(cfg, g.world)
-        n = P.layers_to_build(shard, dtype_bytes(dtype), P._available_bytes(ctx.torch_device), spec.layers)
-        model = T.build_tp_model(cfg, g.rank, g.world, "torch", dtype, ctx.torch_device, ctx.seed, n)
-        return model, shard.num_layers
+
+def _layers_here(ctx: RunContext, spec: Spec, name: str, dtype: str, g: D.Group) -> int:
+    """How many layers of the shard this rank can hold (ranks of one host share its CPU memory)."""
+    shard = M.shard_config(load_model_config(name), g.world)
+    avail = P._available_bytes(ctx.torch_device)
+    if not ctx.on_gpu:
+        avail //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return P.layers_to_build(shard, dtype_bytes(dtype), avail, spec.layers)
 
 
 def _timed(ctx: RunContext, m: T.TPTransformer, full_layers: int, step_of, graph: bool):
