@@ -14,6 +14,7 @@ all together) and `agreed_graph` (a CUDA graph with collectives, used only when 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -104,14 +105,17 @@ def init(device_kind: str) -> Group:
 def lockstep_measure(ctx, fn, **overrides):
     """`ctx.measure(fn)` with the call count agreed across ranks: the slowest rank's per-call time sets the
     warm-up and sample counts, and measure runs with warmup_s=0 and min_samples=max_samples (1 first call, 1
-    warm-up call, n samples on every rank). One process: plain ctx.measure."""
+    warm-up call, n samples on every rank). `first_call_ms` is the very first call's (compile, autotune), timed on
+    the host around a synchronize. One process: plain ctx.measure."""
     g = current()
     if g is None:
         return ctx.measure(fn, **overrides)
     t = ctx.suite.file.timing
     sync = torch.cuda.synchronize if ctx.on_gpu else (lambda: None)
-    fn()
+    start = time.perf_counter()
+    fn()  # compile / autotune happen here: reported as first_call_ms, as measure does
     sync()
+    first_ms = (time.perf_counter() - start) * 1e3
     start = time.perf_counter()
     for _ in range(3):
         fn()
@@ -120,7 +124,8 @@ def lockstep_measure(ctx, fn, **overrides):
     for _ in range(max(0, math.ceil(t.warmup_s / max(per_call, 1e-9)) - 2)):
         fn()
     n = int(min(max(t.min_samples, math.ceil(t.min_time_s / max(per_call, 1e-9))), max(t.max_samples, t.min_samples)))
-    return ctx.measure(fn, **{**overrides, "warmup_s": 0.0, "min_samples": n, "max_samples": n})
+    timing = ctx.measure(fn, **{**overrides, "warmup_s": 0.0, "min_samples": n, "max_samples": n})
+    return dataclasses.replace(timing, first_call_ms=first_ms)
 
 
 def agree(fn):
