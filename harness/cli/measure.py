@@ -71,11 +71,16 @@ def bench(suite: Annotated[str | None, typer.Option("--suite", "-s", help="suite
     check_format(fmt)
     if resume and out:
         raise ConfigError("--out", None, "--out and --resume exclude each other (a resumed run keeps its folder)")
+    from harness.measure.distributed import under_launcher
+
     progress = not quiet and sys.stderr.isatty()
-    run_dir = _distributed(nproc, suite, out, resume, device, progress)
-    if run_dir is None:  # a rank other than 0: rank 0 writes and prints
-        return
-    if run_dir is False:
+    if under_launcher():  # one rank of a torchrun
+        run_dir = _rank_run(suite, out, resume, device, progress)
+        if run_dir is None:  # not rank 0: rank 0 writes and prints
+            return
+    elif nproc and nproc > 1:
+        _launch(nproc, suite, resume)
+    else:
         run_dir = run_suite(suite, out=out, resume=resume, device=device, progress=progress)
     write_tables(run_dir)  # points.csv, <kind>.csv, summary.md: derived from points.jsonl, rewritten on resume
     _, points = read_run(run_dir)
@@ -90,24 +95,26 @@ def bench(suite: Annotated[str | None, typer.Option("--suite", "-s", help="suite
     typer.echo(f"run folder: {run_dir}", err=fmt != "table")
 
 
-def _distributed(nproc: int | None, suite, out, resume, device, progress):
-    """`--nproc N` (N > 1): launch torchrun with this command and exit with its code. Under torchrun: this rank's
-    part (rank 0: the run folder; others: None). Otherwise False (a one-process run)."""
-    from harness.measure import distributed, launch
+def _rank_run(suite, out, resume, device, progress) -> Path | None:
+    """This rank's part of a run under torchrun: rank 0 returns the run folder, the others None."""
+    from harness.measure import launch
 
-    if distributed.under_launcher():
-        try:
-            return launch.run_suite(suite, out, resume, device, progress)
-        except launch.RunFailed as e:
-            where = f"; `tokenfleet bench --resume {out or resume} --nproc N` continues it" if out or resume else ""
-            typer.echo(f"error: run stopped: {e}{where}", err=True)
-            raise typer.Exit(1) from None
-    if not nproc or nproc == 1:
-        return False
+    try:
+        return launch.run_suite(suite, out, resume, device, progress)
+    except launch.RunFailed as e:
+        where = f"; `tokenfleet bench --resume {out or resume} --nproc N` continues it" if out or resume else ""
+        typer.echo(f"error: run stopped: {e}{where}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _launch(nproc: int, suite, resume) -> None:
+    """`--nproc N`: this command on N ranks through torchrun; exits with its code. Bad input is caught here first
+    (one line, exit 2), not once per rank."""
+    from harness.measure import launch
     from harness.measure.suite import load_suite
     from harness.results import resolve_run
 
-    if suite:  # bad input: one line and exit 2 here, not once per rank
+    if suite:
         load_suite(suite)
     if resume:
         resolve_run(resume)
