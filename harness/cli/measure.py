@@ -79,7 +79,7 @@ def bench(suite: Annotated[str | None, typer.Option("--suite", "-s", help="suite
         if run_dir is None:  # not rank 0: rank 0 writes and prints
             return
     elif nproc and nproc > 1:
-        _launch(nproc, suite, resume)
+        _launch(nproc, suite, resume, device)
     else:
         run_dir = run_suite(suite, out=out, resume=resume, device=device, progress=progress)
     write_tables(run_dir)  # points.csv, <kind>.csv, summary.md: derived from points.jsonl, rewritten on resume
@@ -107,13 +107,19 @@ def _rank_run(suite, out, resume, device, progress) -> Path | None:
         raise typer.Exit(1) from None
 
 
-def _launch(nproc: int, suite, resume) -> None:
+def _launch(nproc: int, suite, resume, device) -> None:
     """`--nproc N`: this command on N ranks through torchrun; exits with its code. Bad input is caught here first
     (one line, exit 2), not once per rank."""
+    import torch
+
     from harness.measure import launch
+    from harness.measure.device import pick
     from harness.measure.suite import load_suite
     from harness.results import resolve_run
 
+    if pick(device) == "cuda" and torch.cuda.device_count() < nproc:
+        raise ConfigError("--nproc", None, f"{nproc} ranks need {nproc} GPUs (one each); torch sees "
+                          f"{torch.cuda.device_count()} (--device cpu runs gloo ranks on the CPU)")
     if suite:
         load_suite(suite)
     if resume:
