@@ -53,6 +53,7 @@ def test_bench_nproc2_writes_tp_decode_and_collective_points(tp_run):
     env = manifest["environment"]
     assert env["world_size"] == 2 and env["distributed_backend"] == "gloo"
     assert [r["device"]["kind"] for r in env["ranks"]] == ["cpu", "cpu"] and "failure" not in manifest
+    assert env["telemetry_end_by_rank"] == [None, None]  # NVML telemetry on GPU; none on a CPU
     decode = [p for p in points if p["kind"] == "decode"]
     assert decode and all(p["tp"] == 2 and p["world_size"] == 2 for p in decode)
     for p in decode + [p for p in points if p["kind"] == "prefill"]:

@@ -5,7 +5,8 @@ Under it, every rank calls `run_suite`. Rank 0 leads: it alone writes the run fo
 one-device run does, so `--resume` works unchanged), decides which jobs are left, and names them to the others
 one at a time; every rank runs the job (collectives need all of them) and sends back its outcome; the point rank 0
 writes carries the first failing rank's error, every rank's median (`median_ms_by_rank`) and, on GPU, telemetry
-(`telemetry_by_rank`). The manifest lists every rank's device (`environment.ranks`).
+(`telemetry_by_rank`). The manifest lists every rank's device as it started (`environment.ranks`, NVML included)
+and its telemetry at the end (`environment.telemetry_end_by_rank`).
 
 Failures end the run, never hang it: ranks that disagree about a job raising (the collective sequence can no
 longer be trusted), a control message that fails (a rank died: gloo sees the closed socket at once, NCCL after
@@ -49,14 +50,17 @@ def _rank_info(info) -> dict:
             "device": info.to_dict()}
 
 
+def _telemetry(ctx: RunContext) -> dict | None:
+    if not ctx.on_gpu:
+        return None
+    from harness.measure.device import telemetry
+
+    return telemetry(torch.cuda.current_device())
+
+
 def _outcome(point: dict, raised: bool, ctx: RunContext) -> dict:
     out = {k: point.get(k) for k in ("status", "error", "median_ms")}
-    out["raised"] = raised
-    if ctx.on_gpu:
-        from harness.measure.device import telemetry
-
-        out["telemetry"] = telemetry(torch.cuda.current_device())
-    return out
+    return {**out, "raised": raised, "telemetry": _telemetry(ctx)}
 
 
 def _execute(job: Job, ctx: RunContext) -> tuple[dict, bool]:
@@ -133,6 +137,7 @@ class Leader:
                 if disagree:
                     raise RunFailed(f"ranks disagree on {point.get('kind')} point: {point.get('error')}")
             g.broadcast(STOP)
+            writer.manifest["environment"]["telemetry_end_by_rank"] = g.gather(_telemetry(ctx))
         except (RankLost, Exception) as e:  # a job's own errors never get here (execute makes them rows)
             # From here on a second SIGTERM must not cut the record short (torchrun SIGKILLs after its grace).
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -185,6 +190,7 @@ def follow(g: D.Group, device: str | None = None) -> None:
         if point["kind"] == "ceiling":
             ctx.record_ceiling(point)
         g.gather(_outcome(point, raised, ctx))
+    g.gather(_telemetry(ctx))  # the manifest's telemetry_end_by_rank
 
 
 def run_suite(suite: str | None, out, resume, device: str | None, progress: bool) -> Path | None:
