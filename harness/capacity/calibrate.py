@@ -1,12 +1,19 @@
-"""What runs tell the capacity model: measured grids (this device, model, dtype, backend, tp) and efficiencies
-(e_c, e_m) to calibrate devices no run measured.
+"""What runs tell the capacity model: measured grids (this device, model, dtype, backend, tp), measured collective
+curves (this device, world size), and efficiencies (e_c, e_m) to calibrate devices no run measured.
 
-- A point belongs to a group (datasheet id, model, dtype, tp). Within a group the *deployable* backend is the
+- A point belongs to a group (datasheet id, model, dtype, tp, shard). A `tp: p` point with `world_size` p is a
+  tensor-parallel replica measured on p ranks, collectives included (the tp part). A `tp: p > 1` point without it
+  is the model part's *shard*: one GPU's slice timed on one GPU, no collectives. A shard is never a measurement of
+  a tp=p replica: it is used only where no replica was measured, as per-GPU compute to which the collectives are
+  added (`Measured.shard`; rows say `measured-shard`). Within a group the *deployable* backend is the
   fastest correct one of `triton` and `compile` (`torch` only when it is the only backend there): a backend with
   any `incorrect` point is not correct. Only the deployable backend's points enter numbers.
 - All given runs are merged: each cell (decode: batch × context; prefill: batch × prompt_len) takes the point
   with the smallest spread, whichever run it came from.
-- Efficiencies for other devices: e_m = median `mbu_datasheet` of the deployable decode points, e_c = median
+- Collectives: a run of this device with `all_reduce` points at world size tp gives the curve TP projections use
+  (`measured_allreduce`); nccl points before gloo ones.
+- Efficiencies for other devices (from tp=1 and shard groups; replica groups only when nothing else was run,
+  their times including communication): e_m = median `mbu_datasheet` of the deployable decode points, e_c = median
   `mfu_datasheet` of the deployable prefill points, from points of the projected dtype when a run has them (fp8
   from fp8), else of any dtype (said in `source`). The step overhead is folded into e_m (MBU is measured over the
   whole step), so calibrated projections add none.
@@ -22,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from harness.measure.parts.collective import CollectiveCurve, collective_curve
 from harness.results import Run, load_run, usable
 
 # Documented defaults when no run is given. Assumptions, not measurements of this project: replace them with a run.
@@ -75,15 +83,27 @@ def _cell(p: dict) -> tuple | None:
     return None
 
 
+def _tp(p: dict) -> tuple[int, bool]:
+    """(tp, shard): shard when tp > 1 but the point was not measured on tp ranks (no `world_size` == tp)."""
+    tp = int(p.get("tp") or 1)
+    return tp, tp > 1 and p.get("world_size") != tp
+
+
 @dataclass
 class Group:
-    """The model points of one (datasheet id, model, dtype, tp), all runs merged, per backend."""
+    """The model points of one (datasheet id, model, dtype, tp, shard), all runs merged, per backend."""
 
     hardware_id: str
     model: str
     dtype: str
     tp: int
+    shard: bool
     points: dict  # backend -> list[(run_id, point)]
+
+    @property
+    def replica(self) -> bool:
+        """Measured on tp ranks with its collectives (a tp > 1 replica, not a shard)."""
+        return self.tp > 1 and not self.shard
 
     def correct(self) -> list[str]:
         return [b for b, pts in self.points.items()
@@ -117,14 +137,14 @@ class Group:
 
 
 def groups(runs: list[Run]) -> dict[tuple, Group]:
-    """(hardware_id, model, dtype, tp) -> Group over every run given."""
+    """(hardware_id, model, dtype, tp, shard) -> Group over every run given."""
     out: dict[tuple, Group] = {}
     for r in runs:
         hw = r.hardware_id
         for p in r.points:
             if p.get("kind") not in ("decode", "prefill") or not hw or not p.get("model"):
                 continue
-            key = (hw, p["model"], p.get("dtype"), int(p.get("tp") or 1))
+            key = (hw, p["model"], p.get("dtype"), *_tp(p))
             g = out.setdefault(key, Group(*key, points=defaultdict(list)))
             g.points[p.get("backend") or "unknown"].append((r.run_id, p))
     return out
@@ -168,15 +188,23 @@ class Measured:
     decode: dict  # (batch, context) -> seconds
     prefill: dict  # (batch, prompt_len) -> seconds
     power_w: float | None = None
+    shard: bool = False  # one GPU's shard timed alone: per-GPU compute, collectives not included
 
     @property
     def label(self) -> str:
-        return f"{self.backend}, run {', '.join(self.runs)}"
+        what = "shard on one GPU, collectives added: " if self.shard else ""
+        return f"{what}{self.backend}, run {', '.join(self.runs)}"
 
 
 def measured_for(runs: list[Run], hardware_id: str, model: str, dtype: str, tp: int) -> Measured | None:
-    """This device, model, dtype and tp on the deployable backend; None when no run measured it."""
-    g = groups(runs).get((hardware_id, model, dtype, tp))
+    """This device, model, dtype and tp on the deployable backend: the tp replica when a run measured it on tp
+    ranks, else (tp > 1) the model part's shard points as per-GPU compute (`shard`); None when neither."""
+    gs = groups(runs)
+    return _measured(gs.get((hardware_id, model, dtype, tp, False))) or \
+        (_measured(gs.get((hardware_id, model, dtype, tp, True))) if tp > 1 else None)
+
+
+def _measured(g: Group | None) -> Measured | None:
     backend = g.deployable() if g else None
     if backend is None:
         return None
@@ -188,19 +216,40 @@ def measured_for(runs: list[Run], hardware_id: str, model: str, dtype: str, tp: 
     power = [v[3]["telemetry"]["power_w"] for k, v in cells.items() if k[0] == "decode"
              and isinstance(v[3].get("telemetry"), dict) and _pos(v[3]["telemetry"].get("power_w"))]
     return Measured(backend, sorted({v[2] for v in cells.values()}), dec, pre,
-                    statistics.median(power) if power else None)
+                    statistics.median(power) if power else None, g.shard)
+
+
+def measured_allreduce(runs: list[Run], hardware_id: str, tp: int) -> tuple[CollectiveCurve, str] | None:
+    """The all-reduce curve (bf16 if measured) at world size `tp` of the given runs of this device, with its label:
+    nccl points when any run has them, else gloo; several runs merged (the fastest time of each size)."""
+    if tp < 2:
+        return None
+    pts = [(r.run_id, p) for r in runs if r.hardware_id == hardware_id for p in r.points
+           if p.get("kind") == "collective" and p.get("op") == "all_reduce" and p.get("world_size") == tp
+           and usable(p)]
+    backends = {p.get("backend") for _, p in pts}
+    backend = "nccl" if "nccl" in backends else next(iter(sorted(b for b in backends if b)), None)
+    pts = [(r, p) for r, p in pts if p.get("backend") == backend]
+    curve = collective_curve([p for _, p in pts], "all_reduce", world_size=tp)
+    if curve is None:
+        return None
+    ids = sorted({r for r, p in pts if p.get("dtype") == curve.dtype})
+    return curve, f"measured (run {', '.join(ids)}, {backend}, world {tp}, {curve.dtype})"
 
 
 # ---- efficiencies ----------------------------------------------------------------------------------------------
 def efficiency_from_runs(runs: list[Run], dtype: str | None = None, exclude: tuple | None = None) -> Efficiency:
     """Median datasheet MFU (prefill) and MBU (decode) of each group's deployable backend, from the projected
-    dtype's points when any run has them. `exclude` (hardware_id, model, dtype, tp) leaves out a measured group
-    (its own grid is used instead). A field no run measures keeps its default; `source` names the runs."""
+    dtype's points when any run has them; tp replica points (their times hold communication) only when no
+    other group was measured. `exclude` (hardware_id, model, dtype, tp, shard) leaves out a measured group (its
+    own grid is used instead). A field no run measures keeps its default; `source` names the runs."""
     picked = []
     for key, g in groups(runs).items():
         b = g.deployable()
         if b and key != exclude:
             picked += [(g, v[3], v[2]) for v in g.cells(b).values()]
+    if any(not g.replica for g, _, _ in picked):
+        picked = [x for x in picked if not x[0].replica]
     same = bool(dtype) and any(g.dtype == dtype for g, _, _ in picked)
     if same:
         picked = [(g, p, r) for g, p, r in picked if g.dtype == dtype]
@@ -208,7 +257,8 @@ def efficiency_from_runs(runs: list[Run], dtype: str | None = None, exclude: tup
     mbu = [p["mbu_datasheet"] for _, p, _ in picked if p["kind"] == "decode" and _pos(p.get("mbu_datasheet"))]
     if not mfu and not mbu:
         return Efficiency()
-    devices = sorted({f"{g.hardware_id} {g.model} {g.dtype} tp{g.tp} {g.deployable()}" for g, _, _ in picked})
+    devices = sorted({f"{g.hardware_id} {g.model} {g.dtype} tp{g.tp}{' shard' if g.shard else ''} {g.deployable()}"
+                      for g, _, _ in picked})
     ids = sorted({r for _, _, r in picked})
     # Clamp at 1: above-datasheet figures are byte-count bugs, not efficiencies to extrapolate from.
     e_c = min(statistics.median(mfu), 1.0) if mfu else DEFAULT_E_C

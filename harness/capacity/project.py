@@ -3,6 +3,7 @@
     B_mem = floor((tp·M·f_mem − W − tp·reserve) / (kv_gpu·tp·(I+O)))     bytes throughout; kv_gpu counts the KV
             heads (GQA) or latent (MLA) each rank holds, replicated once tp exceeds what can be split
     rows say where their step times come from: `measured` (a run of this device, model, dtype, backend, tp),
+    `measured-shard` (tp > 1 from one GPU's shard timed alone, collectives added: `allreduce_source`),
     `calibrated` (efficiencies measured by a named run of another device or model), `projected` (defaults)
 
 Fleet capacity against demand lives in `harness.capacity.fleet`.
@@ -14,7 +15,7 @@ import functools
 import math
 from dataclasses import dataclass
 
-from harness.capacity.calibrate import Efficiency, efficiency_from_runs, measured_for, read_runs
+from harness.capacity.calibrate import Efficiency, efficiency_from_runs, measured_allreduce, measured_for, read_runs
 from harness.capacity.config import Workload, load_workload
 from harness.capacity.serving import Projector, Steps, serve
 from harness.config import ConfigError
@@ -126,7 +127,7 @@ def b_mem(m: ModelConfig, hw: Hardware, dtype: str, tp: int, seq_tokens: int, kv
 
 def source_of(meas, eff: Efficiency) -> str:
     if meas and meas.decode:
-        return "measured"
+        return "measured-shard" if meas.shard else "measured"
     return "calibrated" if eff.run_id else "projected"
 
 
@@ -135,7 +136,8 @@ def _base(m, hw, w, dtype, tp, count, utilization, proj, dep) -> dict:
             "output_len": w.output_len, "prefix_cache_hit": w.prefix_cache_hit, "count": count,
             "utilization": utilization, "weight_bytes": m.weight_bytes(proj.wb),
             "kv_bytes_per_token_per_gpu": kv_bytes_per_gpu(m, tp, dep.kv_dtype), "kv_dtype": dep.kv_dtype,
-            "batch_cap": dep.batch_cap, "max_batched_tokens": dep.max_batched_tokens, "deployment": dep.source}
+            "batch_cap": dep.batch_cap, "max_batched_tokens": dep.max_batched_tokens, "deployment": dep.source,
+            "allreduce_source": proj.allreduce_source, "alltoall_source": proj.alltoall_source}
 
 
 def project(model: str | ModelConfig, gpu: str | Hardware, workload: str | Workload, dtype: str | None = None,
@@ -154,7 +156,7 @@ def project(model: str | ModelConfig, gpu: str | Hardware, workload: str | Workl
     runs = read_runs(runs)
     meas = measured_for(runs, hw.id, m.id, dtype, tp)
     eff = eff or efficiency_from_runs(runs, dtype)
-    proj = Projector(m, hw, dtype, tp, eff, dep.kv_dtype)
+    proj = Projector(m, hw, dtype, tp, eff, dep.kv_dtype, allreduce=measured_allreduce(runs, hw.id, tp))
     count = count or w.count
     out = _base(m, hw, w, dtype, tp, count, utilization, proj, dep)
     source = source_of(meas, eff)

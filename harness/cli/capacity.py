@@ -21,7 +21,7 @@ PROJECT_COLUMNS = ["model", "gpu", "dtype", "tp", "workload", "input_len", "outp
                    "decode_tokens_per_s_per_gpu", "output_tokens_per_s_per_gpu", "total_tokens_per_s_per_gpu", "count",
                    "tokens_per_day_per_gpu", "utilization", "weight_bytes", "kv_bytes_per_token_per_gpu", "kv_dtype",
                    "batch_cap", "max_batched_tokens", "power_w_per_gpu", "joules_per_token", "source",
-                   "decode_source", "prefill_source"]
+                   "decode_source", "prefill_source", "allreduce_source", "alltoall_source"]
 # A terminal is narrow: the table view leaves out the per-model TP list and the flags (md/csv/json keep them).
 CAPACITY_TABLE_COLUMNS = ["gpu", "count", "tokens_per_s_per_gpu", "tokens_per_day", "share_of_demand",
                           "coverage_vs_china_reported", "coverage_vs_china_nda", "gpus_needed_alone", "power_mw",
