@@ -71,6 +71,22 @@ def test_bench_nproc2_writes_tp_decode_and_collective_points(tp_run):
     assert curve is not None and curve.world_size == 2 and curve.floor_ms > 0
 
 
+def test_capacity_reads_the_tp_run_as_a_replica_with_its_curve(tp_run, tmp_path):
+    # The capacity model on this runner-written tp=2 run (its manifest given a datasheet: a CPU has none): the
+    # tp points are the replica (world_size 2, collectives inside), the gloo all-reduce curve times the collectives.
+    from harness.capacity.calibrate import measured_allreduce, measured_for
+    from harness.hardware import load_hardware
+
+    manifest, points, _ = tp_run
+    env = {**manifest["environment"], "datasheet": load_hardware("h200").model_dump()}
+    run = results.Run(tmp_path, {**manifest, "environment": env}, points)
+    curve, label = measured_allreduce([run], "h200", 2)
+    assert "gloo, world 2" in label and curve.world_size == 2
+    m = measured_for([run], "h200", "tiny", "fp32", 2)
+    assert m is not None and not m.shard and m.decode
+    assert measured_allreduce([run], "h200", 4) is None
+
+
 def _wait_for(pred, timeout: float) -> bool:
     deadline = time.time() + timeout
     while time.time() < deadline:
