@@ -32,7 +32,8 @@ from harness.results import Run
 
 REPORTED, PRIMARY = "china-reported", "china-nda"  # coverage is always shown against both (DESIGN.md)
 # The columns of a capacity table, in the order every view prints them.
-CAPACITY_COLUMNS = ["gpu", "count", "tp", "tokens_per_s_per_gpu", "tokens_per_day", "share_of_demand", "coverage",
+CAPACITY_COLUMNS = ["gpu", "count", "tp", "tokens_per_s_per_gpu", "tokens_per_day", "capacity_over_demand",
+                    "coverage",
                     "coverage_vs_china_reported", "coverage_vs_china_nda", "gpus_needed_alone", "power_mw",
                     "energy_mwh_per_day", "joules_per_token", "source", "unservable", "ttft_missed", "tpot_missed"]
 
@@ -76,7 +77,7 @@ def outgrows(fit: dict | None, capacity_per_day: float, peak_factor: float) -> d
 
 def coverage(tokens_per_day: float, d: Demand, pf: float, reported: Demand, primary: Demand) -> dict:
     """The one coverage function: tokens/day against the scenario (raw and × peak factor) and both China figures."""
-    return {"share_of_demand": tokens_per_day / d.latest.tokens_per_day,
+    return {"capacity_over_demand": tokens_per_day / d.latest.tokens_per_day,
             "coverage": tokens_per_day / (d.latest.tokens_per_day * pf),
             "coverage_vs_china_reported": tokens_per_day / (reported.latest.tokens_per_day * pf),
             "coverage_vs_china_nda": tokens_per_day / (primary.latest.tokens_per_day * pf)}
@@ -221,7 +222,7 @@ def capacity_table(fleet: str | Fleet, demand: str | Demand | None = None,
         "fleet": f.id, "demand": d.id, "demand_tokens_per_day": d.latest.tokens_per_day,
         "demand_date": d.latest.date, "demand_counts": d.counts, "demand_counts_note": d.counts_note,
         "capacity_tokens_per_day": cap, "utilization": u, "peak_factor": pf, "pue": f.pue,
-        **{k: v for k, v in coverage(cap, d, pf, reported, primary).items() if k != "share_of_demand"},
+        **{k: v for k, v in coverage(cap, d, pf, reported, primary).items() if k != "capacity_over_demand"},
         "china_reported_tokens_per_day": reported.latest.tokens_per_day,
         "china_nda_tokens_per_day": primary.latest.tokens_per_day,
         "why_differs": reported.why_differs if d.id in (REPORTED, PRIMARY, "custom") else d.why_differs,

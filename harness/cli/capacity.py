@@ -23,7 +23,7 @@ PROJECT_COLUMNS = ["model", "gpu", "dtype", "tp", "workload", "input_len", "outp
                    "batch_cap", "max_batched_tokens", "power_w_per_gpu", "joules_per_token", "source",
                    "decode_source", "prefill_source", "allreduce_source", "alltoall_source"]
 # A terminal is narrow: the table view leaves out the per-model TP list and the flags (md/csv/json keep them).
-CAPACITY_TABLE_COLUMNS = ["gpu", "count", "tokens_per_s_per_gpu", "tokens_per_day", "share_of_demand",
+CAPACITY_TABLE_COLUMNS = ["gpu", "count", "tokens_per_s_per_gpu", "tokens_per_day", "capacity_over_demand",
                           "coverage_vs_china_reported", "coverage_vs_china_nda", "gpus_needed_alone", "power_mw",
                           "joules_per_token", "source"]
 
