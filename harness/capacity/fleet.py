@@ -83,6 +83,25 @@ def coverage(tokens_per_day: float, d: Demand, pf: float, reported: Demand, prim
             "coverage_vs_china_nda": tokens_per_day / (primary.latest.tokens_per_day * pf)}
 
 
+def outgrown_state(coverage: float, on: dt.date | None, today: dt.date | None = None) -> str:
+    """Where demand × peak factor stands against the fleet: `already` above it at the latest dated demand
+    (coverage < 1), above it `by today` at the fitted growth, `later` (on the fitted date), or `never` (no fit)."""
+    if coverage < 1:
+        return "already"
+    if on is None:
+        return "never"
+    return "by today" if on <= (today or dt.date.today()) else "later"
+
+
+def outgrown_statement(coverage: float, on: dt.date | None, today: dt.date | None = None) -> str:
+    """The state as one sentence (the summary's `demand_outgrows_fleet`)."""
+    return {"already": "already: the latest dated demand × peak factor is above the fleet"
+                       + (f" (fitted crossing {on})" if on else ""),
+            "by today": f"by today: at the fitted growth, demand × peak factor passed the fleet on {on}",
+            "later": f"on {on}, at the fitted growth",
+            "never": "not at the fitted growth (no fit, or demand not growing)"}[outgrown_state(coverage, on, today)]
+
+
 def demand_of(name: str | Demand | None, tokens_per_day: float | None = None) -> Demand:
     if tokens_per_day is not None:
         return fixed_demand(tokens_per_day)
@@ -230,9 +249,7 @@ def capacity_table(fleet: str | Fleet, demand: str | Demand | None = None,
         "doubling_months": fit["doubling_months"] if fit else None,
         "growth_fit": fit["from"] if fit else "one point: no growth fit",
         "outgrows_fleet_on": outgrows(fit, cap, pf),
-        "already_outgrown": cap < need,  # at the scenario's latest dated point
-        # Extrapolated to today: a date already past means the fitted demand has overtaken this fleet by now.
-        "outgrown_by_today": bool((o := outgrows(fit, cap, pf)) and o <= dt.date.today()),
+        "demand_outgrows_fleet": outgrown_statement(cap / need, outgrows(fit, cap, pf)),
         "outgrows_fleet_on_china_nda": outgrows(growth_fit(primary), cap, pf),
         "outgrows_fleet_on_china_reported": outgrows(growth_fit(reported), cap, pf),
         "counted_tokens": "; ".join(f"{w}: {_count_of(w)}" for w in counted),

@@ -147,10 +147,7 @@ def capacity_cmd(
         "why they differ": s["why_differs"],
         "demand growth": (f"{s['growth_per_month']:.1%}/month, doubling every {s['doubling_months']:.1f} months "
                           f"({s['growth_fit']})" if s["growth_per_month"] is not None else s["growth_fit"]),
-        "demand outgrows fleet": (f"{s['outgrows_fleet_on']}" + (
-            " (already, at the latest dated demand)" if s["already_outgrown"] else
-            " (past: by the fitted growth, demand exceeds this fleet today)" if s["outgrown_by_today"] else "")
-            if s["outgrows_fleet_on"] else "n/a"),
+        "demand outgrows fleet": s["demand_outgrows_fleet"],
         "... on china-reported / china-nda fits": f"{s['outgrows_fleet_on_china_reported']} / "
                                                   f"{s['outgrows_fleet_on_china_nda']}",
         "utilization, peak factor, PUE": f"{s['utilization']:g}, {s['peak_factor']:g}, {s['pue']:g}",

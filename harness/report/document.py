@@ -103,7 +103,7 @@ def capacity_section(fleets: list[str], demand: str | None, run_dir: Path) -> Se
                            f"({summary['demand_tokens_per_day']:.3g} tokens/day on {summary['demand_date']})",
                            pd.DataFrame(rows)[cols]))
         summaries.append(summary)
-        when = ("demand already above it" if summary["already_outgrown"] else
+        when = ("demand already above it" if summary["coverage"] < 1 else
                 f"outgrown {summary['outgrows_fleet_on']}" if summary["outgrows_fleet_on"] else "")
         label = f"{summary['fleet']} ({when}, peak factor {summary['peak_factor']:g})" if when else summary["fleet"]
         lines.append(plots.FleetLine(label, float(summary["capacity_tokens_per_day"])))
