@@ -1,0 +1,129 @@
+"""The planner's answer in a few lines: how much of the reported 14T and the primary 140T tokens/day a fleet serves,
+and what it would take, built from `fleet.capacity_table`'s rows and summary (no new model, only arithmetic on them).
+
+`headline()` returns a dict (every figure the text shows, for `--format json`); `headline_lines()` the text that
+`tokenfleet capacity` and `make run` print. GPUs needed for a demand D at peak factor pf:
+  of one type alone:            ceil(D·pf / tokens_per_day_per_gpu)
+  of the fleet's own mix scaled: ceil(count_g · D·pf / capacity) per type (the same proportions, scaled up or down)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+
+from harness.capacity.fleet import outgrown_state, outgrown_statement
+from harness.results import Run
+
+SOURCES = ("measured", "calibrated", "projected")  # what a row's figure rests on, most direct first
+
+
+def _per_type(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["gpu"] != "total"]
+
+
+def _demand(rows: list[dict], s: dict, key: str, label: str, today: dt.date | None) -> dict:
+    """One demand figure against the fleet: coverage, GPUs needed (alone per type; the mix scaled), outgrow date."""
+    pf, cap = s["peak_factor"], s["capacity_tokens_per_day"]
+    demand = s[f"{key}_tokens_per_day"]
+    need = demand * pf
+    scale = need / cap if cap else None
+    per_type = _per_type(rows)
+    mix = {r["gpu"]: math.ceil(r["count"] * scale) for r in per_type} if scale else {}
+    on = s.get(f"outgrows_fleet_on_{key}")
+    on = dt.date.fromisoformat(on) if isinstance(on, str) else on
+    return {
+        "demand": key.replace("_", "-"), "label": label, "tokens_per_day": demand,
+        "peak_tokens_per_day": need, "coverage": cap / need, "capacity_over_demand": cap / demand,
+        "mix_scale": scale, "gpus_needed_mix": sum(mix.values()) if mix else None, "gpus_needed_mix_by_type": mix,
+        "gpus_needed_alone": {r["gpu"]: (math.ceil(need / r["tokens_per_day_per_gpu"])
+                                         if r.get("tokens_per_day_per_gpu") else None) for r in per_type},
+        "outgrows_fleet_on": on, "outgrown": outgrown_state(cap / need, on, today),
+        "demand_outgrows_fleet": outgrown_statement(cap / need, on, today),
+    }
+
+
+def _measured_on(runs: list[Run] | None, efficiency: dict) -> dict:
+    devices = [{"run": r.run_id, "device": r.device,
+                "kind": ((r.manifest.get("environment") or {}).get("device") or {}).get("kind"),
+                "datasheet": r.hardware_id} for r in runs or []]
+    if not devices:
+        note = "no run given: GPU figures are projected with default efficiencies"
+    elif all(d["kind"] == "cpu" or not d["datasheet"] for d in devices):
+        note = "a CPU run gives no GPU efficiencies: GPU figures are projected with default efficiencies"
+    else:
+        note = f"efficiencies from the run: {efficiency.get('from')}"
+    return {"runs": devices, "note": note}
+
+
+def headline(rows: list[dict], summary: dict, runs: list[Run] | None = None, today: dt.date | None = None) -> dict:
+    """The headline of one capacity_table result; `runs` are the runs it was fed (for what this device measured)."""
+    s = summary
+    per_type = _per_type(rows)
+    sources = {k: [r["gpu"] for r in per_type if r.get("source") == k] for k in SOURCES}
+    sources.update({k: [r["gpu"] for r in per_type if r.get("source") == k]
+                    for k in {r.get("source") for r in per_type} - set(SOURCES) if k})
+    eff = s.get("efficiency") or {}
+    return {
+        "fleet": s["fleet"], "gpus": sum(r["count"] for r in per_type),
+        "capacity_tokens_per_day": s["capacity_tokens_per_day"],
+        "utilization": s["utilization"], "peak_factor": s["peak_factor"],
+        "measured_on": _measured_on(runs, eff),
+        "efficiency": {"compute": eff.get("compute"), "memory": eff.get("memory"), "from": eff.get("from")},
+        "demands": [_demand(rows, s, "china_reported", "reported", today),
+                    _demand(rows, s, "china_nda", "primary", today)],
+        "sources": sources,
+    }
+
+
+# ---- text -------------------------------------------------------------------------------------------------
+def tokens(x: float) -> str:
+    """Tokens/day as a planner reads them: 39.1T (T = 10^12)."""
+    return f"{x / 1e12:.3g}T" if x >= 1e11 else f"{x / 1e9:.3g}B" if x >= 1e8 else f"{x:,.0f}"
+
+
+def _scale(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def _count(n: int | None) -> str:
+    return "n/a" if n is None else f"{n:,}"
+
+
+def headline_lines(h: dict) -> list[str]:
+    """The headline as printed (a few lines, before any table); every figure is also in `headline()`'s dict."""
+    eff = h["efficiency"]
+    out = [f"{h['fleet']}: {h['gpus']:,} GPUs serve {tokens(h['capacity_tokens_per_day'])} tokens/day "
+           f"(T = 10^12 = 万亿; utilization {h['utilization']:g}, peak factor {h['peak_factor']:g})",
+           *_device_lines(h["measured_on"]),
+           f"  {'demand × peak':<20}{'coverage':>9}  {'GPUs needed, this mix scaled':>30}  outgrows the fleet"]
+    for d in h["demands"]:
+        when = {"later": f"on {d['outgrows_fleet_on']}", "never": "not at the fitted growth"}.get(
+            d["outgrown"], f"{d['outgrown']} (fitted crossing {d['outgrows_fleet_on'] or 'n/a'})")
+        need = f"{_count(d['gpus_needed_mix'])} (×{_scale(d['mix_scale'])})" if d["mix_scale"] else "n/a"
+        out.append(f"  {d['label'] + ' ' + tokens(d['tokens_per_day']) + '/day':<20}{d['coverage']:>9.3g}  "
+                   f"{need:>30}  {when}")
+    lab = " / ".join(tokens(d["tokens_per_day"]) for d in h["demands"])
+    alone = [f"{g} {_count(a)} / {_count(b)}" for (g, a), b in
+             zip(h["demands"][0]["gpus_needed_alone"].items(), h["demands"][1]["gpus_needed_alone"].values(),
+                 strict=True)]
+    out += _wrap(f"  one type alone for {lab}:", alone)
+    src = "; ".join(f"{k}: {', '.join(v) or 'none'}" for k, v in h["sources"].items())
+    out.append(f"  figures: {src} (e_c {eff['compute']:.2f}, e_m {eff['memory']:.2f})")
+    return out
+
+
+def _wrap(first: str, items: list[str], width: int = 110) -> list[str]:
+    lines, cur = [], first
+    for it in items:
+        if len(cur) + len(it) + 2 > width and cur.strip():
+            lines.append(cur + ";")
+            cur = "    " + it
+        else:
+            cur = f"{cur} {it}" if cur.endswith(":") else f"{cur}; {it}" if cur.strip() else cur + it
+    return lines + [cur]
+
+
+def _device_lines(m: dict) -> list[str]:
+    runs = ", ".join(f"{r['device']} ({r['kind']}, run {r['run']})" for r in m["runs"]) or "no run"
+    return [f"  measured on: {runs}", f"    {m['note']}"]
