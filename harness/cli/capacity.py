@@ -11,9 +11,10 @@ from typing import Annotated
 import typer
 
 from harness.capacity.fleet import CAPACITY_COLUMNS
-from harness.cli.common import app, check_format, user_errors
+from harness.capacity.headline import headline, headline_lines
+from harness.cli.common import FormatOpt, QuietOpt, app, check_format, user_errors
 from harness.config import ConfigError
-from harness.output import FORMATS, emit, to_json
+from harness.output import emit, to_json
 
 PROJECT_COLUMNS = ["model", "gpu", "dtype", "tp", "workload", "input_len", "output_len", "prefix_cache_hit", "fits",
                    "batch", "batch_limit", "b_mem", "b_slo", "b_budget", "tpot_ms", "decode_step_ms", "tpot_limit_ms",
@@ -32,11 +33,8 @@ DEFAULT_FLEET = "china-2026-mix"  # the Makefile's FLEET: `make run` and `capaci
 BATCH_HELP = "batch cap, sequences per replica (default: vLLM V1's max_num_seqs, 1024 on >= 70 GiB GPUs, else 256)"
 BUDGET_HELP = "token budget per engine step, chunked prefill (default: vLLM V1's max_num_batched_tokens 8192/2048)"
 KV_HELP = "KV-cache dtype bf16 | fp16 | fp8 (default bf16: vLLM's kv_cache_dtype auto)"
-RUN_HELP = "run folder(s): measured grids for their device, efficiencies for the rest"
-
-
-def _fmt(fmt: str, allowed: tuple[str, ...]) -> str:
-    return check_format(fmt, allowed)
+RUN_HELP = "run folder (repeatable): measured grids for its device, efficiencies for the rest"
+DEFAULT_WORKLOAD = "chat"  # `project` without --workload (or both lengths): named in its output
 
 
 def _kv_rows(d: dict) -> list[dict]:
@@ -47,21 +45,27 @@ def _kv_rows(d: dict) -> list[dict]:
 @app.command("project")
 @user_errors
 def project_cmd(
-    model: Annotated[str, typer.Option("--model", "-m", help="model id (configs/models) or YAML path")],
-    gpu: Annotated[str, typer.Option("--gpu", "-g", help="accelerator id (configs/hardware) or YAML path")],
-    dtype: Annotated[str | None, typer.Option(help="bf16 | fp16 | fp8 (default: model's native, else bf16)")] = None,
-    tp: Annotated[int | None, typer.Option(help="GPUs per replica (default: the best of 1,2,4,8,16 that fits)")] = None,
-    workload: Annotated[str | None, typer.Option("--workload", "-w", help="workload id (configs/workloads)")] = None,
-    input_len: Annotated[int | None, typer.Option(help="prompt tokens (overrides the workload's)")] = None,
-    output_len: Annotated[int | None, typer.Option(help="output tokens (overrides the workload's)")] = None,
-    tpot_ms: Annotated[float | None, typer.Option(help="TPOT limit, ms")] = None,
-    ttft_ms: Annotated[float | None, typer.Option(help="TTFT limit, ms")] = None,
-    batch: Annotated[int | None, typer.Option(help=BATCH_HELP)] = None,
-    max_batched_tokens: Annotated[int | None, typer.Option(help=BUDGET_HELP)] = None,
-    kv_dtype: Annotated[str | None, typer.Option(help=KV_HELP)] = None,
-    run: Annotated[list[str] | None, typer.Option("--run", help=RUN_HELP)] = None,
-    utilization: Annotated[float, typer.Option(help="fraction of the day serving, for tokens/day")] = 1.0,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="table | json")] = "table",
+    model: Annotated[str, typer.Option("--model", "-m", metavar="MODEL", help="model id (configs/models) or YAML")],
+    gpu: Annotated[str, typer.Option("--gpu", "-g", metavar="GPU", help="accelerator id (configs/hardware) or YAML")],
+    dtype: Annotated[str | None, typer.Option(metavar="bf16|fp16|fp8",
+                                              help="default: the model's native dtype, else bf16")] = None,
+    tp: Annotated[int | None, typer.Option(metavar="N", help="GPUs per replica (default: the best of 1,2,4,8,16 "
+                                                             "that fits)")] = None,
+    workload: Annotated[str | None, typer.Option("--workload", "-w", metavar="WORKLOAD",
+                                                 help=f"workload id (configs/workloads); default {DEFAULT_WORKLOAD}, "
+                                                      "or ad hoc from --input-len and --output-len")] = None,
+    input_len: Annotated[int | None, typer.Option(metavar="TOKENS", help="prompt tokens (overrides the workload's)")
+                         ] = None,
+    output_len: Annotated[int | None, typer.Option(metavar="TOKENS", help="output tokens (overrides the workload's)")
+                          ] = None,
+    tpot_ms: Annotated[float | None, typer.Option(metavar="MS", help="TPOT limit, ms")] = None,
+    ttft_ms: Annotated[float | None, typer.Option(metavar="MS", help="TTFT limit, ms")] = None,
+    batch: Annotated[int | None, typer.Option(metavar="B", help=BATCH_HELP)] = None,
+    max_batched_tokens: Annotated[int | None, typer.Option(metavar="TOKENS", help=BUDGET_HELP)] = None,
+    kv_dtype: Annotated[str | None, typer.Option(metavar="bf16|fp16|fp8", help=KV_HELP)] = None,
+    run: Annotated[list[str] | None, typer.Option("--run", metavar="RUN", help=RUN_HELP)] = None,
+    utilization: Annotated[float, typer.Option(metavar="U", help="fraction of the day serving, for tokens/day")] = 1.0,
+    fmt: FormatOpt = "table",
 ) -> None:
     """Project one model on one accelerator for a workload: batch, TTFT/TPOT, tokens/s and tokens/day per GPU."""
     from harness.capacity.project import (
@@ -75,8 +79,9 @@ def project_cmd(
         resolve_workload,
     )
 
-    _fmt(fmt, ("table", "json"))
-    w = resolve_workload(workload, input_len, output_len, tpot_ms, ttft_ms)
+    check_format(fmt)
+    defaulted = workload is None and not (input_len and output_len)
+    w = resolve_workload(DEFAULT_WORKLOAD if defaulted else workload, input_len, output_len, tpot_ms, ttft_ms)
     m = _model(model)
     check_context(m, w, "--input-len" if input_len is not None or workload is None else "--workload")
     if tp is not None:
@@ -86,12 +91,18 @@ def project_cmd(
     kw = dict(batch_cap=batch, runs=runs, utilization=utilization, kv_dtype=kv_dtype,
               max_batched_tokens=max_batched_tokens)
     res = project(model, gpu, w, dtype, tp=tp, **kw) if tp is not None else auto_tp(model, gpu, w, dtype, **kw)
+    if defaulted:
+        res["notes"] = [f"workload {w.id}: the default (choose one with --workload)"] + list(res.get("notes") or [])
     if fmt == "json":
-        print(to_json(res))
+        print(to_json({**res, "workload_defaulted": defaulted}))
         return
-    emit(_kv_rows({k: res[k] for k in PROJECT_COLUMNS if k in res}), "table",
-         f"{res['model']} on {res['gpu']} ({res['source']})")
-    emit(_kv_rows({f"efficiency.{k}": v for k, v in res["efficiency"].items()}), "table", "Efficiencies")
+    fields = {k: res[k] for k in PROJECT_COLUMNS if k in res}
+    effs = {f"efficiency.{k}": v for k, v in res["efficiency"].items()}
+    if fmt == "csv":  # one table: CSV has room for one
+        emit(_kv_rows({**fields, **effs, **{f"note.{i}": n for i, n in enumerate(res["notes"])}}), fmt)
+        return
+    emit(_kv_rows(fields), fmt, f"{res['model']} on {res['gpu']}, workload {res['workload']} ({res['source']})")
+    emit(_kv_rows(effs), fmt, "Efficiencies")
     for n in res["notes"]:
         typer.echo(f"note: {n}")
 
@@ -99,24 +110,34 @@ def project_cmd(
 @app.command("capacity")
 @user_errors
 def capacity_cmd(
-    fleet: Annotated[str, typer.Option("--fleet", help="fleet id (configs/fleets) or YAML path")] = DEFAULT_FLEET,
-    demand: Annotated[str | None, typer.Option(help="demand scenario (configs/demand); default china-reported")] = None,
-    demand_tokens_per_day: Annotated[float | None, typer.Option(help="a fixed demand instead of a scenario")] = None,
-    run: Annotated[list[str] | None, typer.Option("--run", help="run folder(s): measured efficiencies/grids")] = None,
-    utilization: Annotated[float | None, typer.Option(help="override the fleet's utilization, (0, 1]")] = None,
-    peak_factor: Annotated[float | None, typer.Option(help="override the fleet's peak factor, ≥ 1")] = None,
-    batch: Annotated[int | None, typer.Option(help=BATCH_HELP + "; overrides the fleet's batch_cap")] = None,
-    max_batched_tokens: Annotated[int | None, typer.Option(help=BUDGET_HELP + "; overrides the fleet's")] = None,
-    kv_dtype: Annotated[str | None, typer.Option(help=KV_HELP + "; overrides the fleet's")] = None,
+    fleet: Annotated[str, typer.Option("--fleet", metavar="FLEET", help="fleet id (configs/fleets) or YAML path")
+                     ] = DEFAULT_FLEET,
+    demand: Annotated[str | None, typer.Option(metavar="SCENARIO",
+                                               help="demand scenario (configs/demand); default china-reported")] = None,
+    demand_tokens_per_day: Annotated[float | None, typer.Option(metavar="N",
+                                                                help="a fixed demand instead of a scenario")] = None,
+    run: Annotated[list[str] | None, typer.Option("--run", metavar="RUN", help=RUN_HELP)] = None,
+    utilization: Annotated[float | None, typer.Option(metavar="U", help="override the fleet's utilization, (0, 1]")
+                           ] = None,
+    peak_factor: Annotated[float | None, typer.Option(metavar="F", help="override the fleet's peak factor, ≥ 1")
+                           ] = None,
+    batch: Annotated[int | None, typer.Option(metavar="B", help=BATCH_HELP + "; overrides the fleet's batch_cap")
+                     ] = None,
+    max_batched_tokens: Annotated[int | None, typer.Option(metavar="TOKENS",
+                                                           help=BUDGET_HELP + "; overrides the fleet's")] = None,
+    kv_dtype: Annotated[str | None, typer.Option(metavar="bf16|fp16|fp8", help=KV_HELP + "; overrides the fleet's")
+                        ] = None,
     do_sweep: Annotated[bool, typer.Option("--sweep", help="sensitivity over utilization, workload and dtype")] = False,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="table | json | csv | md")] = "table",
+    fmt: FormatOpt = "table",
+    quiet: QuietOpt = False,
 ) -> None:
     """Fleet capacity in tokens/day against demand, per accelerator type and in total (default fleet: the one
-    `make run` uses)."""
+    `make run` uses), ending with the headline: coverage of the reported 14T and the primary 140T tokens/day and
+    the GPUs each would take."""
     from harness.capacity.fleet import capacity_table, fleet_of, sweep
     from harness.capacity.project import check_deployment, read_runs
 
-    _fmt(fmt, FORMATS)
+    check_format(fmt)
     if demand and demand_tokens_per_day is not None:
         raise ConfigError("--demand", None, "give --demand or --demand-tokens-per-day, not both")
     f, _ = fleet_of(fleet)
@@ -128,16 +149,38 @@ def capacity_cmd(
     runs = read_runs(run)
     kw = dict(demand=demand, runs=runs, peak_factor=peak_factor, demand_tokens_per_day=demand_tokens_per_day)
     rows, summary = capacity_table(fleet, utilization=utilization, **kw)
-    sweep_rows = sweep(fleet, **kw) if do_sweep else None
+    head = headline(rows, summary, runs)
+    sweep_rows = sweep(fleet, **kw) if do_sweep and not quiet else None
     if fmt == "json":
-        print(to_json({"rows": rows, "summary": summary, **({"sweep": sweep_rows} if do_sweep else {})}))
+        out = {"headline": head} if quiet else {"rows": rows, "summary": summary, "headline": head}
+        print(to_json({**out, **({"sweep": sweep_rows} if sweep_rows else {})}))
+        return
+    if quiet:
+        _print_headline(head, fmt, [r.path for r in runs])
         return
     title = (f"{summary['fleet']}: tokens/day vs {summary['demand']} "
              f"({summary['demand_tokens_per_day']:.3g}/day, {summary['demand_date']})")
     emit(rows, fmt, title, CAPACITY_TABLE_COLUMNS if fmt == "table" else CAPACITY_COLUMNS)
     if fmt == "csv":
         return
-    s = summary
+    emit(_summary_rows(summary), fmt, "Summary")
+    if sweep_rows:
+        emit(sweep_rows, fmt, "Sensitivity")
+    _print_headline(head, fmt, [r.path for r in runs])
+
+
+def _print_headline(head: dict, fmt: str, run_paths: list) -> None:
+    """The headline last, so it is what a terminal shows; csv has no room for it (json carries it)."""
+    if fmt == "csv":
+        return
+    lines = headline_lines(head) + [f"run folder: {p}" for p in run_paths]
+    if fmt == "md":
+        print("### Headline\n\n```\n" + "\n".join(lines) + "\n```")
+    else:
+        print("\n".join(lines))
+
+
+def _summary_rows(s: dict) -> list[dict]:
     lines = {
         "capacity tokens/day": f"{s['capacity_tokens_per_day']:.3g} (counted: {s['counted_tokens']})",
         "coverage": f"{s['coverage']:.3g} of {s['demand']} × peak factor {s['peak_factor']:g}",
@@ -154,6 +197,4 @@ def capacity_cmd(
         "efficiency": f"e_c {s['efficiency']['compute']:.2f}, e_m {s['efficiency']['memory']:.2f} "
                       f"({s['efficiency']['from']})",
     }
-    emit([{"field": k, "value": v} for k, v in lines.items()], fmt, "Summary")
-    if sweep_rows:
-        emit(sweep_rows, fmt, "Sensitivity")
+    return [{"field": k, "value": v} for k, v in lines.items()]

@@ -14,11 +14,16 @@ import typer
 from harness.config import ConfigError
 from harness.output import FORMATS
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# rich_markup_mode=None: click's plain help, where a flag shows no type and an option its metavar (typer's rich
+# help prints <bool> and <list[str]> instead). Every option with a value names its metavar.
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Measure LLM tokens/s on this device and turn it into fleet capacity against demand.")
 
-FormatOpt = Annotated[str, typer.Option("--format", "-f", help="table | json | csv | md")]
-DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu | cuda (default: CUDA when present)")]
+FormatOpt = Annotated[str, typer.Option("--format", "-f", metavar="table|json|csv|md", help="output format")]
+# `env` prints several small tables: CSV has no place for more than one, so env takes table, json or md.
+EnvFormatOpt = Annotated[str, typer.Option("--format", "-f", metavar="table|json|md", help="output format")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", metavar="cpu|cuda", help="default: CUDA when present")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="print only the headline (capacity) and the run folder")]
 
 
 def user_errors(fn):

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from harness.cli.common import DeviceOpt, FormatOpt, app, check_format, user_errors
+from harness.cli.common import DeviceOpt, EnvFormatOpt, FormatOpt, app, check_format, user_errors
 from harness.config import ConfigError
 from harness.output import emit, to_json
 
@@ -16,11 +16,11 @@ from harness.output import emit, to_json
 @app.command()
 @user_errors
 def env(ceilings: Annotated[bool, typer.Option("--ceilings", help="also measure this device's ceilings")] = False,
-        fmt: FormatOpt = "table", device: DeviceOpt = None) -> None:
+        fmt: EnvFormatOpt = "table", device: DeviceOpt = None) -> None:
     """Describe this device (NVML on NVIDIA) and, with --ceilings, measure what it can do."""
     from harness.measure.device import detect
 
-    check_format(fmt, ("table", "json"))
+    check_format(fmt, ("table", "json", "md"))
     info = detect(device)
     out: dict = {"device": info.to_dict()}
     if ceilings:
@@ -28,11 +28,11 @@ def env(ceilings: Annotated[bool, typer.Option("--ceilings", help="also measure 
     if fmt == "json":
         print(to_json(out))
         return
-    emit([{"field": k, "value": v} for k, v in info.to_dict().items() if k != "nvml"], "table", "Device")
+    emit([{"field": k, "value": v} for k, v in info.to_dict().items() if k != "nvml"], fmt, "Device")
     if info.nvml:
-        emit([{"field": k, "value": v} for k, v in info.nvml.items()], "table", "NVML")
+        emit([{"field": k, "value": v} for k, v in info.nvml.items()], fmt, "NVML")
     if ceilings:
-        emit(out["ceilings"]["points"], "table", "Ceilings",
+        emit(out["ceilings"]["points"], fmt, "Ceilings",
              ["op", "dtype", "status", "value", "unit", "datasheet_value", "datasheet_ratio"])
 
 
@@ -55,13 +55,17 @@ def measure_ceilings(info) -> dict:
 
 @app.command()
 @user_errors
-def bench(suite: Annotated[str | None, typer.Option("--suite", "-s", help="suite name or YAML path")] = None,
-          out: Annotated[Path | None, typer.Option("--out", help="run folder to write")] = None,
-          resume: Annotated[str | None, typer.Option("--resume", help="run id or folder to continue")] = None,
+def bench(suite: Annotated[str | None, typer.Option("--suite", "-s", metavar="NAME|FILE",
+                                                    help="suite name (configs/suites) or YAML path")] = None,
+          out: Annotated[Path | None, typer.Option("--out", metavar="DIR", help="run folder to write")] = None,
+          resume: Annotated[str | None, typer.Option("--resume", metavar="RUN", help="run id or folder to continue")
+                            ] = None,
           fmt: FormatOpt = "table", device: DeviceOpt = None,
-          quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+          quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar and no tables: only the run "
+                                                                    "folder")] = False,
           nproc: Annotated[int | None, typer.Option(
-              "--nproc", min=1, help="N ranks of this node through torchrun (one GPU each; gloo on CPU)")] = None,
+              "--nproc", min=1, metavar="N", help="N ranks of this node through torchrun (one GPU each; gloo on CPU)")
+          ] = None,
           ) -> None:
     """Benchmark this device with a suite (default: quick on a GPU, ci-cpu on a CPU) into a run folder."""
     from harness.measure.runner import run_suite
@@ -84,8 +88,13 @@ def bench(suite: Annotated[str | None, typer.Option("--suite", "-s", help="suite
         run_dir = run_suite(suite, out=out, resume=resume, device=device, progress=progress)
     write_tables(run_dir)  # points.csv, <kind>.csv, summary.md: derived from points.jsonl, rewritten on resume
     _, points = read_run(run_dir)
+    if quiet:
+        typer.echo(f"run folder: {run_dir}")
+        return
     if fmt == "json":
         print(to_json(points))
+    elif fmt == "csv":  # one CSV: every point, the shape as one column (the per-kind CSVs are in the run folder)
+        emit(points_frame(points).drop(columns=["telemetry"], errors="ignore"), fmt)
     else:
         df = points_frame(points)
         for kind, title in TITLES.items():

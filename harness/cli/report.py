@@ -12,17 +12,20 @@ from harness.output import emit, to_json
 @app.command()
 @user_errors
 def report(
-    run: Annotated[str, typer.Argument(help="run folder, or a run id under results/runs/")],
+    run: Annotated[str, typer.Argument(metavar="RUN", help="run folder, or a run id under results/runs/")],
     fleet: Annotated[list[str] | None, typer.Option(
-        "--fleet", help="fleet name or YAML (configs/fleets/), repeatable; without it: no capacity section")
+        "--fleet", metavar="FLEET",
+        help="fleet name or YAML (configs/fleets/), repeatable; without it: no headline or capacity section")
     ] = None,
     demand: Annotated[str | None, typer.Option(
-        "--demand", help="demand scenario (configs/demand/), default china-reported")] = None,
-    html: Annotated[Path | None, typer.Option("--html", help="HTML file (default: RUN/report.html)")] = None,
-    md: Annotated[Path | None, typer.Option("--md", help="markdown file, PNGs beside it (default: RUN/report.md)")
-                  ] = None,
+        "--demand", metavar="SCENARIO", help="demand scenario (configs/demand/), default china-reported")] = None,
+    html: Annotated[Path | None, typer.Option("--html", metavar="FILE", help="HTML file (default: RUN/report.html)")
+                    ] = None,
+    md: Annotated[Path | None, typer.Option("--md", metavar="FILE",
+                                            help="markdown file, PNGs beside it (default: RUN/report.md)")] = None,
 ) -> None:
-    """A run as one self-contained HTML report (plots embedded, no JavaScript) and a markdown twin."""
+    """A run as one self-contained HTML report (plots embedded, no JavaScript) and a markdown twin; prints the two
+    paths (no --format: the report is the output)."""
     from harness.report.document import write
 
     html_path, md_path = write(run, fleet or [], demand, html, md)
@@ -32,11 +35,11 @@ def report(
 @app.command()
 @user_errors
 def compare(
-    run_a: Annotated[str, typer.Argument(help="baseline run (folder or run id)")],
-    run_b: Annotated[str, typer.Argument(help="run compared against it")],
+    run_a: Annotated[str, typer.Argument(metavar="RUN_A", help="baseline run (folder or run id)")],
+    run_b: Annotated[str, typer.Argument(metavar="RUN_B", help="run compared against it")],
     fail_over: Annotated[float | None, typer.Option(
-        "--fail-over", help="exit 1 when a point slowed beyond its noise by more than PCT percent, or failed",
-        metavar="PCT")] = None,
+        "--fail-over", help="exit 1 when a point failed, or slowed by more than PCT percent beyond its noise (by "
+                            "the interval on B/A where the runs kept their samples)", metavar="PCT")] = None,
     fmt: FormatOpt = "table",
 ) -> None:
     """Ratios B/A of median time and throughput per matching point, with each side's noise."""
@@ -63,10 +66,30 @@ def compare(
     if fail_over is not None:
         bad = cmp.regressions(fail_over)
         for r in bad:
-            what = (f"slower x{r['time_ratio']:.3f} (noise {max(r['spread_a'], r['spread_b']):.1%})"
-                    if r["changed"] == "slower" else f"failed ({r['note']})")
-            typer.echo(f"regression: {r['kind']} {r['name']} {r['backend']} {r['dtype']} {r['shape']}: {what}",
-                       err=True)
+            typer.echo(f"regression: {point_name(r)}: {regression_text(r)}", err=True)
         if bad:
             typer.echo(f"{len(bad)} point(s) regressed beyond --fail-over {fail_over:g}%", err=True)
             raise typer.Exit(1)
+
+
+def point_name(r: dict) -> str:
+    """kind, op or model, backend, dtype, shape: the fields a point has (never `None` for a missing one)."""
+    return " ".join(str(r[k]) for k in ("kind", "name", "backend", "dtype", "shape") if r.get(k) not in (None, ""))
+
+
+def _interval(r: dict) -> tuple[float, float] | None:
+    """The interval on the time ratio B/A when the comparison computed one (from both runs' samples)."""
+    ci = r.get("time_ratio_ci")
+    if ci and len(ci) == 2 and None not in ci:
+        return float(ci[0]), float(ci[1])
+    lo, hi = r.get("time_ratio_lo"), r.get("time_ratio_hi")
+    return (float(lo), float(hi)) if lo is not None and hi is not None else None
+
+
+def regression_text(r: dict) -> str:
+    if r["changed"] != "slower":
+        return f"failed ({r['note']})"
+    ci = _interval(r)
+    if ci:
+        return f"slower x{r['time_ratio']:.3f} (interval x{ci[0]:.3f}..x{ci[1]:.3f} on B/A)"
+    return f"slower x{r['time_ratio']:.3f} (noise {max(r['spread_a'] or 0, r['spread_b'] or 0):.1%})"
