@@ -6,6 +6,7 @@ import json
 import math
 from typing import Any, Literal
 
+import numpy as np
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
@@ -14,10 +15,17 @@ Format = Literal["table", "json", "csv", "md"]
 FORMATS = ("table", "json", "csv", "md")
 
 
-def _cell(v: Any) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+def cell(v: Any) -> str:
+    """The number format every view prints: empty for a missing value (None, NaN, <NA>), integers whole (with
+    thousands separators from 10,000: counts of GPUs), floats to about three significant figures."""
+    if v is None or v is pd.NA or v is pd.NaT or (isinstance(v, float) and math.isnan(v)):
         return ""
-    if isinstance(v, float):
+    if isinstance(v, (bool, np.bool_)):
+        return str(bool(v))
+    if isinstance(v, (int, np.integer)):
+        return f"{int(v):,}" if abs(v) >= 10_000 else str(int(v))
+    if isinstance(v, (float, np.floating)):
+        v = float(v)
         if v == 0:
             return "0"
         a = abs(v)
@@ -43,7 +51,19 @@ def frame(rows: list[dict] | pd.DataFrame, columns: list[str] | None = None) -> 
     df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
     if columns:
         df = df[[c for c in columns if c in df.columns]]
-    return df
+    return tidy(df)
+
+
+def tidy(df: pd.DataFrame) -> pd.DataFrame:
+    """Whole-number float columns back to integers: a column is float only because some rows have no value there
+    (the total row's GPUs needed, other kinds' batch), and a count prints as 317,609, not 3.18e+05."""
+    out = df.copy()
+    for c in out.columns:
+        col = out[c]
+        if col.dtype.kind == "f" and col.notna().any() and (col.dropna() % 1 == 0).all() \
+                and (col.dropna().abs() < 2**53).all():
+            out[c] = col.astype("Int64")
+    return out
 
 
 def markdown_table(df: pd.DataFrame) -> str:
@@ -51,7 +71,7 @@ def markdown_table(df: pd.DataFrame) -> str:
     if not len(df):
         return "_(no rows)_"
     lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(_cell(v).replace("|", "\\|") for v in rec) + " |" for rec in df.itertuples(index=False)]
+    lines += ["| " + " | ".join(cell(v).replace("|", "\\|") for v in rec) + " |" for rec in df.itertuples(index=False)]
     return "\n".join(lines)
 
 
@@ -68,11 +88,20 @@ def render(rows: list[dict] | pd.DataFrame, fmt: Format, title: str | None = Non
         head = f"### {title}\n\n" if title else ""
         return head + markdown_table(df) + "\n"
     table = Table(title=title, show_lines=False)
-    for c in df.columns:
-        table.add_column(str(c), overflow="fold")
-    for rec in df.itertuples(index=False):
-        table.add_row(*(_cell(v) for v in rec))
-    console = Console(width=max(120, 14 * len(df.columns)), record=True, file=open("/dev/null", "w"))
+    cells = [[cell(v) for v in rec] for rec in df.itertuples(index=False)]
+    width = 0
+    for i, c in enumerate(df.columns):
+        # A header wraps only between words (`_` read as a space), and neither it nor a cell splits a word: the
+        # column is at least as wide as its longest word (up to 30 characters: a longer one is folded).
+        head = str(c).replace("_", " ")
+        words = [len(w) for w in head.split()] + [min(len(w), 30) for r in cells for w in r[i].split()]
+        wmin = max(words + [1])
+        width += wmin + 3
+        table.add_column(head, overflow="fold", min_width=wmin)
+    for r in cells:
+        table.add_row(*r)
+    # rich shares spare width out unevenly when it shrinks columns: a little slack keeps every column at its minimum
+    console = Console(width=max(120, width + 1 + 2 * len(df.columns)), record=True, file=open("/dev/null", "w"))
     console.print(table)
     return console.export_text()
 
