@@ -16,8 +16,9 @@ from harness.hardware import load_hardware
 from harness.report import document as report
 from tests.conftest import run_cli
 
-HEADINGS = ["Device and environment", "Ceilings (measured)", "Kernels", "Prefill", "Decode",
-            "Capacity against demand", "Points not ok"]
+# In the report's order: the planner's answer first, then the model, then the kernels.
+HEADINGS = ["Headline: how much of 14T and 140T tokens/day, and what it would take", "Capacity against demand",
+            "Prefill", "Decode", "Kernels", "Ceilings (measured)", "Device and environment", "Points not ok"]
 
 
 def synthetic_points(scale: float = 1.0) -> list[dict]:
@@ -92,13 +93,18 @@ def test_report_of_run_with_failed_points(run_dir: Path, tmp_path: Path):
     html_path, md_path = report.write(run_dir)
     assert (html_path, md_path) == (run_dir / "report.html", run_dir / "report.md")
     text = html_path.read_text()
-    for h in HEADINGS:
-        assert f"<h2>{h}</h2>" in text
+    at = [text.index(f"<h2>{h}</h2>") for h in HEADINGS]
+    assert at == sorted(at)
     assert "<script" not in text.lower() and "http://" not in text and "https://" not in text  # offline, no JS
     assert text.count("data:image/png;base64,") == 2  # roofline + decode; capacity left out without --fleet
     assert "no fleet given" in text
-    for status in ("oom", "error", "incorrect", "skipped"):
+    for status in ("oom", "error", "incorrect"):
         assert f'<td class="txt">{status}</td>' in text
+    # skipped rows are folded into one line per op and backend, with the reason
+    assert '<td class="txt">skipped</td>' not in text
+    assert "skipped: rope triton at 1 shape(s) (bf16): Triton&#x27;s interpreter is a correctness tool" in text
+    visible = re.sub(r"data:[^\"')]+", "", text)  # base64 images and the font could hold any letters
+    assert "&lt;NA&gt;" not in visible and ">nan<" not in visible.lower()
     md = md_path.read_text()
     for h in HEADINGS:
         assert f"## {h}" in md
@@ -124,8 +130,16 @@ def test_report_cli_paths_and_bad_run(run_dir: Path, tmp_path: Path):
 
 def test_report_with_fleet(run_dir: Path):
     rep = report.build(run_dir, ["h100-node"])
-    cap = next(s for s in rep.sections if s.title == "Capacity against demand")
+    head, cap = rep.sections[:2]
+    assert head.title.startswith("Headline") and cap.title == "Capacity against demand"
+    assert head.text[0].startswith("h100-node: 8 GPUs serve") and any("140T/day" in line for line in head.text)
     assert cap.plot and cap.tables and len(cap.tables[0][1])
+    main, detail = cap.tables[0][1], cap.tables[1][1]
+    assert "tp" not in main and "coverage_vs_china_nda" in main and "gpus_needed_alone" in main
+    assert "tp" in detail and list(detail["gpu"]) == ["h100-sxm"]
+    md = report.to_markdown(rep, "r")[0]
+    assert md.index("## Headline") < md.index("## Capacity against demand") < md.index("## Prefill")
+    assert "<NA>" not in md
 
 
 def _chromium() -> str | None:
@@ -145,15 +159,16 @@ def _chrome(*args: str, profile: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(_chromium() is None, reason="Chromium not found (scripts/ensure_chromium.sh installs it)")
 def test_html_in_headless_chromium(run_dir: Path, tmp_path: Path):
-    html_path, _ = report.write(run_dir)
+    html_path, _ = report.write(run_dir, ["h100-node"])
     url = html_path.resolve().as_uri()
     dom = _chrome("--dump-dom", url, profile=tmp_path / "p1").stdout
-    for h in HEADINGS:
-        assert f"<h2>{h}</h2>" in dom, h
+    at = [dom.index(f"<h2>{h}</h2>") for h in HEADINGS]
+    assert at == sorted(at), "the headline and the capacity table come first, then prefill/decode, then kernels"
+    assert dom.index('<pre class="headline">') < dom.index("<table") < dom.index("<h2>Prefill</h2>")
     # every table survived parsing: as many <table> elements as the report has non-empty tables
-    rep = report.build(run_dir)
+    rep = report.build(run_dir, ["h100-node"])
     assert dom.count("<table") == sum(1 for s in rep.sections for _, t in s.tables if len(t))
-    assert dom.count('src="data:image/png;base64,') == 2
+    assert dom.count('src="data:image/png;base64,') == 3
 
     shot = tmp_path / "shot.png"
     _chrome(f"--screenshot={shot}", "--window-size=1400,4000", url, profile=tmp_path / "p2")
@@ -167,3 +182,33 @@ def test_html_in_headless_chromium(run_dir: Path, tmp_path: Path):
     # (text anti-aliasing only), so 600 means the PNGs were decoded and drawn.
     assert len(packed) > 600, f"screenshot looks blank or plot-less: {len(packed)} distinct colours"
     assert (31 << 16 | 119 << 8 | 180) in packed  # matplotlib's first line colour (C0): a plot, not just text
+
+    # The headline block comes first on screen: its background (#f6f8fa) fills rows near the top of the page.
+    top = rgb[:700]
+    assert ((top[..., 0] == 246) & (top[..., 1] == 248) & (top[..., 2] == 250)).sum() > 20_000
+
+
+def _glyph_crops(shot: Path, n: int) -> list[np.ndarray]:
+    from matplotlib.image import imread
+
+    img = imread(shot)[..., :3]
+    return [img[10:190, 10 + 200 * i:190 + 200 * i].mean(axis=2) for i in range(n)]
+
+
+@pytest.mark.skipif(_chromium() is None, reason="Chromium not found (scripts/ensure_chromium.sh installs it)")
+def test_cjk_renders_not_tofu(tmp_path: Path):
+    """万 and 亿 through the report's own style (its embedded font) render as two different glyphs with ink; a
+    missing glyph (tofu) draws the same box for every character, which a private-use character shows."""
+    cells = "".join(f'<div style="position:absolute;left:{200 * i}px;top:0;width:200px;height:200px;font-size:150px;'
+                    f'line-height:200px;text-align:center">{c}</div>' for i, c in enumerate("万亿\ue000\ue001"))
+    page = tmp_path / "cjk.html"
+    page.write_text(f'<!DOCTYPE html><html><head><meta charset="utf-8"><style>{report.font_face()}{report.CSS}'
+                    f"body {{ margin: 0; }}</style></head><body>{cells}</body></html>")
+    shot = tmp_path / "cjk.png"
+    _chrome(f"--screenshot={shot}", "--window-size=800,200", page.resolve().as_uri(), profile=tmp_path / "p3")
+    wan, yi, tofu1, tofu2 = _glyph_crops(shot, 4)
+    ink = [float((c < 0.5).mean()) for c in (wan, yi)]
+    assert all(0.02 < i < 0.5 for i in ink), f"no glyph drawn: ink {ink}"
+    assert np.abs(wan - yi).mean() > 0.02, "万 and 亿 look the same: tofu boxes, not glyphs"
+    for t in (tofu1, tofu2):  # the negative control: whatever a missing glyph draws, 万 and 亿 are not it
+        assert np.abs(wan - t).mean() > 0.02 and np.abs(yi - t).mean() > 0.02

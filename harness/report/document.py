@@ -20,10 +20,11 @@ import pandas as pd
 
 from harness import results
 from harness.capacity.fleet import CAPACITY_COLUMNS, capacity_table, growth_fit, load_demand
+from harness.capacity.headline import headline, headline_lines
 from harness.capacity.project import read_runs
-from harness.output import _cell, markdown_table  # _cell: the number format every verb prints
+from harness.output import cell, markdown_table, tidy  # cell: the number format every verb prints
 from harness.report import plots
-from harness.report.tables import TITLES, failed_table, kind_table, points_frame
+from harness.report.tables import TITLES, failed_table, fold_skipped, kind_table, points_frame
 from harness.results import read_run, resolve_run
 
 
@@ -33,6 +34,7 @@ class Section:
     tables: list[tuple[str | None, pd.DataFrame]] = field(default_factory=list)  # (subtitle, table)
     notes: list[str] = field(default_factory=list)
     plot: tuple[str, bytes] | None = None  # (file stem, PNG bytes)
+    text: list[str] = field(default_factory=list)  # preformatted lines (the headline, as the terminal prints it)
 
 
 @dataclass
@@ -75,8 +77,8 @@ def grid(df: pd.DataFrame, kind: str) -> list[tuple[str, pd.DataFrame]]:
     out = []
     keys = [c for c in ("model", "dtype", "backend") if c in sub]
     for name, g in sub.groupby(keys, dropna=False):
-        cell = [_cell(t) if s in results.USABLE else s for t, s in zip(g["tokens_per_s"], g["status"], strict=True)]
-        g = g.assign(cell=cell).astype({c: "int64" for c in cols if g[c].notna().all()})
+        text = [cell(t) if s in results.USABLE else s for t, s in zip(g["tokens_per_s"], g["status"], strict=True)]
+        g = g.assign(cell=text).astype({c: "int64" for c in cols if g[c].notna().all()})
         piv = g.pivot_table(index=cols[0], columns=cols[1], values="cell", aggfunc="last")
         piv.columns = [f"{cols[1]}={c}" for c in piv.columns]
         name = name if isinstance(name, tuple) else (name,)
@@ -87,26 +89,38 @@ def grid(df: pd.DataFrame, kind: str) -> list[tuple[str, pd.DataFrame]]:
 # --- capacity ------------------------------------------------------------------------------------------------
 
 
-def capacity_section(fleets: list[str], demand: str | None, run_dir: Path) -> Section:
-    """Fleet capacity against demand from harness.capacity.fleet (this run feeding its measured efficiencies), with
-    the plot of demand and its growth fit against each fleet; a note instead when it cannot be made."""
+# Moved out of the capacity table into a detail table, so coverage and GPUs needed stay on screen.
+CAPACITY_DETAIL = ["gpu", "tp", "unservable", "ttft_missed", "tpot_missed", "count_source"]
+
+
+def capacity_sections(fleets: list[str], demand: str | None, run_dir: Path) -> tuple[Section, Section]:
+    """The headline (per fleet) and the capacity section: fleet capacity against demand from harness.capacity.fleet
+    (this run feeding its measured efficiencies), with the plot of demand and its growth fit against each fleet."""
+    head = Section("Headline: how much of 14T and 140T tokens/day, and what it would take")
     sec = Section("Capacity against demand")
     if not fleets:
+        head.notes.append("left out: no fleet given (`tokenfleet report RUN --fleet china-2026-mix`)")
         sec.notes.append("left out: no fleet given (`tokenfleet report RUN --fleet h100-node`)")
-        return sec
+        return head, sec
     runs = read_runs([run_dir])
-    lines, summaries = [], []
+    lines, summaries, details = [], [], []
     for f in fleets:
         rows, summary = capacity_table(f, demand, runs)
-        cols = [c for c in CAPACITY_COLUMNS if any(c in r for r in rows)]
+        head.text += headline_lines(headline(rows, summary, runs)) + [""]
+        cols = [c for c in CAPACITY_COLUMNS if any(c in r for r in rows) and c not in CAPACITY_DETAIL[1:]]
         sec.tables.append((f"fleet {summary['fleet']} against {summary['demand']} "
                            f"({summary['demand_tokens_per_day']:.3g} tokens/day on {summary['demand_date']})",
                            pd.DataFrame(rows)[cols]))
+        per_type = pd.DataFrame([r for r in rows if r["gpu"] != "total"])
+        details.append((f"fleet {summary['fleet']}: tensor parallelism per model, classes not served, SLOs "
+                        "missed, where each count comes from",
+                        per_type[[c for c in CAPACITY_DETAIL if c in per_type]]))
         summaries.append(summary)
         when = ("demand already above it" if summary["coverage"] < 1 else
                 f"outgrown {summary['outgrows_fleet_on']}" if summary["outgrows_fleet_on"] else "")
         label = f"{summary['fleet']} ({when}, peak factor {summary['peak_factor']:g})" if when else summary["fleet"]
         lines.append(plots.FleetLine(label, float(summary["capacity_tokens_per_day"])))
+    sec.tables += details
     sec.tables.append(("summary", summary_table(summaries)))
     sec.notes.append(f"why the scenarios differ: {summaries[0]['why_differs']}")
     # The chosen scenario and its pair: the reported (English coverage) and primary figures differ tenfold.
@@ -117,7 +131,7 @@ def capacity_section(fleets: list[str], demand: str | None, run_dir: Path) -> Se
     fig, note = plots.capacity_vs_demand(series, lines)
     sec.plot = ("capacity", plots.png_bytes(fig))
     sec.notes += [note] if note else []
-    return sec
+    return head, sec
 
 
 def summary_table(summaries: list[dict]) -> pd.DataFrame:
@@ -148,19 +162,9 @@ def build(run: str | Path, fleets: list[str] | None = None, demand: str | None =
     lines = [f"device: {dev.get('name')} ({dev.get('kind')}); datasheet: {(sheet or {}).get('id') or 'none'}",
              f"points: {len(df)} ({', '.join(f'{k} {v}' for k, v in counts.items()) or 'none'})",
              f"report written {datetime.now(timezone.utc).isoformat(timespec='seconds')} from {run_dir}"]
-    secs = [Section("Device and environment", [(None, environment_table(manifest))])]
-
-    ceil = Section(TITLES["ceiling"], [(None, kind_table(df, "ceiling"))])
-    ceil.notes.append("value: measured on this run; datasheet_ratio = value / datasheet_value")
-    secs.append(ceil)
-
-    kern = Section(TITLES["kernel"], [(None, kind_table(df, "kernel"))])
-    kern.notes.append("mfu/mbu: against this run's measured ceilings; *_datasheet: against the datasheet; "
-                      "vs_torch: torch (vendor baseline) time / Triton time, above 1 = Triton faster")
-    fig, note = plots.roofline(df, ceilings, sheet)
-    kern.plot = ("roofline", plots.png_bytes(fig))
-    kern.notes += [note] if note else []
-    secs.append(kern)
+    # The planner's answer first (headline, capacity), then the model (prefill, decode), then the kernels.
+    head, cap = capacity_sections(list(fleets or []), demand, run_dir)
+    secs = [head, cap]
 
     pre = Section(TITLES["prefill"], grid(df, "prefill") + [("all prefill points", kind_table(df, "prefill"))])
     secs.append(pre)
@@ -170,9 +174,23 @@ def build(run: str | Path, fleets: list[str] | None = None, demand: str | None =
     dec.notes += [note] if note else []
     secs.append(dec)
 
-    secs.append(capacity_section(list(fleets or []), demand, run_dir))
-    bad = Section("Points not ok", [(None, failed_table(df))])
-    if bad.tables[0][1].empty:
+    kernels, skipped = fold_skipped(kind_table(df, "kernel", extra=("note",)), drop=("note",))
+    kern = Section(TITLES["kernel"], [(None, kernels)], notes=skipped)
+    kern.notes.append("mfu/mbu: against this run's measured ceilings; *_datasheet: against the datasheet; "
+                      "vs_torch: torch (vendor baseline) time / Triton time, above 1 = Triton faster")
+    fig, note = plots.roofline(df, ceilings, sheet)
+    kern.plot = ("roofline", plots.png_bytes(fig))
+    kern.notes += [note] if note else []
+    secs.append(kern)
+
+    ceil = Section(TITLES["ceiling"], [(None, kind_table(df, "ceiling"))])
+    ceil.notes.append("value: measured on this run; datasheet_ratio = value / datasheet_value")
+    secs.append(ceil)
+    secs.append(Section("Device and environment", [(None, environment_table(manifest))]))
+
+    failed, skipped = fold_skipped(failed_table(df))
+    bad = Section("Points not ok", [(None, failed)], notes=skipped)
+    if failed.empty and not skipped:
         bad.notes.append("every point is ok")
     secs.append(bad)
     return Report(f"tokenfleet report: {manifest.get('run_id')}", lines, secs)
@@ -180,8 +198,21 @@ def build(run: str | Path, fleets: list[str] | None = None, demand: str | None =
 
 # --- writers -------------------------------------------------------------------------------------------------
 
+# The Chinese in the report (万亿 in the demand notes) renders with no CJK font installed: a subset of Droid Sans
+# Fallback (Apache-2.0; scripts/subset_cjk_font.py) is embedded, used only for those code points.
+FONT = Path(__file__).parent / "fonts" / "cjk-subset.woff"
+
+
+def font_face() -> str:
+    b64 = base64.b64encode(FONT.read_bytes()).decode()
+    return ("@font-face { font-family: 'tokenfleet-cjk'; src: url(data:font/woff;base64," + b64 + ") format('woff');"
+            " unicode-range: U+3000-9FFF, U+FF00-FFEF; }")
+
+
 CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1400px; }
+body { font-family: 'tokenfleet-cjk', system-ui, sans-serif; margin: 2em; color: #222; max-width: 1400px; }
+pre.headline { font-family: 'tokenfleet-cjk', ui-monospace, monospace; font-size: 14px; background: #f6f8fa;
+               border: 1px solid #ccc; padding: 0.8em; overflow-x: auto; }
 .wide { overflow-x: auto; margin: 0.5em 0 1.5em; }
 table { border-collapse: collapse; font-size: 13px; }
 th, td { border: 1px solid #ccc; padding: 3px 8px; white-space: nowrap; }
@@ -189,17 +220,6 @@ th { background: #f0f0f0; text-align: left; } td.num { text-align: right; }
 td.long { white-space: normal; min-width: 24em; max-width: 48em; }
 .note { color: #555; font-size: 13px; } img { max-width: 100%; border: 1px solid #ddd; }
 """
-
-
-def tidy(df: pd.DataFrame) -> pd.DataFrame:
-    """Whole-number float columns back to integers: a column is float only because other kinds' rows had NaN
-    there (batch 128.0, context 1024.0)."""
-    out = df.copy()
-    for c in out.columns:
-        col = out[c]
-        if col.dtype.kind == "f" and col.notna().any() and (col.dropna() % 1 == 0).all():
-            out[c] = col.astype("Int64")
-    return out
 
 
 def html_table(df: pd.DataFrame) -> str:
@@ -212,7 +232,7 @@ def html_table(df: pd.DataFrame) -> str:
     for rec in df.itertuples(index=False):
         cells = []
         for v in rec:
-            text = _cell(None if v is pd.NA else v)
+            text = cell(v)
             cls = "num" if isinstance(v, numbers.Number) and not isinstance(v, (bool, np.bool_)) else (
                 "long" if len(text) > 40 else "txt")
             cells.append(f'<td class="{cls}">{esc(text)}</td>')
@@ -223,12 +243,14 @@ def html_table(df: pd.DataFrame) -> str:
 def to_html(rep: Report) -> str:
     esc = html.escape
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{esc(rep.title)}</title>",
-           f"<style>{CSS}</style></head><body>", f"<h1>{esc(rep.title)}</h1>", "<ul>"]
+           f"<style>{font_face()}{CSS}</style></head><body>", f"<h1>{esc(rep.title)}</h1>", "<ul>"]
     out += [f"<li>{esc(line)}</li>" for line in rep.lines]
     out.append("</ul>")
     for s in rep.sections:
         out.append(f"<h2>{esc(s.title)}</h2>")
         out += [f'<p class="note">{esc(n)}</p>' for n in s.notes]
+        if s.text:
+            out.append('<pre class="headline">' + esc("\n".join(s.text).rstrip()) + "</pre>")
         for sub, t in s.tables:
             if sub:
                 out.append(f"<h3>{esc(sub)}</h3>")
@@ -247,6 +269,8 @@ def to_markdown(rep: Report, png_prefix: str) -> tuple[str, dict[str, bytes]]:
     for s in rep.sections:
         out += [f"## {s.title}", ""]
         out += [f"_{n}_\n" for n in s.notes]
+        if s.text:
+            out += ["```", "\n".join(s.text).rstrip(), "```", ""]
         for sub, t in s.tables:
             if sub:
                 out += [f"### {sub}", ""]

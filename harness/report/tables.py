@@ -61,11 +61,11 @@ def _vs_torch(df: pd.DataFrame) -> pd.Series:
     return out
 
 
-def kind_table(df: pd.DataFrame, kind: str) -> pd.DataFrame:
+def kind_table(df: pd.DataFrame, kind: str, extra: tuple[str, ...] = ()) -> pd.DataFrame:
     if df.empty or "kind" not in df:
         return pd.DataFrame()
     sub = df[df["kind"] == kind]
-    cols = [c for c in COLUMNS[kind] if c in sub.columns]
+    cols = [c for c in [*COLUMNS[kind], *extra] if c in sub.columns]
     return sub[cols].reset_index(drop=True)
 
 
@@ -76,6 +76,23 @@ def failed_table(df: pd.DataFrame) -> pd.DataFrame:
     cols = [c for c in ("kind", "op", "model", "backend", "dtype", "shape", "batch", "context", "prompt_len",
                         "status", "error", "note") if c in bad.columns]
     return bad[cols].reset_index(drop=True)
+
+
+def fold_skipped(table: pd.DataFrame, drop: tuple[str, ...] = ()) -> tuple[pd.DataFrame, list[str]]:
+    """Skipped rows out of a table, one line per op (or model) and backend instead: a Triton op under the interpreter
+    is skipped at every shape for one reason, which a row per shape only repeats."""
+    if table.empty or "status" not in table:
+        return table.drop(columns=list(drop), errors="ignore"), []
+    skip = table["status"] == "skipped"
+    lines = []
+    name = "op" if "op" in table else "model" if "model" in table else None
+    for key, g in table[skip].groupby([c for c in (name, "backend") if c and c in table], dropna=False, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        why = g["note"].dropna().iloc[0] if "note" in g and g["note"].notna().any() else "no reason recorded"
+        dtypes = ", ".join(sorted(map(str, g["dtype"].dropna().unique()))) if "dtype" in g else ""
+        lines.append(f"skipped: {' '.join(str(k) for k in key if pd.notna(k))} at {len(g)} shape(s)"
+                     f"{f' ({dtypes})' if dtypes else ''}: {why}")
+    return table[~skip].drop(columns=list(drop), errors="ignore").reset_index(drop=True), lines
 
 
 def write_tables(run_dir: str | Path) -> Path:
