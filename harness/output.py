@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Any, Literal
 
 import numpy as np
@@ -100,10 +101,17 @@ def render(rows: list[dict] | pd.DataFrame, fmt: Format, title: str | None = Non
         table.add_column(head, overflow="fold", min_width=wmin)
     for r in cells:
         table.add_row(*r)
-    # rich shares spare width out unevenly when it shrinks columns: a little slack keeps every column at its minimum
-    console = Console(width=max(120, width + 1 + 2 * len(df.columns)), record=True, file=open("/dev/null", "w"))
-    console.print(table)
-    return console.export_text()
+    # At least 120 wide, and wider until rich no longer crops a row (when it shrinks columns it can give one less
+    # than its minimum and cut the last ones off): a row that is whole ends with its border.
+    w = max(120, width + 1)
+    while True:
+        console = Console(width=w, record=True, file=open(os.devnull, "w"))
+        console.print(table)
+        text = console.export_text()
+        if all(line.rstrip().endswith(("┓", "┃", "┩", "│", "┘")) for line in text.splitlines()[1 if title else 0:]
+               if line.strip()) or w > 2000:
+            return text
+        w += 10
 
 
 def emit(rows: list[dict] | pd.DataFrame, fmt: Format, title: str | None = None,
