@@ -1,6 +1,7 @@
 """The CLI: valid JSON from `env`, and every bad-input path exits 2 with one line naming the file and field."""
 
 import json
+import re
 
 from tests.conftest import run_cli
 
@@ -68,3 +69,56 @@ def test_resume_of_missing_or_unknown_schema_run(tmp_path):
 def test_bad_format():
     line = one_error_line(run_cli("env", "--format", "xml"))
     assert "--format" in line
+
+
+# ---- what --help advertises is what the verbs take (in-process: no torch start-up per call) ----------------------
+def _invoke(*args):
+    from typer.testing import CliRunner
+
+    from harness.cli.main import app
+
+    return CliRunner().invoke(app, list(args), env={"COLUMNS": "120"})
+
+
+VERBS = ("env", "bench", "project", "capacity", "report", "compare")
+
+
+def test_help_shows_real_metavars():
+    for verb in VERBS:
+        out = _invoke(verb, "--help").output
+        assert "<bool>" not in out and "<list[" not in out and "<float>" not in out and "<path>" not in out, verb
+
+
+def test_help_formats_are_the_accepted_ones():
+    for verb, formats in (("env", ["table", "json", "md"]), ("capacity", ["table", "json", "csv", "md"]),
+                          ("project", ["table", "json", "csv", "md"]), ("compare", ["table", "json", "csv", "md"]),
+                          ("bench", ["table", "json", "csv", "md"])):
+        m = re.search(r"--format ([a-z|]+)", _invoke(verb, "--help").output)
+        assert m and m.group(1).split("|") == formats, verb
+    assert "-f, --format" not in _invoke("report", "--help").output  # report writes files; README says so
+    assert _invoke("env", "--format", "csv").exit_code == 2
+
+
+def test_project_without_workload_names_the_default():
+    r = _invoke("project", "--model", "qwen3-0.6b", "--gpu", "h100-sxm")
+    assert r.exit_code == 0, r.output
+    assert "workload chat: the default" in r.output
+    r = _invoke("project", "--model", "qwen3-0.6b", "--gpu", "h100-sxm", "--format", "json")
+    data = json.loads(r.output)
+    assert data["workload"] == "chat" and data["workload_defaulted"] is True
+    r = _invoke("project", "--model", "qwen3-0.6b", "--gpu", "h100-sxm", "--format", "csv")
+    assert r.exit_code == 0 and r.output.startswith("field,value")
+
+
+def test_terminal_table_never_splits_a_header_word():
+    from harness.output import render
+
+    rows = [{"gpu": "ascend-910b", "coverage_vs_china_reported": 1.259, "tokens_per_s_per_gpu": 1275.4,
+             "gpus_needed_alone": 1061082, f"c{i}_with_a_long_header_name": 0.5} for i in range(9)]
+    text = render(rows, "table")
+    words = {w for c in rows[0] for w in c.split("_")}
+    head = text.split("┡")[0]
+    cells = {t.strip() for line in head.splitlines() for t in line.split("┃")}
+    assert words <= {w for c in cells for w in c.split()}  # every word whole in some header line
+    assert "1,061,082" in text and "ascend-910b" in text
+    assert all(line.rstrip().endswith(("┓", "┃", "┩", "│", "┘")) for line in text.splitlines()[1:] if line.strip())
