@@ -12,7 +12,7 @@ import pytest
 
 from harness.capacity.fleet import capacity_table, outgrown_state
 from harness.capacity.headline import headline, headline_lines, tokens
-from tests.conftest import TINY_CEILINGS_SUITE, run_cli
+from tests.conftest import TINY_CEILINGS_SUITE
 
 
 @pytest.fixture(scope="module")
@@ -69,21 +69,26 @@ def test_sources_and_device_note(mix):
 def test_make_run_steps_on_the_cpu(tmp_path: Path):
     """bench (tiny suite) -> report -> capacity --quiet, as `make run` chains them; every figure the headline prints
     is the JSON's."""
+    from typer.testing import CliRunner
+
+    from harness.cli.main import app
+
+    def cli(*args: str) -> str:  # in-process: one torch start-up for the four steps
+        r = CliRunner().invoke(app, list(args))
+        assert r.exit_code == 0, r.output
+        return r.stdout
+
     suite = tmp_path / "tiny.yaml"
     suite.write_text(TINY_CEILINGS_SUITE.format(id="tiny"))
     run = tmp_path / "run"
-    r = run_cli("bench", "--suite", str(suite), "--out", str(run), "--quiet")
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == f"run folder: {run}"  # --quiet: the run folder only
-    r = run_cli("report", str(run), "--fleet", "china-2026-mix")
-    assert r.returncode == 0, r.stderr
+    assert cli("bench", "--suite", str(suite), "--out", str(run), "--quiet").strip() == f"run folder: {run}"
+    cli("report", str(run), "--fleet", "china-2026-mix")
     assert "<h2>Headline" in (run / "report.html").read_text()
-    text = run_cli("capacity", "--fleet", "china-2026-mix", "--run", str(run), "--quiet")
-    data = run_cli("capacity", "--fleet", "china-2026-mix", "--run", str(run), "--quiet", "--format", "json")
-    assert text.returncode == 0 and data.returncode == 0, text.stderr + data.stderr
-    h = json.loads(data.stdout)["headline"]
-    lines = text.stdout.splitlines()
-    assert lines[-1] == f"run folder: {run}" and "┃" not in text.stdout  # the headline, no table
+    text = cli("capacity", "--fleet", "china-2026-mix", "--run", str(run), "--quiet")
+    h = json.loads(cli("capacity", "--fleet", "china-2026-mix", "--run", str(run), "--quiet", "--format", "json")
+                   )["headline"]
+    lines = text.splitlines()
+    assert lines[-1] == f"run folder: {run}" and "┃" not in text  # the headline, no table
     assert lines[0].startswith(f"china-2026-mix: {h['gpus']:,} GPUs serve {tokens(h['capacity_tokens_per_day'])}")
     assert "cpu" in lines[1] and "no GPU efficiencies" in lines[2]
     for d in h["demands"]:
