@@ -33,11 +33,12 @@ def test_both_demands_and_their_coverage(mix):
 
 def test_gpus_needed_meet_the_peak_demand_and_no_more(mix):
     rows, _, h = mix
-    per_gpu = {r["gpu"]: r["tokens_per_day_per_gpu"] for r in rows if r["gpu"] != "total"}
+    per_gpu = {r["gpu"]: r["tokens_per_day_per_gpu"] for r in rows if r["gpu"] != "total"}  # routed share
+    alone = {r["gpu"]: r["alone_tokens_per_s_per_gpu"] * 86_400 * h["utilization"] for r in rows if r["gpu"] != "total"}
     for d in h["demands"]:
         need = d["peak_tokens_per_day"]
         for gpu, n in d["gpus_needed_alone"].items():  # one type alone: enough, and one fewer is not
-            assert n * per_gpu[gpu] >= need > (n - 1) * per_gpu[gpu]
+            assert n * alone[gpu] >= need * (1 - 1e-12) and need > (n - 1) * alone[gpu]
         served = sum(n * per_gpu[g] for g, n in d["gpus_needed_mix_by_type"].items())
         assert served >= need  # the fleet's own mix scaled up: rounding up per type never falls short
         assert served - need <= sum(per_gpu.values())

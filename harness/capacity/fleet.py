@@ -83,23 +83,23 @@ def coverage(tokens_per_day: float, d: Demand, pf: float, reported: Demand, prim
             "coverage_vs_china_nda": tokens_per_day / (primary.latest.tokens_per_day * pf)}
 
 
-def outgrown_state(coverage: float, on: dt.date | None, today: dt.date | None = None) -> str:
+def outgrown_state(cover: float, on: dt.date | None, today: dt.date | None = None) -> str:
     """Where demand × peak factor stands against the fleet: `already` above it at the latest dated demand
-    (coverage < 1), above it `by today` at the fitted growth, `later` (on the fitted date), or `never` (no fit)."""
-    if coverage < 1:
+    (coverage `cover` < 1), above it `by today` at the fitted growth, `later` (on the fitted date), or `never`."""
+    if cover < 1:
         return "already"
     if on is None:
         return "never"
     return "by today" if on <= (today or dt.date.today()) else "later"
 
 
-def outgrown_statement(coverage: float, on: dt.date | None, today: dt.date | None = None) -> str:
+def outgrown_statement(cover: float, on: dt.date | None, today: dt.date | None = None) -> str:
     """The state as one sentence (the summary's `demand_outgrows_fleet`)."""
     return {"already": "already: the latest dated demand × peak factor is above the fleet"
                        + (f" (fitted crossing {on})" if on else ""),
             "by today": f"by today: at the fitted growth, demand × peak factor passed the fleet on {on}",
             "later": f"on {on}, at the fitted growth",
-            "never": "not at the fitted growth (no fit, or demand not growing)"}[outgrown_state(coverage, on, today)]
+            "never": "not at the fitted growth (no fit, or demand not growing)"}[outgrown_state(cover, on, today)]
 
 
 def demand_of(name: str | Demand | None, tokens_per_day: float | None = None) -> Demand:

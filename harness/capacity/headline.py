@@ -3,8 +3,9 @@ and what it would take, built from `fleet.capacity_table`'s rows and summary (no
 
 `headline()` returns a dict (every figure the text shows, for `--format json`); `headline_lines()` the text that
 `tokenfleet capacity` and `make run` print. GPUs needed for a demand D at peak factor pf:
-  of one type alone:            ceil(D·pf / tokens_per_day_per_gpu)
-  of the fleet's own mix scaled: ceil(count_g · D·pf / capacity) per type (the same proportions, scaled up or down)
+  of one type alone:             ceil(D·pf / (alone_tokens_per_s_per_gpu · 86,400 · utilization))
+  of the fleet's own mix scaled: ceil(count_g · D·pf / capacity) per type (the same proportions, scaled up or down;
+                                 the routed capacity is linear in the counts, so the scaled mix serves D·pf)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import datetime as dt
 import math
 
 from harness.capacity.fleet import outgrown_state, outgrown_statement
+from harness.capacity.project import SECONDS_PER_DAY
 from harness.results import Run
 
 SOURCES = ("measured", "calibrated", "projected")  # what a row's figure rests on, most direct first
@@ -36,11 +38,19 @@ def _demand(rows: list[dict], s: dict, key: str, label: str, today: dt.date | No
         "demand": key.replace("_", "-"), "label": label, "tokens_per_day": demand,
         "peak_tokens_per_day": need, "coverage": cap / need, "capacity_over_demand": cap / demand,
         "mix_scale": scale, "gpus_needed_mix": sum(mix.values()) if mix else None, "gpus_needed_mix_by_type": mix,
-        "gpus_needed_alone": {r["gpu"]: (math.ceil(need / r["tokens_per_day_per_gpu"])
-                                         if r.get("tokens_per_day_per_gpu") else None) for r in per_type},
+        "gpus_needed_alone": {r["gpu"]: (math.ceil(need / a) if (a := _alone_per_day(r, s)) else None)
+                              for r in per_type},
         "outgrows_fleet_on": on, "outgrown": outgrown_state(cap / need, on, today),
         "demand_outgrows_fleet": outgrown_statement(cap / need, on, today),
     }
+
+
+def _alone_per_day(row: dict, s: dict) -> float | None:
+    """Tokens/day one GPU of this type serves on its own (the classes it can hold), not its routed share."""
+    alone = row.get("alone_tokens_per_s_per_gpu")
+    if alone is None:
+        return row.get("tokens_per_day_per_gpu")
+    return alone * SECONDS_PER_DAY * s["utilization"]
 
 
 def _measured_on(runs: list[Run] | None, efficiency: dict) -> dict:

@@ -90,7 +90,7 @@ def grid(df: pd.DataFrame, kind: str) -> list[tuple[str, pd.DataFrame]]:
 
 
 # Moved out of the capacity table into a detail table, so coverage and GPUs needed stay on screen.
-CAPACITY_DETAIL = ["gpu", "tp", "unservable", "ttft_missed", "tpot_missed", "count_source"]
+CAPACITY_DETAIL = ["gpu", "tp", "unservable", "ttft_missed", "tpot_missed", "extrapolated", "count_source"]
 
 
 def capacity_sections(fleets: list[str], demand: str | None, run_dir: Path) -> tuple[Section, Section]:
