@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import textwrap
 
 from harness.capacity.fleet import outgrown_state, outgrown_statement
 from harness.capacity.project import SECONDS_PER_DAY
@@ -62,7 +63,7 @@ def _measured_on(runs: list[Run] | None, efficiency: dict) -> dict:
     elif all(d["kind"] == "cpu" or not d["datasheet"] for d in devices):
         note = "a CPU run gives no GPU efficiencies: GPU figures are projected with default efficiencies"
     else:
-        note = f"efficiencies from the run: {efficiency.get('from')}"
+        note = f"GPU efficiencies from {efficiency.get('from')}"
     return {"runs": devices, "note": note}
 
 
@@ -136,4 +137,5 @@ def _wrap(first: str, items: list[str], width: int = 110) -> list[str]:
 
 def _device_lines(m: dict) -> list[str]:
     runs = ", ".join(f"{r['device']} ({r['kind']}, run {r['run']})" for r in m["runs"]) or "no run"
-    return [f"  measured on: {runs}", f"    {m['note']}"]
+    return (textwrap.wrap(f"measured on: {runs}", 110, initial_indent="  ", subsequent_indent="    ")
+            + textwrap.wrap(m["note"], 110, initial_indent="    ", subsequent_indent="    "))
