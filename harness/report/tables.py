@@ -79,19 +79,24 @@ def failed_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def fold_skipped(table: pd.DataFrame, drop: tuple[str, ...] = ()) -> tuple[pd.DataFrame, list[str]]:
-    """Skipped rows out of a table, one line per op (or model) and backend instead: a Triton op under the interpreter
-    is skipped at every shape for one reason, which a row per shape only repeats."""
+    """Skipped rows out of a table, folded into one line per reason naming each op (or model) and backend with its
+    count of shapes: a Triton op under the interpreter is skipped at every shape for one reason, which a row per
+    shape only repeats."""
     if table.empty or "status" not in table:
         return table.drop(columns=list(drop), errors="ignore"), []
     skip = table["status"] == "skipped"
+    sub = table[skip]
+
+    def col(c: str) -> pd.Series:
+        return sub[c] if c in sub else pd.Series([None] * len(sub), index=sub.index, dtype=object)
+
+    name = col("op").where(col("op").notna(), col("model"))
+    what = (name.fillna("").astype(str) + " " + col("backend").fillna("").astype(str)).str.strip()
+    why = col("note").fillna("no reason recorded").astype(str)
     lines = []
-    name = "op" if "op" in table else "model" if "model" in table else None
-    for key, g in table[skip].groupby([c for c in (name, "backend") if c and c in table], dropna=False, sort=False):
-        key = key if isinstance(key, tuple) else (key,)
-        why = g["note"].dropna().iloc[0] if "note" in g and g["note"].notna().any() else "no reason recorded"
-        dtypes = ", ".join(sorted(map(str, g["dtype"].dropna().unique()))) if "dtype" in g else ""
-        lines.append(f"skipped: {' '.join(str(k) for k in key if pd.notna(k))} at {len(g)} shape(s)"
-                     f"{f' ({dtypes})' if dtypes else ''}: {why}")
+    for reason in dict.fromkeys(why):  # in table order
+        counts = what[why == reason].value_counts(sort=False)
+        lines.append(f"skipped ({reason}): " + ", ".join(f"{w} ×{n}" for w, n in counts.items()))
     return table[~skip].drop(columns=list(drop), errors="ignore").reset_index(drop=True), lines
 
 
