@@ -6,23 +6,27 @@ decode step: every weight byte read once for one token). Each is a point with th
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
-from pydantic import Field
+from pydantic import Field, PositiveInt
 
 from harness.config import Strict
 from harness.dtypes import dtype_bytes, to_dtype
 from harness.measure.context import Job, RunContext
 
+Dtype = Literal["fp32", "bf16", "fp16"]  # the dtypes torch times here (harness.dtypes.to_dtype)
+
 
 class MatvecSpec(Strict):
     n: int = Field(gt=0)
     k: int = Field(gt=0)
-    dtypes: list[str]
+    dtypes: list[Dtype] = Field(min_length=1)
 
 
 class Spec(Strict):
     copy_mb: float = Field(gt=0, description="size of the tensor copied (read + written counts twice)")
-    matmul: dict[str, int] = Field(description="dtype -> square size N of an NxNxN matmul")
+    matmul: dict[Dtype, PositiveInt] = Field(description="dtype -> square size N of an NxNxN matmul")
     matvec: MatvecSpec
     allow_tf32: bool = Field(False, description="fp32 matmul as tf32 on GPU; off: fp32 is compared to the fp32 peak")
 

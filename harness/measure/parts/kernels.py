@@ -12,12 +12,17 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PositiveInt, ValidationInfo, field_validator, model_validator
 
 from harness.config import Strict
 from harness.dtypes import to_dtype
 from harness.measure.context import CPU_TRITON_NOTE, Job, RunContext
 from harness.model.spec import ModelConfig, load_model_config
+
+# The sizes each op's make_inputs reads from a literal shape (kernels/<op>.py); a missing one fails at load.
+SHAPE_FIELDS = {"gemm": ("m", "n", "k"), "rmsnorm": ("rows", "hidden"), "rope": ("tokens", "q_heads", "kv_heads",
+                "head_dim"), "silu_mul": ("rows", "n"), "attention_prefill": ("batch", "q_heads", "kv_heads", "seq",
+                "head_dim"), "attention_decode": ("batch", "q_heads", "kv_heads", "context", "head_dim")}
 
 
 class OpCase(Strict):
@@ -26,9 +31,9 @@ class OpCase(Strict):
     backends: list[Literal["triton", "torch"]] = ["triton", "torch"]
     shapes: list[dict[str, Any]] = Field(default_factory=list, description="literal shape dicts")
     models: list[str] = Field(default_factory=list, description="derive shapes from these model configs")
-    tokens: list[int] = Field(default_factory=list, description="rows (M) / sequence length for model shapes")
-    batch: list[int] = Field(default_factory=list, description="attention_decode: sequences")
-    context: list[int] = Field(default_factory=list, description="attention_decode: context length")
+    tokens: list[PositiveInt] = Field(default_factory=list, description="rows (M) / sequence length for model shapes")
+    batch: list[PositiveInt] = Field(default_factory=list, description="attention_decode: sequences")
+    context: list[PositiveInt] = Field(default_factory=list, description="attention_decode: context length")
 
     @field_validator("op")
     @classmethod
@@ -37,6 +42,20 @@ class OpCase(Strict):
 
         if v not in REGISTRY:
             raise ValueError(f"unknown op {v!r}; known: {', '.join(sorted(REGISTRY))}")
+        return v
+
+    @field_validator("shapes")
+    @classmethod
+    def _sizes(cls, v: list[dict[str, Any]], info: ValidationInfo) -> list[dict[str, Any]]:
+        need = SHAPE_FIELDS.get(info.data.get("op"), ())
+        for i, shape in enumerate(v):
+            missing = [f for f in need if f not in shape]
+            if missing:
+                raise ValueError(f"shape {i}: missing {missing[0]!r} ({info.data['op']} needs {', '.join(need)})")
+            for name, size in shape.items():
+                sizes = size if isinstance(size, list) else [size]
+                if any(not isinstance(s, bool) and isinstance(s, int | float) and not s > 0 for s in sizes):
+                    raise ValueError(f"shape {i}: {name} = {size} is not a size (> 0)")
         return v
 
     @model_validator(mode="after")
