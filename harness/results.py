@@ -1,8 +1,11 @@
-"""Run folders: `manifest.json` + append-only `points.jsonl`, and the Point schema of DESIGN.md.
+"""Run folders: `manifest.json` + `points.jsonl`, and the Point schema of DESIGN.md.
 
-A point is one measurement, a flat JSON object. Writers flush and fsync each line, so an interrupted run loses
-at most the point in flight; readers ignore a truncated last line with a warning and refuse an unknown
-`schema_version` with a ConfigError naming the file and the field.
+A point is one measurement, a flat JSON object, identified by its key (`point_key`: every field that is not a
+measurement). `RunWriter` is a run's one writer (it holds the folder's lock): it appends and fsyncs one record per
+point, so a kill loses at most the point in flight, and a point measured again on `--resume` is appended as a
+replacement record, the file compacted atomically to one record per key when the run ends. Readers keep the last
+record of each key, skip a damaged last line with a one-line warning, and refuse an unknown `schema_version` or
+`status` with a ConfigError naming the file, the line and the field.
 """
 
 from __future__ import annotations
@@ -18,14 +21,23 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from harness.config import ConfigError
+from harness.files import LOCK_NAME, RunLock, append_record, atomic_write, ensure_dir, open_append, remove_stale_temps
 
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "oom", "error", "incorrect", "noisy", "skipped")
 # The statuses whose numbers may enter tables, plots, ratios, ceilings and capacity: a noisy point is a real
 # measurement, only less certain; every other status has no number to use. One set, used by every reader.
 USABLE = frozenset({"ok", "noisy"})
+# The statuses `--resume` does not measure again: `ok`, and `skipped` (decided by the device and the suite, which a
+# resume keeps, not by chance). Every other status (noisy, error, oom, incorrect, and any added later) is measured
+# again, and its new record replaces the old one.
+FINAL = frozenset({"ok", "skipped"})
 KINDS = ("ceiling", "kernel", "prefill", "decode", "collective")
 RUNS_ROOT = Path(__file__).resolve().parent.parent / "results" / "runs"
+
+
+class RunWarning(UserWarning):
+    """Something a reader skipped and says so (a damaged last line); the CLI prints it as one line."""
 
 # Fields that identify a point (the rest are measurements): used to match points for --resume and compare.
 MEASURED_FIELDS = {
@@ -92,30 +104,61 @@ def read_manifest(run_dir: str | Path) -> dict:
     return manifest
 
 
+def check_point(p: object, file: Path, line: int) -> None:
+    """A record of points.jsonl as readers accept it: an object of this schema with a kind and a known status."""
+    where = f"line {line}"
+    if not isinstance(p, dict):
+        raise ConfigError(file, where, "expected a JSON object")
+    v = p.get("schema_version")
+    if v != SCHEMA_VERSION:
+        raise ConfigError(file, f"{where}.schema_version",
+                          f"unknown schema_version {v!r}; this tokenfleet reads {SCHEMA_VERSION}")
+    if not isinstance(p.get("kind"), str):
+        raise ConfigError(file, f"{where}.kind", "missing" if "kind" not in p else f"not a name: {p['kind']!r}")
+    if p.get("status") not in STATUSES:
+        what = "missing" if "status" not in p else f"unknown status {p['status']!r}"
+        raise ConfigError(file, f"{where}.status", f"{what}; known: {', '.join(STATUSES)}")
+
+
+def parse_points(path: Path, data: bytes) -> tuple[list[dict], int, str | None]:
+    """Every record of a points file's bytes in order, the byte offset where the good records end, and what is
+    wrong with the last line when it is damaged (a write cut off by a kill, or garbage), else None. A damaged
+    line anywhere before the last is an error naming its line."""
+    lines = data.split(b"\n")
+    last = max((i for i, ln in enumerate(lines) if ln.strip()), default=-1)
+    records: list[dict] = []
+    pos = good_end = 0
+    for i, raw in enumerate(lines):
+        start, pos = pos, pos + len(raw) + 1
+        if not raw.strip():
+            continue
+        try:
+            p = json.loads(raw)
+        except ValueError:  # not JSON, or not UTF-8
+            if i == last:
+                return records, good_end, f"line {i + 1}: damaged last line ({len(data) - start} bytes)"
+            raise ConfigError(path, f"line {i + 1}", "not valid JSON") from None
+        check_point(p, path, i + 1)
+        records.append(p)
+        good_end = min(pos, len(data))
+    return records, good_end, None
+
+
+def latest(records: list[dict]) -> list[dict]:
+    """One point per key: the last record of each key, at the place of its first (a resumed run may hold a
+    point and its later re-measurement). Every reader sees a run through this."""
+    return list({point_key(p): p for p in records}.values())
+
+
 def read_points(run_dir: str | Path) -> list[dict]:
+    """The points of a run, one per key (`latest`); a damaged last line is skipped with a one-line RunWarning."""
     path = Path(run_dir) / "points.jsonl"
     if not path.is_file():
         raise ConfigError(path, None, "file not found")
-    lines = path.read_text().split("\n")
-    points = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            p = json.loads(line)
-        except json.JSONDecodeError:
-            if i >= len(lines) - 1:  # the last line: a write cut off by a kill
-                warnings.warn(f"{path}: line {i}: truncated last line ignored", stacklevel=2)
-                continue
-            raise ConfigError(path, f"line {i}", "not valid JSON") from None
-        if not isinstance(p, dict):
-            raise ConfigError(path, f"line {i}", "expected a JSON object")
-        check_schema(p, path)
-        for req in ("kind", "status"):
-            if req not in p:
-                raise ConfigError(path, f"line {i}.{req}", "missing")
-        points.append(p)
-    return points
+    records, _, damaged = parse_points(path, path.read_bytes())
+    if damaged:
+        warnings.warn(f"{path}: {damaged} ignored", RunWarning, stacklevel=2)
+    return latest(records)
 
 
 def read_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
@@ -123,13 +166,15 @@ def read_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
     return read_manifest(run_dir), read_points(run_dir)
 
 
+def save_manifest(run_dir: str | Path, manifest: dict) -> None:
+    atomic_write(Path(run_dir) / "manifest.json", json.dumps(manifest, indent=2, default=str, allow_nan=False) + "\n")
+
+
 def update_manifest(run_dir: str | Path, **fields) -> None:
-    """Set top-level manifest fields of a run no writer holds (e.g. the launcher's `failure` after torchrun)."""
-    manifest = read_manifest(run_dir)
-    manifest.update(fields)
-    tmp = Path(run_dir) / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, default=str, allow_nan=False) + "\n")
-    os.replace(tmp, Path(run_dir) / "manifest.json")
+    """Set top-level manifest fields of a run no writer holds (e.g. the launcher's `failure` after torchrun),
+    holding the run's lock meanwhile: a writer that holds it refuses this."""
+    with RunLock(run_dir):
+        save_manifest(run_dir, {**read_manifest(run_dir), **fields})
 
 
 def resolve_run(run: str | Path) -> Path:
@@ -219,55 +264,116 @@ def load_run(run: str | Path | Run) -> Run:
         return run
     folder = resolve_run(run)
     manifest, points = read_run(folder)
-    return Run(folder, manifest, list({point_key(p): p for p in points}.values()))
+    return Run(folder, manifest, points)
+
+
+def check_out(folder: str | Path) -> None:
+    """Where a new run may go: a new folder, an empty one, or a run folder with no points yet; nothing else, so a
+    user's own files are never overwritten."""
+    p = Path(folder)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(p, None, "exists and is not a folder: give --out a new or empty folder")
+    if not p.is_dir():
+        return
+    if (p / "points.jsonl").exists():
+        raise ConfigError(p, None, "run folder already has points; use --resume or another --out")
+    others = sorted(e.name for e in p.iterdir() if e.name != LOCK_NAME)
+    if others and not (p / "manifest.json").is_file():
+        more = f" and {len(others) - 1} more" if len(others) > 1 else ""
+        raise ConfigError(p, None, f"folder is not empty ({others[0]}{more}) and is not a tokenfleet run: "
+                          "give --out a new or empty folder")
+    if others:
+        read_manifest(p)  # a run folder of a schema we know
 
 
 class RunWriter:
-    """Writes one run folder. Points are appended and flushed (fsync) one at a time."""
+    """The one writer of a run folder: it holds the folder's lock (`harness.files.RunLock`) from open to `close`.
+
+    `append` writes one record per point and fsyncs it. A point measured again (on resume) is appended as a
+    replacement record; `finish` writes the manifest and compacts points.jsonl to one record per key, atomically.
+    Opening a run to resume cuts a damaged last line off first, so nothing is ever appended after garbage."""
 
     def __init__(self, run_dir: Path, manifest: dict, resume: bool = False):
         self.dir = Path(run_dir)
         self.points_path = self.dir / "points.jsonl"
         if resume:
+            read_manifest(self.dir)  # a readable run before anything is locked or written
+        else:
+            check_out(self.dir)
+            ensure_dir(self.dir)
+        self._lock = RunLock(self.dir).acquire()
+        self._fd: int | None = None
+        try:
+            self._open(manifest, resume)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _open(self, manifest: dict, resume: bool) -> None:
+        remove_stale_temps(self.dir)
+        if resume:
             self.manifest = read_manifest(self.dir)
-            self.existing = read_points(self.dir) if self.points_path.exists() else []
-            self._drop_truncated_tail()
+            records = self._repair_tail() if self.points_path.exists() else []
             self.manifest.setdefault("resumed", []).append(manifest.get("command"))
         else:
-            if self.points_path.exists():
-                raise ConfigError(self.dir, None, "run folder already has points; use --resume or another --out")
-            self.dir.mkdir(parents=True, exist_ok=True)
+            check_out(self.dir)  # again, now under the lock
             self.manifest = {"schema_version": SCHEMA_VERSION, **manifest}
-            self.existing = []
+            records = []
+        self.points = {point_key(p): p for p in records}  # key -> its latest record, in first-seen order
+        self.last: dict | None = None  # the record this writer appended last
+        self._records = len(records)
         self.write_manifest()
-        self._fh = open(self.points_path, "a")
+        self._fd = open_append(self.points_path)
 
-    def _drop_truncated_tail(self) -> None:
-        # Rewrite the file from the points that parsed, so appends never follow a half line.
-        if self.points_path.exists():
-            text = self.points_path.read_text()
-            if text and not text.endswith("\n"):
-                good = "".join(json.dumps(p) + "\n" for p in self.existing)
-                tmp = self.points_path.with_suffix(".tmp")
-                tmp.write_text(good)
-                os.replace(tmp, self.points_path)
+    def _repair_tail(self) -> list[dict]:
+        data = self.points_path.read_bytes()
+        records, good_end, damaged = parse_points(self.points_path, data)
+        if damaged or (good_end and not data[:good_end].endswith(b"\n")):
+            good = data[:good_end]
+            atomic_write(self.points_path, good + (b"\n" if good and not good.endswith(b"\n") else b""))
+        if damaged:
+            warnings.warn(f"{self.points_path}: {damaged} cut off before resuming; its point is measured again",
+                          RunWarning, stacklevel=3)
+        return records
+
+    def final_keys(self) -> set[str]:
+        """Keys of the points a resume does not measure again (status in FINAL)."""
+        return {k for k, p in self.points.items() if p.get("status") in FINAL}
 
     def write_manifest(self) -> None:
-        tmp = self.dir / "manifest.json.tmp"
-        tmp.write_text(json.dumps(self.manifest, indent=2, default=str, allow_nan=False) + "\n")
-        os.replace(tmp, self.dir / "manifest.json")
+        save_manifest(self.dir, self.manifest)
 
     def append(self, point: dict) -> None:
         point = {"schema_version": SCHEMA_VERSION, "run_id": self.manifest["run_id"], **point}
         if point.get("status") not in STATUSES:
             raise ValueError(f"bad status {point.get('status')!r}")
-        self._fh.write(json.dumps(point, default=_json_safe, allow_nan=False) + "\n")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self.existing.append(point)
+        line = json.dumps(point, default=_json_safe, allow_nan=False) + "\n"
+        append_record(self._fd, self.points_path, line.encode())
+        self.last = self.points[point_key(point)] = json.loads(line)  # as it reads back
+        self._records += 1
+
+    def finish(self, **manifest_fields) -> None:
+        """Record `manifest_fields` in the manifest and compact points.jsonl to one record per key."""
+        self.manifest.update(manifest_fields)
+        self.write_manifest()
+        if self._records > len(self.points):
+            atomic_write(self.points_path, "".join(json.dumps(p, allow_nan=False) + "\n"
+                                                   for p in self.points.values()))
+            self._records = len(self.points)
+            os.close(self._fd)  # the rename left this descriptor on the old file
+            self._fd = open_append(self.points_path)
 
     def close(self) -> None:
-        self._fh.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._lock.release()
+
+    def __enter__(self) -> RunWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def jsonable(v):

@@ -1,19 +1,17 @@
-"""Run folders: schema refusal, truncated points, resume after a kill, and the runner's failure rows."""
+"""Run folders: schema refusal, truncated points, resume after an interruption, and the runner's failure rows.
+(Kills, locks, full disks and resume's exactly-once rule: tests/test_reliability.py.)"""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
 from harness import results
 from harness.config import ConfigError
-from harness.measure.runner import Job, execute, run_suite
+from harness.measure.device import detect
+from harness.measure.runner import Job, RunContext, execute, job_key, plan_all, run_suite
+from harness.measure.suite import load_suite
 from harness.report.tables import write_tables
-from tests.conftest import REPO, TINY_CEILINGS_SUITE
+from tests.conftest import TINY_CEILINGS_SUITE
 
 
 def make_run(tmp_path, points=()):
@@ -42,7 +40,7 @@ def test_point_of_unknown_schema_refused(tmp_path):
     run = make_run(tmp_path, [{"kind": "ceiling", "op": "copy", "status": "ok"}])
     with open(run / "points.jsonl", "a") as f:
         f.write(json.dumps({"schema_version": 7, "kind": "decode", "status": "ok"}) + "\n")
-    with pytest.raises(ConfigError, match="points.jsonl: schema_version"):
+    with pytest.raises(ConfigError, match="points.jsonl: line 2.schema_version"):
         results.read_points(run)
 
 
@@ -51,7 +49,7 @@ def test_truncated_last_line_ignored_with_warning(tmp_path):
                               {"kind": "ceiling", "op": "matmul", "status": "ok"}])
     with open(run / "points.jsonl", "a") as f:
         f.write('{"schema_version": 1, "kind": "dec')
-    with pytest.warns(UserWarning, match="truncated last line"):
+    with pytest.warns(results.RunWarning, match="line 3: damaged last line"):
         points = results.read_points(run)
     assert [p["op"] for p in points] == ["copy", "matmul"]
 
@@ -98,39 +96,6 @@ def test_bench_writes_run_and_metrics(tmp_path, tiny_suite):
     assert (run / "summary.md").read_text().startswith("# Run")
 
 
-def test_resume_after_kill_repeats_no_finished_point(tmp_path):
-    # A suite of many slow-enough points, killed with SIGKILL after the first two are written.
-    suite = tmp_path / "slow.yaml"
-    suite.write_text(TINY_CEILINGS_SUITE.format(id="slow").replace(
-        "matmul: {fp32: 256, bf16: 256}", "matmul: {fp32: 512, bf16: 512}").replace(
-        "min_time_s: 0.01", "min_time_s: 0.4").replace("max_samples: 20", "max_samples: 2000").replace(
-        "dtypes: [fp32]", "dtypes: [fp32, bf16]"))
-    out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "harness", "bench", "--suite", str(suite), "--out", str(out),
-                             "--quiet"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    pts = out / "points.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if pts.exists() and pts.read_text().count("\n") >= 2:
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    before = results.read_points(out)
-    assert 2 <= len(before) < 5, "the kill should land mid-run"
-
-    done = subprocess.run([sys.executable, "-m", "harness", "bench", "--resume", str(out), "--quiet"], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    after = results.read_points(out)
-    ok_keys = [results.point_key(p) for p in after if p["status"] == "ok"]
-    assert len(ok_keys) == len(set(ok_keys)), "a finished point was measured again"
-    assert {p["op"] + p["dtype"] for p in after} == {"copyfp32", "matmulfp32", "matmulbf16", "matvecfp32",
-                                                        "matvecbf16"}
-    assert after[: len(before)] == before  # what was measured before the kill is kept as it was
-
-
 def test_interrupted_decode_grid_resumes_without_repeats(tmp_path):
     # Interrupt (as a kill would) after the second decode point; --resume must finish only the rest.
     suite = tmp_path / "grid.yaml"
@@ -159,7 +124,12 @@ decode:
 
     run_suite(None, resume=out, progress=False)
     after = results.read_points(out)
+    # every job of the suite (ceilings and decode points) has exactly one point, under the job's own key
+    suite_jobs = plan_all(load_suite(str(suite)), RunContext(device=detect("cpu"), suite=load_suite(str(suite)),
+                                                             datasheet=None))
+    assert sorted(results.point_key(p) for p in after) == sorted(job_key(j) for j in suite_jobs)
     decode = [(p["batch"], p["context"]) for p in after if p["kind"] == "decode"]
     assert sorted(decode) == [(1, 8), (1, 16), (2, 8), (2, 16)], "each grid point measured exactly once"
-    assert after[: len(before)] == before
+    final = [p for p in before if p["status"] in results.FINAL]  # a noisy one (a loaded machine) is measured again
+    assert [p for p in after if results.point_key(p) in {results.point_key(q) for q in final}] == final
     assert all(p["status"] in results.USABLE for p in after if p["kind"] == "decode")

@@ -82,11 +82,11 @@ def bench(suite: Annotated[str | None, typer.Option("--suite", "-s", metavar="NA
         run_dir = _rank_run(suite, out, resume, device, progress)
         if run_dir is None:  # not rank 0: rank 0 writes and prints
             return
+        write_tables(run_dir)  # points.csv, <kind>.csv, summary.md: derived from points.jsonl
     elif nproc and nproc > 1:
         _launch(nproc, suite, resume, device)
-    else:
-        run_dir = run_suite(suite, out=out, resume=resume, device=device, progress=progress)
-    write_tables(run_dir)  # points.csv, <kind>.csv, summary.md: derived from points.jsonl, rewritten on resume
+    else:  # the derived tables written under the run's lock, rewritten on resume
+        run_dir = run_suite(suite, out=out, resume=resume, device=device, progress=progress, after=write_tables)
     _, points = read_run(run_dir)
     if quiet:
         typer.echo(f"run folder: {run_dir}")

@@ -154,7 +154,7 @@ def _on_sigterm(signum, frame):
 
 def _record_failure(writer, job: Job | None, exc: BaseException) -> None:
     msg = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:500]
-    last = writer.existing[-1] if writer.existing else {}
+    last = writer.last or {}
     written = all(last.get(k) == results.jsonable(v) for k, v in job.key.items()) if job is not None else True
     if not written:  # the point in flight (a signal may land between its append and `job = None`)
         _try(writer.append, {**job.key, "status": "error", "error": f"run stopped during this point: {msg}"})

@@ -1,7 +1,9 @@
 """Runs a suite on the device `harness.measure.device` picked: ceilings first, then each part's jobs, one point each.
 
 A job's failure is a row with its status (`oom`, `error`, `incorrect`), never a crash and never dropped.
-With `resume`, jobs whose point is already `ok` in the run folder are skipped.
+A point is identified by its job's key. With `resume`, the run's own suite (from its manifest) is planned again and
+only the jobs without a final point (`results.FINAL`: ok, skipped) are measured; their new points replace the old.
+The run folder has one writer: `results.RunWriter` holds its lock until the run (and `after`) is done.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from harness import results
 from harness.config import ConfigError
+from harness.files import WriteError
 from harness.hardware import Hardware, load_hardware
 from harness.measure.context import Job, RunContext
 from harness.measure.device import DeviceInfo, detect, telemetry
@@ -87,42 +90,83 @@ def plan_all(suite: Suite, ctx: RunContext) -> list[Job]:
 
 def run_suite(suite_name: str | None = None, out: str | Path | None = None, resume: str | Path | None = None,
               device: str | None = None, progress: bool = True, on_point: Callable[[dict], None] | None = None,
-              group=None) -> Path:
-    """Measure a suite into a run folder and return its path. `resume` continues an existing run folder.
-    `group`: rank 0's `harness.measure.launch.Leader` in a run on several ranks (it runs the job loop)."""
+              group=None, after: Callable[[Path], None] | None = None) -> Path:
+    """Measure a suite into a run folder and return its path. `resume` continues an existing run folder with the
+    suite its manifest records. `group`: rank 0's `harness.measure.launch.Leader` in a run on several ranks (it
+    runs the job loop). `after(run_dir)` runs once every point is written, still holding the run's lock."""
     info = detect(device)
     datasheet = load_hardware(info.datasheet) if info.datasheet else None
     if resume is not None:
         run_dir = results.resolve_run(resume)
         manifest = results.read_manifest(run_dir)
-        if suite_name:
-            suite = load_suite(suite_name)
-        elif isinstance(manifest.get("config"), dict):  # the suite exactly as the run resolved it
-            suite = suite_from_dict(manifest["config"], str(run_dir / "manifest.json"))
-        else:
-            raise ConfigError(run_dir / "manifest.json", "config", "missing: cannot tell what the run measures")
+        suite = suite_of_run(run_dir, manifest, suite_name)
+        check_same_device(run_dir, manifest, info)
         writer = results.RunWriter(run_dir, {"command": results.command_line()}, resume=True)
     else:
         suite = load_suite(suite_name or default_suite(info.kind))
         run_id = results.make_run_id(info.name, suite.id)
         run_dir = Path(out) if out else results.RUNS_ROOT / run_id
         writer = results.RunWriter(run_dir, manifest_for(run_id, suite, info, datasheet))
-    if group is not None:
-        group.prepare(suite, writer, info)
-    ctx = RunContext(device=info, suite=suite, datasheet=datasheet)
-    for p in writer.existing:
-        ctx.record_ceiling(p)
-    done = [p for p in writer.existing if p.get("status") == "ok"]
-    try:
-        jobs = plan_all(suite, ctx)
-        (group.run_jobs if group is not None else _run_jobs)(jobs, ctx, writer, done, progress, on_point)
-    finally:
-        writer.manifest["ceilings"] = ctx.ceilings
-        writer.manifest["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        writer.write_manifest()
-        writer.close()
-    _link_latest(run_dir)
+    with writer:
+        if group is not None:
+            group.prepare(suite, writer, info)
+        ctx = RunContext(device=info, suite=suite, datasheet=datasheet)
+        for p in writer.points.values():
+            ctx.record_ceiling(p)
+        try:
+            jobs = plan_all(suite, ctx)
+            (group.run_jobs if group is not None else _run_jobs)(jobs, ctx, writer, writer.final_keys(), progress,
+                                                                 on_point)
+        except BaseException as e:
+            said = _stop(writer, ctx, e)
+            if said:
+                raise said from None
+            raise
+        writer.finish(ceilings=ctx.ceilings, finished=_now())
+        _link_latest(run_dir)
+        if after:
+            after(run_dir)
     return run_dir
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _stop(writer: results.RunWriter, ctx: RunContext, e: BaseException) -> WriteError | None:
+    """A run cut short (Ctrl-C, a full disk): keep what was measured, readable; for a write error, the one line
+    that says what was kept and how to go on."""
+    try:
+        writer.finish(ceilings=ctx.ceilings, stopped=f"{_now()} {type(e).__name__}")
+    except WriteError:
+        pass  # the disk that stopped the run refuses this too: points.jsonl already holds every finished point
+    if not isinstance(e, WriteError):
+        return None
+    return WriteError(e.file, e.field, f"{e.message}; the {len(writer.points)} points measured are kept: free "
+                      f"space, then `tokenfleet bench --resume {writer.dir}`")
+
+
+def suite_of_run(run_dir: Path, manifest: dict, suite_name: str | None) -> Suite:
+    """The suite a run measures, exactly as its manifest resolved it. `suite_name` beside it must be that suite."""
+    path = run_dir / "manifest.json"
+    if not isinstance(manifest.get("config"), dict):
+        raise ConfigError(path, "config", "missing: cannot tell what the run measures")
+    suite = suite_from_dict(manifest["config"], str(path))
+    if suite_name:
+        given = load_suite(suite_name)
+        if results.jsonable(given.resolved()) != results.jsonable(suite.resolved()):
+            raise ConfigError("--suite", None, f"{suite_name} is not the suite this run measures ({suite.id}, as "
+                              f"recorded in {path}): --resume takes the suite from the run, drop --suite")
+    return suite
+
+
+def check_same_device(run_dir: Path, manifest: dict, info: DeviceInfo) -> None:
+    """A run measures one device: resuming it on another would mix two devices under one manifest."""
+    was = ((manifest.get("environment") or {}).get("device") or {}).get("name")
+    if was and was != info.name:
+        raise ConfigError(run_dir / "manifest.json", "environment.device.name",
+                          f"this run measured {was!r}, this machine is {info.name!r}: resume it there, "
+                          "or start a new run")
 
 
 def _link_latest(run_dir: Path) -> None:
@@ -133,23 +177,31 @@ def _link_latest(run_dir: Path) -> None:
     link = results.RUNS_ROOT / "latest"
     if link.is_symlink() or not link.exists():
         tmp = results.RUNS_ROOT / ".latest.tmp"
-        if tmp.is_symlink():
-            tmp.unlink()
-        tmp.symlink_to(run_dir.name)
-        tmp.replace(link)
+        try:
+            if tmp.is_symlink():
+                tmp.unlink()
+            tmp.symlink_to(run_dir.name)
+            tmp.replace(link)
+        except OSError:
+            pass  # a convenience only: the run itself is complete
 
 
-def is_done(job: Job, done: list[dict]) -> bool:
-    """A job is done when an `ok` point carries every field of its key with the same value."""
-    key = {k: results.jsonable(v) for k, v in job.key.items()}
-    return any(all(p.get(k) == v for k, v in key.items()) for p in done)
+def job_key(job: Job) -> str:
+    """A job's identity, as `results.point_key` reads it back from the point it writes."""
+    return results.point_key(results.jsonable(job.key))
 
 
-def _run_jobs(jobs: list[Job], ctx: RunContext, writer: results.RunWriter, done: list[dict], progress: bool,
+def is_done(job: Job, final: set[str]) -> bool:
+    """A job is done when the run holds a final point (`results.FINAL`) under its key: `final` is
+    `RunWriter.final_keys()`."""
+    return job_key(job) in final
+
+
+def _run_jobs(jobs: list[Job], ctx: RunContext, writer: results.RunWriter, final: set[str], progress: bool,
               on_point: Callable[[dict], None] | None) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    todo = [j for j in jobs if not is_done(j, done)]
+    todo = [j for j in jobs if not is_done(j, final)]
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   disable=not progress, transient=False) as bar:
         task = bar.add_task("measuring", total=len(todo))

@@ -22,6 +22,7 @@ from harness import results
 from harness.capacity.fleet import CAPACITY_COLUMNS, capacity_table, growth_fit, load_demand
 from harness.capacity.headline import headline, headline_lines
 from harness.capacity.project import read_runs
+from harness.files import atomic_write, ensure_dir
 from harness.output import cell, markdown_table, tidy  # cell: the number format every verb prints
 from harness.report import plots
 from harness.report.tables import TITLES, failed_table, fold_skipped, kind_table, points_frame
@@ -290,10 +291,10 @@ def write(run: str | Path, fleets: list[str] | None = None, demand: str | None =
     html_path = Path(html_path) if html_path else run_dir / "report.html"
     md_path = Path(md_path) if md_path else run_dir / "report.md"
     for p in (html_path, md_path):
-        p.parent.mkdir(parents=True, exist_ok=True)
-    html_path.write_text(to_html(rep))
+        ensure_dir(p.parent)
+    atomic_write(html_path, to_html(rep))  # each file whole or not at all, even on a full disk
     text, files = to_markdown(rep, md_path.stem)
     for name, data in files.items():
-        (md_path.parent / name).write_bytes(data)
-    md_path.write_text(text)
+        atomic_write(md_path.parent / name, data)
+    atomic_write(md_path, text)
     return html_path, md_path

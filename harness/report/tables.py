@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness.files import atomic_write
 from harness.output import markdown_table
 from harness.results import USABLE, read_run
 
@@ -106,7 +107,8 @@ def write_tables(run_dir: str | Path) -> Path:
     manifest, points = read_run(run_dir)
     df = points_frame(points)
     if not df.empty:
-        df.drop(columns=[c for c in ("telemetry",) if c in df.columns]).to_csv(run_dir / "points.csv", index=False)
+        atomic_write(run_dir / "points.csv", df.drop(columns=[c for c in ("telemetry",) if c in df.columns]
+                                                     ).to_csv(index=False))
     dev = manifest.get("environment", {}).get("device", {})
     lines = [f"# Run {manifest.get('run_id')}", "",
              f"- device: {dev.get('name')} ({dev.get('kind')}), datasheet: {dev.get('datasheet')}",
@@ -115,11 +117,11 @@ def write_tables(run_dir: str | Path) -> Path:
     for kind, title in TITLES.items():
         t = kind_table(df, kind)
         if len(t):
-            t.to_csv(run_dir / f"{kind}.csv", index=False)
+            atomic_write(run_dir / f"{kind}.csv", t.to_csv(index=False))
             lines += [f"## {title}", "", markdown_table(t), ""]
     bad = failed_table(df)
     if len(bad):
         lines += ["## Points not ok", "", markdown_table(bad), ""]
     out = run_dir / "summary.md"
-    out.write_text("\n".join(lines))
+    atomic_write(out, "\n".join(lines))
     return out
