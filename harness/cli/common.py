@@ -1,22 +1,69 @@
 """What every verb shares: the typer app, the common options, one-line errors (exit 2) and format checks.
 
-User errors (a config that does not validate, an unknown name, a missing or unreadable file) print one line
-naming the file and the field and exit 2; no traceback.
+User errors (a config that does not validate, an unknown name, a missing or unreadable file, a file that cannot be
+written) print one line naming the file and the field and exit 2; no traceback. Usage errors (an unknown option, a
+bad value for a typed option, a missing argument) print one line naming the option and exit 2, instead of typer's
+boxed help; a reader's `RunWarning` (a damaged last line skipped) prints as one line too.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
 from harness.config import ConfigError
 from harness.output import FORMATS
+from harness.results import RunWarning
+
+# click's ClickException, found through typer's public BadParameter: typer 0.2x vendors click as typer._click, older
+# typer uses the click package, and the GPU machines may carry either.
+_CLICK_ERRORS = tuple(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+@contextmanager
+def _one_line_usage_errors() -> Iterator[None]:
+    try:
+        yield
+    except _CLICK_ERRORS as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `tokenfleet` alone: the help, as typer shows it
+            raise
+        typer.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+        raise typer.Exit(e.exit_code) from None
+
+
+class _OneLineErrors(TyperGroup):
+    """The app's group: a usage error while parsing the verb's options or invoking it is one line, not a box."""
+
+    def make_context(self, *args, **kwargs):
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+
+_format_warning = warnings.formatwarning
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    if issubclass(category, RunWarning):
+        return f"warning: {message}\n"
+    return _format_warning(message, category, filename, lineno, line)
+
+
+warnings.formatwarning = _one_line_warning
 
 # rich_markup_mode=None: click's plain help, where a flag shows no type and an option its metavar (typer's rich
 # help prints <bool> and <list[str]> instead). Every option with a value names its metavar.
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,
                   help="Measure LLM tokens/s on this device and turn it into fleet capacity against demand.")
 
 FormatOpt = Annotated[str, typer.Option("--format", "-f", metavar="table|json|csv|md", help="output format")]

@@ -39,7 +39,7 @@ def compare(
     run_b: Annotated[str, typer.Argument(metavar="RUN_B", help="run compared against it")],
     fail_over: Annotated[float | None, typer.Option(
         "--fail-over", help="exit 1 when a point failed, or slowed by more than PCT percent beyond its noise (by "
-                            "the interval on B/A where the runs kept their samples)", metavar="PCT")] = None,
+                            "the interval on B/A where the runs kept their samples)", metavar="PCT", min=0)] = None,
     fmt: FormatOpt = "table",
 ) -> None:
     """Ratios B/A of median time and throughput per matching point, with each side's noise."""
