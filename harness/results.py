@@ -332,7 +332,7 @@ class RunWriter:
             good = data[:good_end]
             atomic_write(self.points_path, good + (b"\n" if good and not good.endswith(b"\n") else b""))
         if damaged:
-            warnings.warn(f"{self.points_path}: {damaged} cut off before resuming; its point is measured again",
+            warnings.warn(f"{self.points_path}: {damaged} cut off before resuming (a point it held is measured again)",
                           RunWarning, stacklevel=3)
         return records
 

@@ -142,7 +142,7 @@ def _stop(writer: results.RunWriter, ctx: RunContext, e: BaseException) -> Write
         pass  # the disk that stopped the run refuses this too: points.jsonl already holds every finished point
     if not isinstance(e, WriteError):
         return None
-    return WriteError(e.file, e.field, f"{e.message}; the {len(writer.points)} points measured are kept: free "
+    return WriteError(e.file, e.field, f"{e.message}; the {len(writer.points)} point(s) measured so far are kept: free "
                       f"space, then `tokenfleet bench --resume {writer.dir}`")
 
 
