@@ -319,4 +319,4 @@ def test_bad_sizes_and_dtypes_fail_at_load_naming_file_and_field(part, field):
 ])
 def test_usage_errors_are_one_line_naming_the_option(args, option):
     line = one_line(cli(*args))
-    assert option in line and "╭" not in line
+    assert option.lower() in line.lower() and "╭" not in line  # an argument is named by its metavar (RUN)
