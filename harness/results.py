@@ -24,9 +24,10 @@ from harness.config import ConfigError
 from harness.files import LOCK_NAME, RunLock, append_record, atomic_write, ensure_dir, open_append, remove_stale_temps
 
 SCHEMA_VERSION = 1
-STATUSES = ("ok", "oom", "error", "incorrect", "noisy", "skipped")
+STATUSES = ("ok", "oom", "error", "incorrect", "noisy", "above_ceiling", "skipped")
 # The statuses whose numbers may enter tables, plots, ratios, ceilings and capacity: a noisy point is a real
-# measurement, only less certain; every other status has no number to use. One set, used by every reader.
+# measurement, only less certain; every other status has no number to use (`above_ceiling`: faster than this run's
+# measured ceiling by > 3%, so its count or the ceiling is wrong). One set, used by every reader.
 USABLE = frozenset({"ok", "noisy"})
 # The statuses `--resume` does not measure again: `ok`, and `skipped` (decided by the device and the suite, which a
 # resume keeps, not by chance). Every other status (noisy, error, oom, incorrect, and any added later) is measured
@@ -49,6 +50,8 @@ MEASURED_FIELDS = {
     # distributed runs (harness.measure.distributed, parts/collective.py, parts/tp.py)
     "median_ms_by_rank", "telemetry_by_rank", "algbw_gbps", "busbw_gbps", "comm_ms", "comm_fraction",
     "median_ms_no_comm", "rel_error_prefill", "rel_error_decode", "graph_iters",
+    # timing (harness.measure.timing.Timing) and judging against the ceilings (harness.measure.context)
+    "samples_ms", "launch_us", "graph_calls", "l2_copies", "timing_note", "mbu_read", "ceiling_ratio", "ceiling_name",
 }
 
 
@@ -192,24 +195,31 @@ def usable(point: dict) -> bool:
 
 
 def empty_ceilings() -> dict:
-    return {"copy_gbps": None, "matvec_gbps": {}, "matmul_tflops": {}}
+    return {"copy_gbps": None, "read_gbps": None, "matvec_gbps": {}, "matmul_tflops": {}}
 
 
-def add_ceiling(ceilings: dict, point: dict, replace: bool = True) -> None:
-    """Fold one ceiling point into a ceilings dict (copy_gbps, matvec_gbps[dtype], matmul_tflops[dtype]).
-    replace=False keeps a value already there (the manifest's, when rebuilding a cut-short run's ceilings)."""
+def add_ceiling(ceilings: dict, point: dict, replace: bool = True, phase: str | None = None) -> None:
+    """Fold one ceiling point into a ceilings dict (copy_gbps, read_gbps, matvec_gbps[dtype], matmul_tflops[dtype];
+    matmul is the best of its shapes and layouts). replace=False keeps a value already there (the manifest's, when
+    rebuilding a cut-short run's ceilings). Only points of `phase` fold: None, the start; "end", the re-probe."""
     if point.get("kind", "ceiling") != "ceiling" or not usable(point) or point.get("value") is None:
         return
+    if point.get("phase") != phase:
+        return
     op, value = point.get("op"), point["value"]
-    if op == "copy":
-        if replace or not ceilings.get("copy_gbps"):
-            ceilings["copy_gbps"] = value
-    elif op in ("matvec", "matmul"):
-        per_dtype = ceilings.setdefault("matvec_gbps" if op == "matvec" else "matmul_tflops", {})
+    if op in ("copy", "read"):
+        name = f"{op}_gbps"
+        if replace or not ceilings.get(name):
+            ceilings[name] = value
+    elif op == "matvec":
+        per_dtype = ceilings.setdefault("matvec_gbps", {})
         if replace:
             per_dtype[point["dtype"]] = value
         else:
             per_dtype.setdefault(point["dtype"], value)
+    elif op == "matmul":  # several shapes per dtype: the best one is the ceiling
+        per_dtype = ceilings.setdefault("matmul_tflops", {})
+        per_dtype[point["dtype"]] = max(value, per_dtype.get(point["dtype"]) or 0.0)
 
 
 def ceilings_of(manifest: dict, points: list[dict]) -> dict:
