@@ -23,6 +23,7 @@ noise_limit: 0.5
 timing: {{min_samples: 3, min_time_s: 0.01, warmup_s: 0.0, max_samples: 20}}
 ceilings:
   copy_mb: 8
+  read_mb: 16  # tests: small (a run's default is 8x the last-level cache)
   matmul: {{fp32: 256, bf16: 256}}
   matvec: {{n: 512, k: 512, dtypes: [fp32]}}
 """

@@ -88,7 +88,7 @@ def test_bench_writes_run_and_metrics(tmp_path, tiny_suite):
     assert manifest["environment"]["device"]["kind"] == "cpu"
     assert manifest["ceilings"]["copy_gbps"] > 0
     assert manifest["ceilings"]["matmul_tflops"]["fp32"] > 0
-    assert {p["op"] for p in points} == {"copy", "matmul", "matvec"}
+    assert {p["op"] for p in points} == {"copy", "read", "matmul", "matvec"}
     assert all(p["status"] in ("ok", "noisy") for p in points)
     matvec = next(p for p in points if p["op"] == "matvec")
     assert 0 < matvec["mbu"]  # reported against this run's copy ceiling

@@ -14,13 +14,16 @@ import torch
 from harness import results
 from harness.hardware import Hardware
 from harness.measure import timing
-from harness.measure.device import DeviceInfo
+from harness.measure.device import DeviceInfo, Poller, nvml_poller
 
 if TYPE_CHECKING:
     from harness.measure.suite import Suite
 
 # Why Triton points are `skipped` on a CPU, in every part that has them.
 CPU_TRITON_NOTE = "Triton's interpreter is a correctness tool, not a timing tool: CPU timings use the torch backend"
+# A point faster than this run's measured ceiling by more than this is `above_ceiling`: its byte or FLOP count, or
+# the ceiling, is wrong (a cached read, a probe during a clock drop), so its number must not be used.
+ABOVE_CEILING = 0.03
 
 
 @dataclass
@@ -46,8 +49,9 @@ class RunContext:
     def on_gpu(self) -> bool:
         return self.device.kind == "cuda"
 
-    def measure(self, fn: Callable[[], object], **overrides) -> timing.Timing:
-        """`timing.measure` with this suite's settings; parts override per kind (flush_l2, cuda_graph)."""
+    def measure(self, fn: Callable[..., object], **overrides) -> timing.Timing:
+        """`timing.measure` with this suite's settings; parts override per kind (flush_l2, cuda_graph, and `args`:
+        a kernel's inputs, so that on a GPU its calls are timed inside a CUDA graph over rotated input copies)."""
         t = self.suite.file.timing
         kw = dict(device=self.torch_device, min_samples=t.min_samples, min_time_s=t.min_time_s,
                   warmup_s=t.warmup_s, max_samples=t.max_samples, noise_limit=self.suite.file.noise_limit,
@@ -55,30 +59,68 @@ class RunContext:
         kw.update(overrides)
         return timing.measure(fn, **kw)
 
+    def poll(self) -> Poller:
+        """Telemetry polled while a probe runs (`with ctx.poll() as p: ...; p.summary()`); nothing on a CPU."""
+        return nvml_poller(torch.cuda.current_device()) if self.on_gpu else Poller(None)
+
     def metrics(self, flops: float | None, bytes_: float | None, median_ms: float | None, dtype: str) -> dict:
-        """Rates and their fractions of this run's measured ceilings and of the datasheet."""
+        """Rates and their fractions of this run's measured ceilings and of the datasheet.
+
+        mbu: against the copy ceiling (bytes read + written); mbu_read: against the read-only ceiling, the one for
+        read-dominated points (decode, mat-vec, decode attention); mbu_matvec: against the mat-vec probe."""
         out: dict = {}
         if not median_ms or median_ms <= 0:
             return out
         s = median_ms / 1e3
+        c = self.ceilings
         if flops:
             rate = flops / s
             out["tflops"] = rate / 1e12
-            measured = self.ceilings["matmul_tflops"].get(dtype)
-            out["mfu"] = rate / (measured * 1e12) if measured else None
+            out["mfu"] = _ratio(rate, c["matmul_tflops"].get(dtype), 1e12)
             peak = self.datasheet.peak(dtype) if self.datasheet else None
             out["mfu_datasheet"] = rate / peak if peak else None
         if bytes_:
             bw = bytes_ / s
             out["gbps"] = bw / 1e9
-            copy = self.ceilings["copy_gbps"]
-            out["mbu"] = bw / (copy * 1e9) if copy else None
-            mv = self.ceilings["matvec_gbps"].get(dtype)
-            out["mbu_matvec"] = bw / (mv * 1e9) if mv else None
+            out["mbu"] = _ratio(bw, c["copy_gbps"], 1e9)
+            out["mbu_read"] = _ratio(bw, c.get("read_gbps"), 1e9)
+            out["mbu_matvec"] = _ratio(bw, c["matvec_gbps"].get(dtype), 1e9)
             out["mbu_datasheet"] = bw / self.datasheet.bandwidth_bytes_per_s if self.datasheet else None
-            if out.get("mbu") and out["mbu"] > 1.0:
-                out["warning"] = "MBU above 1 against the measured copy bandwidth: check the byte count or caching"
         return out
+
+    def ceiling_ratio(self, point: dict) -> tuple[float | None, str | None]:
+        """How far a point is up its measured roof: the larger of its FLOP rate over the matmul ceiling and its
+        bandwidth over the larger bandwidth ceiling (read-only or copy), with that ceiling's name."""
+        best: tuple[float | None, str | None] = (None, None)
+        c = self.ceilings
+        dtype = point.get("dtype", "")
+        if point.get("tflops") and c["matmul_tflops"].get(dtype):
+            best = (point["tflops"] / c["matmul_tflops"][dtype], f"matmul_tflops.{dtype}")
+        bws = [(v, n) for n, v in (("read_gbps", c.get("read_gbps")), ("copy_gbps", c.get("copy_gbps"))) if v]
+        if point.get("gbps") and bws:
+            v, name = max(bws)
+            if best[0] is None or point["gbps"] / v > best[0]:
+                best = (point["gbps"] / v, name)
+        return best
+
+    def judge(self, point: dict) -> dict:
+        """A usable point above its ceiling by more than ABOVE_CEILING becomes `above_ceiling` (never ok, never in
+        capacity), with the ratio and the ceiling it exceeds; ceilings themselves are not judged."""
+        if point.get("kind") == "ceiling" or point.get("status") not in results.USABLE:
+            return point
+        ratio, name = self.ceiling_ratio(point)
+        if ratio is None:
+            return point
+        point = {**point, "ceiling_ratio": ratio, "ceiling_name": name}
+        if ratio > 1 + ABOVE_CEILING:
+            point["status"] = "above_ceiling"
+            point["error"] = (f"{ratio:.3f}x the measured {name}: a byte/FLOP count, a cached read or the ceiling "
+                              "is wrong")
+        return point
 
     def record_ceiling(self, point: dict) -> None:
         results.add_ceiling(self.ceilings, point)
+
+
+def _ratio(rate: float, ceiling: float | None, unit: float) -> float | None:
+    return rate / (ceiling * unit) if ceiling else None

@@ -9,6 +9,8 @@ from __future__ import annotations
 import glob
 import os
 import platform
+import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 
@@ -163,6 +165,92 @@ def telemetry(index: int = 0) -> dict | None:
     """Power, temperature, clocks and clock-event reasons right now (read after a point), or None off NVIDIA."""
     fields, _ = read_nvml(index)
     return {k: fields[k] for k in TELEMETRY_FIELDS if k in fields} or None
+
+
+POLLED_NUMBERS = ("sm_clock_mhz", "mem_clock_mhz", "power_w", "temperature_c")
+
+
+class Poller:
+    """Telemetry polled on a background thread while a probe runs: `read()` (a dict of POLLED_NUMBERS and
+    `clock_event_reasons`) every `interval_s` from enter to exit. `summary()`: min/median/max of each number over
+    the polls and every clock-event reason seen. A probe that ran at a capped clock says so in its own point.
+    With `read=None` (a CPU, NVML missing) it polls nothing and summary() is None."""
+
+    def __init__(self, read: Callable[[], dict] | None, interval_s: float = 0.05,
+                 close: Callable[[], None] | None = None):
+        self.read, self.interval_s, self._close = read, interval_s, close
+        self.polls: list[dict] = []
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                self.polls.append(self.read())
+            except Exception as e:  # noqa: BLE001 - a failed poll is counted, the probe goes on
+                self.error = self.error or f"{type(e).__name__}: {e}"[:200]
+            if self._stop.wait(self.interval_s):
+                return
+
+    def __enter__(self) -> Poller:
+        if self.read is not None:
+            self._thread = threading.Thread(target=self._loop, name="nvml-poll", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._close is not None:
+            self._close()
+
+    def summary(self) -> dict | None:
+        if self.read is None:
+            return None
+        import numpy as np
+
+        out: dict = {"polls": len(self.polls), "interval_s": self.interval_s}
+        for key in POLLED_NUMBERS:
+            vals = [p[key] for p in self.polls if isinstance(p.get(key), (int, float))]
+            if vals:
+                out[key] = {"min": min(vals), "median": float(np.median(vals)), "max": max(vals)}
+        reasons = sorted({r for p in self.polls for r in p.get("clock_event_reasons", ())})
+        out["clock_event_reasons"] = reasons
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+def nvml_poller(index: int = 0, interval_s: float = 0.05) -> Poller:
+    """A Poller of GPU `index` through NVML (one init for the whole probe), or an empty one where NVML is missing."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(index)
+    except Exception:  # noqa: BLE001 - no NVML: the probe runs without telemetry (DeviceInfo says why)
+        return Poller(None)
+    reasons_fn = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or getattr(
+        pynvml, "nvmlDeviceGetCurrentClocksThrottleReasons", None)
+
+    def read() -> dict:
+        out = {"sm_clock_mhz": pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM),
+               "mem_clock_mhz": pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_MEM),
+               "power_w": pynvml.nvmlDeviceGetPowerUsage(h) * 1e-3,
+               "temperature_c": pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU)}
+        if reasons_fn is not None:
+            out["clock_event_reasons"] = _decode_reasons(pynvml, reasons_fn(h))
+        return out
+
+    def close() -> None:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:  # noqa: BLE001, S110
+            pass
+
+    return Poller(read, interval_s, close)
 
 
 def _cpu_llc_bytes() -> int | None:

@@ -1,6 +1,8 @@
-"""Runs a suite on the device `harness.measure.device` picked: ceilings first, then each part's jobs, one point each.
+"""Runs a suite on the device `harness.measure.device` picked: ceilings first, then each part's jobs, one point each,
+then the ceilings again (their drift between start and end goes into the manifest).
 
-A job's failure is a row with its status (`oom`, `error`, `incorrect`), never a crash and never dropped.
+A job's failure is a row with its status (`oom`, `error`, `incorrect`, `above_ceiling`), never a crash and never
+dropped.
 A point is identified by its job's key. With `resume`, the run's own suite (from its manifest) is planned again and
 only the jobs without a final point (`results.FINAL`: ok, skipped) are measured; their new points replace the old.
 The run folder has one writer: `results.RunWriter` holds its lock until the run (and `after`) is done.
@@ -22,6 +24,7 @@ from harness.files import WriteError
 from harness.hardware import Hardware, load_hardware
 from harness.measure.context import Job, RunContext
 from harness.measure.device import DeviceInfo, detect, telemetry
+from harness.measure.parts import ceilings as ceilings_part
 from harness.measure.suite import Suite, load_suite, part_api, suite_from_dict
 
 
@@ -49,9 +52,9 @@ def execute(job: Job, ctx: RunContext) -> dict:
     point["status"] = status
     if point.get("median_ms") and status in results.USABLE:
         derived = ctx.metrics(point.get("flops"), point.get("bytes"), point["median_ms"], job.key.get("dtype", ""))
-        point = {**derived, **point}
-    if ctx.on_gpu and status in results.USABLE:
-        # Read just after the samples: a power or thermal clock event here explains a slow point.
+        point = ctx.judge({**derived, **point})  # above its measured ceiling: `above_ceiling`, not usable
+    if ctx.on_gpu and status in results.USABLE and "telemetry" not in point:
+        # Read just after the samples (probes poll during theirs): a clock event here explains a slow point.
         point["telemetry"] = telemetry(torch.cuda.current_device())
     point["elapsed_s"] = round(time.perf_counter() - t0, 3)
     return results.clean_floats(point)
@@ -117,12 +120,17 @@ def run_suite(suite_name: str | None = None, out: str | Path | None = None, resu
             jobs = plan_all(suite, ctx)
             (group.run_jobs if group is not None else _run_jobs)(jobs, ctx, writer, writer.final_keys(), progress,
                                                                  on_point)
+            if "ceilings" in suite.parts and group is None:
+                # The same probes again: did the device hold its ceilings through the run? (Not in a run on several
+                # ranks: there the start probes ran on every rank in lockstep, and the other ranks have stopped.)
+                end = ceilings_part.end_jobs(suite.parts["ceilings"], ctx, list(writer.points.values()))
+                _run_jobs(end, ctx, writer, writer.final_keys(), progress, on_point)
         except BaseException as e:
             said = _stop(writer, ctx, e)
             if said:
                 raise said from None
             raise
-        writer.finish(ceilings=ctx.ceilings, finished=_now())
+        writer.finish(ceilings=ctx.ceilings, finished=_now(), **_drift(ctx.ceilings, list(writer.points.values())))
         _link_latest(run_dir)
         if after:
             after(run_dir)
@@ -131,6 +139,14 @@ def run_suite(suite_name: str | None = None, out: str | Path | None = None, resu
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _drift(start: dict, points: list[dict]) -> dict:
+    """The end-of-run ceilings and their drift from the start's, for the manifest (where the summary reads them)."""
+    end = ceilings_part.end_ceilings(points)
+    if not ceilings_part.flat(end):
+        return {}
+    return {"ceilings_end": end, "ceiling_drift": ceilings_part.drift(start, end)}
 
 
 def _stop(writer: results.RunWriter, ctx: RunContext, e: BaseException) -> WriteError | None:

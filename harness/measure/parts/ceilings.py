@@ -1,7 +1,11 @@
-"""Ceilings: what this device can do, measured at the start of every run.
+"""Ceilings: what this device can do, measured at the start of every run and again at its end.
 
-Copy bandwidth (bytes read + written), matmul rate per dtype, and a matrix-vector bandwidth (the shape of a
-decode step: every weight byte read once for one token). Each is a point with the datasheet figure beside it.
+Copy bandwidth (bytes read + written), read-only bandwidth (a sum over a tensor >= 8x the L2, or the CPU's
+last-level cache), matmul rate per dtype (the best of a few sizes and layouts), and a matrix-vector bandwidth (the
+shape of a decode step). Probes are sustained — on a GPU >= 1 s of warm-up and >= 1 s of samples, because a
+short probe lands in a power-cap transient — with clocks, power and clock-event reasons polled during the probe
+and stored with its point. At the end of the run the best probe of each ceiling runs again (`phase: end`);
+`drift` compares the two and flags a change beyond DRIFT_LIMIT.
 """
 
 from __future__ import annotations
@@ -11,9 +15,16 @@ from typing import Literal
 import torch
 from pydantic import Field, PositiveInt
 
+from harness import results
 from harness.config import Strict
 from harness.dtypes import dtype_bytes, to_dtype
 from harness.measure.context import Job, RunContext
+from harness.measure.timing import DEFAULT_L2_BYTES
+
+GPU_SUSTAIN_S = 1.0  # warm-up and sampling time of a GPU probe, each, unless the suite says otherwise
+DRIFT_LIMIT = 0.05  # start and end ceilings further apart than this are flagged in the manifest and summary
+READ_L2_MULTIPLE = 8  # the read probe's tensor against the L2 (LLC on a CPU): a sum over it reads from memory
+MAX_SAMPLES = 1_000_000  # probes are bounded by time, not by count (the point keeps at most 200 of them)
 
 Dtype = Literal["fp32", "bf16", "fp16"]  # the dtypes torch times here (harness.dtypes.to_dtype)
 
@@ -26,13 +37,51 @@ class MatvecSpec(Strict):
 
 class Spec(Strict):
     copy_mb: float = Field(gt=0, description="size of the tensor copied (read + written counts twice)")
-    matmul: dict[Dtype, PositiveInt] = Field(description="dtype -> square size N of an NxNxN matmul")
+    read_mb: float | None = Field(None, gt=0, description=f"tensor summed by the read-only probe; default "
+                                  f"{READ_L2_MULTIPLE}x the L2/LLC, at least copy_mb")
+    matmul: dict[Dtype, PositiveInt | list[PositiveInt]] = Field(
+        description="dtype -> size N (or sizes) of NxNxN matmuls; the best size and layout is the ceiling")
+    matmul_layouts: list[Literal["nn", "nt"]] = Field(["nn", "nt"], min_length=1,
+                                                      description="nn: a @ b; nt: a @ b.T (F.linear's layout)")
     matvec: MatvecSpec
     allow_tf32: bool = Field(False, description="fp32 matmul as tf32 on GPU; off: fp32 is compared to the fp32 peak")
+    warmup_s: float | None = Field(None, ge=0, description=f"warm-up per probe; default {GPU_SUSTAIN_S} s on a GPU, "
+                                   "the suite's timing on a CPU")
+    min_time_s: float | None = Field(None, gt=0, description=f"samples per probe; default {GPU_SUSTAIN_S} s on a "
+                                     "GPU, the suite's timing on a CPU")
 
 
 def _randn(shape, dtype, device, gen):
     return torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
+
+
+def _probe(ctx: RunContext, spec: Spec, fn) -> dict:
+    """Time `fn` sustained, polling telemetry throughout; the timing fields plus the polled `telemetry`."""
+    kw = {"max_samples": MAX_SAMPLES}
+    for name in ("warmup_s", "min_time_s"):
+        value = getattr(spec, name)
+        if value is not None:
+            kw[name] = value
+        elif ctx.on_gpu:
+            kw[name] = GPU_SUSTAIN_S
+    with ctx.poll() as poller:
+        t = ctx.measure(fn, **kw)
+    out = t.to_dict()
+    tel = poller.summary()
+    if tel is not None:
+        out["telemetry"] = tel
+    return out
+
+
+def _bandwidth(ctx: RunContext, timed: dict, moved: int) -> dict:
+    gbps = moved / (timed["median_ms"] / 1e3) / 1e9
+    sheet = ctx.datasheet.memory_bandwidth_gbps if ctx.datasheet else None
+    return {**timed, "bytes": moved, "value": gbps, "unit": "GB/s", "datasheet_value": sheet,
+            "datasheet_ratio": gbps / sheet if sheet else None}
+
+
+def _mb(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else x
 
 
 def copy_job(spec: Spec) -> Job:
@@ -41,48 +90,69 @@ def copy_job(spec: Spec) -> Job:
         gen = torch.Generator(device=ctx.torch_device).manual_seed(ctx.seed)
         src = torch.rand(n, generator=gen, device=ctx.torch_device)
         dst = torch.empty_like(src)
-        t = ctx.measure(lambda: dst.copy_(src))
+        timed = _probe(ctx, spec, lambda: dst.copy_(src))
         if not torch.equal(dst, src):
             return {"status": "incorrect", "error": "copy produced different bytes"}
-        moved = 2 * n * 4
-        gbps = moved / (t.median_ms / 1e3) / 1e9
-        sheet = ctx.datasheet.memory_bandwidth_gbps if ctx.datasheet else None
-        return {**t.to_dict(), "bytes": moved, "value": gbps, "unit": "GB/s", "datasheet_value": sheet,
-                "datasheet_ratio": gbps / sheet if sheet else None}
+        return _bandwidth(ctx, timed, 2 * n * 4)
 
-    mb = int(spec.copy_mb) if float(spec.copy_mb).is_integer() else spec.copy_mb
-    return Job({"kind": "ceiling", "op": "copy", "dtype": "fp32", "mb": mb}, run, "ceiling copy")
+    return Job({"kind": "ceiling", "op": "copy", "dtype": "fp32", "mb": _mb(spec.copy_mb)}, run, "ceiling copy")
 
 
-def matmul_job(dtype: str, size: int, allow_tf32: bool) -> Job:
+def read_mb(spec: Spec, ctx: RunContext) -> float:
+    if spec.read_mb is not None:
+        return spec.read_mb
+    l2 = ctx.device.l2_bytes or DEFAULT_L2_BYTES
+    return max(float(READ_L2_MULTIPLE * l2 // 2**20), spec.copy_mb)
+
+
+def read_job(spec: Spec, ctx: RunContext) -> Job:
+    """Read-only bandwidth: a sum over a tensor far beyond the L2, so every byte comes from memory once per call."""
+    mb = _mb(read_mb(spec, ctx))
+
+    def run(ctx: RunContext) -> dict:
+        n = int(mb * 2**20) // 4
+        gen = torch.Generator(device=ctx.torch_device).manual_seed(ctx.seed + 3)
+        x = torch.rand(n, generator=gen, device=ctx.torch_device)
+        got, want = float(x.sum()), float(x.double().sum())
+        if abs(got - want) > 1e-3 * abs(want):
+            return {"status": "incorrect", "error": f"sum {got} differs from {want}"}
+        return _bandwidth(ctx, _probe(ctx, spec, lambda: x.sum()), n * 4)
+
+    return Job({"kind": "ceiling", "op": "read", "dtype": "fp32", "mb": mb}, run, "ceiling read")
+
+
+def matmul_job(spec: Spec, dtype: str, size: int, layout: str) -> Job:
     def run(ctx: RunContext) -> dict:
         dt = to_dtype(dtype)
         gen = torch.Generator(device=ctx.torch_device).manual_seed(ctx.seed + 1)
         a = _randn((size, size), dt, ctx.torch_device, gen)
         b = _randn((size, size), dt, ctx.torch_device, gen)
+        rhs = b.T if layout == "nt" else b  # nt: b holds [n, k] and is read transposed, as F.linear's weight
         prev = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = spec.allow_tf32
         try:
-            out = a @ b
-            probe = (a[:64].double() @ b.double())
+            out = a @ rhs
+            probe = (a[:64].double() @ rhs.double())
             err = float((out[:64].double() - probe).norm() / probe.norm())
             if err > (0.02 if dtype != "fp32" else 5e-3):
                 return {"status": "incorrect", "error": f"matmul relative error {err:.2e}", "rel_error": err}
-            t = ctx.measure(lambda: torch.matmul(a, b, out=out))
+            timed = _probe(ctx, spec, lambda: torch.matmul(a, rhs, out=out))
         finally:
             torch.backends.cuda.matmul.allow_tf32 = prev
         flops = 2 * size**3
-        tflops = flops / (t.median_ms / 1e3) / 1e12
-        peak_key = "tf32" if (dtype == "fp32" and allow_tf32 and ctx.on_gpu) else dtype
+        tflops = flops / (timed["median_ms"] / 1e3) / 1e12
+        peak_key = "tf32" if (dtype == "fp32" and spec.allow_tf32 and ctx.on_gpu) else dtype
         sheet = ctx.datasheet.peak_tflops.get(peak_key) if ctx.datasheet else None
-        return {**t.to_dict(), "flops": flops, "value": tflops, "unit": "TFLOP/s", "datasheet_value": sheet,
+        return {**timed, "flops": flops, "value": tflops, "unit": "TFLOP/s", "datasheet_value": sheet,
                 "datasheet_ratio": tflops / sheet if sheet else None, "rel_error": err}
 
-    return Job({"kind": "ceiling", "op": "matmul", "dtype": dtype, "m": size, "n": size, "k": size}, run,
-               f"ceiling matmul {dtype}")
+    key = {"kind": "ceiling", "op": "matmul", "dtype": dtype, "m": size, "n": size, "k": size, "layout": layout}
+    return Job(key, run, f"ceiling matmul {dtype} {size} {layout}")
 
 
-def matvec_job(dtype: str, n: int, k: int) -> Job:
+def matvec_job(spec: Spec, dtype: str) -> Job:
+    n, k = spec.matvec.n, spec.matvec.k
+
     def run(ctx: RunContext) -> dict:
         dt = to_dtype(dtype)
         gen = torch.Generator(device=ctx.torch_device).manual_seed(ctx.seed + 2)
@@ -94,22 +164,62 @@ def matvec_job(dtype: str, n: int, k: int) -> Job:
         if err > 0.02:
             return {"status": "incorrect", "error": f"matvec relative error {err:.2e}", "rel_error": err}
         # No L2 flush: the weight matrix is far larger than any L2, as a decode step's weights are.
-        t = ctx.measure(lambda: torch.nn.functional.linear(x, w))
-        moved = (n * k + k + n) * dtype_bytes(dtype)
-        gbps = moved / (t.median_ms / 1e3) / 1e9
-        sheet = ctx.datasheet.memory_bandwidth_gbps if ctx.datasheet else None
-        return {**t.to_dict(), "bytes": moved, "flops": 2 * n * k, "value": gbps, "unit": "GB/s",
-                "datasheet_value": sheet, "datasheet_ratio": gbps / sheet if sheet else None, "rel_error": err}
+        timed = _probe(ctx, spec, lambda: torch.nn.functional.linear(x, w))
+        return {**_bandwidth(ctx, timed, (n * k + k + n) * dtype_bytes(dtype)), "flops": 2 * n * k, "rel_error": err}
 
     return Job({"kind": "ceiling", "op": "matvec", "dtype": dtype, "m": 1, "n": n, "k": k}, run,
                f"ceiling matvec {dtype}")
 
 
 def plan(spec: Spec, ctx: RunContext) -> list[Job]:
-    jobs = [copy_job(spec)]
-    jobs += [matmul_job(dt, size, spec.allow_tf32) for dt, size in spec.matmul.items()]
-    jobs += [matvec_job(dt, spec.matvec.n, spec.matvec.k) for dt in spec.matvec.dtypes]
+    jobs = [copy_job(spec), read_job(spec, ctx)]
+    for dt, sizes in spec.matmul.items():
+        for size in ([sizes] if isinstance(sizes, int) else sizes):
+            jobs += [matmul_job(spec, dt, size, layout) for layout in spec.matmul_layouts]
+    jobs += [matvec_job(spec, dt) for dt in spec.matvec.dtypes]
     return jobs
 
 
+def end_jobs(spec: Spec, ctx: RunContext, points: list[dict]) -> list[Job]:
+    """The re-probe at the end of a run: the start probe that set each ceiling (for matmul, the best size and
+    layout of each dtype), again, keyed `phase: end` so it neither replaces the start point nor folds into the
+    ceilings the run's points were judged against."""
+    best: dict[tuple, dict] = {}
+    for p in points:
+        if p.get("kind") == "ceiling" and p.get("phase") is None and results.usable(p) and p.get("value"):
+            slot = (p.get("op"), p.get("dtype"))
+            if slot not in best or p["value"] > best[slot]["value"]:
+                best[slot] = p
+    out = []
+    for job in plan(spec, ctx):
+        key = {k: results.jsonable(v) for k, v in job.key.items()}
+        p = best.get((key["op"], key["dtype"]))
+        if p is not None and all(p.get(k) == v for k, v in key.items()):
+            out.append(Job({**job.key, "phase": "end"}, job.run, f"{job.label} (end)"))
+    return out
 
+
+def flat(ceilings: dict) -> dict[str, float]:
+    """{'copy_gbps': v, 'read_gbps': v, 'matmul_tflops.bf16': v, ...}: every measured value under one name."""
+    out = {}
+    for name, v in ceilings.items():
+        if isinstance(v, dict):
+            out.update({f"{name}.{dt}": x for dt, x in v.items() if x})
+        elif v:
+            out[name] = v
+    return out
+
+
+def drift(start: dict, end: dict, limit: float = DRIFT_LIMIT) -> dict:
+    """End over start for each ceiling measured both times; `flagged`: those that moved by more than `limit`."""
+    s, e = flat(start), flat(end)
+    ratios = {k: e[k] / s[k] for k in s if k in e}
+    return {"limit": limit, "ratios": ratios, "flagged": sorted(k for k, r in ratios.items() if abs(r - 1) > limit)}
+
+
+def end_ceilings(points: list[dict]) -> dict:
+    """The ceilings of the end-of-run re-probe, folded as the start's are."""
+    c = results.empty_ceilings()
+    for p in points:
+        results.add_ceiling(c, p, phase="end")
+    return c

@@ -1,0 +1,163 @@
+"""Ceilings that hold: the read-only probe, matmul as the best of its shapes, telemetry polled during a probe, points
+above their ceiling, the end-of-run re-probe and its drift in the manifest and summary."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import results
+from harness.measure.context import RunContext
+from harness.measure.device import Poller, detect
+from harness.measure.parts import ceilings as part
+from harness.measure.runner import Job, execute, run_suite
+from harness.measure.suite import Suite, SuiteFile, TimingSpec
+from harness.report.tables import write_tables
+
+SPEC = part.Spec(copy_mb=4, read_mb=8, matmul={"fp32": [32, 64]}, matvec={"n": 64, "k": 64, "dtypes": ["fp32"]})
+
+
+@pytest.fixture
+def ctx() -> RunContext:
+    file = SuiteFile(id="t", description="t", noise_limit=10.0,
+                     timing=TimingSpec(min_samples=3, min_time_s=0.005, warmup_s=0.0, max_samples=10))
+    return RunContext(device=detect("cpu"), suite=Suite(file, {}, "t"), datasheet=None)
+
+
+def test_read_only_probe_runs_and_is_recorded(ctx):
+    job = part.read_job(SPEC, ctx)
+    assert job.key == {"kind": "ceiling", "op": "read", "dtype": "fp32", "mb": 8}
+    p = execute(job, ctx)
+    assert p["status"] in results.USABLE, p.get("error")
+    assert p["value"] > 0 and p["unit"] == "GB/s" and p["bytes"] == 8 * 2**20
+    assert 3 <= len(p["samples_ms"]) <= 200 and p["n_samples"] >= 3
+    ctx.record_ceiling(p)
+    assert ctx.ceilings["read_gbps"] == p["value"]
+
+
+def test_read_default_is_8x_the_cache(ctx):
+    spec = part.Spec(copy_mb=4, matmul={"fp32": 32}, matvec={"n": 64, "k": 64, "dtypes": ["fp32"]})
+    l2 = ctx.device.l2_bytes or part.DEFAULT_L2_BYTES
+    assert part.read_mb(spec, ctx) == max(8 * l2 // 2**20, 4)
+
+
+def test_matmul_ceiling_is_the_best_shape_and_layout(ctx):
+    jobs = [j for j in part.plan(SPEC, ctx) if j.key["op"] == "matmul"]
+    assert [(j.key["m"], j.key["layout"]) for j in jobs] == [(32, "nn"), (32, "nt"), (64, "nn"), (64, "nt")]
+    c = results.empty_ceilings()
+    for v in (3.0, 5.0, 4.0):
+        results.add_ceiling(c, {"kind": "ceiling", "op": "matmul", "dtype": "bf16", "status": "ok", "value": v})
+    assert c["matmul_tflops"]["bf16"] == 5.0
+    p = execute(jobs[1], ctx)  # nt: a @ b.T, checked against fp64 before it is timed
+    assert p["status"] in results.USABLE and p["rel_error"] < 1e-5 and p["layout"] == "nt"
+
+
+def test_probe_stores_polled_telemetry(ctx, monkeypatch):
+    clocks = iter([1980, 1755, 1980, 1515] + [1980] * 10_000)
+
+    def read():
+        return {"sm_clock_mhz": next(clocks), "power_w": 700.0, "clock_event_reasons": ["SwPowerCap"]}
+
+    monkeypatch.setattr(RunContext, "poll", lambda self: Poller(read, interval_s=0.001))
+    p = execute(part.copy_job(SPEC), ctx)
+    tel = p["telemetry"]
+    assert tel["polls"] >= 1 and tel["clock_event_reasons"] == ["SwPowerCap"]
+    assert tel["sm_clock_mhz"]["min"] <= tel["sm_clock_mhz"]["median"] <= tel["sm_clock_mhz"]["max"] == 1980
+
+
+def test_poller_summarizes_and_survives_errors():
+    calls = {"n": 0}
+
+    def read():
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("NVML hiccup")
+        return {"sm_clock_mhz": 1000 + calls["n"], "temperature_c": 60, "clock_event_reasons": ["GpuIdle"]}
+
+    with Poller(read, interval_s=0.001) as p:
+        time.sleep(0.05)
+    s = p.summary()
+    assert s["polls"] == calls["n"] - 1 >= 2 and "NVML hiccup" in s["error"]
+    assert s["sm_clock_mhz"]["min"] == 1001 and s["temperature_c"]["max"] == 60
+    with Poller(None) as empty:
+        pass
+    assert empty.summary() is None  # a CPU: nothing polled, nothing stored
+
+
+def test_point_above_its_ceiling_is_not_usable(ctx):
+    ctx.ceilings = {"copy_gbps": 100.0, "read_gbps": 120.0, "matvec_gbps": {"fp32": 90.0},
+                    "matmul_tflops": {"fp32": 1.0}}
+    # 1.2e9 bytes in 8 ms = 150 GB/s: 1.25x the larger bandwidth ceiling (read-only)
+    fast = Job({"kind": "kernel", "op": "gemm", "backend": "torch", "dtype": "fp32", "m": 1},
+               lambda c: {"median_ms": 8.0, "bytes": 1.2e9, "flops": 1e9, "noisy": False})
+    p = execute(fast, ctx)
+    assert p["status"] == "above_ceiling" and "above_ceiling" not in results.USABLE
+    assert p["ceiling_ratio"] == pytest.approx(1.25) and p["ceiling_name"] == "read_gbps"
+    assert "1.250x the measured read_gbps" in p["error"]
+    assert p["mbu"] == pytest.approx(1.5) and p["mbu_read"] == pytest.approx(1.25)
+    # Within 3% of the ceiling: a measurement, ok.
+    near = Job(fast.key, lambda c: {"median_ms": 8.0, "bytes": 1.2e9 * 1.02 / 1.25, "noisy": False})
+    q = execute(near, ctx)
+    assert q["status"] == "ok" and q["ceiling_ratio"] == pytest.approx(1.02)
+    # Above the matmul ceiling: 2e12 FLOP in 1 s = 2 TFLOP/s against 1.
+    hot = Job(fast.key, lambda c: {"median_ms": 1000.0, "flops": 2e12, "noisy": True})
+    r = execute(hot, ctx)
+    assert r["status"] == "above_ceiling" and r["ceiling_name"] == "matmul_tflops.fp32"
+    # Capacity and tables read usable points only.
+    assert not results.usable(p) and not results.usable(r)
+
+
+def test_end_jobs_reprobe_the_winners(ctx):
+    start = [
+        {"kind": "ceiling", "op": "copy", "dtype": "fp32", "mb": 4, "status": "ok", "value": 10.0},
+        {"kind": "ceiling", "op": "matmul", "dtype": "fp32", "m": 32, "n": 32, "k": 32, "layout": "nn",
+         "status": "ok", "value": 1.0},
+        {"kind": "ceiling", "op": "matmul", "dtype": "fp32", "m": 64, "n": 64, "k": 64, "layout": "nt",
+         "status": "ok", "value": 2.0},
+        {"kind": "ceiling", "op": "read", "dtype": "fp32", "mb": 8, "status": "error", "error": "x"},
+    ]
+    jobs = part.end_jobs(SPEC, ctx, start)
+    keys = [j.key for j in jobs]
+    assert all(k["phase"] == "end" for k in keys)
+    assert [(k["op"], k.get("m"), k.get("layout")) for k in keys] == [("copy", None, None), ("matmul", 64, "nt")]
+
+
+def test_drift_flags_beyond_five_percent():
+    start = {"copy_gbps": 100.0, "read_gbps": 120.0, "matvec_gbps": {"bf16": 90.0}, "matmul_tflops": {"bf16": 700.0}}
+    end = {"copy_gbps": 99.0, "read_gbps": 120.0, "matvec_gbps": {}, "matmul_tflops": {"bf16": 780.0}}
+    d = part.drift(start, end)
+    assert d["ratios"] == pytest.approx({"copy_gbps": 0.99, "read_gbps": 1.0, "matmul_tflops.bf16": 780 / 700})
+    assert d["flagged"] == ["matmul_tflops.bf16"] and d["limit"] == 0.05
+    # End-phase points fold only into the end ceilings, never into the start's.
+    pts = [{"kind": "ceiling", "op": "copy", "phase": "end", "status": "ok", "value": 50.0}]
+    assert part.end_ceilings(pts)["copy_gbps"] == 50.0
+    c = results.empty_ceilings()
+    results.add_ceiling(c, pts[0])
+    assert c["copy_gbps"] is None
+
+
+def test_drift_in_manifest_and_summary(tmp_path: Path):
+    w = results.RunWriter(tmp_path / "run", {
+        "run_id": "d", "suite": "t", "command": "test",
+        "ceiling_drift": part.drift({"copy_gbps": 100.0}, {"copy_gbps": 90.0})})
+    w.append({"kind": "ceiling", "op": "copy", "dtype": "fp32", "mb": 4, "status": "ok", "value": 100.0})
+    w.close()
+    text = write_tables(tmp_path / "run").read_text()
+    assert "## Ceiling drift" in text and "| copy_gbps | 0.9 | DRIFT |" in text and "moved more than 5%" in text
+
+
+def test_run_reprobes_at_the_end(tmp_path: Path, tiny_suite: Path):
+    run = run_suite(str(tiny_suite), out=tmp_path / "r", progress=False)
+    manifest, points = results.read_run(run)
+    end = [p for p in points if p.get("phase") == "end"]
+    start = [p for p in points if p["kind"] == "ceiling" and p.get("phase") is None]
+    assert {p["op"] for p in end} == {p["op"] for p in start if results.usable(p)}
+    assert len([p for p in end if p["op"] == "matmul"]) == len({p["dtype"] for p in start if p["op"] == "matmul"})
+    assert manifest["ceilings"]["read_gbps"] > 0 and manifest["ceilings_end"]["copy_gbps"] > 0
+    d = manifest["ceiling_drift"]
+    assert set(d["ratios"]) >= {"copy_gbps", "read_gbps", "matmul_tflops.fp32"}
+    assert all(r > 0 for r in d["ratios"].values())
+    assert json.loads(json.dumps(d)) == d
