@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from harness.report.compare import compare
 from tests.conftest import run_cli
 from tests.test_report import make_run, synthetic_points
@@ -82,3 +84,61 @@ def test_different_schema_versions_refused(tmp_path: Path):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "schema_version" in lines[0] and "not comparable" in lines[0], r.stderr
+
+
+def _with_samples(points: list[dict], factor: float = 1.0, jitter: float = 0.01, seed: int = 1) -> list[dict]:
+    """`points` with 40 samples each around median x `factor` (relative jitter `jitter`), as a new run keeps them."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for p in points:
+        p = dict(p)
+        if p.get("median_ms"):
+            s = p["median_ms"] * factor * np.exp(jitter * rng.standard_normal(40))
+            p["samples_ms"] = [float(x) for x in s]
+            p["median_ms"] = float(np.median(s))
+        out.append(p)
+    return out
+
+
+def test_bootstrap_identical_samples_are_same(tmp_path: Path):
+    pts = _with_samples(synthetic_points())
+    cmp = compare(make_run(tmp_path / "a", pts, run_id="a"), make_run(tmp_path / "b", pts, run_id="b"))
+    timed = [r for r in cmp.rows if r["time_ratio"] is not None]
+    assert timed and all(r["method"] == "bootstrap" and r["changed"] == "same" for r in timed)
+    assert all(r["ratio_lo"] <= 1 <= r["ratio_hi"] for r in timed)
+
+
+def test_bootstrap_shift_is_claimed_and_gated(tmp_path: Path):
+    base = synthetic_points()
+    a = make_run(tmp_path / "a", _with_samples(base, seed=1), run_id="a")
+    b = make_run(tmp_path / "b", _with_samples(base, factor=1.2, seed=2), run_id="b")
+    c = make_run(tmp_path / "c", _with_samples(base, factor=0.8, seed=3), run_id="c")
+    slow = [r for r in compare(a, b).rows if r["time_ratio"] is not None]
+    assert all(r["changed"] == "slower" and 1 < r["ratio_lo"] <= r["time_ratio"] <= r["ratio_hi"] for r in slow)
+    assert all(r["changed"] == "faster" and r["ratio_hi"] < 1 for r in compare(a, c).rows
+               if r["time_ratio"] is not None)
+    cmp = compare(a, b)
+    assert cmp.regressions(10) and not cmp.regressions(30)  # 20% slower: over 10%, not over 30%
+    again = compare(a, b)  # seeded: the same intervals every time
+    assert [r["ratio_lo"] for r in again.rows] == [r["ratio_lo"] for r in cmp.rows]
+
+
+def test_bootstrap_noisy_pair_is_not_claimed(tmp_path: Path):
+    base = [p for p in synthetic_points() if p.get("median_ms")]
+    a = make_run(tmp_path / "a", _with_samples(base, jitter=0.4, seed=1), run_id="a")
+    b = make_run(tmp_path / "b", _with_samples(base, factor=1.05, jitter=0.4, seed=1), run_id="b")
+    rows = [r for r in compare(a, b).rows if r["time_ratio"] is not None]
+    # Medians 5% apart, samples spread +-40%: every interval straddles 1, so nothing is claimed (nor gated),
+    # where the old rule, reading the points' recorded 4% spread, would have called each one slower.
+    assert rows and all(r["time_ratio"] == pytest.approx(1.05) and r["spread_a"] < 0.05 for r in rows)
+    assert all(r["ratio_lo"] < 1 < r["ratio_hi"] and r["changed"] == "same" for r in rows)
+    assert not compare(a, b).regressions(0)
+
+
+def test_old_runs_without_samples_use_the_spread_rule(tmp_path: Path):
+    pts = synthetic_points()
+    cmp = compare(make_run(tmp_path / "a", pts, run_id="a"), make_run(tmp_path / "b", _slow_one(pts, 1.5),
+                                                                        run_id="b"))
+    assert {r["method"] for r in cmp.rows if r["time_ratio"] is not None} == {"spread"}

@@ -2,8 +2,10 @@
 
 Points match on their identity (`harness.results.point_key`: kind, op or model, backend, dtype and shape; the run
 id, device and every measurement are left out), so runs from different devices compare too, labelled as such.
-A change counts only when it is larger than the noisier side's spread (p80-p20)/median: within the noise two
-timings are the same measurement.
+A change is claimed only when it is outside the noise: where both points kept their samples, from a seeded
+bootstrap interval of the ratio of medians (`faster` when the interval lies below 1, `slower` above; --fail-over
+gates on the interval's lower end clearing the threshold); for older runs without samples, when the ratio is
+further from 1 than the noisier side's spread (p80-p20)/median.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from harness.config import ConfigError
 from harness.results import USABLE, Run, load_run, resolve_run
 
@@ -19,7 +23,12 @@ THROUGHPUT = ("tokens_per_s", "tflops", "gbps", "value")  # first one both sides
 NAME_FIELDS = ("kind", "op", "model", "backend", "dtype")
 KIND_ORDER = {"ceiling": 0, "kernel": 1, "prefill": 2, "decode": 3}
 COLUMNS = ["kind", "name", "backend", "dtype", "shape", "status_a", "status_b", "median_ms_a", "median_ms_b",
-           "time_ratio", "throughput_ratio", "spread_a", "spread_b", "changed", "note"]
+           "time_ratio", "ratio_lo", "ratio_hi", "throughput_ratio", "spread_a", "spread_b", "changed", "method",
+           "note"]
+RESAMPLES = 2000  # bootstrap resamples per point pair
+CONFIDENCE = 0.95  # of the interval on the ratio of medians
+MIN_SAMPLES = 5  # fewer kept samples on either side: the spread rule instead
+SEED = 0  # the same two runs always give the same intervals
 
 
 @dataclass
@@ -45,9 +54,13 @@ class Comparison:
         return "compared: " + (", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no points")
 
     def regressions(self, pct: float) -> list[dict]:
-        """Points slower beyond their noise by more than `pct` percent, and points ok in A that fail in B."""
-        return [r for r in self.rows if r["changed"] == "failed"
-                or (r["changed"] == "slower" and (r["time_ratio"] - 1) * 100 > pct)]
+        """Points slower beyond their noise by more than `pct` percent (with samples: the interval's lower end is
+        above 1 + pct/100), and points ok in A that fail in B."""
+        def over(r):
+            slow = r["ratio_lo"] if r.get("method") == "bootstrap" else r["time_ratio"]
+            return slow is not None and (slow - 1) * 100 > pct
+
+        return [r for r in self.rows if r["changed"] == "failed" or (r["changed"] == "slower" and over(r))]
 
 
 def _schema_version(run_dir: Path):
@@ -57,6 +70,23 @@ def _schema_version(run_dir: Path):
         return None  # read_run names the real problem
 
 
+
+
+def median_ratio_interval(a: list[float], b: list[float], resamples: int = RESAMPLES,
+                          confidence: float = CONFIDENCE, seed: int = SEED) -> tuple[float, float]:
+    """A percentile bootstrap interval of median(b) / median(a): both sample sets resampled with replacement."""
+    rng = np.random.default_rng(seed)
+    xa, xb = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    ma = np.median(xa[rng.integers(0, len(xa), (resamples, len(xa)))], axis=1)
+    mb = np.median(xb[rng.integers(0, len(xb), (resamples, len(xb)))], axis=1)
+    tail = (1 - confidence) / 2
+    lo, hi = np.quantile(mb / ma, [tail, 1 - tail])
+    return float(lo), float(hi)
+
+
+def _samples(p: dict) -> list[float] | None:
+    s = p.get("samples_ms")
+    return s if isinstance(s, list) and len(s) >= MIN_SAMPLES and all(x and x > 0 for x in s) else None
 
 
 def _spread(p: dict) -> float | None:
@@ -80,7 +110,8 @@ def _pair(key: str, a: dict | None, b: dict | None) -> dict:
     row = {**_ident(key), "status_a": a and a.get("status"), "status_b": b and b.get("status"),
            "median_ms_a": a and a.get("median_ms"), "median_ms_b": b and b.get("median_ms"),
            "time_ratio": None, "throughput_ratio": None, "throughput_field": None,
-           "spread_a": a and _spread(a), "spread_b": b and _spread(b), "changed": None, "note": None}
+           "spread_a": a and _spread(a), "spread_b": b and _spread(b), "changed": None, "note": None,
+           "ratio_lo": None, "ratio_hi": None, "method": None}
     if a is None or b is None:
         row["changed"] = "only_b" if a is None else "only_a"
         return row
@@ -99,13 +130,17 @@ def _pair(key: str, a: dict | None, b: dict | None) -> dict:
             break
     # Slower means more time; points without a time (some ceilings) fall back to 1/throughput.
     ratio = row["time_ratio"] or (1 / row["throughput_ratio"] if row["throughput_ratio"] else None)
-    noise = max(row["spread_a"], row["spread_b"])
+    sa, sb = _samples(a), _samples(b)
     if ratio is None:
         row["changed"], row["note"] = "n/a", "no time or throughput on both sides"
-    elif abs(ratio - 1) <= noise:
-        row["changed"] = "same"
+    elif sa and sb:
+        lo, hi = median_ratio_interval(sa, sb)
+        row.update(ratio_lo=lo, ratio_hi=hi, method="bootstrap")
+        row["changed"] = "faster" if hi < 1 else "slower" if lo > 1 else "same"
     else:
-        row["changed"] = "faster" if ratio < 1 else "slower"
+        row["method"] = "spread"
+        row["changed"] = "same" if abs(ratio - 1) <= max(row["spread_a"], row["spread_b"]) else (
+            "faster" if ratio < 1 else "slower")
     return row
 
 
