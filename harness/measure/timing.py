@@ -216,8 +216,8 @@ def _capture(call_i: Callable[[int], object], calls: int) -> torch.cuda.CUDAGrap
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for i in range(min(calls, 2)):
-            call_i(i)
+        for i in range(2):
+            call_i(i % calls)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     enabled = gc.isenabled()
@@ -293,7 +293,8 @@ def _measure_kernel_cuda(fn, args: tuple, counts, flush_l2, l2_bytes, noise_limi
             graph = _capture(lambda i: fn(*sets[i % n]), calls)
     except Exception as e:  # noqa: BLE001 - not capturable (a host sync inside): timed eagerly, and said so
         t = _measure_cuda(lambda: fn(*args), counts, flush_l2, l2_bytes, False, noise_limit)
-        why = f"CUDA graph capture failed, timed eagerly with the L2 flushed: {type(e).__name__}: {e}"[:300]
+        how = "eagerly, the L2 flushed between calls" if flush_l2 else "eagerly"
+        why = f"CUDA graph capture failed, timed {how}: {type(e).__name__}: {e}"[:300]
         return Timing(**{**t.to_dict(), "first_call_ms": first_ms, "launch_us": launch_us, "timing_note": why})
     per_replay = _warm(graph.replay, warmup_s)
     replays = _sample_count(per_replay, min_samples, min_time_s, max_samples)
