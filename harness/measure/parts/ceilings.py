@@ -113,7 +113,7 @@ def read_job(spec: Spec, ctx: RunContext) -> Job:
         n = int(mb * 2**20) // 4
         gen = torch.Generator(device=ctx.torch_device).manual_seed(ctx.seed + 3)
         x = torch.rand(n, generator=gen, device=ctx.torch_device)
-        got, want = float(x.sum()), float(x.double().sum())
+        got, want = float(x.sum()), float(x.sum(dtype=torch.float64))
         if abs(got - want) > 1e-3 * abs(want):
             return {"status": "incorrect", "error": f"sum {got} differs from {want}"}
         return _bandwidth(ctx, _probe(ctx, spec, lambda: x.sum()), n * 4)
