@@ -142,3 +142,13 @@ def test_old_runs_without_samples_use_the_spread_rule(tmp_path: Path):
     cmp = compare(make_run(tmp_path / "a", pts, run_id="a"), make_run(tmp_path / "b", _slow_one(pts, 1.5),
                                                                         run_id="b"))
     assert {r["method"] for r in cmp.rows if r["time_ratio"] is not None} == {"spread"}
+
+
+def test_samples_follow_a_derived_median(tmp_path: Path):
+    """A point whose median was derived from its samples (layer scaling) compares on samples scaled to it."""
+    p = {"kind": "decode", "model": "m", "backend": "torch", "dtype": "fp32", "batch": 1, "context": 8, "status": "ok",
+         "samples_ms": [1.0, 1.01, 0.99, 1.0, 1.02, 0.98] * 5}
+    a = make_run(tmp_path / "a", [{**p, "median_ms": 4.0}], run_id="a")
+    b = make_run(tmp_path / "b", [{**p, "median_ms": 5.0}], run_id="b")  # same raw samples, a larger scaled median
+    (row,) = compare(a, b).rows
+    assert row["method"] == "bootstrap" and row["changed"] == "slower" and row["ratio_lo"] > 1.2

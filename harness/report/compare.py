@@ -85,8 +85,13 @@ def median_ratio_interval(a: list[float], b: list[float], resamples: int = RESAM
 
 
 def _samples(p: dict) -> list[float] | None:
+    """The point's kept samples, scaled to its median where a part derived the median from them (a model point
+    timed on some layers and scaled to all keeps the samples of the layers it ran)."""
     s = p.get("samples_ms")
-    return s if isinstance(s, list) and len(s) >= MIN_SAMPLES and all(x and x > 0 for x in s) else None
+    if not (isinstance(s, list) and len(s) >= MIN_SAMPLES and all(x and x > 0 for x in s)):
+        return None
+    med, want = float(np.median(s)), p.get("median_ms")
+    return [x * want / med for x in s] if want and abs(want / med - 1) > 1e-3 else s
 
 
 def _spread(p: dict) -> float | None:
