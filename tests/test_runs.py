@@ -102,7 +102,9 @@ def test_interrupted_decode_grid_resumes_without_repeats(tmp_path, monkeypatch):
     # A huge noise limit: a noisy point is (rightly) measured again on resume, which this test is not about; so is
     # a point above a ceiling that a loaded machine measured low (`above_ceiling`): no margin is exceeded here.
     monkeypatch.setattr("harness.measure.context.ABOVE_CEILING", float("inf"))
-    suite.write_text(TINY_CEILINGS_SUITE.format(id="grid").replace("noise_limit: 0.5", "noise_limit: 100") + """
+    # Only the planned jobs are counted below: no end-of-run ceiling re-probe in this suite.
+    suite.write_text(TINY_CEILINGS_SUITE.format(id="grid").replace("noise_limit: 0.5", "noise_limit: 100").replace(
+        "  copy_mb: 8", "  copy_mb: 8\n  end_probe: false") + """
 decode:
   models: [tiny]
   backends: [torch]

@@ -120,7 +120,7 @@ def run_suite(suite_name: str | None = None, out: str | Path | None = None, resu
             jobs = plan_all(suite, ctx)
             (group.run_jobs if group is not None else _run_jobs)(jobs, ctx, writer, writer.final_keys(), progress,
                                                                  on_point)
-            if "ceilings" in suite.parts and group is None:
+            if "ceilings" in suite.parts and suite.parts["ceilings"].end_probe and group is None:
                 # The same probes again: did the device hold its ceilings through the run? (Not in a run on several
                 # ranks: there the start probes ran on every rank in lockstep, and the other ranks have stopped.)
                 end = ceilings_part.end_jobs(suite.parts["ceilings"], ctx, list(writer.points.values()))

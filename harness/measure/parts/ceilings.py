@@ -44,6 +44,8 @@ class Spec(Strict):
     matmul_layouts: list[Literal["nn", "nt"]] = Field(["nn", "nt"], min_length=1,
                                                       description="nn: a @ b; nt: a @ b.T (F.linear's layout)")
     matvec: MatvecSpec
+    end_probe: bool = Field(True, description="probe the ceilings again at the end of the run; drift above 5% is "
+                            "flagged in the manifest and summary")
     allow_tf32: bool = Field(False, description="fp32 matmul as tf32 on GPU; off: fp32 is compared to the fp32 peak")
     warmup_s: float | None = Field(None, ge=0, description=f"warm-up per probe; default {GPU_SUSTAIN_S} s on a GPU, "
                                    "the suite's timing on a CPU")
