@@ -117,7 +117,8 @@ def test_kills_and_resumes_leave_each_job_key_once(tmp_path):
 
     assert sorted(raw_keys(run)) == expected, "points.jsonl: each job key exactly once after the final resume"
     points = results.read_points(run)
-    assert all(p["status"] in ("ok", "noisy", "skipped") for p in points)
+    # a loaded machine may measure low ceilings, and a point then reads above them: measured, not lost
+    assert all(p["status"] in ("ok", "noisy", "skipped", "above_ceiling") for p in points)
     assert sum(1 for _ in (run / "points.csv").open()) == 1 + len(expected)
     from harness.report.document import build
 
