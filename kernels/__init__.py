@@ -1,4 +1,5 @@
-"""Kernel ops: one file per op (Triton kernel, launcher, torch reference, FLOP and byte counts).
+"""Kernel ops: one file per op (Triton kernel, launcher, torch reference, vendor baseline, FLOP and byte counts, and
+the shapes a model's layer gives the op).
 
 `REGISTRY[name]` gives a `KernelOp`, so the harness loops over ops without special cases:
 
@@ -25,11 +26,13 @@ class KernelOp:
     name: str
     triton: Callable[..., Any]  # Triton launcher: triton(*make_inputs(...))
     reference: Callable[..., Any]  # torch reference with the same arguments
-    baseline: Callable[..., Any]  # the vendor path timed beside Triton (cuBLAS, SDPA/FlashAttention, ...)
+    baseline: Callable[..., Any]  # the vendor path in the input dtype, as a torch model runs it (F.linear, SDPA, ...)
     make_inputs: Callable[[dict, torch.dtype, Any, int], tuple]  # (shape, dtype, device, seed) -> args
     flops: Callable[[dict], int]  # floating-point operations of one call
     bytes_moved: Callable[[dict, torch.dtype], int]  # minimum bytes: inputs read once, outputs written once
     tolerance: Callable[[torch.dtype], float]  # max rel_error vs a float64 reference
+    model_shapes: Callable[..., list[dict]]  # (cfg, tokens=, batch=, context=) -> the shapes a model's layer gives
+    model_grid: tuple[str, ...]  # which of tokens / batch / context model_shapes needs
 
     @staticmethod
     def outputs(result: Any) -> tuple[torch.Tensor, ...]:
@@ -44,13 +47,14 @@ def _op(name: str, module: Any) -> KernelOp:
         name=name,
         triton=getattr(module, name),
         reference=getattr(module, f"{name}_ref"),
-        # Where the reference upcasts whole tensors (fp32 weights, S×S scores), it would time those copies:
-        # such ops give a `<op>_baseline` that runs the fast torch path in the input dtype.
-        baseline=getattr(module, f"{name}_baseline", getattr(module, f"{name}_ref")),
+        # Every op names its vendor path: the reference upcasts to fp32 and is the oracle, never a baseline.
+        baseline=getattr(module, f"{name}_baseline"),
         make_inputs=module.make_inputs,
         flops=module.flops,
         bytes_moved=module.bytes_moved,
         tolerance=module.tolerance,
+        model_shapes=module.model_shapes,
+        model_grid=module.MODEL_GRID,
     )
 
 

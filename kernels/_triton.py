@@ -46,6 +46,21 @@ def smem_bytes(device: torch.device) -> int:
     return 227 * 1024
 
 
+MAX_ROW_BLOCK = 65536  # elements one program can hold in registers
+
+
+def row_settings(n: int, name: str = "kernel", max_block: int = MAX_ROW_BLOCK) -> tuple[int, int]:
+    """BLOCK and num_warps for a program that holds a row (or a tile) of n elements in registers: the next power
+    of two, and more warps as the block widens so that each thread keeps about 16 values live or fewer (the rule of
+    Liger-Kernel's `calculate_settings`). The one place the row-wise ops (rmsnorm, rope, the decode reduction) pick
+    these."""
+    block = triton.next_power_of_2(n) if n > 0 else 0
+    if block < 1 or block > max_block:
+        raise ValueError(f"{name}: {n} elements per row outside 1..{max_block}")
+    num_warps = 32 if block >= 32768 else 16 if block >= 8192 else 8 if block >= 2048 else 4
+    return block, num_warps
+
+
 def check_float(name: str, *tensors: torch.Tensor) -> None:
     """Raise ValueError unless all tensors share one supported floating dtype and one device."""
     dtype = tensors[0].dtype
@@ -71,4 +86,5 @@ def check_out(name: str, out: torch.Tensor | None, shape: tuple, dtype: torch.dt
         raise ValueError(f"{name}: out must be contiguous")
 
 
-__all__ = ["FLOAT_DTYPES", "INTERPRET", "check_float", "check_out", "num_sms", "smem_bytes", "tl", "triton"]
+__all__ = ["FLOAT_DTYPES", "INTERPRET", "MAX_ROW_BLOCK", "check_float", "check_out", "num_sms", "row_settings",
+           "smem_bytes", "tl", "triton"]

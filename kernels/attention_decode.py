@@ -18,8 +18,9 @@ captured in a CUDA graph.
 import math
 
 import torch
+import torch.nn.functional as F
 
-from kernels._triton import INTERPRET, check_float, check_out, num_sms, smem_bytes, tl, triton
+from kernels._triton import INTERPRET, check_float, check_out, num_sms, row_settings, smem_bytes, tl, triton
 from kernels.attention_prefill import _check_head_dim
 
 _LOG2E = 1.4426950408889634
@@ -193,11 +194,12 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         HEAD_D=d, BLOCK_G=max(16, triton.next_power_of_2(group)),
     )
     block_s = triton.next_power_of_2(num_splits)
+    _, reduce_warps = row_settings(block_s * d, "attention_decode")  # the [BLOCK_S, D] partials tile
     _attention_decode_reduce_kernel[(bsz * hq,)](
         m_ws, l_ws, acc_ws, context_lens, o,
         hq, s_max, chunk, num_splits,
         o.stride(0), o.stride(1),
-        HEAD_D=d, BLOCK_S=block_s, num_warps=4 if block_s * d <= 4096 else 8,
+        HEAD_D=d, BLOCK_S=block_s, num_warps=reduce_warps,
     )
     return o
 
@@ -236,19 +238,28 @@ def _total_context(shape: dict) -> int:
 
 
 def attention_decode_baseline(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    context_lens: torch.Tensor) -> torch.Tensor:
-    # q: [B, Hq, D], caches: [B, Hkv, S_max, D], context_lens: [B]. The G = Hq/Hkv query heads sharing a KV head
-    # form one [G, D] x [D, S] product, so K/V are read once in their own dtype (the reference upcasts the whole
-    # cache to fp32 first). Two batched matmuls, not SDPA: SDPA's CPU flash kernel with a mask took 5.3 ms per
-    # qwen3-0.6b layer at context 512 (fp32, 2 cores) against 0.09 ms here.
+                              context_lens: torch.Tensor) -> torch.Tensor:
+    """The vendor path: F.scaled_dot_product_attention with a length mask, in the input dtype.
+
+    The G = Hq/Hkv query heads that share a kv head go in as G query rows of that head ([B, Hkv, G, D] against
+    [B, Hkv, S_max, D]): the same result as `enable_gqa=True`, which with a mask falls back to the math kernel on
+    CUDA (K/V copied per query head, scores materialized; transformers' SDPA path avoids it for the same reason),
+    while this stays on the fused kernels (memory-efficient / cuDNN on CUDA, flash on CPU)."""
     b, hq, d = q.shape
     hkv, s_max = k_cache.shape[1], k_cache.shape[2]
-    qg = q.reshape(b, hkv, hq // hkv, d)  # [B, Hkv, G, D]
-    scores = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * (1.0 / math.sqrt(d))  # [B, Hkv, G, S_max]
     valid = torch.arange(s_max, device=q.device)[None, :] < context_lens[:, None]  # [B, S_max]
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    p = torch.softmax(scores, dim=-1).to(q.dtype)
-    return torch.matmul(p, v_cache).reshape(b, hq, d)  # [B, Hq, D]
+    qg = q.reshape(b, hkv, hq // hkv, d)  # [B, Hkv, G, D]
+    o = F.scaled_dot_product_attention(qg, k_cache, v_cache, attn_mask=valid[:, None, None, :])  # [B, Hkv, G, D]
+    return o.reshape(b, hq, d)
+
+
+def model_shapes(cfg, tokens=(), batch=(), context=()) -> list[dict]:
+    """One decode step's attention with `cfg`'s heads (ModelConfig fields) for each batch x context."""
+    return [{"batch": b, "q_heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads, "context": c, "max_context": c,
+             "head_dim": cfg.head_dim, "source": cfg.id} for b in batch for c in context]
+
+
+MODEL_GRID = ("batch", "context")
 
 
 def flops(shape: dict) -> int:

@@ -202,6 +202,15 @@ def attention_prefill_baseline(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
 
 
+def model_shapes(cfg, tokens=(), batch=(), context=()) -> list[dict]:
+    """Causal self-attention of one prompt of each length in `tokens` with `cfg`'s heads (ModelConfig fields)."""
+    return [{"batch": 1, "q_heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads, "seq": t, "head_dim": cfg.head_dim,
+             "causal": True, "source": cfg.id} for t in tokens]
+
+
+MODEL_GRID = ("tokens",)
+
+
 def flops(shape: dict) -> int:
     # q k^T and p v: 2 * D flops each per (query, visible key) pair; causal sees S(S+1)/2 pairs, not S^2.
     s = shape["seq"]

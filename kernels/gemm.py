@@ -211,6 +211,16 @@ def gemm_baseline(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
 
 
+def model_shapes(cfg, tokens=(), batch=(), context=()) -> list[dict]:
+    """The four projections of a dense layer of `cfg` (ModelConfig fields; fused QKV and gate/up), m = tokens."""
+    h, d, hq, hkv, inter = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size
+    parts = (("qkv", (hq + 2 * hkv) * d, h), ("o", h, hq * d), ("gate_up", 2 * inter, h), ("down", h, inter))
+    return [{"m": t, "n": n, "k": k, "source": f"{cfg.id}.{part}"} for t in tokens for part, n, k in parts]
+
+
+MODEL_GRID = ("tokens",)
+
+
 def flops(shape: dict) -> int:
     # One multiply and one add per (m, n, k).
     return 2 * shape["m"] * shape["n"] * shape["k"]

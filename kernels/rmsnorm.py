@@ -9,10 +9,9 @@ instead of the three passes of an unfused add + norm.
 """
 
 import torch
+import torch.nn.functional as F
 
-from kernels._triton import check_float, check_out, tl, triton
-
-_MAX_BLOCK_H = 65536  # one row must fit in one program's registers
+from kernels._triton import check_float, check_out, row_settings, tl, triton
 
 
 @triton.jit
@@ -52,9 +51,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"rmsnorm: residual {tuple(residual.shape)} must match x {tuple(x.shape)}")
     h_size = x.shape[-1]
-    block_h = triton.next_power_of_2(h_size)
-    if block_h > _MAX_BLOCK_H or h_size == 0:
-        raise ValueError(f"rmsnorm: hidden size {h_size} outside 1..{_MAX_BLOCK_H}")
+    block_h, num_warps = row_settings(h_size, "rmsnorm")  # one row per program, in registers
 
     if out is None:
         y_out = h_out = None
@@ -85,8 +82,6 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
     y2 = y.view(rows, h_size)
     h2 = h.view(rows, h_size) if h is not None else y2
 
-    # More warps for wide rows so each thread keeps <= ~16 fp32 values live (Liger's rule of thumb).
-    num_warps = 4 if block_h <= 2048 else 8 if block_h <= 8192 else 16
     _rmsnorm_kernel[(rows,)](
         x2, r2, w, y2, h2,
         h_size, eps,
@@ -104,6 +99,21 @@ def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: tor
     y = hf * torch.rsqrt(hf.pow(2).mean(dim=-1, keepdim=True) + eps) * weight.to(compute)
     y = y.to(x.dtype)
     return y if residual is None else (y, h)
+
+
+def rmsnorm_baseline(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """The vendor path: the residual add in x.dtype, then F.rms_norm (fused kernel; fp32 math inside)."""
+    h = x if residual is None else x + residual
+    y = F.rms_norm(h, (h.shape[-1],), weight, eps)
+    return y if residual is None else (y, h)
+
+
+def model_shapes(cfg, tokens=(), batch=(), context=()) -> list[dict]:
+    """The shape in a dense layer of `cfg` (ModelConfig fields): the pre-attention / pre-MLP norm, residual fused."""
+    return [{"rows": t, "hidden": cfg.hidden_size, "residual": True, "source": cfg.id} for t in tokens]
+
+
+MODEL_GRID = ("tokens",)  # the model_shapes arguments a kernel case must give
 
 
 def flops(shape: dict) -> int:

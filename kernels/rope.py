@@ -10,7 +10,7 @@ import functools
 
 import torch
 
-from kernels._triton import INTERPRET, check_float, check_out, tl, triton
+from kernels._triton import INTERPRET, check_float, check_out, row_settings, tl, triton
 
 if INTERPRET:
 
@@ -104,13 +104,14 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float
 
     block_qh = triton.next_power_of_2(max(hq, 1))
     block_kh = triton.next_power_of_2(max(hkv, 1))
+    _, num_warps = row_settings(block_qh * d, "rope")  # the q tile: [BLOCK_QH, D/2] twice
     _rope_kernel[(t,)](
         q, k, positions, inv_freq, q_out, k_out,
         hq, hkv,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
         HALF_D=d // 2, BLOCK_QH=block_qh, BLOCK_KH=block_kh,
-        num_warps=4 if block_qh * d <= 4096 else 8,
+        num_warps=num_warps,
     )
     return q_out, k_out
 
@@ -151,6 +152,38 @@ def rope_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: f
         return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
 
     return rotate(q), rotate(k)
+
+
+def rope_cos_sin(positions: torch.Tensor, theta: float | torch.Tensor, head_dim: int, dtype: torch.dtype):
+    """cos and sin [T, D] of the angles at `positions` [T], as transformers' rotary embedding computes them once per
+    forward for all layers: fp32 angles (the op's definition), rounded to `dtype`."""
+    angles = positions.to(torch.float32)[:, None] * _frequencies(theta, head_dim, positions.device)  # [T, D/2]
+    emb = torch.cat((angles, angles), dim=-1)  # [T, D]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rope_rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """q [T, Hq, D] and k [T, Hkv, D] rotated by cos/sin [T, D] in the input dtype (transformers'
+    `apply_rotary_pos_emb`): the per-layer part of the vendor path."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def rope_baseline(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float | torch.Tensor):
+    """The vendor path as a torch model runs it: cos/sin of the positions, then the rotation in q.dtype. (A model
+    computes cos/sin once per forward and rotates in every layer; a kernel point times both, as the Triton kernel,
+    which computes its own cos/sin, does both.)"""
+    cos, sin = rope_cos_sin(positions, theta, q.shape[-1], q.dtype)
+    return rope_rotate(q, k, cos, sin)
+
+
+def model_shapes(cfg, tokens=(), batch=(), context=()) -> list[dict]:
+    """The shape in a dense layer of `cfg` (ModelConfig fields): q and k heads of `tokens` tokens."""
+    return [{"tokens": t, "q_heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+             "source": cfg.id} for t in tokens]
+
+
+MODEL_GRID = ("tokens",)
 
 
 def flops(shape: dict) -> int:

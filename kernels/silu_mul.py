@@ -5,6 +5,7 @@ fused gate_up projection [T, 2I]); only the last dim must be unit-stride.
 """
 
 import torch
+import torch.nn.functional as F
 
 from kernels._triton import INTERPRET, check_float, check_out, tl, triton
 
@@ -60,6 +61,19 @@ def silu_mul_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     compute = torch.promote_types(gate.dtype, torch.float32)
     g = gate.to(compute)
     return (g * torch.sigmoid(g) * up.to(compute)).to(gate.dtype)
+
+
+def silu_mul_baseline(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The vendor path as a model writes it: F.silu(gate) * up, in the input dtype."""
+    return F.silu(gate) * up
+
+
+def model_shapes(cfg, tokens=(), batch=(), context=()) -> list[dict]:
+    """The shape in a dense layer of `cfg` (ModelConfig fields): the MLP activation over intermediate_size."""
+    return [{"rows": t, "n": cfg.intermediate_size, "source": cfg.id} for t in tokens]
+
+
+MODEL_GRID = ("tokens",)
 
 
 def flops(shape: dict) -> int:
