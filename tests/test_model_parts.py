@@ -1,7 +1,10 @@
-"""harness.measure.parts.model: the prefill and decode grids on the CPU (torch timed, triton skipped), layer scaling,
-failed checks as `incorrect` rows, and spec validation."""
+"""harness.measure.parts.model: the prefill and decode grids on the CPU (torch and compile timed, triton skipped), layer
+scaling, compile time in first_call_ms and never in the samples, failed checks as `incorrect` rows, plans as explicit
+products, and spec validation."""
 
 from __future__ import annotations
+
+import itertools
 
 import pytest
 import torch
@@ -24,9 +27,12 @@ def ctx() -> RunContext:
 
 
 def test_prefill_grid(ctx):
-    spec = part.PrefillSpec(models=["tiny", "tiny-qwen3"], dtypes=["fp32"], batch=[1, 2], prompt_len=[8, 16])
+    spec = part.PrefillSpec(models=["tiny", "tiny-qwen3"], backends=["triton", "torch"], dtypes=["fp32"],
+                            batch=[1, 2], prompt_len=[8, 16])
     jobs = part.plan_prefill(spec, ctx)
     assert len(jobs) == 2 * 2 * 2 * 2  # models x backends x batch x prompt_len
+    assert [(j.key["model"], j.key["backend"], j.key["batch"], j.key["prompt_len"]) for j in jobs] == list(
+        itertools.product(spec.models, spec.backends, spec.batch, spec.prompt_len))
     points = [execute(j, ctx) for j in jobs]
     torch_pts = [p for p in points if p["backend"] == "torch"]
     assert all(p["status"] in USABLE for p in torch_pts), [p.get("error") for p in torch_pts]  # noisy: load
@@ -38,6 +44,15 @@ def test_prefill_grid(ctx):
     cfg = M.load_model_config("tiny")
     assert p["flops"] == M.prefill_flops(cfg, 2, 16) and p["bytes"] == M.prefill_bytes(cfg, 2, 16, 4)
     assert p["mfu"] is not None and p["rel_error"] < 1e-4
+
+
+def test_jobs_run_in_any_order(ctx):
+    # The session is explicit and keyed: running the grid backwards gives the same points (but the timings).
+    spec = part.DecodeSpec(models=["tiny", "tiny-qwen3"], backends=["torch"], dtypes=["fp32"], context=[4, 6])
+    fields = ("status", "model", "context", "rel_error", "flops", "bytes")
+    forward = [execute(j, ctx) for j in part.plan_decode(spec, ctx)]
+    backward = [execute(j, ctx) for j in reversed(part.plan_decode(spec, ctx))][::-1]
+    assert [[p[f] for f in fields] for p in forward] == [[p[f] for f in fields] for p in backward]
 
 
 def test_decode_grid_with_scaled_layers(ctx):
@@ -73,15 +88,35 @@ def test_failed_check_is_incorrect_and_not_timed(ctx, monkeypatch):
 
 def test_check_catches_a_broken_cache_path(monkeypatch):
     m = M.build_model("tiny", dtype="fp32", seed=1)
-    assert part.check_logits(m, "torch") < 1e-5
+    assert part.check_logits(m) < 1e-5
     ops = M.load_ops("torch")
-    # Decode attention that misses the newest position: the full recompute (prefill path) stays right.
+    # Decode attention that misses the newest position: the reference's full recompute stays right.
     def late(q, k, v, lens):
         return ops.attention_decode(q, k, v, lens - 1)
 
     broken = M.Ops(**{**ops.__dict__, "attention_decode": late})
-    monkeypatch.setattr(M, "load_ops", lambda backend: broken)
-    assert part.check_logits(m, "torch") > 1e-2
+    reference = M.load_ops("reference")
+    monkeypatch.setattr(M, "load_ops", lambda backend: reference if backend == "reference" else broken)
+    assert part.check_logits(M.build_model("tiny", dtype="fp32", seed=1)) > 1e-2
+
+
+def test_compile_points_put_the_compile_in_first_call_ms(ctx):
+    # A decode shape the check did not compile (cache 128, the check's 64): its first call compiles, the samples
+    # run the compiled graph; a torch point has no compile.
+    spec = part.DecodeSpec(models=["tiny-qwen3"], backends=["compile", "torch"], dtypes=["fp32"], context=[70])
+    compiled, eager = (execute(j, ctx) for j in part.plan_decode(spec, ctx))
+    assert compiled["status"] == "ok" and eager["status"] == "ok", (compiled.get("error"), eager.get("error"))
+    assert compiled["graphs_compiled"] >= 1 and compiled["first_call_ms"] > 0 and compiled["n_samples"] >= 2
+    assert "graphs_compiled" not in eager and eager["first_call_ms"] > 0
+    assert compiled["rel_error"] < 1e-5 and eager["rel_error"] < 1e-5  # both checked against the reference
+
+
+def test_a_compile_during_the_samples_is_an_error(ctx, monkeypatch):
+    count = iter(range(100))
+    monkeypatch.setattr(M, "compiled_graphs", lambda: next(count))  # a new graph at every look
+    spec = part.DecodeSpec(models=["tiny"], backends=["torch"], dtypes=["fp32"], context=[4])
+    (p,) = [execute(j, ctx) for j in part.plan_decode(spec, ctx)]
+    assert p["status"] == "error" and "during the samples" in p["error"]
 
 
 def test_oom_estimate_is_an_oom_point(ctx, monkeypatch):

@@ -1,10 +1,19 @@
 """A decoder-only transformer (Llama, Qwen2, Qwen3 dense) over the kernels, gpt-fast style.
 
-One set of weights, two backends: `triton` runs the Triton kernels of `kernels/`, `torch` PyTorch (the kernels'
-`_ref` references, with F.linear and SDPA for gemm and attention: see `load_ops`). QKV is one fused weight and
-gate/up another (one gemm each instead of three and two). The KV cache is static, `[L, B, Hkv, S_max, D]`,
-allocated up front with per-sequence lengths, so a decode step allocates nothing from the host and has no host
-sync: it can be captured in a CUDA graph (`DecodeGraph`).
+One set of weights, four backends (`load_ops`), each honest about what it is:
+- `triton`: the Triton kernels of `kernels/`.
+- `torch`: PyTorch eager as a user writes it, in the input dtype: each op's vendor path (`kernels.REGISTRY[op]
+  .baseline`: F.linear, F.rms_norm, F.silu(g) * u, SDPA for prefill and for decode with a length mask), RoPE
+  cos/sin tables computed once per model and indexed per step (gpt-fast's freqs_cis).
+- `compile`: the same torch model under torch.compile (`compile_step`): a layer's prefill and decode blocks compiled
+  for their shapes (one graph serves every layer: see `Transformer`); on a GPU the compiled decode step is then
+  captured in a CUDA graph (`DecodeGraph`, or the timing's cuda_graph), as gpt-fast's reduce-overhead mode does.
+- `reference`: the kernels' fp32-math references: the correctness oracle, never timed.
+
+QKV is one fused weight and gate/up another (one gemm each instead of three and two). The KV cache is static,
+`[L, B, Hkv, S_alloc, D]` with S_alloc the requested length padded to KV_ALIGN, allocated up front with
+per-sequence lengths, so a decode step allocates nothing from the host and has no host sync: it can be captured in
+a CUDA graph (`DecodeGraph`).
 
 Generation, as in gpt-fast: `prefill`, `decode_one_token`, `decode_n_tokens` (and `generate` around them).
 Weights are seeded random (`build_model`) or read from a local Hugging Face folder (`harness.model.hf`).
@@ -14,6 +23,9 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -32,33 +44,90 @@ from harness.model.spec import (  # noqa: F401  (the counts live on the spec; re
     tp_problem,
 )
 
-BACKENDS = ("triton", "torch", "ref")  # "ref": pure references, for tests
+BACKENDS = ("triton", "torch", "compile", "reference")
+TIMED_BACKENDS = ("triton", "torch", "compile")  # `reference` is the oracle the others are checked against
 OPS = ("gemm", "rmsnorm", "rope", "silu_mul", "attention_prefill", "attention_decode")
+KV_ALIGN = 64  # cache positions are allocated in multiples of this (aligned rows for the attention kernels)
 
 
 @dataclass(frozen=True)
 class Ops:
-    """The six ops a layer needs, from one backend."""
+    """The six ops a layer needs, from one backend, and how the backend takes its RoPE angles."""
 
-    gemm: object
-    rmsnorm: object
-    rope: object
-    silu_mul: object
-    attention_prefill: object
-    attention_decode: object
+    gemm: Callable
+    rmsnorm: Callable
+    rope: Callable  # (q, k, *rotary(...)) -> (q, k)
+    silu_mul: Callable
+    attention_prefill: Callable
+    attention_decode: Callable
+    rotary: Callable  # (Rotary, positions [T], n positions covered) -> rope's trailing arguments, once per forward
+    compiled: bool = False  # run prefill and the decode step through torch.compile
+
+
+def _kernel_angles(rotary: Rotary, positions: torch.Tensor, n: int) -> tuple:
+    return positions, rotary.theta  # the kernel computes its own cos/sin
+
+
+def _table_angles(rotary: Rotary, positions: torch.Tensor, n: int) -> tuple:
+    return rotary.cos_sin(positions, n)
 
 
 @functools.cache
 def load_ops(backend: str) -> Ops:
-    """`triton`: the Triton kernels. `torch`: each op's vendor baseline (`kernels.REGISTRY[op].baseline`: F.linear,
-    SDPA, grouped matmuls for decode attention; the reference where no faster torch path exists). `ref`: the torch
-    references (fp32 math throughout), for tests."""
+    """The ops of a backend (see the module docstring). `compile` has the ops of `torch`, compiled."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     from kernels import REGISTRY
+    from kernels.rope import rope_rotate
 
-    attr = {"triton": "triton", "torch": "baseline", "ref": "reference"}[backend]
-    return Ops(**{op: getattr(REGISTRY[op], attr) for op in OPS})
+    if backend in ("triton", "reference"):
+        return Ops(**{op: getattr(REGISTRY[op], backend) for op in OPS}, rotary=_kernel_angles)
+    vendor = {op: REGISTRY[op].baseline for op in OPS}
+    # The rope baseline computes cos/sin and rotates; a model computes cos/sin once (rotary) and rotates per layer.
+    vendor["rope"] = rope_rotate
+    return Ops(**vendor, rotary=_table_angles, compiled=backend == "compile")
+
+
+_COMPILE_LIMIT = 256  # compiled shapes per function before torch.compile would give up
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process (to tell a compile in a first call from one in the samples)."""
+    utils = sys.modules.get("torch._dynamo.utils")  # not imported: nothing was compiled (and no import here)
+    return int(utils.counters["stats"]["unique_graphs"]) if utils else 0
+
+
+def first_call(fn: Callable[[], object], device: torch.device) -> tuple[object, dict]:
+    """Run fn once: (its result, {"first_call_ms": wall time with the device synchronized, and "graphs_compiled" when
+    torch.compile built graphs in it}). Compile and autotune happen in a shape's first call: its time is reported
+    as first_call_ms and kept out of the samples."""
+    before = compiled_graphs()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    info = {"first_call_ms": (time.perf_counter() - t0) * 1e3}
+    if compiled_graphs() != before:
+        info["graphs_compiled"] = compiled_graphs() - before
+    return out, info
+
+
+def compile_step(fn: Callable, device: torch.device) -> Callable:
+    """`fn` under torch.compile as gpt-fast compiles its steps: one graph (fullgraph: a graph break is an error, not a
+    silent fall back to eager), static shapes (every prefill length and decode batch/cache size compiled for itself;
+    compile time lands in the first call, the timing's `first_call_ms`). Inductor writes Triton on a GPU (with
+    gpt-fast's coordinate-descent tuning) and C++/OpenMP on the CPU. Past the recompile limit torch.compile would
+    run eager without a word; here it raises."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, _COMPILE_LIMIT)
+    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4 * _COMPILE_LIMIT)
+    cfg.fail_on_recompile_limit_hit = True
+    options = {"coordinate_descent_tuning": True} if device.type == "cuda" else None
+    return torch.compile(fn, fullgraph=True, dynamic=False, options=options)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -144,22 +213,24 @@ def random_weights(cfg: ModelConfig, dtype: str | torch.dtype = "bf16", device: 
 
 
 class KVCache:
-    """Static KV cache for (batch, max context), allocated once: k, v [L, B, Hkv, S_max, hd]; `lengths` [B] int32
-    counts the tokens stored per sequence (the next token of sequence b goes to position lengths[b])."""
+    """Static KV cache for (batch, max context), allocated once: k, v [L, B, Hkv, S_alloc, hd] with S_alloc =
+    max_len rounded up to a multiple of KV_ALIGN (an odd length such as context + 1 = 4097 would leave every row of
+    the attention's batched matmuls unaligned); `lengths` [B] int32 counts the tokens stored per sequence (the next
+    token of sequence b goes to position lengths[b]). Positions past a sequence's length are masked out."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: str | torch.dtype = "bf16",
                  device: str | torch.device = "cpu"):
         dt, dev = to_dtype(dtype), torch.device(device)
+        max_len = -(-max_len // KV_ALIGN) * KV_ALIGN
         shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         # Zeros, not empty: masked-out positions are multiplied by 0 in attention, and 0·NaN would be NaN.
         self.k = torch.zeros(shape, dtype=dt, device=dev)
         self.v = torch.zeros(shape, dtype=dt, device=dev)
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=dev)
-        # Row of (b, h, position 0) in k[i].view(-1, hd): a decode step adds its positions to it (one index_put
-        # per layer and tensor, no host sync).
-        b = torch.arange(batch, device=dev)[:, None]
-        h = torch.arange(cfg.num_kv_heads, device=dev)[None, :]
-        self.slot_base = (b * cfg.num_kv_heads + h) * max_len  # [B, Hkv] int64
+        # A decode step writes k[i][b, h, pos[b]] for every (b, h): one index_put per layer and tensor, no host sync
+        # (and one torch.compile reinplaces, where a write through a flattened view made it copy the cache).
+        self.batch_index = torch.arange(batch, device=dev)[:, None]  # [B, 1]
+        self.head_index = torch.arange(cfg.num_kv_heads, device=dev)[None, :]  # [1, Hkv]
         self.batch, self.max_len = batch, max_len
 
     @property
@@ -197,29 +268,61 @@ def rope_frequencies(cfg: ModelConfig, device: torch.device) -> float | torch.Te
     return out.to(device=device, dtype=torch.float32)
 
 
+class Rotary:
+    """A model's RoPE frequencies: `theta` (the base, or Llama 3.1's fp32 inv_freq table) for kernels that compute
+    cos/sin themselves, and cos/sin tables [n, hd] in the model's dtype for the torch path, computed once for
+    positions [0, n) and indexed per step (gpt-fast's freqs_cis); a longer cache or prompt grows them (outside any
+    CUDA graph: the first call, before capture, sizes them)."""
+
+    def __init__(self, theta: float | torch.Tensor, head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.theta, self.head_dim, self.dtype, self.device = theta, head_dim, dtype, device
+        self.cos = self.sin = None
+
+    def cos_sin(self, positions: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, hd] at positions [T] (all < n)."""
+        if self.cos is None or self.cos.shape[0] < n:
+            from kernels.rope import rope_cos_sin
+
+            size = max(1024, 1 << (n - 1).bit_length())
+            table = torch.arange(size, device=self.device)
+            self.cos, self.sin = rope_cos_sin(table, self.theta, self.head_dim, self.dtype)
+        return self.cos[positions], self.sin[positions]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The model
 
 
 class Transformer:
-    """Weights + config + backend. `with_backend` and `with_layers` share the weights (no copies)."""
+    """Weights + config + backend. `with_backend` and `with_layers` share the weights (no copies).
 
-    def __init__(self, cfg: ModelConfig, weights: Weights, backend: str = "torch"):
+    A forward is the embedding, the first layer's input norm, one block per layer, and the LM head. A layer's block
+    ends with the norm of the next layer's input (the final norm after the last layer), its residual add fused in,
+    so every layer is one block of one shape: under `compile` Inductor compiles one block per shape and every layer
+    runs it (compile time does not grow with depth: a whole qwen3-0.6b decode step took 200 s to compile on a 2-core
+    CPU). The embedding lookup and the LM head are single vendor ops and run eager."""
+
+    def __init__(self, cfg: ModelConfig, weights: Weights, backend: str = "torch", rotary: Rotary | None = None):
         if not cfg.is_dense:
             raise ValueError(f"{cfg.id}: only dense models are built (MoE / MLA are not)")
         if len(weights.layers) != cfg.num_layers:
             raise ValueError(f"{cfg.id}: {len(weights.layers)} layers of weights for num_layers {cfg.num_layers}")
         self.cfg, self.weights, self.backend, self.ops = cfg, weights, backend, load_ops(backend)
         self.n_q, self.n_kv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.eps, self.theta = cfg.rms_norm_eps, rope_frequencies(cfg, self.device)
+        self.eps = cfg.rms_norm_eps
+        self.rotary = rotary or Rotary(rope_frequencies(cfg, self.device), self.hd, self.dtype, self.device)
+        self._prefill_block, self._decode_block = self._prefill_layer, self._decode_layer
+        if self.ops.compiled:
+            self._prefill_block = compile_step(self._prefill_layer, self.device)
+            self._decode_block = compile_step(self._decode_layer, self.device)
 
     def with_backend(self, backend: str) -> Transformer:
-        return Transformer(self.cfg, self.weights, backend)
+        return Transformer(self.cfg, self.weights, backend, self.rotary)
 
     def with_layers(self, n: int) -> Transformer:
         """The first n layers with the same embedding, final norm and LM head (n=0: only those)."""
         return Transformer(with_layers(self.cfg, n), replace(self.weights, layers=self.weights.layers[:n]),
-                           self.backend)
+                           self.backend, self.rotary)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -232,14 +335,10 @@ class Transformer:
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.cfg, batch, max_len, self.dtype, self.device)
 
-    # --- building blocks, shared by prefill and decode (T tokens flattened); harness.model.tp overrides
-    # _embed, _layers, _mlp and _logits to add its collectives ---
+    # --- building blocks, shared by prefill and decode (T tokens flattened) ---
 
-    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.embedding(tokens, self.weights.embed)  # [T] -> [T, D]
-
-    def _qkv(self, lw: Layer, x: torch.Tensor, positions: torch.Tensor):
-        # x: [T, D] (normed), positions: [T]
+    def _qkv(self, lw: Layer, x: torch.Tensor, rot: tuple):
+        # x: [T, D] (normed), rot: the rope op's angles for the T tokens (ops.rotary)
         ops, hd = self.ops, self.hd
         qkv = ops.gemm(x, lw.wqkv)  # [T, (Hq + 2·Hkv)·hd]
         if lw.bqkv is not None:
@@ -251,37 +350,27 @@ class Transformer:
         if lw.q_norm is not None:  # Qwen3: RMSNorm over head_dim before RoPE
             q = ops.rmsnorm(q, lw.q_norm, self.eps)
             k = ops.rmsnorm(k, lw.k_norm, self.eps)
-        q, k = ops.rope(q, k, positions, self.theta)
+        q, k = ops.rope(q, k, *rot)
         return q, k, v
 
-    def _mlp(self, lw: Layer, x: torch.Tensor) -> torch.Tensor:
-        # x: [T, D]
-        inter = lw.w2.shape[1]
-        gu = self.ops.gemm(x, lw.w13)  # [T, 2·I]
-        return self.ops.gemm(self.ops.silu_mul(gu[:, :inter], gu[:, inter:]), lw.w2)  # [T, D]
+    def _mlp_block(self, lw: Layer, next_norm: torch.Tensor, h: torch.Tensor, residual: torch.Tensor):
+        """The rest of a layer after attention's output projection h [T, D]: add + norm, gate/up, SiLU·mul, down,
+        add + the next norm. Returns (y, residual): the next layer's normed input and the stream."""
+        ops, eps, inter = self.ops, self.eps, lw.w2.shape[1]
+        y, residual = ops.rmsnorm(h, lw.mlp_norm, eps, residual)
+        gu = ops.gemm(y, lw.w13)  # [T, 2·I]
+        h = ops.gemm(ops.silu_mul(gu[:, :inter], gu[:, inter:]), lw.w2)  # [T, D]
+        return ops.rmsnorm(h, next_norm, eps, residual)
 
-    def _layers(self, h: torch.Tensor, attention):
-        """Pre-norm residual stack; the residual add is fused into the next RMSNorm. Returns (h, residual):
-        the stream is h + residual (residual None when there are no layers)."""
-        ops, eps = self.ops, self.eps
-        residual = None
-        for i, lw in enumerate(self.weights.layers):
-            if residual is None:
-                residual, y = h, ops.rmsnorm(h, lw.attn_norm, eps)
-            else:
-                y, residual = ops.rmsnorm(h, lw.attn_norm, eps, residual)
-            h = attention(i, lw, y)
-            y, residual = ops.rmsnorm(h, lw.mlp_norm, eps, residual)
-            h = self._mlp(lw, y)
-        return h, residual
-
-    def _logits(self, h: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        # h, residual: [N, D] -> logits [N, V]
-        if residual is None:
-            y = self.ops.rmsnorm(h, self.weights.norm, self.eps)
-        else:
-            y, _ = self.ops.rmsnorm(h, self.weights.norm, self.eps, residual)
-        return self.ops.gemm(y, self.weights.lm_head)
+    def _stack(self, h: torch.Tensor, block) -> torch.Tensor:
+        """Embeddings h [T, D] -> the final-normed stream [T, D]: block(i, lw, next_norm, y, residual) per
+        layer."""
+        layers, final = self.weights.layers, self.weights.norm
+        y, residual = self.ops.rmsnorm(h, layers[0].attn_norm if layers else final, self.eps), h
+        next_norms = [lw.attn_norm for lw in layers[1:]] + [final]
+        for i, (lw, next_norm) in enumerate(zip(layers, next_norms, strict=True)):
+            y, residual = block(i, lw, next_norm, y, residual)
+        return y
 
     # --- prefill and decode ---
 
@@ -291,55 +380,66 @@ class Transformer:
         prompt never reaches it). Writes positions [0, S) to the cache and sets its lengths. Returns the logits
         of each prompt's last token [B, V], or of every position [B, S, V] with `all_logits`."""
         b, s = tokens.shape
-        t, hd, ops = b * s, self.hd, self.ops
         positions = torch.arange(s, device=tokens.device, dtype=torch.int32).repeat(b)  # [T]
-        h = self._embed(tokens.reshape(t))  # [T, D]
+        rot = self.ops.rotary(self.rotary, positions, s)
+        h = F.embedding(tokens.reshape(b * s), self.weights.embed)  # [T, D]
 
-        def attention(i: int, lw: Layer, y: torch.Tensor) -> torch.Tensor:
-            q, k, v = self._qkv(lw, y, positions)  # q: [T, Hq, hd], k/v: [T, Hkv, hd]
-            q = q.view(b, s, self.n_q, hd).transpose(1, 2)  # [B, Hq, S, hd]
-            k = k.view(b, s, self.n_kv, hd).transpose(1, 2)  # [B, Hkv, S, hd]
-            v = v.view(b, s, self.n_kv, hd).transpose(1, 2)
-            if cache is not None:
-                cache.k[i, :, :, :s] = k
-                cache.v[i, :, :, :s] = v
-            o = ops.attention_prefill(q, k, v, causal=True)  # [B, Hq, S, hd]
-            return ops.gemm(o.transpose(1, 2).reshape(t, self.n_q * hd), lw.wo)  # [T, D]
+        def block(i, lw, next_norm, y, residual):
+            kv = (None, None) if cache is None else (cache.k[i], cache.v[i])
+            return self._prefill_block(lw, next_norm, y, residual, *kv, rot, b)
 
-        h, residual = self._layers(h, attention)
+        y = self._stack(h, block)
         if cache is not None:
             if prompt_lens is None:
                 cache.lengths.fill_(s)
             else:
                 cache.lengths.copy_(prompt_lens)
         if all_logits:
-            return self._logits(h, residual).view(b, s, -1)  # [B, S, V]
+            return self.ops.gemm(y, self.weights.lm_head).view(b, s, -1)  # [B, S, V]
         # The LM head only for each prompt's last token: the rows that predict the first new token.
-        if prompt_lens is None:
-            last = torch.arange(b, device=tokens.device) * s + (s - 1)
-        else:
-            last = torch.arange(b, device=tokens.device) * s + prompt_lens.to(tokens.device).long() - 1
-        return self._logits(h[last], None if residual is None else residual[last])  # [B, V]
+        last = s - 1 if prompt_lens is None else prompt_lens.to(tokens.device).long() - 1
+        return self.ops.gemm(y[torch.arange(b, device=tokens.device) * s + last], self.weights.lm_head)  # [B, V]
+
+    def _prefill_layer(self, lw: Layer, next_norm: torch.Tensor, y: torch.Tensor, residual: torch.Tensor,
+                       k_cache: torch.Tensor | None, v_cache: torch.Tensor | None, rot: tuple, b: int):
+        # y, residual: [T, D], T = B·S; k_cache/v_cache: this layer's [B, Hkv, S_alloc, hd], or None
+        t, hd = y.shape[0], self.hd
+        s = t // b
+        q, k, v = self._qkv(lw, y, rot)  # q: [T, Hq, hd], k/v: [T, Hkv, hd]
+        q = q.view(b, s, self.n_q, hd).transpose(1, 2)  # [B, Hq, S, hd]
+        k = k.view(b, s, self.n_kv, hd).transpose(1, 2)  # [B, Hkv, S, hd]
+        v = v.view(b, s, self.n_kv, hd).transpose(1, 2)
+        if k_cache is not None:
+            k_cache[:, :, :s] = k
+            v_cache[:, :, :s] = v
+        o = self.ops.attention_prefill(q, k, v, causal=True)  # [B, Hq, S, hd]
+        h = self.ops.gemm(o.transpose(1, 2).reshape(t, self.n_q * hd), lw.wo)  # [T, D]
+        return self._mlp_block(lw, next_norm, h, residual)
 
     def forward_decode(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One new token per sequence. tokens: [B] int64; pos: [B] int32, where each goes (= tokens already
         cached). Writes its K/V at pos and attends to [0, pos]. Returns logits [B, V]. No host sync, no
         host-built tensors: capturable in a CUDA graph (does not advance `cache.lengths`; see decode_one_token)."""
-        b, hd, ops = tokens.shape[0], self.hd, self.ops
+        rot = self.ops.rotary(self.rotary, pos, cache.max_len)
+        where = (cache.batch_index, cache.head_index, pos.long()[:, None])  # k[i][b, h, pos[b]], [B, Hkv]
         context_lens = pos + 1  # [B] int32
-        slots = (cache.slot_base + pos[:, None].long()).view(-1)  # [B·Hkv] rows of k[i].view(-1, hd)
-        h = self._embed(tokens)  # [B, D]
+        h = F.embedding(tokens, self.weights.embed)  # [B, D]
 
-        def attention(i: int, lw: Layer, y: torch.Tensor) -> torch.Tensor:
-            q, k, v = self._qkv(lw, y, pos)  # q: [B, Hq, hd], k/v: [B, Hkv, hd]
-            k_cache, v_cache = cache.k[i], cache.v[i]  # [B, Hkv, S_max, hd]
-            k_cache.view(-1, hd)[slots] = k.reshape(-1, hd)
-            v_cache.view(-1, hd)[slots] = v.reshape(-1, hd)
-            o = ops.attention_decode(q, k_cache, v_cache, context_lens)  # [B, Hq, hd]
-            return ops.gemm(o.reshape(b, self.n_q * hd), lw.wo)  # [B, D]
+        def block(i, lw, next_norm, y, residual):
+            return self._decode_block(lw, next_norm, y, residual, cache.k[i], cache.v[i], rot, where, context_lens)
 
-        h, residual = self._layers(h, attention)
-        return self._logits(h, residual)  # [B, V]
+        return self.ops.gemm(self._stack(h, block), self.weights.lm_head)  # [B, V]
+
+    def _decode_layer(self, lw: Layer, next_norm: torch.Tensor, y: torch.Tensor, residual: torch.Tensor,
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, rot: tuple, where: tuple,
+                      context_lens: torch.Tensor):
+        # y, residual: [B, D]; k_cache/v_cache: this layer's [B, Hkv, S_alloc, hd]
+        q, k, v = self._qkv(lw, y, rot)  # q: [B, Hq, hd], k/v: [B, Hkv, hd]
+        k_cache[where] = k
+        v_cache[where] = v
+        o = self.ops.attention_decode(q, k_cache, v_cache, context_lens)  # [B, Hq, hd]
+        h = self.ops.gemm(o.reshape(y.shape[0], self.n_q * self.hd), lw.wo)  # [B, D]
+        return self._mlp_block(lw, next_norm, h, residual)
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

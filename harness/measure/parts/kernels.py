@@ -1,10 +1,10 @@
 """Kernels: each op x shape x dtype x backend of `kernels.REGISTRY`, checked against its reference, then timed.
 
-Backends: `triton` (ours) and `torch` (the op's vendor `baseline`: cuBLAS through F.linear, FlashAttention
-through SDPA, ...). On the CPU only the
-torch backend is timed: Triton's interpreter runs one program at a time in numpy and is a correctness tool,
-so Triton points there are `skipped` with that reason. Shapes come from model configs (`models:` + `tokens:`)
-or are given literally (`shapes:`).
+Backends: `triton` (ours), `torch` (the op's vendor `baseline` in the input dtype: cuBLAS through F.linear,
+FlashAttention through SDPA, F.rms_norm, ...) and `compile` (that baseline under torch.compile; its compile time is
+the point's `first_call_ms`). On the CPU Triton's interpreter runs one program at a time in numpy and is a correctness
+tool, so Triton points there are `skipped` with that reason. Shapes come from model configs (`models:` with the grid
+the op's `model_shapes` takes: `tokens`, or `batch` and `context`) or are given literally (`shapes:`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from pydantic import Field, PositiveInt, ValidationInfo, field_validator, model_
 from harness.config import Strict
 from harness.dtypes import to_dtype
 from harness.measure.context import CPU_TRITON_NOTE, Job, RunContext
-from harness.model.spec import ModelConfig, load_model_config
+from harness.model.decoder import compile_step, compiled_graphs, first_call
+from harness.model.spec import load_model_config
 
 # The sizes each op's make_inputs reads from a literal shape (kernels/<op>.py); a missing one fails at load.
 SHAPE_FIELDS = {"gemm": ("m", "n", "k"), "rmsnorm": ("rows", "hidden"), "rope": ("tokens", "q_heads", "kv_heads",
@@ -28,12 +29,13 @@ SHAPE_FIELDS = {"gemm": ("m", "n", "k"), "rmsnorm": ("rows", "hidden"), "rope": 
 class OpCase(Strict):
     op: str
     dtypes: list[Literal["fp32", "bf16", "fp16"]] = Field(min_length=1)
-    backends: list[Literal["triton", "torch"]] = ["triton", "torch"]
+    backends: list[Literal["triton", "torch", "compile"]] = ["triton", "torch"]
     shapes: list[dict[str, Any]] = Field(default_factory=list, description="literal shape dicts")
     models: list[str] = Field(default_factory=list, description="derive shapes from these model configs")
-    tokens: list[PositiveInt] = Field(default_factory=list, description="rows (M) / sequence length for model shapes")
-    batch: list[PositiveInt] = Field(default_factory=list, description="attention_decode: sequences")
-    context: list[PositiveInt] = Field(default_factory=list, description="attention_decode: context length")
+    tokens: list[PositiveInt] = Field(default_factory=list, description="model shapes: tokens of a step (rows, M, "
+                                                                         "sequence)")
+    batch: list[PositiveInt] = Field(default_factory=list, description="model shapes: sequences (decode attention)")
+    context: list[PositiveInt] = Field(default_factory=list, description="model shapes: context (decode attention)")
 
     @field_validator("op")
     @classmethod
@@ -60,10 +62,16 @@ class OpCase(Strict):
 
     @model_validator(mode="after")
     def _some_shape(self) -> OpCase:
+        from kernels import REGISTRY
+
         if not self.shapes and not self.models:
-            raise ValueError("give `shapes` or `models` (+ `tokens`, or `batch` and `context` for attention_decode)")
+            grid = " and ".join(f"`{g}`" for g in REGISTRY[self.op].model_grid)
+            raise ValueError(f"give `shapes` or `models` (+ {grid})")
         for name in self.models:
             load_model_config(name)  # unknown model names fail here, listing the known ones
+        missing = [g for g in REGISTRY[self.op].model_grid if self.models and not getattr(self, g)]
+        if missing:
+            raise ValueError(f"{self.op} at model shapes needs `{missing[0]}`")
         return self
 
 
@@ -72,36 +80,13 @@ class Spec(Strict):
     flush_l2: bool = Field(True, description="flush L2 between samples on GPU so every sample reads from HBM")
 
 
-def model_shapes(case: OpCase, cfg: ModelConfig) -> list[dict]:
-    """The shapes `case.op` takes inside model `cfg` (dense layer shapes; tokens = rows of a step)."""
-    h, d, hq, hkv, inter = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size
-    out: list[dict] = []
-    for t in case.tokens:
-        if case.op == "gemm":
-            for part, n, k in (("qkv", (hq + 2 * hkv) * d, h), ("o", h, hq * d), ("gate_up", 2 * inter, h),
-                               ("down", h, inter)):
-                out.append({"m": t, "n": n, "k": k, "source": f"{cfg.id}.{part}"})
-        elif case.op == "rmsnorm":
-            out.append({"rows": t, "hidden": h, "residual": True, "source": cfg.id})
-        elif case.op == "rope":
-            out.append({"tokens": t, "q_heads": hq, "kv_heads": hkv, "head_dim": d, "source": cfg.id})
-        elif case.op == "silu_mul":
-            out.append({"rows": t, "n": inter, "source": cfg.id})
-        elif case.op == "attention_prefill":
-            out.append({"batch": 1, "q_heads": hq, "kv_heads": hkv, "seq": t, "head_dim": d, "causal": True,
-                        "source": cfg.id})
-    if case.op == "attention_decode":
-        for b in case.batch:
-            for c in case.context:
-                out.append({"batch": b, "q_heads": hq, "kv_heads": hkv, "context": c, "max_context": c,
-                            "head_dim": d, "source": cfg.id})
-    return out
-
-
 def case_shapes(case: OpCase) -> list[dict]:
+    from kernels import REGISTRY
+
     shapes = [dict(s) for s in case.shapes]
+    make = REGISTRY[case.op].model_shapes  # the op says which shapes a model gives it
     for name in case.models:
-        shapes += model_shapes(case, load_model_config(name))
+        shapes += make(load_model_config(name), tokens=case.tokens, batch=case.batch, context=case.context)
     return shapes
 
 
@@ -121,20 +106,28 @@ def kernel_job(op: str, shape: dict, dtype: str, backend: str, flush_l2: bool) -
         args_shape = {k: v for k, v in shape.items() if k != "source"}
         dt = to_dtype(dtype)
         inputs = entry.make_inputs(args_shape, dt, ctx.torch_device, ctx.seed)
-        fn = entry.triton if backend == "triton" else entry.baseline
-        # Correct before fast: the reference runs in fp32 (fp64 on the CPU) on the same fresh random inputs.
+        if backend == "compile":
+            fn = compile_step(entry.baseline, ctx.torch_device)
+        else:
+            fn = entry.triton if backend == "triton" else entry.baseline
+        # Correct before fast: the reference runs in fp32 (fp64 on the CPU) on the same fresh random inputs. The
+        # checked call is the first (compile / autotune happen in it): its time is the point's first_call_ms.
         ref_dtype = torch.float32 if ctx.on_gpu else torch.float64
-        outs = entry.outputs(fn(*inputs))
+        out, first = first_call(lambda: fn(*inputs), ctx.torch_device)
+        outs = entry.outputs(out)
         refs = entry.outputs(entry.reference(*_upcast(inputs, ref_dtype)))
         tol = entry.tolerance(dt)
         errs = [rel_error(o, r) for o, r in zip(outs, refs, strict=True)]
         err = max(errs)
         if not err <= tol:  # also catches NaN
             return {"status": "incorrect", "rel_error": err, "error": f"relative error {err:.3g} > tolerance {tol:g}"}
-        del outs, refs
+        del out, outs, refs
+        graphs = compiled_graphs()
         # args=: on a GPU, CUDA-graph replays over input copies beyond 2x L2 (cold), launch_us beside.
         t = ctx.measure(fn, args=inputs, flush_l2=flush_l2)
-        return {**t.to_dict(), "rel_error": err, "flops": entry.flops(args_shape),
+        if compiled_graphs() != graphs:
+            raise RuntimeError("torch.compile compiled a graph during the samples")
+        return {**t.to_dict(), **first, "rel_error": err, "flops": entry.flops(args_shape),
                 "bytes": entry.bytes_moved(args_shape, dt)}
 
     label = f"{op} {backend} {dtype} " + " ".join(f"{k}={v}" for k, v in shape.items() if k != "source")

@@ -1,19 +1,23 @@
 """Model parts: `prefill` (batch × prompt length -> TTFT, prefill tokens/s, MFU) and `decode` (batch × context ->
 step time, decode tokens/s, MBU), over `harness.model.decoder` with seeded random weights at the real shapes.
 
-Per model and dtype the weights are built once on the device (one model held at a time; jobs run in plan order)
-and checked before anything is timed: the torch backend's decode-with-cache against a full recompute, the triton
-backend's logits against the torch backend's. A model that does not fit (or `layers: N`) is built with N real
-layers; its time is scaled to the full layer count, with embedding + final norm + LM head timed once
-(`scaled_from_layers`). `tp: p` builds one GPU's shard (heads/p, kv_heads/p, intermediate/p, vocab/p); the
-all-reduces are not in the time. On CPU only the torch backend is timed: triton points are `skipped`.
+Backends (`harness.model.decoder`): `triton` (our kernels), `torch` (PyTorch eager with the vendor ops), `compile`
+(the torch model under torch.compile; its compile time lands in the point's `first_call_ms`, never in its samples).
+Per model and dtype the weights are built once on the device (one model held at a time) and every backend is checked
+before anything is timed: its logits (prefill, then one decode step with the KV cache) against a full recompute by
+the `reference` backend (fp32 math), the oracle that is never timed. A model that does not fit (or `layers: N`) is
+built with N real layers; its time is scaled to the full layer count, with embedding + final norm + LM head timed
+once (`scaled_from_layers`). `tp: p` builds one GPU's shard (heads/p, kv_heads/p, intermediate/p, vocab/p); the
+all-reduces are not in the time. On CPU triton points are `skipped` (Triton's interpreter is not a timing tool).
 """
 
 from __future__ import annotations
 
+import functools
 import gc
+import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -25,19 +29,21 @@ from harness.measure.context import CPU_TRITON_NOTE, Job, RunContext
 from harness.measure.device import meminfo
 from harness.model import decoder as M
 from harness.model.spec import ModelConfig, load_model_config
+from kernels import rel_error
 
-# Relative L2 error of logits allowed between backends / paths. The check runs the full stack of real-shaped
-# layers, so rounding compounds: bf16 (8 mantissa bits) rounds each layer's output to ~0.4%; fp32 is looser than
-# its epsilon because Triton's tl.dot runs fp32 as tf32 on sm80+ (10 mantissa bits).
+# Relative L2 error of logits allowed against the reference. The check runs the full stack of real-shaped layers, so
+# rounding compounds: bf16 (8 mantissa bits) rounds each layer's output to ~0.4%; fp32 is looser than its epsilon
+# because Triton's tl.dot runs fp32 as tf32 on sm80+ (10 mantissa bits).
 TOLERANCE = {"fp32": 1e-2, "bf16": 6e-2, "fp16": 2e-2}
 MEMORY_FRACTION = 0.85  # of the free memory the points may plan for
 WEIGHT_FRACTION = 0.6  # of that, for weights, when choosing how many layers fit
 CHECK_BATCH, CHECK_LEN = 2, 8
+Backend = Literal["triton", "torch", "compile"]
 
 
 class _ModelSpec(Strict):
     models: list[str] = Field(min_length=1)
-    backends: list[Literal["triton", "torch"]] = Field(default_factory=lambda: ["triton", "torch"], min_length=1)
+    backends: list[Backend] = Field(default_factory=lambda: list(M.TIMED_BACKENDS), min_length=1)
     dtypes: list[Literal["fp32", "bf16", "fp16"]] = Field(default_factory=lambda: ["bf16"], min_length=1)
     batch: list[PositiveInt] = Field(default_factory=lambda: [1], min_length=1)
     layers: PositiveInt | None = Field(None, description="build this many real layers and scale to the full count")
@@ -80,14 +86,19 @@ def _free(device: torch.device) -> None:
 
 @dataclass
 class _Built:
-    model: M.Transformer  # torch backend; the n built layers
+    """One model's weights (the n built layers) and, per backend, the model on it and its check."""
+
+    model: M.Transformer  # torch backend
     full_layers: int
-    rel_error: dict  # backend -> relative error of its check (None: not checked)
-    failed: dict  # backend -> the incorrect-point dict
+    backends: dict = field(default_factory=dict)  # backend -> Transformer (compiled functions kept with it)
+    rel_error: dict = field(default_factory=dict)  # backend -> relative error of its check (None: not checked)
+    failed: dict = field(default_factory=dict)  # backend -> the incorrect-point dict
 
 
 class _Session:
-    """One model's weights on the device at a time, shared by its backends and grid points."""
+    """The model on the device, shared by the jobs of one grid: it holds the last model built (one at a time) and
+    the last point's KV cache. Jobs may run in any order (a resumed run skips some): each asks for its model by
+    key and gets the same weights, check and result whichever ran before; plan order only saves rebuilds."""
 
     def __init__(self):
         self.key: tuple | None = None
@@ -97,18 +108,20 @@ class _Session:
     def drop(self, device: torch.device, everything: bool = True) -> None:
         self.cache = None
         if everything:
+            if self.built is not None and "compile" in self.built.backends:
+                torch.compiler.reset()  # the compiled graphs of this model's shapes
             self.key, self.built = None, None
         _free(device)
 
     def get(self, ctx: RunContext, name: str, dtype: str, spec: _ModelSpec) -> _Built:
-        key = (name, dtype, spec.tp, spec.layers)
+        key = (name, dtype, spec.tp, spec.layers, ctx.seed)
         if key == self.key:
             return self.built
         self.drop(ctx.torch_device)
         cfg = M.shard_config(load_model_config(name), spec.tp)
         n = layers_to_build(cfg, dtype_bytes(dtype), _available_bytes(ctx.torch_device), spec.layers)
         model = M.build_model(cfg, "torch", dtype, ctx.torch_device, seed=ctx.seed, layers=n)
-        self.key, self.built = key, _Built(model, cfg.num_layers, {}, {})
+        self.key, self.built = key, _Built(model, cfg.num_layers)
         return self.built
 
     def prepare(self, ctx: RunContext, spec: _ModelSpec, name: str, dtype: str, backend: str
@@ -116,20 +129,23 @@ class _Session:
         """The model for a point on `backend`, checked, with the previous point's cache freed; or the
         `incorrect` point when the check failed."""
         built = self.get(ctx, name, dtype, spec)
-        bad = self.check(ctx, built, backend, dtype, spec.check)
         self.drop(ctx.torch_device, everything=False)
-        return built, built.model.with_backend(backend), bad
+        if backend not in built.backends:
+            built.backends[backend] = built.model.with_backend(backend)
+        bad = self.check(ctx, built, backend, dtype, spec.check)
+        return built, built.backends[backend], bad
 
     def check(self, ctx: RunContext, built: _Built, backend: str, dtype: str, enabled: bool) -> dict | None:
         """None when the backend's logits check out (once per model/dtype/backend), else the incorrect point."""
         if not enabled or backend in built.rel_error or backend in built.failed:
             return built.failed.get(backend)
-        err = check_logits(built.model, backend, seed=ctx.seed + 1)
+        err = check_logits(built.backends[backend], seed=ctx.seed + 1)
         built.rel_error[backend] = err
         if not math.isfinite(err) or err > TOLERANCE[dtype]:
-            what = "vs the torch backend" if backend == "triton" else "decode with KV cache vs full recompute"
-            built.failed[backend] = {"status": "incorrect", "rel_error": err if math.isfinite(err) else None,
-                                     "error": f"logits {what}: relative error {err:.3g} > {TOLERANCE[dtype]}"}
+            built.failed[backend] = {
+                "status": "incorrect", "rel_error": err if math.isfinite(err) else None,
+                "error": f"logits vs the reference (fp32 math, full recompute): relative error {err:.3g} > "
+                         f"{TOLERANCE[dtype]}"}
         return built.failed.get(backend)
 
 
@@ -151,32 +167,19 @@ def layers_to_build(cfg: ModelConfig, dtype_bytes_: int, available: int, request
     return n
 
 
-def _rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    got, want = got.double(), want.double()
-    if not torch.isfinite(got).all():
-        return math.inf
-    return float((got - want).norm() / want.norm().clamp_min(1e-30))
-
-
 @torch.no_grad()
-def check_logits(model: M.Transformer, backend: str, seed: int = 0, batch: int = CHECK_BATCH,
-                 prompt_len: int = CHECK_LEN) -> float:
-    """Relative L2 error of the next-token logits of a fresh random prompt (prefill) and one decode step.
-    torch: decoding with the cache vs recomputing the whole sequence; triton: vs the torch backend."""
+def check_logits(model: M.Transformer, seed: int = 0, batch: int = CHECK_BATCH, prompt_len: int = CHECK_LEN) -> float:
+    """Relative L2 error of `model`'s next-token logits for a fresh random prompt (prefill into the KV cache) and one
+    decode step, against the `reference` backend (fp32 math) recomputing the whole sequence without a cache: one
+    check of the backend's ops and of its cache path."""
     dev = model.device
     gen = torch.Generator(device=dev).manual_seed(seed)
     tokens = torch.randint(0, model.cfg.vocab_size, (batch, prompt_len + 1), generator=gen, device=dev)
-
-    def cached(m: M.Transformer) -> torch.Tensor:
-        cache = m.new_cache(batch, prompt_len + 1)
-        first = M.prefill(m, tokens[:, :prompt_len], cache)  # [B, V]
-        second = M.decode_one_token(m, tokens[:, prompt_len], cache)  # [B, V]
-        return torch.stack([first, second], 1)  # [B, 2, V]
-
-    m = model.with_backend(backend)
-    got = cached(m)
-    want = model.forward(tokens)[:, prompt_len - 1:] if backend == "torch" else cached(model.with_backend("torch"))
-    return _rel_error(got, want)
+    cache = model.new_cache(batch, prompt_len + 1)
+    first = M.prefill(model, tokens[:, :prompt_len], cache)  # [B, V]
+    second = M.decode_one_token(model, tokens[:, prompt_len], cache)  # [B, V]
+    want = model.with_backend("reference").forward(tokens)[:, prompt_len - 1:]  # [B, 2, V]
+    return rel_error(torch.stack([first, second], 1), want)
 
 
 def _scaled(t, head, n: int, full: int) -> dict:
@@ -225,6 +228,17 @@ def _measure_step(ctx: RunContext, step, cuda_graph: bool):
     return ctx.measure(step, cuda_graph=False), None
 
 
+def _timed(ctx: RunContext, fn, measure) -> tuple:
+    """`measure(fn)` after a first call of its own (`M.first_call`: compile / autotune for this shape, reported as
+    first_call_ms); a graph compiled during the samples is an error, not a slow sample."""
+    _, first = M.first_call(fn, ctx.torch_device)
+    compiled = M.compiled_graphs()
+    result = measure(fn)
+    if M.compiled_graphs() != compiled:
+        raise RuntimeError("torch.compile compiled a graph during the samples (a guard failed after the first call)")
+    return result, first
+
+
 def _common(built: _Built, n: int, backend: str) -> dict:
     out: dict = {"rel_error": built.rel_error.get(backend)}
     if n < built.full_layers:
@@ -259,12 +273,12 @@ def _prefill_point(ctx: RunContext, session: _Session, spec: PrefillSpec, name: 
         with torch.no_grad():
             return m.forward_prefill(tokens, cache)
 
-    t = ctx.measure(fn)
+    t, first = _timed(ctx, fn, ctx.measure)
     head = None
     if n < full:
         h = m.with_layers(0)
         head = ctx.measure(lambda: h.forward_prefill(tokens, None))
-    timing = _scaled(t, head, n, full)
+    timing = {**_scaled(t, head, n, full), **first}
     full_cfg = M.with_layers(cfg, full)
     ms = timing["median_ms"]
     return {
@@ -294,12 +308,12 @@ def _decode_point(ctx: RunContext, session: _Session, spec: DecodeSpec, name: st
         with torch.no_grad():
             return m.forward_decode(tokens, pos, cache)
 
-    t, graph_note = _measure_step(ctx, step, spec.cuda_graph)
+    (t, graph_note), first = _timed(ctx, step, lambda fn: _measure_step(ctx, fn, spec.cuda_graph))
     head = None
     if n < full:
         h = m.with_layers(0)
         head, _ = _measure_step(ctx, lambda: h.forward_decode(tokens, pos, cache), t.cuda_graph)
-    timing = _scaled(t, head, n, full)
+    timing = {**_scaled(t, head, n, full), **first}
     full_cfg = M.with_layers(cfg, full)
     ms = timing["median_ms"]
     return {
@@ -310,41 +324,40 @@ def _decode_point(ctx: RunContext, session: _Session, spec: DecodeSpec, name: st
     }
 
 
-def _skipped(note: str):
-    def run(ctx: RunContext) -> dict:
-        return {"status": "skipped", "note": note}
+def _skipped(note: str, ctx: RunContext) -> dict:
+    return {"status": "skipped", "note": note}
 
-    return run
+
+def _run(session: _Session, point, spec: _ModelSpec, args: tuple, ctx: RunContext) -> dict:
+    return _guard_oom(session, ctx, lambda: point(ctx, session, spec, *args))
+
+
+def _not_buildable(name: str, spec: _ModelSpec) -> str | None:
+    """Why the decoder cannot build `name` at spec.tp, or None."""
+    cfg = load_model_config(name)
+    if not cfg.is_dense:
+        return f"{name}: MoE / MLA models are not built by harness.model.decoder (dense only)"
+    try:
+        M.shard_config(cfg, spec.tp)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def _plan(kind: str, spec: _ModelSpec, ctx: RunContext, lengths: list[int], length_key: str, point) -> list[Job]:
+    """One job per point of models × dtypes × backends × batch × lengths, in that order (a model's points
+    together, so it is built once); all of them share one explicit session."""
     session = _Session()
+    why_not = {name: _not_buildable(name, spec) for name in spec.models}
     jobs: list[Job] = []
-    for name in spec.models:
-        cfg = load_model_config(name)
-        why_not = None
-        if not cfg.is_dense:
-            why_not = f"{name}: MoE / MLA models are not built by harness.model.decoder (dense only)"
-        else:
-            try:
-                M.shard_config(cfg, spec.tp)
-            except ValueError as e:
-                why_not = str(e)
-        for dtype in spec.dtypes:
-            for backend in spec.backends:
-                for batch in spec.batch:
-                    for length in lengths:
-                        key = {"kind": kind, "model": name, "backend": backend, "dtype": dtype, "batch": batch,
-                               length_key: length, "tp": spec.tp, "layers": spec.layers}
-                        label = f"{kind} {name} {backend} {dtype} b{batch} {length_key}{length}"
-                        if why_not:
-                            run = _skipped(why_not)
-                        elif backend == "triton" and not ctx.on_gpu:
-                            run = _skipped(CPU_TRITON_NOTE)
-                        else:
-                            def run(c: RunContext, a=(name, dtype, backend, batch, length)) -> dict:
-                                return _guard_oom(session, c, lambda: point(c, session, spec, *a))
-                        jobs.append(Job(key=key, run=run, label=label))
+    for name, dtype, backend, batch, length in itertools.product(spec.models, spec.dtypes, spec.backends,
+                                                                 spec.batch, lengths):
+        key = {"kind": kind, "model": name, "backend": backend, "dtype": dtype, "batch": batch, length_key: length,
+               "tp": spec.tp, "layers": spec.layers}
+        skip = why_not[name] or (CPU_TRITON_NOTE if backend == "triton" and not ctx.on_gpu else None)
+        run = functools.partial(_skipped, skip) if skip else functools.partial(
+            _run, session, point, spec, (name, dtype, backend, batch, length))
+        jobs.append(Job(key=key, run=run, label=f"{kind} {name} {backend} {dtype} b{batch} {length_key}{length}"))
     return jobs
 
 
