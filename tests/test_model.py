@@ -165,7 +165,7 @@ def _prefill_then_step(m: M.Transformer, x: torch.Tensor) -> torch.Tensor:
 # summation order. bf16: every op rounds its output to bf16 (8 bits, half-ulp 2e-3) where the reference keeps fp32
 # inside an op; over two layers and the LM head the logits differ by ~1e-2: 3e-2 is the stated bound. (Triton runs
 # in the interpreter here, whose bf16 tl.dot is not a bf16 dot: bf16 Triton is checked on a GPU.)
-BACKEND_CASES = [("tiny", "fp32", ("triton", "torch", "compile"), 1e-5),
+BACKEND_CASES = [("tiny", "fp32", ("triton", "torch"), 1e-5),  # compile: once, below (each shape costs seconds)
                  ("tiny-qwen3", "fp32", ("triton", "torch", "compile"), 1e-5),
                  ("tiny-qwen3", "bf16", ("torch", "compile"), 3e-2)]
 

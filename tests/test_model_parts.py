@@ -105,7 +105,7 @@ def test_compile_points_put_the_compile_in_first_call_ms(ctx):
     # run the compiled graph; a torch point has no compile.
     spec = part.DecodeSpec(models=["tiny-qwen3"], backends=["compile", "torch"], dtypes=["fp32"], context=[70])
     compiled, eager = (execute(j, ctx) for j in part.plan_decode(spec, ctx))
-    assert compiled["status"] == "ok" and eager["status"] == "ok", (compiled.get("error"), eager.get("error"))
+    assert compiled["status"] in USABLE and eager["status"] in USABLE, (compiled.get("error"), eager.get("error"))
     assert compiled["graphs_compiled"] >= 1 and compiled["first_call_ms"] > 0 and compiled["n_samples"] >= 2
     assert "graphs_compiled" not in eager and eager["first_call_ms"] > 0
     assert compiled["rel_error"] < 1e-5 and eager["rel_error"] < 1e-5  # both checked against the reference

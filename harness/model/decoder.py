@@ -1,6 +1,6 @@
 """A decoder-only transformer (Llama, Qwen2, Qwen3 dense) over the kernels, gpt-fast style.
 
-One set of weights, four backends (`load_ops`), each honest about what it is:
+One set of weights, four backends (`harness.model.backends`), each honest about what it is:
 - `triton`: the Triton kernels of `kernels/`.
 - `torch`: PyTorch eager as a user writes it, in the input dtype: each op's vendor path (`kernels.REGISTRY[op]
   .baseline`: F.linear, F.rms_norm, F.silu(g) * u, SDPA for prefill and for decode with a length mask), RoPE
@@ -10,10 +10,10 @@ One set of weights, four backends (`load_ops`), each honest about what it is:
   captured in a CUDA graph (`DecodeGraph`, or the timing's cuda_graph), as gpt-fast's reduce-overhead mode does.
 - `reference`: the kernels' fp32-math references: the correctness oracle, never timed.
 
-QKV is one fused weight and gate/up another (one gemm each instead of three and two). The KV cache is static,
-`[L, B, Hkv, S_alloc, D]` with S_alloc the requested length padded to KV_ALIGN, allocated up front with
-per-sequence lengths, so a decode step allocates nothing from the host and has no host sync: it can be captured in
-a CUDA graph (`DecodeGraph`).
+QKV is one fused weight and gate/up another (one gemm each instead of three and two). The KV cache
+(`harness.model.cache`) is static, `[L, B, Hkv, S_alloc, D]` with S_alloc the requested length padded to KV_ALIGN,
+allocated up front with per-sequence lengths, so a decode step allocates nothing from the host and has no host sync:
+it can be captured in a CUDA graph (`DecodeGraph`).
 
 Generation, as in gpt-fast: `prefill`, `decode_one_token`, `decode_n_tokens` (and `generate` around them).
 Weights are seeded random (`build_model`) or read from a local Hugging Face folder (`harness.model.hf`).
@@ -23,15 +23,23 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 from harness.dtypes import to_dtype
+from harness.model.backends import (  # noqa: F401  (re-exported: the model's callers name backends through it)
+    BACKENDS,
+    OPS,
+    TIMED_BACKENDS,
+    Ops,
+    compile_step,
+    compiled_graphs,
+    first_call,
+    load_ops,
+)
+from harness.model.cache import KV_ALIGN, KVCache, Rotary, rope_frequencies  # noqa: F401  (re-exported)
 from harness.model.spec import (  # noqa: F401  (the counts live on the spec; re-exported for callers)
     ModelConfig,
     decode_bytes,
@@ -43,92 +51,6 @@ from harness.model.spec import (  # noqa: F401  (the counts live on the spec; re
     prefill_flops,
     tp_problem,
 )
-
-BACKENDS = ("triton", "torch", "compile", "reference")
-TIMED_BACKENDS = ("triton", "torch", "compile")  # `reference` is the oracle the others are checked against
-OPS = ("gemm", "rmsnorm", "rope", "silu_mul", "attention_prefill", "attention_decode")
-KV_ALIGN = 64  # cache positions are allocated in multiples of this (aligned rows for the attention kernels)
-
-
-@dataclass(frozen=True)
-class Ops:
-    """The six ops a layer needs, from one backend, and how the backend takes its RoPE angles."""
-
-    gemm: Callable
-    rmsnorm: Callable
-    rope: Callable  # (q, k, *rotary(...)) -> (q, k)
-    silu_mul: Callable
-    attention_prefill: Callable
-    attention_decode: Callable
-    rotary: Callable  # (Rotary, positions [T], n positions covered) -> rope's trailing arguments, once per forward
-    compiled: bool = False  # run prefill and the decode step through torch.compile
-
-
-def _kernel_angles(rotary: Rotary, positions: torch.Tensor, n: int) -> tuple:
-    return positions, rotary.theta  # the kernel computes its own cos/sin
-
-
-def _table_angles(rotary: Rotary, positions: torch.Tensor, n: int) -> tuple:
-    return rotary.cos_sin(positions, n)
-
-
-@functools.cache
-def load_ops(backend: str) -> Ops:
-    """The ops of a backend (see the module docstring). `compile` has the ops of `torch`, compiled."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
-    from kernels import REGISTRY
-    from kernels.rope import rope_rotate
-
-    if backend in ("triton", "reference"):
-        return Ops(**{op: getattr(REGISTRY[op], backend) for op in OPS}, rotary=_kernel_angles)
-    vendor = {op: REGISTRY[op].baseline for op in OPS}
-    # The rope baseline computes cos/sin and rotates; a model computes cos/sin once (rotary) and rotates per layer.
-    vendor["rope"] = rope_rotate
-    return Ops(**vendor, rotary=_table_angles, compiled=backend == "compile")
-
-
-_COMPILE_LIMIT = 256  # compiled shapes per function before torch.compile would give up
-
-
-def compiled_graphs() -> int:
-    """Graphs torch.compile has built in this process (to tell a compile in a first call from one in the samples)."""
-    utils = sys.modules.get("torch._dynamo.utils")  # not imported: nothing was compiled (and no import here)
-    return int(utils.counters["stats"]["unique_graphs"]) if utils else 0
-
-
-def first_call(fn: Callable[[], object], device: torch.device) -> tuple[object, dict]:
-    """Run fn once: (its result, {"first_call_ms": wall time with the device synchronized, and "graphs_compiled" when
-    torch.compile built graphs in it}). Compile and autotune happen in a shape's first call: its time is reported
-    as first_call_ms and kept out of the samples."""
-    before = compiled_graphs()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    info = {"first_call_ms": (time.perf_counter() - t0) * 1e3}
-    if compiled_graphs() != before:
-        info["graphs_compiled"] = compiled_graphs() - before
-    return out, info
-
-
-def compile_step(fn: Callable, device: torch.device) -> Callable:
-    """`fn` under torch.compile as gpt-fast compiles its steps: one graph (fullgraph: a graph break is an error, not a
-    silent fall back to eager), static shapes (every prefill length and decode batch/cache size compiled for itself;
-    compile time lands in the first call, the timing's `first_call_ms`). Inductor writes Triton on a GPU (with
-    gpt-fast's coordinate-descent tuning) and C++/OpenMP on the CPU. Past the recompile limit torch.compile would
-    run eager without a word; here it raises."""
-    import torch._dynamo
-
-    cfg = torch._dynamo.config
-    cfg.recompile_limit = max(cfg.recompile_limit, _COMPILE_LIMIT)
-    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4 * _COMPILE_LIMIT)
-    cfg.fail_on_recompile_limit_hit = True
-    options = {"coordinate_descent_tuning": True} if device.type == "cuda" else None
-    return torch.compile(fn, fullgraph=True, dynamic=False, options=options)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Shapes (counts: harness.model.spec, of the config given: pass a tp shard or a layer subset)
@@ -206,87 +128,6 @@ def random_weights(cfg: ModelConfig, dtype: str | torch.dtype = "bf16", device: 
     embed = u((cfg.vocab_size, d), 1.0)
     lm_head = embed if cfg.tie_word_embeddings else u((cfg.vocab_size, d), d**-0.5)
     return Weights(embed=embed, layers=layers, norm=norm(d), lm_head=lm_head)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# KV cache
-
-
-class KVCache:
-    """Static KV cache for (batch, max context), allocated once: k, v [L, B, Hkv, S_alloc, hd] with S_alloc =
-    max_len rounded up to a multiple of KV_ALIGN (an odd length such as context + 1 = 4097 would leave every row of
-    the attention's batched matmuls unaligned); `lengths` [B] int32 counts the tokens stored per sequence (the next
-    token of sequence b goes to position lengths[b]). Positions past a sequence's length are masked out."""
-
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: str | torch.dtype = "bf16",
-                 device: str | torch.device = "cpu"):
-        dt, dev = to_dtype(dtype), torch.device(device)
-        max_len = -(-max_len // KV_ALIGN) * KV_ALIGN
-        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-        # Zeros, not empty: masked-out positions are multiplied by 0 in attention, and 0·NaN would be NaN.
-        self.k = torch.zeros(shape, dtype=dt, device=dev)
-        self.v = torch.zeros(shape, dtype=dt, device=dev)
-        self.lengths = torch.zeros(batch, dtype=torch.int32, device=dev)
-        # A decode step writes k[i][b, h, pos[b]] for every (b, h): one index_put per layer and tensor, no host sync
-        # (and one torch.compile reinplaces, where a write through a flattened view made it copy the cache).
-        self.batch_index = torch.arange(batch, device=dev)[:, None]  # [B, 1]
-        self.head_index = torch.arange(cfg.num_kv_heads, device=dev)[None, :]  # [1, Hkv]
-        self.batch, self.max_len = batch, max_len
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
-
-    def reset(self) -> None:
-        self.lengths.zero_()
-
-    def fill_random(self, seed: int = 0) -> KVCache:
-        """Unit-scale random keys and values (timing inputs are never zeros)."""
-        gen = torch.Generator(device=self.k.device).manual_seed(seed)
-        self.k.uniform_(-1.7, 1.7, generator=gen)
-        self.v.uniform_(-1.7, 1.7, generator=gen)
-        return self
-
-
-def rope_frequencies(cfg: ModelConfig, device: torch.device) -> float | torch.Tensor:
-    """What the rope op takes: the base theta, or, with Llama 3.1's `rope_scaling`, the fp32 [D/2] inv_freq table
-    with its per-frequency factors (long wavelengths / factor, short kept, a smooth blend between), as in HF's
-    `_compute_llama3_parameters`."""
-    s = cfg.rope_scaling
-    if s is None:
-        return cfg.rope_theta
-    d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))  # [D/2]
-    wavelen = 2 * math.pi / inv
-    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
-    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
-    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
-        s.high_freq_factor - s.low_freq_factor)
-    blended = (1 - smooth) * inv / s.factor + smooth * inv
-    out = torch.where(wavelen > low_wavelen, inv / s.factor, inv)
-    out = torch.where((wavelen >= high_wavelen) & (wavelen <= low_wavelen), blended, out)
-    return out.to(device=device, dtype=torch.float32)
-
-
-class Rotary:
-    """A model's RoPE frequencies: `theta` (the base, or Llama 3.1's fp32 inv_freq table) for kernels that compute
-    cos/sin themselves, and cos/sin tables [n, hd] in the model's dtype for the torch path, computed once for
-    positions [0, n) and indexed per step (gpt-fast's freqs_cis); a longer cache or prompt grows them (outside any
-    CUDA graph: the first call, before capture, sizes them)."""
-
-    def __init__(self, theta: float | torch.Tensor, head_dim: int, dtype: torch.dtype, device: torch.device):
-        self.theta, self.head_dim, self.dtype, self.device = theta, head_dim, dtype, device
-        self.cos = self.sin = None
-
-    def cos_sin(self, positions: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, hd] at positions [T] (all < n)."""
-        if self.cos is None or self.cos.shape[0] < n:
-            from kernels.rope import rope_cos_sin
-
-            size = max(1024, 1 << (n - 1).bit_length())
-            table = torch.arange(size, device=self.device)
-            self.cos, self.sin = rope_cos_sin(table, self.theta, self.head_dim, self.dtype)
-        return self.cos[positions], self.sin[positions]
 
 
 # ---------------------------------------------------------------------------------------------------------------

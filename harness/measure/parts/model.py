@@ -28,7 +28,7 @@ from harness.dtypes import dtype_bytes
 from harness.measure.context import CPU_TRITON_NOTE, Job, RunContext
 from harness.measure.device import meminfo
 from harness.model import decoder as M
-from harness.model.spec import ModelConfig, load_model_config
+from harness.model.spec import ModelConfig, load_model_config, tp_problem
 from kernels import rel_error
 
 # Relative L2 error of logits allowed against the reference. The check runs the full stack of real-shaped layers, so
@@ -337,11 +337,7 @@ def _not_buildable(name: str, spec: _ModelSpec) -> str | None:
     cfg = load_model_config(name)
     if not cfg.is_dense:
         return f"{name}: MoE / MLA models are not built by harness.model.decoder (dense only)"
-    try:
-        M.shard_config(cfg, spec.tp)
-    except ValueError as e:
-        return str(e)
-    return None
+    return tp_problem(cfg, spec.tp)
 
 
 def _plan(kind: str, spec: _ModelSpec, ctx: RunContext, lengths: list[int], length_key: str, point) -> list[Job]:

@@ -1,0 +1,90 @@
+"""The state a forward reads besides the weights: the static KV cache and the RoPE frequencies (with the cos/sin
+tables the torch path indexes per step)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from harness.dtypes import to_dtype
+from harness.model.spec import ModelConfig
+
+KV_ALIGN = 64  # cache positions are allocated in multiples of this (aligned rows for the attention kernels)
+
+
+class KVCache:
+    """Static KV cache for (batch, max context), allocated once: k, v [L, B, Hkv, S_alloc, hd] with S_alloc =
+    max_len rounded up to a multiple of KV_ALIGN (an odd length such as context + 1 = 4097 would leave every row of
+    the attention's batched matmuls unaligned); `lengths` [B] int32 counts the tokens stored per sequence (the next
+    token of sequence b goes to position lengths[b]). Positions past a sequence's length are masked out."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: str | torch.dtype = "bf16",
+                 device: str | torch.device = "cpu"):
+        dt, dev = to_dtype(dtype), torch.device(device)
+        max_len = -(-max_len // KV_ALIGN) * KV_ALIGN
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        # Zeros, not empty: masked-out positions are multiplied by 0 in attention, and 0·NaN would be NaN.
+        self.k = torch.zeros(shape, dtype=dt, device=dev)
+        self.v = torch.zeros(shape, dtype=dt, device=dev)
+        self.lengths = torch.zeros(batch, dtype=torch.int32, device=dev)
+        # A decode step writes k[i][b, h, pos[b]] for every (b, h): one index_put per layer and tensor, no host sync
+        # (and one torch.compile reinplaces, where a write through a flattened view made it copy the cache).
+        self.batch_index = torch.arange(batch, device=dev)[:, None]  # [B, 1]
+        self.head_index = torch.arange(cfg.num_kv_heads, device=dev)[None, :]  # [1, Hkv]
+        self.batch, self.max_len = batch, max_len
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def reset(self) -> None:
+        self.lengths.zero_()
+
+    def fill_random(self, seed: int = 0) -> KVCache:
+        """Unit-scale random keys and values (timing inputs are never zeros)."""
+        gen = torch.Generator(device=self.k.device).manual_seed(seed)
+        self.k.uniform_(-1.7, 1.7, generator=gen)
+        self.v.uniform_(-1.7, 1.7, generator=gen)
+        return self
+
+
+def rope_frequencies(cfg: ModelConfig, device: torch.device) -> float | torch.Tensor:
+    """What the rope op takes: the base theta, or, with Llama 3.1's `rope_scaling`, the fp32 [D/2] inv_freq table
+    with its per-frequency factors (long wavelengths / factor, short kept, a smooth blend between), as in HF's
+    `_compute_llama3_parameters`."""
+    s = cfg.rope_scaling
+    if s is None:
+        return cfg.rope_theta
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))  # [D/2]
+    wavelen = 2 * math.pi / inv
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor)
+    blended = (1 - smooth) * inv / s.factor + smooth * inv
+    out = torch.where(wavelen > low_wavelen, inv / s.factor, inv)
+    out = torch.where((wavelen >= high_wavelen) & (wavelen <= low_wavelen), blended, out)
+    return out.to(device=device, dtype=torch.float32)
+
+
+class Rotary:
+    """A model's RoPE frequencies: `theta` (the base, or Llama 3.1's fp32 inv_freq table) for kernels that compute
+    cos/sin themselves, and cos/sin tables [n, hd] in the model's dtype for the torch path, computed once for
+    positions [0, n) and indexed per step (gpt-fast's freqs_cis); a longer cache or prompt grows them (outside any
+    CUDA graph: the first call, before capture, sizes them)."""
+
+    def __init__(self, theta: float | torch.Tensor, head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.theta, self.head_dim, self.dtype, self.device = theta, head_dim, dtype, device
+        self.cos = self.sin = None
+
+    def cos_sin(self, positions: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, hd] at positions [T] (all < n)."""
+        if self.cos is None or self.cos.shape[0] < n:
+            from kernels.rope import rope_cos_sin
+
+            size = max(1024, 1 << (n - 1).bit_length())
+            table = torch.arange(size, device=self.device)
+            self.cos, self.sin = rope_cos_sin(table, self.theta, self.head_dim, self.dtype)
+        return self.cos[positions], self.sin[positions]
