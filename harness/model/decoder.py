@@ -209,8 +209,8 @@ class Transformer:
         layers, final = self.weights.layers, self.weights.norm
         y, residual = self.ops.rmsnorm(h, layers[0].attn_norm if layers else final, self.eps), h
         next_norms = [lw.attn_norm for lw in layers[1:]] + [final]
-        for i, (lw, next_norm) in enumerate(zip(layers, next_norms, strict=True)):
-            y, residual = block(i, lw, next_norm, y, residual)
+        for i, lw in enumerate(layers):
+            y, residual = block(i, lw, next_norms[i], y, residual)
         return y
 
     # --- prefill and decode ---
