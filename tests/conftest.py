@@ -40,3 +40,17 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """`python -m harness ARGS` in a subprocess (exit codes and stderr exactly as a user sees them)."""
     return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, timeout=timeout,
                           cwd=REPO, env={**os.environ, "COLUMNS": "200"})
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    """A CPU run context for a part's jobs: few, short samples (tests check structure, not speed) and fixed ceilings.
+    (Imported here: the environment above is set before anything imports Triton.)"""
+    from harness.measure.context import RunContext
+    from harness.measure.device import detect
+    from harness.measure.suite import Suite, SuiteFile, TimingSpec
+
+    file = SuiteFile(id="test", description="test", noise_limit=10.0,
+                     timing=TimingSpec(min_samples=2, min_time_s=0.005, warmup_s=0.0, max_samples=5))
+    return RunContext(device=detect("cpu"), suite=Suite(file, {}, "test"), datasheet=None,
+                      ceilings={"copy_gbps": 10.0, "matvec_gbps": {"fp32": 10.0}, "matmul_tflops": {"fp32": 0.1}})

@@ -11,20 +11,10 @@ import torch
 from pydantic import ValidationError
 
 import kernels
-from harness.measure.device import detect
 from harness.measure.parts import kernels as part
-from harness.measure.runner import RunContext, execute
-from harness.measure.suite import Suite, SuiteFile, TimingSpec
+from harness.measure.runner import execute
 from harness.model.spec import load_model_config
 from harness.results import USABLE
-
-
-@pytest.fixture(scope="module")
-def ctx() -> RunContext:
-    file = SuiteFile(id="test", description="test", noise_limit=10.0,
-                     timing=TimingSpec(min_samples=2, min_time_s=0.005, warmup_s=0.0, max_samples=5))
-    return RunContext(device=detect("cpu"), suite=Suite(file, {}, "test"), datasheet=None,
-                      ceilings={"copy_gbps": 10.0, "matvec_gbps": {"fp32": 10.0}, "matmul_tflops": {"fp32": 0.1}})
 
 
 def test_an_op_brings_its_own_model_shapes(monkeypatch):

@@ -10,20 +10,10 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from harness.measure.device import detect
 from harness.measure.parts import model as part
-from harness.measure.runner import RunContext, execute
-from harness.measure.suite import Suite, SuiteFile, TimingSpec
+from harness.measure.runner import execute
 from harness.model import decoder as M
 from harness.results import USABLE  # ok or noisy: a loaded machine makes points noisy, not wrong
-
-
-@pytest.fixture(scope="module")
-def ctx() -> RunContext:
-    file = SuiteFile(id="test", description="test", noise_limit=10.0,
-                     timing=TimingSpec(min_samples=2, min_time_s=0.005, warmup_s=0.0, max_samples=5))
-    return RunContext(device=detect("cpu"), suite=Suite(file, {}, "test"), datasheet=None,
-                      ceilings={"copy_gbps": 10.0, "matvec_gbps": {"fp32": 10.0}, "matmul_tflops": {"fp32": 0.1}})
 
 
 def test_prefill_grid(ctx):
