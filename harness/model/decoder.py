@@ -176,7 +176,19 @@ class Transformer:
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.cfg, batch, max_len, self.dtype, self.device)
 
-    # --- building blocks, shared by prefill and decode (T tokens flattened) ---
+    # --- building blocks, shared by prefill and decode (T tokens flattened); harness.model.tp overrides _embed,
+    # _reduce and _logits to add its collectives ---
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.weights.embed)  # [T] -> [T, D]
+
+    def _reduce(self, h: torch.Tensor) -> torch.Tensor:
+        """The output of a row-parallel projection (attention's O, the MLP's down): a whole sum here; a sum of the
+        ranks' partial sums under tensor parallelism."""
+        return h
+
+    def _logits(self, y: torch.Tensor) -> torch.Tensor:
+        return self.ops.gemm(y, self.weights.lm_head)  # final-normed [N, D] -> [N, V]
 
     def _qkv(self, lw: Layer, x: torch.Tensor, rot: tuple):
         # x: [T, D] (normed), rot: the rope op's angles for the T tokens (ops.rotary)
@@ -200,7 +212,7 @@ class Transformer:
         ops, eps, inter = self.ops, self.eps, lw.w2.shape[1]
         y, residual = ops.rmsnorm(h, lw.mlp_norm, eps, residual)
         gu = ops.gemm(y, lw.w13)  # [T, 2·I]
-        h = ops.gemm(ops.silu_mul(gu[:, :inter], gu[:, inter:]), lw.w2)  # [T, D]
+        h = self._reduce(ops.gemm(ops.silu_mul(gu[:, :inter], gu[:, inter:]), lw.w2))  # [T, D]
         return ops.rmsnorm(h, next_norm, eps, residual)
 
     def _stack(self, h: torch.Tensor, block) -> torch.Tensor:
@@ -223,7 +235,7 @@ class Transformer:
         b, s = tokens.shape
         positions = torch.arange(s, device=tokens.device, dtype=torch.int32).repeat(b)  # [T]
         rot = self.ops.rotary(self.rotary, positions, s)
-        h = F.embedding(tokens.reshape(b * s), self.weights.embed)  # [T, D]
+        h = self._embed(tokens.reshape(b * s))  # [T, D]
 
         def block(i, lw, next_norm, y, residual):
             kv = (None, None) if cache is None else (cache.k[i], cache.v[i])
@@ -236,10 +248,10 @@ class Transformer:
             else:
                 cache.lengths.copy_(prompt_lens)
         if all_logits:
-            return self.ops.gemm(y, self.weights.lm_head).view(b, s, -1)  # [B, S, V]
+            return self._logits(y).view(b, s, -1)  # [B, S, V]
         # The LM head only for each prompt's last token: the rows that predict the first new token.
         last = s - 1 if prompt_lens is None else prompt_lens.to(tokens.device).long() - 1
-        return self.ops.gemm(y[torch.arange(b, device=tokens.device) * s + last], self.weights.lm_head)  # [B, V]
+        return self._logits(y[torch.arange(b, device=tokens.device) * s + last])  # [B, V]
 
     def _prefill_layer(self, lw: Layer, next_norm: torch.Tensor, y: torch.Tensor, residual: torch.Tensor,
                        k_cache: torch.Tensor | None, v_cache: torch.Tensor | None, rot: tuple, b: int):
@@ -254,7 +266,7 @@ class Transformer:
             k_cache[:, :, :s] = k
             v_cache[:, :, :s] = v
         o = self.ops.attention_prefill(q, k, v, causal=True)  # [B, Hq, S, hd]
-        h = self.ops.gemm(o.transpose(1, 2).reshape(t, self.n_q * hd), lw.wo)  # [T, D]
+        h = self._reduce(self.ops.gemm(o.transpose(1, 2).reshape(t, self.n_q * hd), lw.wo))  # [T, D]
         return self._mlp_block(lw, next_norm, h, residual)
 
     def forward_decode(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -264,12 +276,12 @@ class Transformer:
         rot = self.ops.rotary(self.rotary, pos, cache.max_len)
         where = (cache.batch_index, cache.head_index, pos.long()[:, None])  # k[i][b, h, pos[b]], [B, Hkv]
         context_lens = pos + 1  # [B] int32
-        h = F.embedding(tokens, self.weights.embed)  # [B, D]
+        h = self._embed(tokens)  # [B, D]
 
         def block(i, lw, next_norm, y, residual):
             return self._decode_block(lw, next_norm, y, residual, cache.k[i], cache.v[i], rot, where, context_lens)
 
-        return self.ops.gemm(self._stack(h, block), self.weights.lm_head)  # [B, V]
+        return self._logits(self._stack(h, block))  # [B, V]
 
     def _decode_layer(self, lw: Layer, next_norm: torch.Tensor, y: torch.Tensor, residual: torch.Tensor,
                       k_cache: torch.Tensor, v_cache: torch.Tensor, rot: tuple, where: tuple,
@@ -279,7 +291,7 @@ class Transformer:
         k_cache[where] = k
         v_cache[where] = v
         o = self.ops.attention_decode(q, k_cache, v_cache, context_lens)  # [B, Hq, hd]
-        h = self.ops.gemm(o.reshape(y.shape[0], self.n_q * self.hd), lw.wo)  # [B, D]
+        h = self._reduce(self.ops.gemm(o.reshape(y.shape[0], self.n_q * self.hd), lw.wo))  # [B, D]
         return self._mlp_block(lw, next_norm, h, residual)
 
     @torch.no_grad()

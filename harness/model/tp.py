@@ -5,7 +5,7 @@ their kv heads: kv heads are split when there are at least p of them, else each 
 share) and fused gate/up (intermediate/p); row-parallel O and down, whose partial sums meet in one all-reduce after
 attention and one after the MLP; a vocabulary-parallel embedding (rows V/p, an all-reduce of the looked-up rows)
 and LM head (rows V/p, an all-gather of the logits). Norms are replicated. The layer code is the decoder's own:
-`TPTransformer` overrides only `_embed`, `_layers`, `_mlp` and `_logits` to add the collectives, so every backend
+`TPTransformer` overrides only `_embed`, `_reduce` and `_logits` to add the collectives, so every eager backend
 (`load_ops`) runs sharded as it runs whole. The step has no host sync, so it can be captured in a CUDA graph with
 its NCCL collectives.
 
@@ -112,15 +112,12 @@ class TPTransformer(M.Transformer):
         h = super()._embed(torch.where(inside, local, torch.zeros_like(local)))  # [T, D]
         return self._all_reduce(h * inside.unsqueeze(-1).to(h.dtype))
 
-    def _layers(self, h: torch.Tensor, attention):
-        # Row-parallel O: each rank's heads give a partial sum of the attention output.
-        return super()._layers(h, lambda i, lw, y: self._all_reduce(attention(i, lw, y)))
+    def _reduce(self, h: torch.Tensor) -> torch.Tensor:
+        # Row-parallel O and down: each rank's heads / intermediate slice give a partial sum.
+        return self._all_reduce(h)
 
-    def _mlp(self, lw: M.Layer, x: torch.Tensor) -> torch.Tensor:
-        return self._all_reduce(super()._mlp(lw, x))  # row-parallel down: partial sums
-
-    def _logits(self, h: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        local = super()._logits(h, residual)  # [N, V/p]
+    def _logits(self, y: torch.Tensor) -> torch.Tensor:
+        local = super()._logits(y)  # [N, V/p]
         if not self.comm:
             return local
         n, vp = local.shape
