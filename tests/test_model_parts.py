@@ -37,11 +37,12 @@ def test_prefill_grid(ctx):
 
 
 def test_jobs_run_in_any_order(ctx):
-    # The session is explicit and keyed: running the grid backwards gives the same points (but the timings).
+    # The session is explicit and keyed: running the grid backwards gives the same points (timings aside).
     spec = part.DecodeSpec(models=["tiny", "tiny-qwen3"], backends=["torch"], dtypes=["fp32"], context=[4, 6])
-    fields = ("status", "model", "context", "rel_error", "flops", "bytes")
+    fields = ("model", "context", "rel_error", "flops", "bytes")
     forward = [execute(j, ctx) for j in part.plan_decode(spec, ctx)]
     backward = [execute(j, ctx) for j in reversed(part.plan_decode(spec, ctx))][::-1]
+    assert all(p["status"] in USABLE for p in forward + backward)  # ok, or noisy on a loaded machine
     assert [[p[f] for f in fields] for p in forward] == [[p[f] for f in fields] for p in backward]
 
 

@@ -324,7 +324,12 @@ def _decode_point(ctx: RunContext, session: _Session, spec: DecodeSpec, name: st
     }
 
 
-def _skipped(note: str, ctx: RunContext) -> dict:
+def _skipped(note: str):
+    """A job's run that records the point as skipped, with why."""
+    return functools.partial(_skipped_point, note)
+
+
+def _skipped_point(note: str, ctx: RunContext) -> dict:
     return {"status": "skipped", "note": note}
 
 
@@ -351,8 +356,8 @@ def _plan(kind: str, spec: _ModelSpec, ctx: RunContext, lengths: list[int], leng
         key = {"kind": kind, "model": name, "backend": backend, "dtype": dtype, "batch": batch, length_key: length,
                "tp": spec.tp, "layers": spec.layers}
         skip = why_not[name] or (CPU_TRITON_NOTE if backend == "triton" and not ctx.on_gpu else None)
-        run = functools.partial(_skipped, skip) if skip else functools.partial(
-            _run, session, point, spec, (name, dtype, backend, batch, length))
+        run = _skipped(skip) if skip else functools.partial(_run, session, point, spec,
+                                                            (name, dtype, backend, batch, length))
         jobs.append(Job(key=key, run=run, label=f"{kind} {name} {backend} {dtype} b{batch} {length_key}{length}"))
     return jobs
 
