@@ -183,15 +183,19 @@ def check_logits(model: M.Transformer, seed: int = 0, batch: int = CHECK_BATCH, 
 
 
 def _scaled(t, head, n: int, full: int) -> dict:
-    """Timing of n layers (+ embedding/head) scaled to `full` layers: head + (t - head)·full/n."""
+    """Timing of n layers (+ embedding/head) scaled to `full` layers: head + (t - head)·full/n, never below t (the
+    full depth is no faster than n of its layers). When noise puts the head alone above the n layers, the point is
+    `noisy`: its layers were not resolved."""
     out = t.to_dict()
     if head is None or n == full:
         return out
     h = head.to_dict()
+    unresolved = False
     for k in ("median_ms", "p20_ms", "p80_ms"):
-        out[k] = h[k] + (out[k] - h[k]) * full / n
+        unresolved |= out[k] <= h[k]
+        out[k] = max(out[k], h[k] + (out[k] - h[k]) * full / n)
     out["spread"] = (out["p80_ms"] - out["p20_ms"]) / out["median_ms"] if out["median_ms"] > 0 else math.inf
-    out["noisy"] = bool(t.noisy or head.noisy)
+    out["noisy"] = bool(t.noisy or head.noisy or unresolved)
     return out
 
 
