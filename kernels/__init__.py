@@ -33,6 +33,7 @@ class KernelOp:
     tolerance: Callable[[torch.dtype], float]  # max rel_error vs a float64 reference
     model_shapes: Callable[..., list[dict]]  # (cfg, tokens=, batch=, context=) -> the shapes a model's layer gives
     model_grid: tuple[str, ...]  # which of tokens / batch / context model_shapes needs
+    shape_fields: tuple[str, ...]  # the sizes a literal shape must give make_inputs
 
     @staticmethod
     def outputs(result: Any) -> tuple[torch.Tensor, ...]:
@@ -55,6 +56,7 @@ def _op(name: str, module: Any) -> KernelOp:
         tolerance=module.tolerance,
         model_shapes=module.model_shapes,
         model_grid=module.MODEL_GRID,
+        shape_fields=module.SHAPE_FIELDS,
     )
 
 

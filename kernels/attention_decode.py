@@ -260,6 +260,7 @@ def model_shapes(cfg, tokens=(), batch=(), context=()) -> list[dict]:
 
 
 MODEL_GRID = ("batch", "context")
+SHAPE_FIELDS = ("batch", "q_heads", "kv_heads", "context", "head_dim")  # sizes make_inputs reads
 
 
 def flops(shape: dict) -> int:

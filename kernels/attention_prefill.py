@@ -209,6 +209,7 @@ def model_shapes(cfg, tokens=(), batch=(), context=()) -> list[dict]:
 
 
 MODEL_GRID = ("tokens",)
+SHAPE_FIELDS = ("batch", "q_heads", "kv_heads", "seq", "head_dim")  # sizes make_inputs reads
 
 
 def flops(shape: dict) -> int:

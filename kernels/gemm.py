@@ -219,6 +219,7 @@ def model_shapes(cfg, tokens=(), batch=(), context=()) -> list[dict]:
 
 
 MODEL_GRID = ("tokens",)
+SHAPE_FIELDS = ("m", "n", "k")  # sizes make_inputs reads
 
 
 def flops(shape: dict) -> int:

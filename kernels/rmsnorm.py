@@ -114,6 +114,7 @@ def model_shapes(cfg, tokens=(), batch=(), context=()) -> list[dict]:
 
 
 MODEL_GRID = ("tokens",)  # the model_shapes arguments a kernel case must give
+SHAPE_FIELDS = ("rows", "hidden")  # sizes make_inputs reads
 
 
 def flops(shape: dict) -> int:

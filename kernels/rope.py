@@ -184,6 +184,7 @@ def model_shapes(cfg, tokens=(), batch=(), context=()) -> list[dict]:
 
 
 MODEL_GRID = ("tokens",)
+SHAPE_FIELDS = ("tokens", "q_heads", "kv_heads", "head_dim")  # sizes make_inputs reads
 
 
 def flops(shape: dict) -> int:

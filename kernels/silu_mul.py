@@ -74,6 +74,7 @@ def model_shapes(cfg, tokens=(), batch=(), context=()) -> list[dict]:
 
 
 MODEL_GRID = ("tokens",)
+SHAPE_FIELDS = ("rows", "n")  # sizes make_inputs reads
 
 
 def flops(shape: dict) -> int:

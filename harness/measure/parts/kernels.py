@@ -20,11 +20,6 @@ from harness.measure.context import CPU_TRITON_NOTE, Job, RunContext
 from harness.model.decoder import compile_step, compiled_graphs, first_call
 from harness.model.spec import load_model_config
 
-# The sizes each op's make_inputs reads from a literal shape (kernels/<op>.py); a missing one fails at load.
-SHAPE_FIELDS = {"gemm": ("m", "n", "k"), "rmsnorm": ("rows", "hidden"), "rope": ("tokens", "q_heads", "kv_heads",
-                "head_dim"), "silu_mul": ("rows", "n"), "attention_prefill": ("batch", "q_heads", "kv_heads", "seq",
-                "head_dim"), "attention_decode": ("batch", "q_heads", "kv_heads", "context", "head_dim")}
-
 
 class OpCase(Strict):
     op: str
@@ -49,7 +44,10 @@ class OpCase(Strict):
     @field_validator("shapes")
     @classmethod
     def _sizes(cls, v: list[dict[str, Any]], info: ValidationInfo) -> list[dict[str, Any]]:
-        need = SHAPE_FIELDS.get(info.data.get("op"), ())
+        from kernels import REGISTRY
+
+        op = REGISTRY.get(info.data.get("op"))
+        need = op.shape_fields if op else ()  # each op says which sizes its make_inputs reads
         for i, shape in enumerate(v):
             missing = [f for f in need if f not in shape]
             if missing:
