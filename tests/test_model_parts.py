@@ -54,6 +54,7 @@ def test_decode_grid_with_scaled_layers(ctx):
     p = points[-1]
     assert (p["kind"], p["batch"], p["context"], p["layers"]) == ("decode", 3, 20, 1)
     assert p["scaled_from_layers"] == 1 and "1 of 2 layers" in p["note"]
+    assert min(p["samples_ms"]) <= p["median_ms"] <= max(p["samples_ms"])  # the samples are scaled with the median
     assert p["cuda_graph"] is False  # CPU: eager
     assert p["tpot_ms"] == p["median_ms"] > 0
     assert p["tokens_per_s"] == pytest.approx(3 / (p["median_ms"] / 1e3))

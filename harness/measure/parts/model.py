@@ -194,6 +194,9 @@ def _scaled(t, head, n: int, full: int) -> dict:
     for k in ("median_ms", "p20_ms", "p80_ms"):
         unresolved |= out[k] <= h[k]
         out[k] = max(out[k], h[k] + (out[k] - h[k]) * full / n)
+    if out.get("samples_ms"):  # scaled alike (about the head's median), so compare's interval matches the median
+        hm = h["median_ms"]
+        out["samples_ms"] = [max(x, hm + (x - hm) * full / n) for x in out["samples_ms"]]
     out["spread"] = (out["p80_ms"] - out["p20_ms"]) / out["median_ms"] if out["median_ms"] > 0 else math.inf
     out["noisy"] = bool(t.noisy or head.noisy or unresolved)
     return out
