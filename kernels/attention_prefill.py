@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import INTERPRET, check_float, check_out, smem_bytes, tl, triton
+from kernels._triton import INTERPRET, check_float, check_out, pin_config, smem_bytes, tl, triton
 
 _LOG2E = 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2 e), exp2 is the native instruction
 
@@ -133,6 +133,9 @@ def _attention_prefill_kernel(
     acc = acc / l_i[:, None]
     o_ptrs = o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
     tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=(offs_m < S)[:, None])
+
+
+pin_config(_attention_prefill_kernel, _attention_configs()[-1])  # small-shape tests: the config that always fits
 
 
 def _check_head_dim(name: str, d: int) -> None:

@@ -14,6 +14,7 @@ from harness.model import decoder as M
 from harness.model import hf as HF
 from harness.model.spec import load_model_config
 from kernels import REGISTRY, rel_error
+from kernels._triton import pinned_configs
 
 DENSE = ["llama-2-7b", "llama-2-70b", "llama-3.1-8b", "llama-3.1-70b", "qwen3-0.6b", "qwen3-8b", "qwen3-32b"]
 # From reference/facts.yaml (derived.kv_cache_bytes_per_token_bf16).
@@ -21,6 +22,13 @@ KV_BF16 = {"llama-2-7b": 524288, "llama-2-70b": 327680, "llama-3.1-8b": 131072, 
            "qwen3-0.6b": 114688, "qwen3-8b": 147456, "qwen3-32b": 262144}
 # Recomputed counts in facts.yaml (derived_check) for the models without an independent exact figure.
 DERIVED = {"llama-2-70b": 68976648192, "llama-3.1-70b": 70553706496}
+
+
+@pytest.fixture(autouse=True)
+def _one_config():
+    # On a GPU the Triton backend runs each autotuned kernel with one pinned config (see tests/test_kernels.py).
+    with pinned_configs():
+        yield
 
 
 def tokens(batch: int, length: int, vocab: int, seed: int = 0) -> torch.Tensor:
