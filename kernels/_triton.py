@@ -116,5 +116,34 @@ def check_out(name: str, out: torch.Tensor | None, shape: tuple, dtype: torch.dt
         raise ValueError(f"{name}: out must be contiguous")
 
 
+# Autotuned kernels and the one config each runs inside `pinned_configs()` (registered by the kernel files).
+_PINNED: list = []
+
+
+def pin_config(kernel, config) -> None:
+    """Register `config` as the one `kernel` (a triton.autotune object) runs inside `pinned_configs()`."""
+    _PINNED.append((kernel, config))
+
+
+@contextmanager
+def pinned_configs():
+    """Every registered autotuned kernel runs its pinned config, untuned, inside this block.
+
+    For small-shape correctness tests on a GPU: with the whole space, each new autotune key compiles and times
+    4-8 configs inside the correctness call (~130 test calls did so on an H200, most of a 240 s test budget).
+    An autotuner holding one config runs it without timing (every Triton version). The whole space is still
+    compiled and checked config by config in one test per op, and the harness checks the tuned kernel before it
+    times it. Under the interpreter the space is already one config, so this changes nothing there.
+    """
+    saved = [(k, k.configs) for k, _ in _PINNED]
+    try:
+        for kernel, config in _PINNED:
+            kernel.configs = [config]
+        yield
+    finally:
+        for kernel, configs in saved:
+            kernel.configs = configs
+
+
 __all__ = ["FLOAT_DTYPES", "INTERPRET", "MAX_ROW_BLOCK", "check_float", "check_out", "num_sms", "pin_config",
            "pinned_configs", "row_settings", "smem_bytes", "tl", "triton"]
