@@ -53,6 +53,24 @@ def measure_ceilings(info) -> dict:
     return {**ctx.ceilings, "points": points}
 
 
+def print_plan(suite_name: str | None, device: str | None, fmt: str) -> None:
+    """The suite's jobs in run order with estimated seconds each, then per part and in all (no device work)."""
+    from harness.measure.device import pick
+    from harness.measure.plan import part_totals, plan_rows, planning_context
+    from harness.measure.runner import default_suite
+    from harness.measure.suite import load_suite
+
+    suite = load_suite(suite_name or default_suite(pick(device)))
+    ctx = planning_context(suite, device)
+    rows = plan_rows(suite, ctx)
+    parts = part_totals(rows, ctx.device.kind)
+    if fmt == "json":
+        print(to_json({"suite": suite.id, "device": ctx.device.kind, "jobs": rows, "parts": parts}))
+        return
+    emit(rows, fmt, f"Plan: suite {suite.id} on {ctx.device.name} (estimates, harness.measure.plan)")
+    emit(parts, fmt, "Estimated seconds per part")
+
+
 @app.command()
 @user_errors
 def bench(suite: Annotated[str | None, typer.Option("--suite", "-s", metavar="NAME|FILE",
@@ -66,6 +84,8 @@ def bench(suite: Annotated[str | None, typer.Option("--suite", "-s", metavar="NA
           nproc: Annotated[int | None, typer.Option(
               "--nproc", min=1, metavar="N", help="N ranks of this node through torchrun (one GPU each; gloo on CPU)")
           ] = None,
+          plan: Annotated[bool, typer.Option("--plan", help="print the jobs in run order with time estimates; "
+                                                           "measure nothing")] = False,
           ) -> None:
     """Benchmark this device with a suite (default: quick on a GPU, ci-cpu on a CPU) into a run folder."""
     from harness.measure.runner import run_suite
@@ -73,6 +93,9 @@ def bench(suite: Annotated[str | None, typer.Option("--suite", "-s", metavar="NA
     from harness.results import read_run
 
     check_format(fmt)
+    if plan:
+        print_plan(suite, device, fmt)
+        return
     if resume and out:
         raise ConfigError("--out", None, "--out and --resume exclude each other (a resumed run keeps its folder)")
     from harness.measure.distributed import under_launcher

@@ -1,5 +1,6 @@
-"""Runs a suite on the device `harness.measure.device` picked: ceilings first, then each part's jobs, one point each,
-then the ceilings again (their drift between start and end goes into the manifest).
+"""Runs a suite on the device `harness.measure.device` picked, one point per job, in `harness.measure.plan`'s order
+(ceilings first, then decode, prefill, kernels), then the ceilings again (their drift between start and end goes
+into the manifest).
 
 A job's failure is a row with its status (`oom`, `error`, `incorrect`, `above_ceiling`), never a crash and never
 dropped.
@@ -25,7 +26,8 @@ from harness.hardware import Hardware, load_hardware
 from harness.measure.context import Job, RunContext
 from harness.measure.device import DeviceInfo, detect, telemetry
 from harness.measure.parts import ceilings as ceilings_part
-from harness.measure.suite import Suite, load_suite, part_api, suite_from_dict
+from harness.measure.plan import ordered_jobs
+from harness.measure.suite import Suite, load_suite, suite_from_dict
 
 
 def _failure(exc: BaseException) -> dict:
@@ -84,11 +86,7 @@ def manifest_for(run_id: str, suite: Suite, info: DeviceInfo, datasheet: Hardwar
 
 
 def plan_all(suite: Suite, ctx: RunContext) -> list[Job]:
-    jobs: list[Job] = []
-    for name, spec in suite.parts.items():
-        _, plan = part_api(name)
-        jobs.extend(plan(spec, ctx))
-    return jobs
+    return ordered_jobs(suite, ctx)  # by value, duplicates dropped (harness.measure.plan)
 
 
 def run_suite(suite_name: str | None = None, out: str | Path | None = None, resume: str | Path | None = None,

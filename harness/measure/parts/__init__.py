@@ -1,7 +1,7 @@
 """Parts of a suite. Each module gives a `Spec` (the YAML section, validated) and `plan(spec, ctx) -> list[Job]`.
 
-The runner knows the parts only through `PARTS` (section name -> (Spec class, plan function)), in run order:
-ceilings first, because every later point is reported against them.
+The runner knows the parts only through `PARTS` (section name -> (Spec class, plan function)); the order they run
+in is `harness.measure.plan`'s: ceilings first, because every later point is reported against them, then by value.
 """
 
 from harness.measure.parts import ceilings, collective, kernels, model, tp

@@ -1,0 +1,192 @@
+"""A run's plan: a suite's jobs in the order they run, duplicates dropped, each with a time estimate.
+
+Order by value, so a run cut short keeps what matters most: the ceilings every later point is reported against,
+then the decode grid (the headline: tokens/s and MBU per batch and context), then prefill, then the kernel points.
+Within a part, jobs that differ only by backend run side by side (in the part's own order of first appearance),
+so a cut leaves whole comparisons. Jobs whose keys agree but for `source` (gemm shapes two models share) run once,
+the sources joined.
+
+The estimate (`estimate_s`) is a documented cost model per kind and backend, not a measurement: each point pays
+a fixed cost (inputs, correctness check, warm-up, samples), kernel points pay for drawing their inputs on the host,
+and model points pay once per model for building and checking it and once per new shape for autotuning or
+recompiling (`Cost`). The GPU constants come from the H200 run of 2026-11-28 (results/reference/h200-2026-11-28,
+its points' `elapsed_s`); the CPU ones from results/reference/cpu-amd-epyc-2core.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from harness.measure.context import Job, RunContext
+from harness.measure.device import DeviceInfo, detect
+from harness.measure.suite import Suite, part_api
+from kernels import REGISTRY
+
+PART_ORDER = ("ceilings", "decode", "prefill", "kernels")  # parts not named here run after these
+PROCESS_START_S = {"cuda": 15.0, "cpu": 5.0}  # python, torch, CUDA context, NVML, suite validation
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Seconds a point takes: `point` always, `first` once per (model, dtype) on a backend (weights built, the backend
+    checked, its kernels compiled and autotuned at the check's shapes), `new_shape` once per new batch (decode) or
+    prompt length (prefill) on a backend (new autotune keys, or a recompile)."""
+
+    point: float
+    first: float = 0.0
+    new_shape: float = 0.0
+
+
+# (kind, backend) -> Cost; backend None is the fallback for a backend not listed. From the H200 run's elapsed_s:
+# - ceilings took 0.1-0.5 s as short probes; sustained ones (>= 1 s warm-up and >= 1 s of samples) take ~3 s;
+# - kernels: a least-squares fit over its 102 kernel points against the elements of each point's inputs and outputs
+#   (INPUT_ELEMENTS_PER_S, drawn on the host: attention_decode batch 32 x 32k took 18 s): triton 0.95 s + elements /
+#   1.14e8 (autotune hides in the correctness call), torch 0.18 s + elements / 1.18e8;
+# - decode triton: the first point 37 s (weights built, the triton check autotuning every kernel, then its own batch),
+#   a new batch 9.2-10.2 s (new M buckets), another context 0.6-1.4 s; torch, after triton, 0.8-1.4 s;
+# - prefill triton: 18 s for the first length, 5.7-7.4 s for the next; torch, after triton, 0.8-3.9 s.
+# `compile` has no GPU run yet: assumed like gpt-fast's torch.compile of a decode step (tens of seconds, then a
+# recompile per new shape).
+GPU_COSTS = {
+    ("ceiling", None): Cost(3.0),
+    ("kernel", "triton"): Cost(0.95),
+    ("kernel", "torch"): Cost(0.2),
+    ("kernel", None): Cost(3.0),
+    ("decode", "triton"): Cost(1.5, first=26.0, new_shape=9.0),
+    ("decode", "torch"): Cost(1.2, first=1.0),
+    ("decode", None): Cost(2.0, first=30.0, new_shape=10.0),
+    ("prefill", "triton"): Cost(6.0, first=12.0),
+    ("prefill", "torch"): Cost(2.5, first=1.0),
+    ("prefill", None): Cost(6.0, first=30.0, new_shape=10.0),
+}
+# CPU (2 cores, ci-cpu suite): ceilings 0.15-0.3 s, kernel torch 0.25-0.55 s, decode torch 9.9 s first then
+# 1.7-6 s, prefill torch 7.9-10 s; triton points are `skipped` at once.
+CPU_COSTS = {
+    ("ceiling", None): Cost(0.3),
+    ("kernel", "triton"): Cost(0.0),
+    ("kernel", None): Cost(0.5),
+    ("decode", "triton"): Cost(0.0),
+    ("decode", None): Cost(3.5, first=6.0),
+    ("prefill", "triton"): Cost(0.0),
+    ("prefill", None): Cost(9.0, first=2.0),
+}
+# Kernel points on any device: host time per element of a point's inputs and outputs (fp32 bytes_moved / 4).
+INPUT_ELEMENTS_PER_S = 1.15e8
+
+
+def ordered_parts(suite: Suite) -> list[str]:
+    known = [p for p in PART_ORDER if p in suite.parts]
+    return known + [p for p in suite.parts if p not in PART_ORDER]
+
+
+def identity(key: dict, drop: tuple[str, ...] = ("source",)) -> str:
+    return json.dumps({k: v for k, v in key.items() if k not in drop}, sort_keys=True, default=str)
+
+
+def dedupe(jobs: list[Job]) -> list[Job]:
+    """One job per key, `source` aside: the first stays, its key naming every source (`a.qkv, b.qkv`)."""
+    first: dict[str, Job] = {}
+    sources: dict[str, list] = {}
+    for job in jobs:
+        ident = identity(job.key)
+        first.setdefault(ident, job)
+        src = job.key.get("source")
+        if src is not None and src not in sources.setdefault(ident, []):
+            sources[ident].append(src)
+    out = []
+    for ident, job in first.items():
+        names = sources.get(ident) or []
+        if len(names) > 1:
+            job = Job({**job.key, "source": ", ".join(map(str, names))}, job.run, job.label)
+        out.append(job)
+    return out
+
+
+def side_by_side(jobs: list[Job]) -> list[Job]:
+    """Jobs that differ only by backend next to each other, groups in order of first appearance."""
+    groups: dict[str, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(identity(job.key, ("source", "backend")), []).append(job)
+    return [job for group in groups.values() for job in group]
+
+
+def ordered_jobs(suite: Suite, ctx: RunContext) -> list[Job]:
+    """Every job of the suite, in run order (see the module's docstring)."""
+    jobs: list[Job] = []
+    for name in ordered_parts(suite):
+        _, plan = part_api(name)
+        jobs.extend(side_by_side(plan(suite.parts[name], ctx)))
+    return dedupe(jobs)
+
+
+def _input_elements(key: dict) -> int:
+    entry = REGISTRY.get(key.get("op"))
+    shape = {k: v for k, v in key.items() if k not in ("kind", "op", "backend", "dtype", "source")}
+    try:
+        return entry.bytes_moved(shape, torch.float32) // 4 if entry else 0
+    except (KeyError, TypeError, ValueError):
+        return 0
+
+
+def estimate_s(jobs: list[Job], device_kind: str) -> list[float]:
+    """Seconds each job is expected to take on a device of `device_kind`, in plan order (see `Cost`)."""
+    costs = GPU_COSTS if device_kind == "cuda" else CPU_COSTS
+    seen: set = set()
+    out = []
+    for job in jobs:
+        k = job.key
+        kind, backend = k.get("kind"), k.get("backend")
+        cost = costs.get((kind, backend)) or costs.get((kind, None)) or Cost(1.0)
+        s = cost.point
+        if kind == "kernel" and backend == "triton" and device_kind != "cuda":
+            pass  # skipped at once: no inputs drawn
+        elif kind == "kernel":
+            s += _input_elements(k) / INPUT_ELEMENTS_PER_S
+        if kind in ("decode", "prefill"):
+            model = (kind, k.get("model"), k.get("dtype"), backend, k.get("tp"), k.get("layers"))
+            shape = (*model, k.get("batch"), k.get("prompt_len"))  # decode: a new batch; prefill: a new length
+            s += (cost.first if model not in seen else 0.0) + (cost.new_shape if shape not in seen else 0.0)
+            seen.update((model, shape))
+        out.append(s)
+    return out
+
+
+def planning_context(suite: Suite, device: str | None = None) -> RunContext:
+    """A context to plan `suite` in, measuring nothing: the device asked for (`--device`), else the suite's, else the
+    one present. A device that is not here is a stand-in (the plan is what it would run there)."""
+    want = device or (suite.file.device if suite.file.device != "any" else None)
+    present = "cuda" if torch.cuda.is_available() else "cpu"
+    if want in (None, present):
+        info = detect(want)
+    else:
+        info = DeviceInfo(kind=want, name=f"{want} (not present: planned only)", memory_bytes=None, compute_units=None,
+                          threads=None, torch_version=torch.__version__, triton_version=None, cuda_version=None)
+    return RunContext(device=info, suite=suite, datasheet=None)
+
+
+def plan_rows(suite: Suite, ctx: RunContext) -> list[dict]:
+    """The plan as rows: order, part, what, estimated seconds and the running total (process start included)."""
+    jobs = ordered_jobs(suite, ctx)
+    total = PROCESS_START_S.get(ctx.device.kind, 5.0)
+    rows = []
+    for i, (job, s) in enumerate(zip(jobs, estimate_s(jobs, ctx.device.kind), strict=True), 1):
+        total += s
+        rows.append({"n": i, "kind": job.key.get("kind"), "job": job.label or identity(job.key),
+                     "est_s": round(s, 1), "total_s": round(total, 1)})
+    return rows
+
+
+def part_totals(rows: list[dict], device_kind: str) -> list[dict]:
+    """Estimated seconds per kind in run order, process start first, and the whole."""
+    start = PROCESS_START_S.get(device_kind, 5.0)
+    out = [{"part": "start", "jobs": 0, "est_s": start}]
+    for r in rows:
+        if out[-1]["part"] != r["kind"]:
+            out.append({"part": r["kind"], "jobs": 0, "est_s": 0.0})
+        out[-1]["jobs"] += 1
+        out[-1]["est_s"] += r["est_s"]
+    out.append({"part": "total", "jobs": len(rows), "est_s": sum(p["est_s"] for p in out)})
+    return [{**p, "est_s": round(p["est_s"], 1)} for p in out]

@@ -1,0 +1,127 @@
+"""The run plan (harness.measure.plan): value order, one job per key, side-by-side backends, the time estimate, and
+`tokenfleet bench --plan`, which measures nothing. The quick suite's plan must fit `make gpu-check`'s budget."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from harness.measure.context import Job
+from harness.measure.plan import (
+    PART_ORDER,
+    Cost,
+    dedupe,
+    estimate_s,
+    ordered_jobs,
+    ordered_parts,
+    part_totals,
+    plan_rows,
+    planning_context,
+    side_by_side,
+)
+from harness.measure.suite import load_suite
+from tests.conftest import REPO, run_cli
+
+
+def _budget(name: str) -> int:
+    """A default of scripts/gpu_check.sh (the one home of the time split)."""
+    text = (REPO / "scripts" / "gpu_check.sh").read_text()
+    return int(re.search(rf"\${{{name}:-(\d+)}}", text).group(1))
+
+
+def quick_plan():
+    suite = load_suite("quick")
+    ctx = planning_context(suite)  # the suite says cuda: planned for a GPU even here
+    return suite, ctx, plan_rows(suite, ctx)
+
+
+def test_quick_plan_runs_by_value_and_fits_the_budget():
+    suite, ctx, rows = quick_plan()
+    assert ctx.device.kind == "cuda"
+    kinds = [r["kind"] for r in rows]
+    firsts = {k: kinds.index(k) for k in set(kinds)}
+    lasts = {k: len(kinds) - 1 - kinds[::-1].index(k) for k in set(kinds)}
+    assert lasts["ceiling"] < firsts["decode"] and lasts["decode"] < firsts["prefill"] < firsts["kernel"]
+    assert lasts["prefill"] < firsts["kernel"]
+    # The whole decode grid of the suite: batch 1/8/32/128 x context 1k/4k x every backend it times.
+    decode = [j.key for j in ordered_jobs(suite, ctx) if j.key["kind"] == "decode"]
+    spec = suite.parts["decode"]
+    assert {(k["batch"], k["context"], k["backend"]) for k in decode} == {
+        (b, c, be) for b in (1, 8, 32, 128) for c in (1024, 4096) for be in spec.backends}
+    # make gpu-check gives the suite what its total leaves after the tests and the reserve.
+    budget = _budget("GPU_CHECK_TOTAL_S") - _budget("GPU_CHECK_TESTS_S") - _budget("GPU_CHECK_RESERVE_S")
+    assert budget >= 210  # the issue's 3.5 minutes
+    total = part_totals(rows, "cuda")[-1]
+    assert total["part"] == "total" and total["jobs"] == len(rows)
+    assert rows[-1]["total_s"] <= 210, f"quick suite estimated at {rows[-1]['total_s']} s > 210 s: trim it"
+
+
+def _job(**key) -> Job:
+    return Job(key, lambda ctx: {}, "")
+
+
+def test_dedupe_merges_sources_and_keeps_the_first():
+    a = _job(kind="kernel", op="gemm", backend="triton", dtype="bf16", m=1, n=4096, k=4096, source="llama.o")
+    b = _job(kind="kernel", op="gemm", backend="triton", dtype="bf16", m=1, n=4096, k=4096, source="qwen.o")
+    c = _job(kind="kernel", op="gemm", backend="triton", dtype="bf16", m=1, n=4096, k=4096)  # a literal shape
+    d = _job(kind="kernel", op="gemm", backend="torch", dtype="bf16", m=1, n=4096, k=4096, source="qwen.o")
+    out = dedupe([a, b, c, d])
+    assert [j.key["backend"] for j in out] == ["triton", "torch"]
+    assert out[0].key["source"] == "llama.o, qwen.o" and out[0].run is a.run
+    assert out[1] is d
+
+
+def test_quick_plan_shares_gemm_shapes_across_models():
+    suite, ctx, _ = quick_plan()
+    keys = [j.key for j in ordered_jobs(suite, ctx)]
+    assert len({json.dumps(k, sort_keys=True) for k in keys}) == len(keys)
+    shapes = [(k["m"], k["n"], k["k"], k["backend"]) for k in keys if k.get("op") == "gemm"]
+    assert len(shapes) == len(set(shapes))
+    assert any("llama-3.1-8b.qkv" in k.get("source", "") and "qwen3-8b.qkv" in k["source"] for k in keys)
+
+
+def test_side_by_side_interleaves_backends_in_first_appearance_order():
+    jobs = [_job(kind="decode", backend=be, batch=b) for be in ("triton", "torch", "compile") for b in (1, 8)]
+    assert [(j.key["batch"], j.key["backend"]) for j in side_by_side(jobs)] == [
+        (1, "triton"), (1, "torch"), (1, "compile"), (8, "triton"), (8, "torch"), (8, "compile")]
+
+
+def test_estimate_pays_model_build_once_and_autotune_per_new_batch():
+    from harness.measure.plan import GPU_COSTS
+
+    cost: Cost = GPU_COSTS[("decode", "triton")]
+    jobs = [_job(kind="decode", model="m", dtype="bf16", backend="triton", batch=b, context=c, tp=1, layers=None)
+            for b, c in ((1, 1024), (1, 4096), (8, 1024))]
+    assert estimate_s(jobs, "cuda") == [cost.point + cost.first + cost.new_shape, cost.point,
+                                        cost.point + cost.new_shape]
+    # Kernel points pay for their inputs: the bigger shape costs more; a backend nobody listed gets the fallback.
+    small, big = (_job(kind="kernel", op="gemm", backend="torch", dtype="bf16", m=m, n=4096, k=4096) for m in (1, 4096))
+    s_small, s_big = estimate_s([small, big], "cuda")
+    assert s_big > s_small > 0
+    assert estimate_s([_job(kind="decode", model="m", dtype="bf16", backend="new", batch=1)], "cuda")[0] > 0
+    # On a CPU, Triton points are skipped at once.
+    assert estimate_s([_job(kind="kernel", op="gemm", backend="triton", dtype="fp32", m=1, n=8, k=8)], "cpu") == [0.0]
+
+
+def test_parts_run_in_value_order_whatever_the_file_order(tmp_path):
+    f = tmp_path / "order.yaml"
+    f.write_text("id: order\ndescription: d\n"
+                 "kernels: {cases: [{op: silu_mul, dtypes: [fp32], shapes: [{rows: 2, n: 8}]}]}\n"
+                 "decode: {models: [tiny], dtypes: [fp32], backends: [torch], batch: [1], context: [8]}\n"
+                 "ceilings: {copy_mb: 1, matmul: {fp32: 64}, matvec: {n: 64, k: 64, dtypes: [fp32]}}\n")
+    suite = load_suite(str(f))
+    assert ordered_parts(suite) == [p for p in PART_ORDER if p in suite.parts]
+    kinds = [j.key["kind"] for j in ordered_jobs(suite, planning_context(suite, "cpu"))]
+    assert kinds == sorted(kinds, key=["ceiling", "decode", "kernel"].index)
+
+
+def test_bench_plan_measures_nothing(tmp_path):
+    proc = run_cli("bench", "--suite", "quick", "--plan", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["suite"] == "quick" and data["device"] == "cuda"
+    assert [p["part"] for p in data["parts"]] == ["start", "ceiling", "decode", "prefill", "kernel", "total"]
+    assert data["parts"][-1]["est_s"] == data["jobs"][-1]["total_s"]
+    proc = run_cli("bench", "--suite", "ci-cpu", "--plan")
+    assert proc.returncode == 0 and "Estimated seconds per part" in proc.stdout, proc.stderr
+    assert "run folder" not in proc.stdout + proc.stderr
