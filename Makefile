@@ -37,7 +37,9 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check kernels harness tests benchmarks
 
-# On a GPU machine, offline: checks every kernel on the GPU, runs the quick suite, writes the run to OUT_DIR.
+# On a GPU machine, offline, in 6 minutes: every kernel's and the model's GPU tests (<= 2 min), then the quick suite
+# in value order in the time left, into OUT_DIR/run; ends with one screen for the README (OUT_DIR/headline.md).
+# WHEELS_DIR=.whl installs carried wheels (scripts/fetch_gpu_wheels.sh). Plan first: tokenfleet bench --suite quick --plan
 gpu-check:
 	OUT_DIR=$(OUT_DIR) ./scripts/gpu_check.sh
 

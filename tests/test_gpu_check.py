@@ -1,0 +1,139 @@
+"""`make gpu-check`'s own logic on the CPU (scripts/gpu_check.sh with a fake suite and small limits): the time split
+(tests cut at their limit, the suite given what the total leaves), the value order, the partial run kept and
+tabled, the one-screen headline (harness.report.headline); and the run's provenance (git commit, version)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import results
+from harness.report.headline import headline
+from tests.conftest import REPO
+
+# Slow points (>= 1 s of samples each) and more of them than the suite's share of the budget can hold.
+FAKE_SUITE = """
+id: fake
+description: a suite longer than its budget
+timing: {min_samples: 2, min_time_s: 1.0, warmup_s: 0.0, max_samples: 50}
+noise_limit: 10
+kernels:
+  cases:
+    - {op: silu_mul, dtypes: [fp32], backends: [torch], shapes: [{rows: 4, n: 64}, {rows: 8, n: 64}]}
+decode: {models: [tiny], dtypes: [fp32], backends: [torch, triton], batch: [1, 2, 3, 4, 5, 6], context: [8, 16, 32]}
+ceilings: {copy_mb: 1, matmul: {fp32: 64}, matvec: {n: 64, k: 64, dtypes: [fp32]}}
+"""
+
+SLOW_TESTS = """
+import time
+
+def test_quick():
+    assert True
+
+def test_slow():
+    time.sleep(120)
+"""
+
+
+@pytest.fixture(scope="module")
+def gpu_check(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gpu_check")
+    (tmp / "fake.yaml").write_text(FAKE_SUITE)
+    (tmp / "test_fake.py").write_text(SLOW_TESTS)
+    out = tmp / "out"
+    env = {**os.environ, "OUT_DIR": str(out), "PYTHON": sys.executable, "GPU_CHECK_DEVICE": "cpu",
+           "GPU_CHECK_SUITE": str(tmp / "fake.yaml"), "GPU_CHECK_TESTS": str(tmp / "test_fake.py"),
+           "GPU_CHECK_TOTAL_S": "40", "GPU_CHECK_TESTS_S": "4", "GPU_CHECK_RESERVE_S": "0",
+           "GPU_CHECK_CACHE": str(tmp / "cache"), "TRITON_INTERPRET": "1", "COLUMNS": "200"}
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                          timeout=180, cwd=REPO)
+    return proc, out
+
+
+def test_time_split_cuts_tests_then_gives_the_suite_the_rest(gpu_check):
+    proc, out = gpu_check
+    last = proc.stdout.strip().splitlines()[-1]
+    assert "tests rc=124" in last and "bench rc=124" in last, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode != 0
+    spent = int(last.split("bench rc=124, ")[1].split(" s")[0])
+    assert spent <= 40 + 30, last  # the total, plus the grace a killed process gets and the tables after it
+    log = (out / "tests.log").read_text()
+    assert "slowest" in log and "durations" in log  # --durations=15 reaches the log even when cut
+    assert "1 passed" in log or "test_quick PASSED" in log or "." in log.splitlines()[0]
+
+
+def test_suite_runs_in_plan_order_and_a_cut_run_is_tabled(gpu_check):
+    proc, out = gpu_check
+    run = out / "run"
+    assert (run / "manifest.json").is_file() and (run / "summary.md").is_file(), proc.stdout[-3000:]
+    points = [json.loads(line) for line in (run / "points.jsonl").read_text().splitlines() if line.strip()]
+    lines = (out / "plan.csv").read_text().splitlines()  # the jobs' rows, then the per-part totals
+    plan = [line.split(",") for line in lines if line[:1].isdigit()]
+    assert points and len(points) < len(plan), "the fake suite must be cut, with something measured"
+    assert [p["kind"] for p in points] == [row[1] for row in plan[:len(points)]]
+    assert points[0]["kind"] == "ceiling" and "kernel" not in [p["kind"] for p in points]
+    assert (out / "gpu-check.tar.gz").is_file() and (out / "env.txt").is_file()
+    screen = (out / "headline.md").read_text()
+    assert f"after {len(points)} of {len(plan)} planned points" in screen
+    assert screen in proc.stdout  # printed last, for the README
+
+
+def test_headline_of_a_fake_run_tolerates_missing_kinds(tmp_path):
+    run = tmp_path / "run"
+    manifest = {"run_id": "r1", "suite": "s", "created": "2026-11-28T00:00:00+00:00", "git_sha": "unknown",
+                "tokenfleet_version": "0.1.0", "environment": {"device": {"name": "Fake GPU", "kind": "cuda"}}}
+    w = results.RunWriter(run, manifest)
+    common = {"dtype": "bf16", "status": "ok", "device": "Fake GPU"}
+    w.append({"kind": "ceiling", "op": "copy", "value": 1000.0, "unit": "GB/s", **common})
+    for backend, ms in (("triton", 5.0), ("torch", 10.0)):
+        for batch in (1, 64):
+            w.append({"kind": "decode", "model": "m", "backend": backend, "batch": batch, "context": 4096,
+                      "tokens_per_s": batch * 1000 / ms / (1 if batch == 1 else 2), "mbu": 0.5, **common})
+    for backend, ms in (("triton", 1.0), ("torch", 2.0), ("compile", 0.5)):
+        for m in (1, 16):
+            w.append({"kind": "kernel", "op": "gemm", "backend": backend, "m": m, "n": 8, "k": 8, "median_ms": ms,
+                      **common})
+    w.append({"kind": "kernel", "op": "rope", "backend": "triton", "tokens": 8, "status": "error", "error": "x"})
+    w.close()
+    screen = headline(run, "Partial: cut short.")
+    assert "Fake GPU" in screen and "**Partial: cut short.**" in screen
+    assert "| m | triton | bf16 | 4096 |" in screen  # batch 1 rows
+    assert "| m | triton | bf16 | 64 | 4096 | 6,400.0 |" in screen  # the best tokens/s per backend
+    assert "| m | torch | bf16 | 64 | 4096 | 3,200.0 |" in screen
+    assert "2.00 (2.00-2.00, n=2)" in screen and "0.50 (0.50-0.50, n=2)" in screen  # vs vendor, vs compile
+    assert "1 without a number" in screen
+    assert screen.count("_(none measured)_") == 1  # prefill
+
+
+def test_git_sha_only_for_this_projects_repository(tmp_path):
+    sha = results.git_sha()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    assert sha == head and len(sha) == 40
+    # A tree exported without .git inside another repository: that repository's commit is not ours.
+    outer = tmp_path / "outer"
+    export = outer / "export"
+    shutil.copytree(REPO / "harness", export / "harness", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", export / "pyproject.toml")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(outer)]
+    subprocess.run(["git", "init", "-q", str(outer)], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "outer"], check=True)
+    code = "from harness import results as r; print(r.git_sha(), r.version())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=export,
+                          env={**os.environ, "PYTHONPATH": str(export)})
+    assert proc.returncode == 0, proc.stderr
+    got_sha, got_version = proc.stdout.split()
+    assert got_sha == "unknown"
+    assert got_version == results.version() != "0+unknown"  # the package version, always
+
+
+def test_git_sha_without_git_is_unknown(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git executable
+    assert results.git_sha() == "unknown"
+    assert results.git_sha(Path(tmp_path)) == "unknown"
