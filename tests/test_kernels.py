@@ -259,12 +259,13 @@ def _kept(name: str, configs: list, shape: dict, dtype: torch.dtype) -> list:
 @pytest.mark.parametrize("name", sorted(GPU_CONFIG_SHAPES))
 def test_every_autotune_config(name, monkeypatch):
     kernel, configs = _gpu_space(name)
+    dtype = torch.float16 if INTERPRET else torch.bfloat16  # on a GPU, the dtype the suites time
     for shape in GPU_CONFIG_SHAPES[name]:
-        kept = _kept(name, configs, shape, torch.float16)
+        kept = _kept(name, configs, shape, dtype)
         assert kept
         for config in kept:
             monkeypatch.setattr(kernel, "configs", [config])  # one config: the autotuner runs it without timing
-            _check_op(name, shape, torch.float16)
+            _check_op(name, shape, dtype)
 
 
 def test_gpu_autotune_spaces_are_sane():

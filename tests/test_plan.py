@@ -115,13 +115,16 @@ def test_parts_run_in_value_order_whatever_the_file_order(tmp_path):
     assert kinds == sorted(kinds, key=["ceiling", "decode", "kernel"].index)
 
 
-def test_bench_plan_measures_nothing(tmp_path):
+def test_bench_plan_measures_nothing(capsys):
     proc = run_cli("bench", "--suite", "quick", "--plan", "--format", "json")
     assert proc.returncode == 0, proc.stderr
+    assert "run folder" not in proc.stdout + proc.stderr
     data = json.loads(proc.stdout)
     assert data["suite"] == "quick" and data["device"] == "cuda"
     assert [p["part"] for p in data["parts"]] == ["start", "ceiling", "decode", "prefill", "kernel", "total"]
     assert data["parts"][-1]["est_s"] == data["jobs"][-1]["total_s"]
-    proc = run_cli("bench", "--suite", "ci-cpu", "--plan")
-    assert proc.returncode == 0 and "Estimated seconds per part" in proc.stdout, proc.stderr
-    assert "run folder" not in proc.stdout + proc.stderr
+    from harness.cli.measure import print_plan
+
+    print_plan("ci-cpu", "cpu", "table")
+    out = capsys.readouterr().out
+    assert "Plan: suite ci-cpu" in out and "Estimated seconds per part" in out
