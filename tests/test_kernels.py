@@ -36,6 +36,7 @@ def _one_config():
     with pinned_configs():
         yield
 
+
 # Small odd shapes per op: the shapes the CPU suite runs (several per op, exercising masks and edge cases).
 SMALL_SHAPES = {
     "gemm": [
