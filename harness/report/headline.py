@@ -20,10 +20,11 @@ from harness.results import MEASURED_FIELDS, Run, load_run, usable
 NONE = "_(none measured)_"
 
 
-def _num(v, digits: int = 3):
+def _num(v) -> float | None:
+    """A finite number or None (the table printer formats it)."""
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return None
-    return round(float(v), digits)
+    return float(v)
 
 
 def _table(rows: list[dict]) -> str:
@@ -54,7 +55,7 @@ def device_lines(run: Run) -> list[str]:
 
 
 def ceiling_rows(run: Run) -> list[dict]:
-    return [{"ceiling": p.get("op"), "dtype": p.get("dtype"), "value": _num(p.get("value"), 1), "unit": p.get("unit"),
+    return [{"ceiling": p.get("op"), "dtype": p.get("dtype"), "value": _num(p.get("value")), "unit": p.get("unit"),
              "of datasheet": _num(p.get("datasheet_ratio"))}
             for p in run.usable("ceiling")]
 
