@@ -67,16 +67,19 @@ if [ "$suite_s" -gt 0 ]; then
         --quiet 2>&1 | tee "$OUT_DIR/bench.log"
     bench_rc=${PIPESTATUS[0]}
 fi
-note=""
 if [ -f "$OUT_DIR/run/manifest.json" ]; then
     measured=$(grep -c . "$OUT_DIR/run/points.jsonl" 2>/dev/null)
-    if [ "$bench_rc" != 0 ]; then
-        # Out of time or failed: what was measured stays; the tables are written from it.
-        "$PY" -c "from harness.report.tables import write_tables; write_tables('$OUT_DIR/run')" || true
-        note="Partial: the $SUITE suite stopped (exit $bench_rc) after ${measured:-0} of ${planned:-?} planned points."
-    fi
-    "$PY" -c "import sys; from harness.report.headline import headline; print(headline(sys.argv[1], sys.argv[2] or None))" \
-        "$OUT_DIR/run" "$note" >"$OUT_DIR/headline.md" || true
+    note=""  # Out of time or failed: what was measured stays, and the tables are written from it.
+    [ "$bench_rc" = 0 ] || note="Partial: the $SUITE suite stopped (exit $bench_rc) after ${measured:-0} of ${planned:-?} planned points."
+    "$PY" - "$OUT_DIR/run" "$note" >"$OUT_DIR/headline.md" <<'EOF' || true
+import sys
+from harness.report.headline import headline
+from harness.report.tables import write_tables
+run, note = sys.argv[1], sys.argv[2]
+if note:
+    write_tables(run)
+print(headline(run, note or None))
+EOF
 fi
 tar -czf "$OUT_DIR/gpu-check.tar.gz" -C "$OUT_DIR" --exclude gpu-check.tar.gz . 2>/dev/null || true
 find "$OUT_DIR/run" -type f ! -name manifest.json ! -name points.jsonl ! -name summary.md -delete 2>/dev/null
