@@ -121,7 +121,7 @@ def test_bench_plan_measures_nothing(capsys):
     assert "run folder" not in proc.stdout + proc.stderr
     data = json.loads(proc.stdout)
     assert data["suite"] == "quick" and data["device"] == "cuda"
-    assert [p["part"] for p in data["parts"]] == ["start", "ceiling", "decode", "prefill", "kernel", "total"]
+    assert [p["part"] for p in data["parts"]] == ["start", "ceilings", "decode", "prefill", "kernels", "total"]
     assert data["parts"][-1]["est_s"] == data["jobs"][-1]["total_s"]
     from harness.cli.measure import print_plan
 

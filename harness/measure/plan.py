@@ -1,7 +1,8 @@
 """A run's plan: a suite's jobs in the order they run, duplicates dropped, each with a time estimate.
 
-Order by value, so a run cut short keeps what matters most: the ceilings every later point is reported against,
-then the decode grid (the headline: tokens/s and MBU per batch and context), then prefill, then the kernel points.
+Order by value, so a run cut short keeps what matters most: the ceilings every later point is reported against (and
+the collectives' curves), then the decode grid (the headline: tokens/s and MBU per batch and context; tensor-parallel
+points next), then prefill, then the kernel points.
 Within a part, jobs that differ only by backend run side by side (in the part's own order of first appearance),
 so a cut leaves whole comparisons. Jobs whose keys agree but for `source` (gemm shapes two models share) run once,
 the sources joined.
@@ -25,7 +26,9 @@ from harness.measure.device import DeviceInfo, detect
 from harness.measure.suite import Suite, part_api
 from kernels import REGISTRY
 
-PART_ORDER = ("ceilings", "decode", "prefill", "kernels")  # parts not named here run after these
+# Collectives are the interconnect's ceilings; tp holds the tensor-parallel decode and prefill points.
+PART_ORDER = ("ceilings", "collectives", "decode", "tp", "prefill", "kernels")  # parts not named here run last
+KIND_ORDER = ("ceiling", "collective", "decode", "prefill", "kernel")  # within a part (tp: decode, then prefill)
 PROCESS_START_S = {"cuda": 15.0, "cpu": 5.0}  # python, torch, CUDA context, NVML, suite validation
 
 
@@ -106,20 +109,30 @@ def dedupe(jobs: list[Job]) -> list[Job]:
 
 
 def side_by_side(jobs: list[Job]) -> list[Job]:
-    """Jobs that differ only by backend next to each other, groups in order of first appearance."""
+    """Jobs by kind (KIND_ORDER), and those that differ only by backend next to each other, in order of first
+    appearance."""
     groups: dict[str, list[Job]] = {}
     for job in jobs:
         groups.setdefault(identity(job.key, ("source", "backend")), []).append(job)
-    return [job for group in groups.values() for job in group]
+    ordered = [job for group in groups.values() for job in group]
+    rank = {k: i for i, k in enumerate(KIND_ORDER)}
+    return sorted(ordered, key=lambda j: rank.get(j.key.get("kind"), len(rank)))  # stable
+
+
+def planned(suite: Suite, ctx: RunContext) -> list[tuple[str, Job]]:
+    """Every job of the suite with the part that plans it, in run order (see the module's docstring)."""
+    jobs: list[Job] = []
+    part_of: dict[str, str] = {}
+    for name in ordered_parts(suite):
+        _, plan = part_api(name)
+        for job in side_by_side(plan(suite.parts[name], ctx)):
+            part_of.setdefault(identity(job.key), name)
+            jobs.append(job)
+    return [(part_of[identity(job.key)], job) for job in dedupe(jobs)]
 
 
 def ordered_jobs(suite: Suite, ctx: RunContext) -> list[Job]:
-    """Every job of the suite, in run order (see the module's docstring)."""
-    jobs: list[Job] = []
-    for name in ordered_parts(suite):
-        _, plan = part_api(name)
-        jobs.extend(side_by_side(plan(suite.parts[name], ctx)))
-    return dedupe(jobs)
+    return [job for _, job in planned(suite, ctx)]
 
 
 def _input_elements(key: dict) -> int:
@@ -169,23 +182,24 @@ def planning_context(suite: Suite, device: str | None = None) -> RunContext:
 
 def plan_rows(suite: Suite, ctx: RunContext) -> list[dict]:
     """The plan as rows: order, part, what, estimated seconds and the running total (process start included)."""
-    jobs = ordered_jobs(suite, ctx)
+    pairs = planned(suite, ctx)
     total = PROCESS_START_S.get(ctx.device.kind, 5.0)
     rows = []
-    for i, (job, s) in enumerate(zip(jobs, estimate_s(jobs, ctx.device.kind), strict=True), 1):
+    for i, ((part, job), s) in enumerate(zip(pairs, estimate_s([j for _, j in pairs], ctx.device.kind),
+                                             strict=True), 1):
         total += s
-        rows.append({"n": i, "kind": job.key.get("kind"), "job": job.label or identity(job.key),
+        rows.append({"n": i, "part": part, "kind": job.key.get("kind"), "job": job.label or identity(job.key),
                      "est_s": round(s, 1), "total_s": round(total, 1)})
     return rows
 
 
 def part_totals(rows: list[dict], device_kind: str) -> list[dict]:
-    """Estimated seconds per kind in run order, process start first, and the whole."""
+    """Estimated seconds per part in run order, process start first, and the whole."""
     start = PROCESS_START_S.get(device_kind, 5.0)
     out = [{"part": "start", "jobs": 0, "est_s": start}]
     for r in rows:
-        if out[-1]["part"] != r["kind"]:
-            out.append({"part": r["kind"], "jobs": 0, "est_s": 0.0})
+        if out[-1]["part"] != r["part"]:
+            out.append({"part": r["part"], "jobs": 0, "est_s": 0.0})
         out[-1]["jobs"] += 1
         out[-1]["est_s"] += r["est_s"]
     out.append({"part": "total", "jobs": len(rows), "est_s": sum(p["est_s"] for p in out)})
