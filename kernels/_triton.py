@@ -62,35 +62,6 @@ def row_settings(n: int, name: str = "kernel", max_block: int = MAX_ROW_BLOCK) -
     return block, num_warps
 
 
-# Autotuned kernels and the one config each runs inside `pinned_configs()` (registered by the kernel files).
-_PINNED: list = []
-
-
-def pin_config(kernel, config) -> None:
-    """Register `config` as the one `kernel` (a triton.autotune object) runs inside `pinned_configs()`."""
-    _PINNED.append((kernel, config))
-
-
-@contextmanager
-def pinned_configs():
-    """Every registered autotuned kernel runs its pinned config, untuned, inside this block.
-
-    For small-shape correctness tests on a GPU: with the whole space, each new autotune key compiles and times
-    4-8 configs inside the correctness call (~130 test calls did so on an H200, most of a 240 s test budget).
-    An autotuner holding one config runs it without timing (every Triton version). The whole space is still
-    compiled and checked config by config in one test per op, and the harness checks the tuned kernel before it
-    times it. Under the interpreter the space is already one config, so this changes nothing there.
-    """
-    saved = [(k, k.configs) for k, _ in _PINNED]
-    try:
-        for kernel, config in _PINNED:
-            kernel.configs = [config]
-        yield
-    finally:
-        for kernel, configs in saved:
-            kernel.configs = configs
-
-
 def check_float(name: str, *tensors: torch.Tensor) -> None:
     """Raise ValueError unless all tensors share one supported floating dtype and one device."""
     dtype = tensors[0].dtype
