@@ -19,17 +19,17 @@ from harness.report.headline import headline
 from tests.conftest import REPO
 
 # Slow points (>= 1 s of samples each), more of them than the suite's share of the budget holds even on an idle
-# machine (40 torch decode points), and a share large enough for a busy one to measure some.
+# machine (96 torch decode points), and a share large enough for a busy one to measure some.
 FAKE_SUITE = """
 id: fake
 description: a suite longer than its budget
-timing: {min_samples: 2, min_time_s: 1.0, warmup_s: 0.0, max_samples: 50}
+timing: {min_samples: 2, min_time_s: 1.0, warmup_s: 0.0, max_samples: 100000}
 noise_limit: 10
 kernels:
   cases:
     - {op: silu_mul, dtypes: [fp32], backends: [torch], shapes: [{rows: 4, n: 64}, {rows: 8, n: 64}]}
-decode: {models: [tiny], dtypes: [fp32], backends: [torch, triton], batch: [1, 2, 3, 4, 5, 6, 7, 8],
-         context: [8, 16, 32, 64, 128]}
+decode: {models: [tiny], dtypes: [fp32], backends: [torch, triton], batch: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
+         context: [8, 16, 32, 64, 128, 256, 512, 1024]}
 ceilings: {copy_mb: 1, matmul: {fp32: 64}, matvec: {n: 64, k: 64, dtypes: [fp32]}}
 """
 

@@ -187,10 +187,25 @@ def plan_rows(suite: Suite, ctx: RunContext) -> list[dict]:
     rows = []
     for i, ((part, job), s) in enumerate(zip(pairs, estimate_s([j for _, j in pairs], ctx.device.kind),
                                              strict=True), 1):
-        total += s
+        total += round(s, 1)  # the running total adds what each row shows, as the part totals do
         rows.append({"n": i, "part": part, "kind": job.key.get("kind"), "job": job.label or identity(job.key),
                      "est_s": round(s, 1), "total_s": round(total, 1)})
+    costs = GPU_COSTS if ctx.device.kind == "cuda" else CPU_COSTS
+    probe = costs[("ceiling", None)].point
+    for what in end_probes(suite):  # the winning probe of each ceiling again, after everything else
+        total += probe
+        rows.append({"n": len(rows) + 1, "part": "ceilings (end)", "kind": "ceiling", "job": what,
+                     "est_s": round(probe, 1), "total_s": round(total, 1)})
     return rows
+
+
+def end_probes(suite: Suite) -> list[str]:
+    """The ceilings the end-of-run re-probe measures again (one probe each: the start's best size and layout)."""
+    spec = suite.parts.get("ceilings")
+    if spec is None or not spec.end_probe:
+        return []
+    return (["copy", "read"] + [f"matmul {dt}" for dt in spec.matmul]
+            + [f"matvec {dt}" for dt in spec.matvec.dtypes])
 
 
 def part_totals(rows: list[dict], device_kind: str) -> list[dict]:
