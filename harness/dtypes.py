@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from harness.config import ConfigError
 
+if TYPE_CHECKING:
+    import torch
+
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-                "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Names of torch's dtypes, looked up when asked: the capacity verbs read sizes here and never load torch.
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp8": "float8_e4m3fn",
+                "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 def dtype_bytes(dtype: str) -> int:
@@ -19,10 +23,12 @@ def dtype_bytes(dtype: str) -> int:
 
 
 def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """fp32 | bf16 | fp16 (or torch's long names, or a torch dtype) -> the torch dtype."""
+    """fp32 | bf16 | fp16 | fp8 (e4m3; or torch's long names, or a torch dtype) -> the torch dtype."""
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
     try:
-        return TORCH_DTYPES[dtype]
+        return getattr(torch, TORCH_DTYPES[dtype])
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(TORCH_DTYPES)}") from None

@@ -30,12 +30,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from harness.capacity.calibrate import Efficiency, Measured, RatioGrid
 from harness.dtypes import dtype_bytes
 from harness.hardware import Hardware
-from harness.measure.parts.collective import CollectiveCurve
 from harness.model.spec import ModelConfig
+
+if TYPE_CHECKING:  # the measure part's curve type; importing it loads every part (and torch)
+    from harness.measure.parts.collective import CollectiveCurve
 
 ALLREDUCE_LATENCY_US = 10.0  # per all-reduce, small-message NCCL latency order on NVLink (assumption)
 INTERNODE_GBPS = 50.0  # tp > 8 spans nodes: one 400 Gb/s NIC per GPU (assumption)
