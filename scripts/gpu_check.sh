@@ -73,12 +73,12 @@ if [ -f "$OUT_DIR/run/manifest.json" ]; then
     [ "$bench_rc" = 0 ] || note="Partial: the $SUITE suite stopped (exit $bench_rc) after ${measured:-0} of ${planned:-?} planned points."
     "$PY" - "$OUT_DIR/run" "$note" >"$OUT_DIR/headline.md" <<'EOF' || true
 import sys
-from harness.report.headline import headline
+from harness.report.screen import screen
 from harness.report.tables import write_tables
 run, note = sys.argv[1], sys.argv[2]
 if note:
     write_tables(run)
-print(headline(run, note or None))
+print(screen(run, note or None))
 EOF
 fi
 tar -czf "$OUT_DIR/gpu-check.tar.gz" -C "$OUT_DIR" --exclude gpu-check.tar.gz . 2>/dev/null || true

@@ -1,6 +1,6 @@
 """`make gpu-check`'s own logic on the CPU (scripts/gpu_check.sh with a fake suite and small limits): the time split
 (tests cut at their limit, the suite given what the total leaves), the value order, the partial run kept and
-tabled, the one-screen headline (harness.report.headline); and the run's provenance (git commit, version)."""
+tabled, the one-screen headline (harness.report.screen); and the run's provenance (git commit, version)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from harness import results
-from harness.report.headline import headline
+from harness.report.screen import screen
 from tests.conftest import REPO
 
 # Slow points (>= 1 s of samples each), more of them than the suite's share of the budget holds even on an idle
@@ -84,9 +84,9 @@ def test_suite_runs_in_plan_order_and_a_cut_run_is_tabled(gpu_check):
     assert [p["kind"] for p in points] == [row["kind"] for row in plan[:len(points)]]
     assert points[0]["kind"] == "ceiling" and "kernel" not in [p["kind"] for p in points]
     assert (out / "gpu-check.tar.gz").is_file() and (out / "env.txt").is_file()
-    screen = (out / "headline.md").read_text()
-    assert f"after {len(points)} of {len(plan)} planned points" in screen
-    assert screen in proc.stdout  # printed last, for the README
+    shown = (out / "headline.md").read_text()
+    assert f"after {len(points)} of {len(plan)} planned points" in shown
+    assert shown in proc.stdout  # printed last, for the README
 
 
 def test_headline_of_a_fake_run_tolerates_missing_kinds(tmp_path):
@@ -106,14 +106,14 @@ def test_headline_of_a_fake_run_tolerates_missing_kinds(tmp_path):
                       **common})
     w.append({"kind": "kernel", "op": "rope", "backend": "triton", "tokens": 8, "status": "error", "error": "x"})
     w.close()
-    screen = headline(run, "Partial: cut short.")
-    assert "Fake GPU" in screen and "**Partial: cut short.**" in screen
-    assert "| m | triton | bf16 | 4096 |" in screen  # batch 1 rows
-    assert "| m | triton | bf16 | 64 | 4096 | 6,400.0 |" in screen  # the best tokens/s per backend
-    assert "| m | torch | bf16 | 64 | 4096 | 3,200.0 |" in screen
-    assert "2.00 (2.00-2.00, n=2)" in screen and "0.50 (0.50-0.50, n=2)" in screen  # vs vendor, vs compile
-    assert "1 without a number" in screen
-    assert screen.count("_(none measured)_") == 1  # prefill
+    text = screen(run, "Partial: cut short.")
+    assert "Fake GPU" in text and "**Partial: cut short.**" in text
+    assert "| m | triton | bf16 | 4096 |" in text  # batch 1 rows
+    assert "| m | triton | bf16 | 64 | 4096 | 6,400.0 |" in text  # the best tokens/s per backend
+    assert "| m | torch | bf16 | 64 | 4096 | 3,200.0 |" in text
+    assert "2.00 (2.00-2.00, n=2)" in text and "0.50 (0.50-0.50, n=2)" in text  # vs vendor, vs compile
+    assert "1 without a number" in text
+    assert text.count("_(none measured)_") == 1  # prefill
 
 
 def test_git_sha_only_for_this_projects_repository(tmp_path):

@@ -118,7 +118,7 @@ def kernel_rows(run: Run) -> list[dict]:
     return rows
 
 
-def headline(run_dir: str | Path | Run, note: str | None = None) -> str:
+def screen(run_dir: str | Path | Run, note: str | None = None) -> str:
     """The run's one screen (markdown). `note`: a line shown under the title (e.g. that the run was cut short)."""
     run = load_run(run_dir)
     batch1, best = decode_rows(run)
