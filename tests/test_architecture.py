@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ("harness", "harness.config", "harness.dtypes", "harness.files", "harness.hardware", "harness.output",
-        "harness.results")
+        "harness.provenance", "harness.results")
 # Higher may import lower or equal; a wing may import itself. The base is one level; kernels sit under it.
 LAYERS = {"kernels": 0, "base": 1, "harness.model": 2, "harness.measure": 3, "harness.capacity": 4,
           "harness.report": 5, "harness.cli": 6, "harness.__main__": 7}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import results
+from harness import provenance, results
 from harness.report.screen import screen
 from tests.conftest import REPO
 
@@ -118,7 +118,7 @@ def test_headline_of_a_fake_run_tolerates_missing_kinds(tmp_path):
 
 def test_git_sha_only_for_this_projects_repository(tmp_path):
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-    assert results.git_sha() == (head or "unknown")  # a clone: its commit; a tree without .git: unknown
+    assert provenance.git_sha() == (head or "unknown")  # a clone: its commit; a tree without .git: unknown
     # A tree exported without .git inside another repository: that repository's commit is not ours.
     outer = tmp_path / "outer"
     export = outer / "export"
@@ -128,16 +128,16 @@ def test_git_sha_only_for_this_projects_repository(tmp_path):
     subprocess.run(["git", "init", "-q", str(outer)], check=True)
     subprocess.run([*git, "add", "-A"], check=True)
     subprocess.run([*git, "commit", "-qm", "outer"], check=True)
-    code = "from harness import results as r; print(r.git_sha(), r.version())"
+    code = "from harness import provenance as r; print(r.git_sha(), r.version())"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=export,
                           env={**os.environ, "PYTHONPATH": str(export)})
     assert proc.returncode == 0, proc.stderr
     got_sha, got_version = proc.stdout.split()
     assert got_sha == "unknown"
-    assert got_version == results.version() != "0+unknown"  # the package version, always
+    assert got_version == provenance.version() != "0+unknown"  # the package version, always
 
 
 def test_git_sha_without_git_is_unknown(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # no git executable
-    assert results.git_sha() == "unknown"
-    assert results.git_sha(Path(tmp_path)) == "unknown"
+    assert provenance.git_sha() == "unknown"
+    assert provenance.git_sha(Path(tmp_path)) == "unknown"

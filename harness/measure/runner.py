@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from harness import results
+from harness import provenance, results
 from harness.config import ConfigError
 from harness.files import WriteError
 from harness.hardware import Hardware, load_hardware
@@ -69,9 +69,9 @@ def default_suite(device_kind: str) -> str:
 def manifest_for(run_id: str, suite: Suite, info: DeviceInfo, datasheet: Hardware | None) -> dict:
     return {
         "run_id": run_id,
-        "tokenfleet_version": results.version(),
-        "git_sha": results.git_sha(),
-        "command": results.command_line(),
+        "tokenfleet_version": provenance.version(),
+        "git_sha": provenance.git_sha(),
+        "command": provenance.command_line(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "suite": suite.id,
         "config": suite.resolved(),
@@ -102,7 +102,7 @@ def run_suite(suite_name: str | None = None, out: str | Path | None = None, resu
         manifest = results.read_manifest(run_dir)
         suite = suite_of_run(run_dir, manifest, suite_name)
         check_same_device(run_dir, manifest, info)
-        writer = results.RunWriter(run_dir, {"command": results.command_line()}, resume=True)
+        writer = results.RunWriter(run_dir, {"command": provenance.command_line()}, resume=True)
     else:
         suite = load_suite(suite_name or default_suite(info.kind))
         run_id = results.make_run_id(info.name, suite.id)
