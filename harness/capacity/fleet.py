@@ -10,6 +10,7 @@ up, rates do not); its `tokens_per_day` is what the routing gives it; classes it
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
 from pathlib import Path
 
@@ -202,46 +203,60 @@ def capacity_table(fleet: str | Fleet, demand: str | Demand | None = None,
     runs = read_runs(runs)
     eff = efficiency_from_runs(runs)
     need = d.latest.tokens_per_day * pf
-    rows = []
     mixes = [gpu_mix(g.gpu, f, g.tp, runs, dtype, workloads) for g in f.gpus]
     served_per_s, parts, nobody = routed(mixes, [g.count for g in f.gpus])
-    for g, mix, part in zip(f.gpus, mixes, parts, strict=True):
-        alone_gpu = mix["rate"] * SECONDS_PER_DAY * u  # one GPU of this type serving the classes it can hold
-        daily = part * SECONDS_PER_DAY * u  # what routing gives this type, serving only classes it can hold
-        rate = part / g.count if g.count else 0.0
-        power = mix["power_w"]
-        mw = g.count * power * f.pue / 1e6 if power else None
-        rows.append({
-            "gpu": g.gpu, "count": g.count, "count_source": g.source or f"assumption: {g.reason}", "tp": mix["tp"],
-            "tokens_per_s_per_gpu": rate, "tokens_per_day_per_gpu": rate * SECONDS_PER_DAY * u,
-            "alone_tokens_per_s_per_gpu": mix["rate"], "tokens_per_day": daily,
-            **coverage(daily, d, pf, reported, primary),
-            "gpus_needed_alone": math.ceil(need / alone_gpu) if alone_gpu else None,
-            "power_mw": mw, "energy_mwh_per_day": mw * 24 if mw is not None else None,
-            # Board power at TDP all day (an upper bound) × PUE, per counted token.
-            "joules_per_token": power * f.pue / (rate * u) if power and rate else None,
-            "source": mix["source"], "unservable": ", ".join(mix["unservable"]),
-            "ttft_missed": ", ".join(mix["ttft_missed"]), "tpot_missed": ", ".join(mix["tpot_missed"]),
-            "extrapolated": ", ".join(mix["extrapolated"]),  # measured classes taken beyond the run's grid
-        })
+    cov = functools.partial(coverage, d=d, pf=pf, reported=reported, primary=primary)
+    rows = [_gpu_row(g, mix, part, f.pue, u, need, cov) for g, mix, part in zip(f.gpus, mixes, parts, strict=True)]
     cap = served_per_s * SECONDS_PER_DAY * u
+    rows.append(_total_row(rows, sum(g.count for g in f.gpus), cap, nobody, cov))
+    counted = [w for w, _ in workloads] if workloads else [w.workload for w in f.workloads]
+    summary = {"fleet": f.id, **_summary(d, cap, u, pf, reported, primary, cov), "pue": f.pue,
+               "counted_tokens": "; ".join(f"{w}: {_count_of(w)}" for w in counted),
+               "efficiency": eff.to_dict(), "fleet_file": path, "assumptions": dict(f.assumptions)}
+    return rows, summary
+
+
+def _gpu_row(g, mix: dict, part: float, pue: float, u: float, need: float, cov) -> dict:
+    """One accelerator type's row: what routing gives it, what it would do alone, its power."""
+    alone_gpu = mix["rate"] * SECONDS_PER_DAY * u  # one GPU of this type serving the classes it can hold
+    daily = part * SECONDS_PER_DAY * u  # what routing gives this type, serving only classes it can hold
+    rate = part / g.count if g.count else 0.0
+    power = mix["power_w"]
+    mw = g.count * power * pue / 1e6 if power else None
+    return {
+        "gpu": g.gpu, "count": g.count, "count_source": g.source or f"assumption: {g.reason}", "tp": mix["tp"],
+        "tokens_per_s_per_gpu": rate, "tokens_per_day_per_gpu": rate * SECONDS_PER_DAY * u,
+        "alone_tokens_per_s_per_gpu": mix["rate"], "tokens_per_day": daily, **cov(daily),
+        "gpus_needed_alone": math.ceil(need / alone_gpu) if alone_gpu else None,
+        "power_mw": mw, "energy_mwh_per_day": mw * 24 if mw is not None else None,
+        # Board power at TDP all day (an upper bound) × PUE, per counted token.
+        "joules_per_token": power * pue / (rate * u) if power and rate else None,
+        "source": mix["source"], "unservable": ", ".join(mix["unservable"]),
+        "ttft_missed": ", ".join(mix["ttft_missed"]), "tpot_missed": ", ".join(mix["tpot_missed"]),
+        "extrapolated": ", ".join(mix["extrapolated"]),  # measured classes taken beyond the run's grid
+    }
+
+
+def _total_row(rows: list[dict], count: int, cap: float, nobody: list[str], cov) -> dict:
     srcs = {r["source"] for r in rows}
     mws = [r["power_mw"] for r in rows if r["power_mw"] is not None]
     total_mw = sum(mws) if mws else None
-    rows.append({
-        "gpu": "total", "count": sum(g.count for g in f.gpus), "tokens_per_day": cap,
-        **coverage(cap, d, pf, reported, primary),
+    return {
+        "gpu": "total", "count": count, "tokens_per_day": cap, **cov(cap),
         "power_mw": total_mw, "energy_mwh_per_day": total_mw * 24 if total_mw is not None else None,
         "joules_per_token": total_mw * 1e6 * SECONDS_PER_DAY / cap if total_mw and cap else None,
         "source": srcs.pop() if len(srcs) == 1 else "mixed", "unservable": ", ".join(nobody),
-    })
+    }
+
+
+def _summary(d: Demand, cap: float, u: float, pf: float, reported: Demand, primary: Demand, cov) -> dict:
+    """Demand, its growth, coverage of it and of both China figures, and when each outgrows the fleet."""
     fit = growth_fit(d)
-    counted = [w for w, _ in workloads] if workloads else [w.workload for w in f.workloads]
-    summary = {
-        "fleet": f.id, "demand": d.id, "demand_tokens_per_day": d.latest.tokens_per_day,
+    return {
+        "demand": d.id, "demand_tokens_per_day": d.latest.tokens_per_day,
         "demand_date": d.latest.date, "demand_counts": d.counts, "demand_counts_note": d.counts_note,
-        "capacity_tokens_per_day": cap, "utilization": u, "peak_factor": pf, "pue": f.pue,
-        **{k: v for k, v in coverage(cap, d, pf, reported, primary).items() if k != "capacity_over_demand"},
+        "capacity_tokens_per_day": cap, "utilization": u, "peak_factor": pf,
+        **{k: v for k, v in cov(cap).items() if k != "capacity_over_demand"},
         "china_reported_tokens_per_day": reported.latest.tokens_per_day,
         "china_nda_tokens_per_day": primary.latest.tokens_per_day,
         "why_differs": reported.why_differs if d.id in (REPORTED, PRIMARY, "custom") else d.why_differs,
@@ -249,14 +264,10 @@ def capacity_table(fleet: str | Fleet, demand: str | Demand | None = None,
         "doubling_months": fit["doubling_months"] if fit else None,
         "growth_fit": fit["from"] if fit else "one point: no growth fit",
         "outgrows_fleet_on": outgrows(fit, cap, pf),
-        "demand_outgrows_fleet": outgrown_statement(cap / need, outgrows(fit, cap, pf)),
+        "demand_outgrows_fleet": outgrown_statement(cap / (d.latest.tokens_per_day * pf), outgrows(fit, cap, pf)),
         "outgrows_fleet_on_china_nda": outgrows(growth_fit(primary), cap, pf),
         "outgrows_fleet_on_china_reported": outgrows(growth_fit(reported), cap, pf),
-        "counted_tokens": "; ".join(f"{w}: {_count_of(w)}" for w in counted),
-        "efficiency": eff.to_dict(), "fleet_file": path,
-        "assumptions": dict(f.assumptions),
     }
-    return rows, summary
 
 
 def _count_of(workload: str) -> str:
