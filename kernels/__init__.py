@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 # Each op module imports Triton through kernels._triton, which picks the interpreter on a CPU-only box.
-from kernels import attention_decode, attention_prefill, gemm, rmsnorm, rope, silu_mul
+from kernels import attention_decode, attention_prefill, gemm, gemm_fp8, rmsnorm, rope, silu_mul
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,7 @@ REGISTRY: dict[str, KernelOp] = {
     name: _op(name, module)
     for name, module in [
         ("gemm", gemm),
+        ("gemm_fp8", gemm_fp8),
         ("rmsnorm", rmsnorm),
         ("rope", rope),
         ("silu_mul", silu_mul),

@@ -13,6 +13,11 @@ cache positions [0, context_lens[b]). With one query row per head, a kernel with
 
 The grid depends only on shapes (never on context_lens values), so the op needs no host sync and can be
 captured in a CUDA graph.
+
+FP8 KV cache: k_cache/v_cache may be e4m3 (half the bytes of bf16, and decode attention is all cache reads) with
+fp32 scales per tensor (scalar) or per kv head ([Hkv]). Tiles are upcast to q's dtype after the load; k's scale
+folds into the softmax scale and v's into the output (both constant over a head's positions), so the loop does
+no extra multiplies.
 """
 
 import math
@@ -24,6 +29,7 @@ from kernels._triton import INTERPRET, check_float, check_out, num_sms, pin_conf
 from kernels.attention_prefill import _check_head_dim
 
 _LOG2E = 1.4426950408889634
+FP8 = torch.float8_e4m3fn  # the FP8 KV cache's element type
 _CHUNK_ALIGN = 16 if INTERPRET else 128  # CHUNK is a multiple of every BLOCK_N in the space
 _MIN_CHUNK = 16 if INTERPRET else 256  # below this a program spends more on its partial than on K/V
 _MAX_SPLITS = 64  # bounds the reduce kernel's [splits, D] tile
@@ -55,12 +61,12 @@ def _prune_configs(configs, named_args, **kwargs):
 )
 @triton.jit
 def _attention_decode_kernel(
-    q_ptr, k_ptr, v_ptr, lens_ptr, m_ptr, l_ptr, acc_ptr,
-    Hkv, GROUP, S_MAX, CHUNK, NUM_SPLITS, qk_scale,
+    q_ptr, k_ptr, v_ptr, lens_ptr, m_ptr, l_ptr, acc_ptr, ks_ptr, vs_ptr,
+    Hkv, GROUP, S_MAX, CHUNK, NUM_SPLITS, qk_scale, stride_sc,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
-    HEAD_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     pid_bh = tl.program_id(axis=0)
     split = tl.program_id(axis=1)
@@ -82,6 +88,12 @@ def _attention_decode_kernel(
         k_ptrs = k_ptr + b * stride_kb + kvh * stride_kh + offs_n[None, :] * stride_ks + offs_d[:, None]
         v_ptrs = v_ptr + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :]
 
+        if KV_FP8:  # dequantization scales of this kv head (stride_sc 0: one per tensor)
+            k_sc = tl.load(ks_ptr + kvh * stride_sc)
+            v_sc = tl.load(vs_ptr + kvh * stride_sc)
+        else:
+            k_sc = 1.0
+            v_sc = 1.0
         m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
         acc = tl.zeros([BLOCK_G, HEAD_D], dtype=tl.float32)
@@ -90,13 +102,13 @@ def _attention_decode_kernel(
             cols = start_n + offs_n
             kv_mask = cols < end
             k = tl.load(k_ptrs + start_n * stride_ks, mask=kv_mask[None, :], other=0.0)  # k^T [D, BLOCK_N]
-            qk = tl.dot(q, k) * qk_scale  # log2 domain
+            qk = tl.dot(q, k.to(q.dtype)) * (qk_scale * k_sc)  # log2 domain
             qk = tl.where(kv_mask[None, :], qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, axis=1))
             p = tl.exp2(qk - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_ptrs + start_n * stride_vs, mask=kv_mask[:, None], other=0.0)
+            v = tl.load(v_ptrs + start_n * stride_vs, mask=kv_mask[:, None], other=0.0).to(q.dtype)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
             m_i = m_new
 
@@ -104,7 +116,7 @@ def _attention_decode_kernel(
         row = (b * Hkv * GROUP + heads) * NUM_SPLITS + split  # [BLOCK_G]
         tl.store(m_ptr + row, m_i, mask=g_mask)
         tl.store(l_ptr + row, l_i, mask=g_mask)
-        tl.store(acc_ptr + row[:, None] * HEAD_D + offs_d[None, :], acc, mask=g_mask[:, None])
+        tl.store(acc_ptr + row[:, None] * HEAD_D + offs_d[None, :], acc * v_sc, mask=g_mask[:, None])
 
 
 pin_config(_attention_decode_kernel, _decode_configs()[0])  # small-shape tests: the config that always fits
@@ -142,15 +154,39 @@ def _pick_chunk(bsz: int, hkv: int, s_max: int, device: torch.device) -> int:
     return triton.cdiv(chunk, _CHUNK_ALIGN) * _CHUNK_ALIGN
 
 
-def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_lens: torch.Tensor, *,
+def _check_kv_scales(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale, v_scale):
+    """Cache dtype (q's, or e4m3 for both) and the fp8 scales: None, or fp32-able scalars / [Hkv] on q's device."""
+    if k_cache.dtype != FP8:
+        check_float("attention_decode", q, k_cache, v_cache)
+        if k_scale is not None or v_scale is not None:
+            raise ValueError("attention_decode: k_scale/v_scale apply to an e4m3 cache only")
+        return None, None
+    check_float("attention_decode", q)
+    if v_cache.dtype != FP8:
+        raise ValueError(f"attention_decode: k and v caches must share one dtype, got {FP8} and {v_cache.dtype}")
+    hkv = k_cache.shape[1] if k_cache.dim() == 4 else 0
+    out = []
+    for name, sc in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if sc is None or sc.numel() not in (1, hkv) or sc.device != q.device:
+            raise ValueError(f"attention_decode: an e4m3 cache needs {name} (a scalar or [{hkv}] per kv head) on "
+                             f"{q.device}, got {None if sc is None else tuple(sc.shape)}")
+        out.append(sc.reshape(-1).to(torch.float32).contiguous())
+    if out[0].numel() != out[1].numel():
+        raise ValueError("attention_decode: k_scale and v_scale must both be per tensor or both per head")
+    return out[0], out[1]
+
+
+def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_lens: torch.Tensor,
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, *,
                      out: torch.Tensor | None = None, chunk_size: int | None = None) -> torch.Tensor:
     """One decode step of attention: q [B, Hq, D] over k_cache/v_cache [B, Hkv, S_max, D] -> o [B, Hq, D].
 
     context_lens [B] (int32; 1 <= len <= S_max, not checked on device to avoid a host sync; lengths above
-    S_max are clamped, a length of 0 gives NaN rows). `chunk_size` forces the split size (a multiple of
+    S_max are clamped, a length of 0 gives NaN rows). An e4m3 cache takes k_scale/v_scale (fp32, a scalar or
+    [Hkv]): cached value = e4m3 value x scale. `chunk_size` forces the split size (a multiple of
     the block alignment; tests use it); by default it is derived from the shapes and the SM count.
     """
-    check_float("attention_decode", q, k_cache, v_cache)
+    k_sc, v_sc = _check_kv_scales(q, k_cache, v_cache, k_scale, v_scale)
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"attention_decode: need q [B, Hq, D], k/v cache [B, Hkv, S_max, D], got "
                          f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
@@ -187,13 +223,14 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     l_ws = torch.empty((bsz, hq, num_splits), **ws)
     acc_ws = torch.empty((bsz, hq, num_splits, d), **ws)
 
+    fp8 = k_sc is not None
     _attention_decode_kernel[(bsz * hkv, num_splits)](
-        q, k_cache, v_cache, context_lens, m_ws, l_ws, acc_ws,
-        hkv, group, s_max, chunk, num_splits, _LOG2E / math.sqrt(d),
+        q, k_cache, v_cache, context_lens, m_ws, l_ws, acc_ws, k_sc if fp8 else m_ws, v_sc if fp8 else m_ws,
+        hkv, group, s_max, chunk, num_splits, _LOG2E / math.sqrt(d), 1 if fp8 and k_sc.numel() > 1 else 0,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        HEAD_D=d, BLOCK_G=max(16, triton.next_power_of_2(group)),
+        HEAD_D=d, BLOCK_G=max(16, triton.next_power_of_2(group)), KV_FP8=fp8,
     )
     block_s = triton.next_power_of_2(num_splits)
     _, reduce_warps = row_settings(block_s * d, "attention_decode")  # the [BLOCK_S, D] partials tile
@@ -206,18 +243,27 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return o
 
 
+def dequantize_kv(cache: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """cache [B, Hkv, S, D] (e4m3 when `scale` is given: a scalar or [Hkv]) -> values in `dtype`."""
+    if scale is None:
+        return cache.to(dtype)
+    return cache.to(dtype) * scale.to(dtype).reshape(1, -1, 1, 1)
+
+
 def attention_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         context_lens: torch.Tensor) -> torch.Tensor:
-    """Explicit-math reference in >= fp32: masked scores over the whole cache, softmax, weighted sum."""
+                         context_lens: torch.Tensor, k_scale: torch.Tensor | None = None,
+                         v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Explicit-math reference in >= fp32: masked scores over the whole (dequantized) cache, softmax, weighted sum."""
     compute = torch.promote_types(q.dtype, torch.float32)
     bsz, hq, d = q.shape
     hkv, s_max = k_cache.shape[1], k_cache.shape[2]
     qf = q.to(compute).reshape(bsz, hkv, hq // hkv, d)  # query heads grouped under their kv head
-    scores = qf @ k_cache.to(compute).transpose(-1, -2) / math.sqrt(d)  # [B, Hkv, G, S_max]
+    k_cache, v_cache = dequantize_kv(k_cache, k_scale, compute), dequantize_kv(v_cache, v_scale, compute)
+    scores = qf @ k_cache.transpose(-1, -2) / math.sqrt(d)  # [B, Hkv, G, S_max]
     valid = torch.arange(s_max, device=q.device)[None, :] < context_lens.to(q.device)[:, None]  # [B, S_max]
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     p = torch.softmax(scores, dim=-1)
-    return (p @ v_cache.to(compute)).reshape(bsz, hq, d).to(q.dtype)
+    return (p @ v_cache).reshape(bsz, hq, d).to(q.dtype)
 
 
 def _context_lens(shape: dict) -> list[int] | None:
@@ -240,13 +286,17 @@ def _total_context(shape: dict) -> int:
 
 
 def attention_decode_baseline(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                              context_lens: torch.Tensor) -> torch.Tensor:
+                              context_lens: torch.Tensor, k_scale: torch.Tensor | None = None,
+                              v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The vendor path: F.scaled_dot_product_attention with a length mask, in the input dtype.
 
     The G = Hq/Hkv query heads that share a kv head go in as G query rows of that head ([B, Hkv, G, D] against
     [B, Hkv, S_max, D]): the same result as `enable_gqa=True`, which with a mask falls back to the math kernel on
     CUDA (K/V copied per query head, scores materialized; transformers' SDPA path avoids it for the same reason),
-    while this stays on the fused kernels (memory-efficient / cuDNN on CUDA, flash on CPU)."""
+    while this stays on the fused kernels (memory-efficient / cuDNN on CUDA, flash on CPU). An e4m3 cache is
+    dequantized to q's dtype first: torch has no attention that reads fp8 K/V, so a torch user pays that copy."""
+    if k_scale is not None:
+        k_cache, v_cache = dequantize_kv(k_cache, k_scale, q.dtype), dequantize_kv(v_cache, v_scale, q.dtype)
     b, hq, d = q.shape
     hkv, s_max = k_cache.shape[1], k_cache.shape[2]
     valid = torch.arange(s_max, device=q.device)[None, :] < context_lens[:, None]  # [B, S_max]
@@ -270,10 +320,19 @@ def flops(shape: dict) -> int:
     return 4 * shape["q_heads"] * shape["head_dim"] * _total_context(shape)
 
 
+def _dtypes(shape: dict, dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+    """(q/o dtype, cache dtype): dtype fp8 means bf16 q with an e4m3 cache; shape kv_dtype "fp8" an e4m3 cache
+    beside q in `dtype`."""
+    if dtype == FP8:
+        return torch.bfloat16, FP8
+    return dtype, FP8 if shape.get("kv_dtype") == "fp8" else dtype
+
+
 def bytes_moved(shape: dict, dtype: torch.dtype) -> int:
     # Only the K/V rows a sequence attends to (not the whole S_max cache), plus q, o and the int32 lengths.
-    es = torch.empty((), dtype=dtype).element_size()
-    kv = 2 * shape["kv_heads"] * shape["head_dim"] * _total_context(shape) * es
+    q_dt, kv_dt = _dtypes(shape, dtype)
+    es = q_dt.itemsize
+    kv = 2 * shape["kv_heads"] * shape["head_dim"] * _total_context(shape) * kv_dt.itemsize
     qo = 2 * shape["batch"] * shape["q_heads"] * shape["head_dim"] * es
     return kv + qo + 4 * shape["batch"]
 
@@ -293,12 +352,24 @@ def make_inputs(shape: dict, dtype: torch.dtype, device, seed: int) -> tuple:
     # The whole cache is random (not just the valid prefix): a kernel that reads past a length is wrong.
     k_cache = torch.randn((b, hkv, s_max, d), generator=g)
     v_cache = torch.randn((b, hkv, s_max, d), generator=g)
-    to = dict(device=device, dtype=dtype)
+    q_dt, kv_dt = _dtypes(shape, dtype)
     context_lens = torch.tensor(lens, dtype=torch.int32, device=device)
-    return q.to(**to), k_cache.to(**to), v_cache.to(**to), context_lens
+    if kv_dt != FP8:
+        return q.to(device=device, dtype=q_dt), k_cache.to(device=device, dtype=kv_dt), \
+            v_cache.to(device=device, dtype=kv_dt), context_lens
+    # e4m3 cache: per kv head scales (kv_scale "head", default) or one per tensor, amax / 448 of each.
+    per_head = shape.get("kv_scale", "head") == "head"
+    caches, scales = [], []
+    for c in (k_cache, v_cache):
+        c = c * torch.exp(torch.randn((1, hkv, 1, 1), generator=g)) if per_head else c  # heads differ in scale
+        sc = (c.abs().amax((0, 2, 3)) if per_head else c.abs().amax().reshape(1)) / 448.0
+        caches.append((c / sc.reshape(1, -1, 1, 1)).clamp(-448, 448).to(device=device, dtype=FP8))
+        scales.append(sc.to(device))
+    return q.to(device=device, dtype=q_dt), caches[0], caches[1], context_lens, scales[0], scales[1]
 
 
 def tolerance(dtype: torch.dtype) -> float:
     # As prefill: p rounded to dtype before p @ v, o rounded at the end (fp16 half-ulp 4.9e-4, bf16
-    # 3.9e-3); fp32 dots run as tf32 (10-bit mantissa) on sm80+.
-    return {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 2e-3}.get(dtype, 1e-6)
+    # 3.9e-3); fp32 dots run as tf32 (10-bit mantissa) on sm80+. fp8 (bf16 q, e4m3 cache): kernel and reference
+    # read the same dequantized values, so bf16's bound holds.
+    return {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 2e-3, FP8: 1.6e-2}.get(dtype, 1e-6)
