@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from harness.config import Strict, load_all, load_named
+from harness.config import ConfigError, Strict, config_dir, load_all, load_named
 
 
 class Interconnect(Strict):
@@ -28,6 +28,9 @@ class Hardware(Strict):
     peak_tflops: dict[Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int8"], float] = Field(
         description="DENSE peak (no 2:4 sparsity), TFLOP/s (TOP/s for int8)"
     )
+    fp8_tensor_cores: bool | None = Field(
+        None, description="matrix units that multiply e4m3 (Hopper, Ada, Blackwell, CDNA3); false refuses fp8 "
+        "points and projections; unset: true exactly when peak_tflops has fp8")
     tdp_w: float | None = Field(None, gt=0)
     l2_mb: float | None = Field(None, gt=0)
     interconnect: Interconnect | None = None
@@ -40,19 +43,43 @@ class Hardware(Strict):
         if (self.memory_gib is None) == (self.memory_gb is None):
             raise ValueError("give exactly one of memory_gib (2^30 bytes) and memory_gb (1e9 bytes)")
         needed = {"memory_gib" if self.memory_gib is not None else "memory_gb", "memory_bandwidth_gbps", "peak_tflops"}
-        needed |= {f for f in ("tdp_w", "interconnect") if getattr(self, f) is not None}
+        needed |= {f for f in ("tdp_w", "interconnect", "fp8_tensor_cores") if getattr(self, f) is not None}
         missing = sorted(needed - set(self.sources))
         if missing:
             raise ValueError(f"no source given for {', '.join(missing)}")
         for k, v in self.peak_tflops.items():
             if v <= 0:
                 raise ValueError(f"peak_tflops.{k} must be positive")
+        if self.fp8_tensor_cores is not None and self.fp8_tensor_cores != ("fp8" in self.peak_tflops):
+            raise ValueError("fp8_tensor_cores and peak_tflops.fp8 disagree: give an fp8 peak exactly when true")
         return self
 
     def peak(self, dtype: str) -> float | None:
         """Dense peak FLOP/s for a dtype (fp32 matmuls on GPU may run as tf32: the caller says which)."""
         v = self.peak_tflops.get(dtype)
         return v * 1e12 if v else None
+
+    @property
+    def has_fp8(self) -> bool:
+        return self.fp8_tensor_cores if self.fp8_tensor_cores is not None else "fp8" in self.peak_tflops
+
+    def check_fp8(self) -> None:
+        """Raise the one-line ConfigError that refuses fp8 on a device without FP8 tensor cores (exit 2)."""
+        if self.has_fp8:
+            return
+        field, why = ("fp8_tensor_cores", "false") if self.fp8_tensor_cores is False else ("peak_tflops.fp8", "absent")
+        src = self.sources.get("fp8_tensor_cores")
+        raise ConfigError(config_dir("hardware") / f"{self.id}.yaml", field,
+                          f"{why}{f' ({src})' if isinstance(src, str) else ''}: {self.id} has no FP8 tensor cores; "
+                          "fp8 is refused, not projected from an invented peak")
+
+    def fp8_refusal(self) -> str | None:
+        """None where this device multiplies fp8; else the line `check_fp8` raises."""
+        try:
+            self.check_fp8()
+        except ConfigError as e:
+            return str(e)
+        return None
 
     @property
     def bandwidth_bytes_per_s(self) -> float:

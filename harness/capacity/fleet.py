@@ -152,7 +152,7 @@ def gpu_mix(gpu: str, fleet: Fleet, tp: int | None, runs: list[Run], dtype: str 
     dtypes = {ms.model: dtype or ms.dtype for ms in fleet.models}
     classes = []
     for model, wl, share in classes_of(fleet, workloads):
-        kw = dict(runs=runs, **deployment_of(fleet))
+        kw = dict(runs=runs, weight_only_fp8=True, **deployment_of(fleet))  # fleets: A100/910B serve fp8 weight-only
         r = project(model, gpu, wl, dtypes[model], tp=tp, **kw) if tp else auto_tp(model, gpu, wl, dtypes[model], **kw)
         classes.append((share, r))
     ok = [(s, r) for s, r in classes if r["fits"] and r["tokens_per_s_per_gpu"] > 0]

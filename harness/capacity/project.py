@@ -119,6 +119,14 @@ def kv_bytes_per_gpu(m: ModelConfig, tp: int, kv_dtype: str) -> float:
     return m.kv_bytes_per_token_per_gpu(tp, dtype_bytes(kv_dtype))
 
 
+def refuse_fp8(model: str | ModelConfig, gpu: str | Hardware, dtype: str | None, kv_dtype: str | None = None) -> None:
+    """ConfigError (one line naming the datasheet field) for fp8 weights or KV on a GPU without FP8 tensor cores."""
+    m = _model(model) if isinstance(model, str) else model
+    hw = _hw(gpu) if isinstance(gpu, str) else gpu
+    if "fp8" in (dtype or m.native_dtype, kv_dtype):
+        hw.check_fp8()
+
+
 def b_mem(m: ModelConfig, hw: Hardware, dtype: str, tp: int, seq_tokens: int, kv_dtype: str = "bf16") -> int:
     """Sequences of `seq_tokens` whose KV fits beside the weights on each of `tp` GPUs (<= 0: does not fit)."""
     free = hw.memory_bytes * F_MEM - m.weight_bytes(dtype_bytes(dtype)) / tp - RESERVE_BYTES_PER_GPU
@@ -143,10 +151,14 @@ def _base(m, hw, w, dtype, tp, count, utilization, proj, dep) -> dict:
 def project(model: str | ModelConfig, gpu: str | Hardware, workload: str | Workload, dtype: str | None = None,
             tp: int = 1, batch_cap: int | None = None, runs: list[Run] | None = None, utilization: float = 1.0,
             eff: Efficiency | None = None, kv_dtype: str | None = None, count: str | None = None,
-            max_batched_tokens: int | None = None) -> dict:
-    """Tokens/s per GPU of `model` on `gpu` for `workload` (one flat dict; the equations: `serving`)."""
+            max_batched_tokens: int | None = None, weight_only_fp8: bool = False) -> dict:
+    """Tokens/s per GPU of `model` on `gpu` for `workload` (one flat dict; the equations: `serving`).
+    fp8 on a device without FP8 tensor cores is a ConfigError naming the datasheet field, unless
+    `weight_only_fp8` (fleets: such GPUs serve an fp8 checkpoint with 8-bit weights and bf16 math)."""
     m = _model(model) if isinstance(model, str) else model
     hw = _hw(gpu) if isinstance(gpu, str) else gpu
+    if not weight_only_fp8:
+        refuse_fp8(m, hw, dtype, kv_dtype)
     w = _workload(workload) if isinstance(workload, str) else workload
     dtype = dtype or m.native_dtype or "bf16"
     check_tp(m, tp)
@@ -241,4 +253,4 @@ def auto_tp(model: str | ModelConfig, gpu: str | Hardware, workload: str | Workl
 
 
 __all__ = ["Deployment", "Efficiency", "Projector", "Run", "auto_tp", "b_mem", "check_context", "check_tp",
-           "default_deployment", "efficiency_from_runs", "project", "read_runs", "resolve_workload"]
+           "default_deployment", "efficiency_from_runs", "project", "read_runs", "refuse_fp8", "resolve_workload"]

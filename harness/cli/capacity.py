@@ -76,10 +76,12 @@ def project_cmd(
         check_tp,
         project,
         read_runs,
+        refuse_fp8,
         resolve_workload,
     )
 
     check_format(fmt)
+    refuse_fp8(model, gpu, dtype, kv_dtype)  # before the workload: the device, not the request, is what refuses
     defaulted = workload is None and not (input_len and output_len)
     w = resolve_workload(DEFAULT_WORKLOAD if defaulted else workload, input_len, output_len, tpot_ms, ttft_ms)
     m = _model(model)

@@ -11,13 +11,26 @@ from harness.dtypes import to_dtype
 from harness.model.spec import ModelConfig
 
 KV_ALIGN = 64  # cache positions are allocated in multiples of this (aligned rows for the attention kernels)
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3fn
+
+
+def to_cache(t: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """t [..., Hkv, hd] (heads second to last) as an e4m3 cache stores it with per-head scales [Hkv]; t itself
+    when scale is None (a cache in the activations' dtype)."""
+    if scale is None:
+        return t
+    return (t.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
 class KVCache:
     """Static KV cache for (batch, max context), allocated once: k, v [L, B, Hkv, S_alloc, hd] with S_alloc =
     max_len rounded up to a multiple of KV_ALIGN (an odd length such as context + 1 = 4097 would leave every row of
     the attention's batched matmuls unaligned); `lengths` [B] int32 counts the tokens stored per sequence (the next
-    token of sequence b goes to position lengths[b]). Positions past a sequence's length are masked out."""
+    token of sequence b goes to position lengths[b]). Positions past a sequence's length are masked out.
+
+    dtype fp8: k, v in e4m3 with fp32 scales k_scale, v_scale [L, Hkv] (1.0: vLLM's default when a checkpoint
+    ships none; e4m3 spans +-448, far beyond K/V values); a layer stores through `to_cache(t, scale)`."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: str | torch.dtype = "bf16",
                  device: str | torch.device = "cpu"):
@@ -27,6 +40,9 @@ class KVCache:
         # Zeros, not empty: masked-out positions are multiplied by 0 in attention, and 0·NaN would be NaN.
         self.k = torch.zeros(shape, dtype=dt, device=dev)
         self.v = torch.zeros(shape, dtype=dt, device=dev)
+        self.fp8 = dt == FP8
+        self.k_scale = torch.ones((cfg.num_layers, cfg.num_kv_heads), device=dev) if self.fp8 else None
+        self.v_scale = torch.ones_like(self.k_scale) if self.fp8 else None
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=dev)
         # A decode step writes k[i][b, h, pos[b]] for every (b, h): one index_put per layer and tensor, no host sync
         # (and one torch.compile reinplaces, where a write through a flattened view made it copy the cache).
@@ -44,9 +60,18 @@ class KVCache:
     def fill_random(self, seed: int = 0) -> KVCache:
         """Unit-scale random keys and values (timing inputs are never zeros)."""
         gen = torch.Generator(device=self.k.device).manual_seed(seed)
-        self.k.uniform_(-1.7, 1.7, generator=gen)
-        self.v.uniform_(-1.7, 1.7, generator=gen)
+        for t in (self.k, self.v):
+            if not self.fp8:
+                t.uniform_(-1.7, 1.7, generator=gen)
+                continue
+            for layer in t:  # one layer at a time in bf16: no full-size temporary
+                layer.copy_(torch.empty(layer.shape, dtype=torch.bfloat16, device=t.device).uniform_(
+                    -1.7, 1.7, generator=gen))
         return self
+
+    def scales(self, i: int) -> tuple:
+        """Layer i's (k_scale, v_scale) for attention_decode, or () unless fp8 (the call takes none then)."""
+        return (self.k_scale[i], self.v_scale[i]) if self.fp8 else ()
 
 
 def rope_frequencies(cfg: ModelConfig, device: torch.device) -> float | torch.Tensor:

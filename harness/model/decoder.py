@@ -39,7 +39,7 @@ from harness.model.backends import (  # noqa: F401  (re-exported: the model's ca
     first_call,
     load_ops,
 )
-from harness.model.cache import KV_ALIGN, KVCache, Rotary, rope_frequencies  # noqa: F401  (re-exported)
+from harness.model.cache import KV_ALIGN, KVCache, Rotary, rope_frequencies, to_cache  # noqa: F401  (re-exported)
 from harness.model.spec import (  # noqa: F401  (the counts live on the spec; re-exported for callers)
     ModelConfig,
     decode_bytes,
@@ -143,7 +143,8 @@ class Transformer:
     runs it (compile time does not grow with depth: a whole qwen3-0.6b decode step took 200 s to compile on a 2-core
     CPU). The embedding lookup and the LM head are single vendor ops and run eager."""
 
-    def __init__(self, cfg: ModelConfig, weights: Weights, backend: str = "torch", rotary: Rotary | None = None):
+    def __init__(self, cfg: ModelConfig, weights: Weights, backend: str = "torch", rotary: Rotary | None = None,
+                 kv_dtype: str | torch.dtype | None = None):
         if not cfg.is_dense:
             raise ValueError(f"{cfg.id}: only dense models are built (MoE / MLA are not)")
         if len(weights.layers) != cfg.num_layers:
@@ -152,18 +153,19 @@ class Transformer:
         self.n_q, self.n_kv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.eps = cfg.rms_norm_eps
         self.rotary = rotary or Rotary(rope_frequencies(cfg, self.device), self.hd, self.dtype, self.device)
+        self.kv_dtype = None if kv_dtype is None else to_dtype(kv_dtype)  # None: the activations' dtype
         self._prefill_block, self._decode_block = self._prefill_layer, self._decode_layer
         if self.ops.compiled:
             self._prefill_block = compile_step(self._prefill_layer, self.device)
             self._decode_block = compile_step(self._decode_layer, self.device)
 
     def with_backend(self, backend: str) -> Transformer:
-        return Transformer(self.cfg, self.weights, backend, self.rotary)
+        return Transformer(self.cfg, self.weights, backend, self.rotary, self.kv_dtype)
 
     def with_layers(self, n: int) -> Transformer:
         """The first n layers with the same embedding, final norm and LM head (n=0: only those)."""
         return Transformer(with_layers(self.cfg, n), replace(self.weights, layers=self.weights.layers[:n]),
-                           self.backend, self.rotary)
+                           self.backend, self.rotary, self.kv_dtype)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -174,7 +176,12 @@ class Transformer:
         return self.weights.embed.device
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        return KVCache(self.cfg, batch, max_len, self.dtype, self.device)
+        return KVCache(self.cfg, batch, max_len, self.kv_dtype or self.dtype, self.device)
+
+    def _linear(self, x: torch.Tensor, w) -> torch.Tensor:
+        # A layer projection: a weight tensor through the backend's gemm, or a quantized weight (harness.model.fp8)
+        # that multiplies itself on this backend.
+        return self.ops.gemm(x, w) if isinstance(w, torch.Tensor) else w.linear(x, self.backend)
 
     # --- building blocks, shared by prefill and decode (T tokens flattened); harness.model.tp overrides _embed,
     # _reduce and _logits to add its collectives ---
@@ -193,7 +200,7 @@ class Transformer:
     def _qkv(self, lw: Layer, x: torch.Tensor, rot: tuple):
         # x: [T, D] (normed), rot: the rope op's angles for the T tokens (ops.rotary)
         ops, hd = self.ops, self.hd
-        qkv = ops.gemm(x, lw.wqkv)  # [T, (Hq + 2·Hkv)·hd]
+        qkv = self._linear(x, lw.wqkv)  # [T, (Hq + 2·Hkv)·hd]
         if lw.bqkv is not None:
             qkv = qkv + lw.bqkv
         t, nq, nk = x.shape[0], self.n_q * hd, self.n_kv * hd
@@ -211,8 +218,8 @@ class Transformer:
         add + the next norm. Returns (y, residual): the next layer's normed input and the stream."""
         ops, eps, inter = self.ops, self.eps, lw.w2.shape[1]
         y, residual = ops.rmsnorm(h, lw.mlp_norm, eps, residual)
-        gu = ops.gemm(y, lw.w13)  # [T, 2·I]
-        h = self._reduce(ops.gemm(ops.silu_mul(gu[:, :inter], gu[:, inter:]), lw.w2))  # [T, D]
+        gu = self._linear(y, lw.w13)  # [T, 2·I]
+        h = self._reduce(self._linear(ops.silu_mul(gu[:, :inter], gu[:, inter:]), lw.w2))  # [T, D]
         return ops.rmsnorm(h, next_norm, eps, residual)
 
     def _stack(self, h: torch.Tensor, block) -> torch.Tensor:
@@ -238,7 +245,7 @@ class Transformer:
         h = self._embed(tokens.reshape(b * s))  # [T, D]
 
         def block(i, lw, next_norm, y, residual):
-            kv = (None, None) if cache is None else (cache.k[i], cache.v[i])
+            kv = (None, None, ()) if cache is None else (cache.k[i], cache.v[i], cache.scales(i))
             return self._prefill_block(lw, next_norm, y, residual, *kv, rot, b)
 
         y = self._stack(h, block)
@@ -254,8 +261,10 @@ class Transformer:
         return self._logits(y[torch.arange(b, device=tokens.device) * s + last])  # [B, V]
 
     def _prefill_layer(self, lw: Layer, next_norm: torch.Tensor, y: torch.Tensor, residual: torch.Tensor,
-                       k_cache: torch.Tensor | None, v_cache: torch.Tensor | None, rot: tuple, b: int):
-        # y, residual: [T, D], T = B·S; k_cache/v_cache: this layer's [B, Hkv, S_alloc, hd], or None
+                       k_cache: torch.Tensor | None, v_cache: torch.Tensor | None, kv_scales: tuple, rot: tuple,
+                       b: int):
+        # y, residual: [T, D], T = B·S; k_cache/v_cache: this layer's [B, Hkv, S_alloc, hd], or None; kv_scales:
+        # their e4m3 scales (k [Hkv], v [Hkv]), () unless the cache is fp8
         t, hd = y.shape[0], self.hd
         s = t // b
         q, k, v = self._qkv(lw, y, rot)  # q: [T, Hq, hd], k/v: [T, Hkv, hd]
@@ -263,10 +272,11 @@ class Transformer:
         k = k.view(b, s, self.n_kv, hd).transpose(1, 2)  # [B, Hkv, S, hd]
         v = v.view(b, s, self.n_kv, hd).transpose(1, 2)
         if k_cache is not None:
-            k_cache[:, :, :s] = k
-            v_cache[:, :, :s] = v
+            ks, vs = kv_scales or (None, None)
+            k_cache[:, :, :s] = to_cache(k.transpose(1, 2), ks).transpose(1, 2)
+            v_cache[:, :, :s] = to_cache(v.transpose(1, 2), vs).transpose(1, 2)
         o = self.ops.attention_prefill(q, k, v, causal=True)  # [B, Hq, S, hd]
-        h = self._reduce(self.ops.gemm(o.transpose(1, 2).reshape(t, self.n_q * hd), lw.wo))  # [T, D]
+        h = self._reduce(self._linear(o.transpose(1, 2).reshape(t, self.n_q * hd), lw.wo))  # [T, D]
         return self._mlp_block(lw, next_norm, h, residual)
 
     def forward_decode(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -279,19 +289,21 @@ class Transformer:
         h = self._embed(tokens)  # [B, D]
 
         def block(i, lw, next_norm, y, residual):
-            return self._decode_block(lw, next_norm, y, residual, cache.k[i], cache.v[i], rot, where, context_lens)
+            return self._decode_block(lw, next_norm, y, residual, cache.k[i], cache.v[i], cache.scales(i), rot,
+                                      where, context_lens)
 
         return self._logits(self._stack(h, block))  # [B, V]
 
     def _decode_layer(self, lw: Layer, next_norm: torch.Tensor, y: torch.Tensor, residual: torch.Tensor,
-                      k_cache: torch.Tensor, v_cache: torch.Tensor, rot: tuple, where: tuple,
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, kv_scales: tuple, rot: tuple, where: tuple,
                       context_lens: torch.Tensor):
-        # y, residual: [B, D]; k_cache/v_cache: this layer's [B, Hkv, S_alloc, hd]
+        # y, residual: [B, D]; k_cache/v_cache: this layer's [B, Hkv, S_alloc, hd]; kv_scales as in _prefill_layer
         q, k, v = self._qkv(lw, y, rot)  # q: [B, Hq, hd], k/v: [B, Hkv, hd]
-        k_cache[where] = k
-        v_cache[where] = v
-        o = self.ops.attention_decode(q, k_cache, v_cache, context_lens)  # [B, Hq, hd]
-        h = self._reduce(self.ops.gemm(o.reshape(y.shape[0], self.n_q * self.hd), lw.wo))  # [B, D]
+        ks, vs = kv_scales or (None, None)
+        k_cache[where] = to_cache(k, ks)
+        v_cache[where] = to_cache(v, vs)
+        o = self.ops.attention_decode(q, k_cache, v_cache, context_lens, *kv_scales)  # [B, Hq, hd]
+        h = self._reduce(self._linear(o.reshape(y.shape[0], self.n_q * self.hd), lw.wo))  # [B, D]
         return self._mlp_block(lw, next_norm, h, residual)
 
     @torch.no_grad()
