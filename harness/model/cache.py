@@ -23,6 +23,15 @@ def to_cache(t: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return (t.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
+def store_kv(cache: torch.Tensor, where: tuple, t: torch.Tensor, scale: torch.Tensor | None) -> None:
+    """cache[where] = t [B, Hkv, hd], quantized when `scale` is given (an e4m3 cache): written as raw bytes then,
+    since index_put need not support float8 on every device."""
+    if scale is None:
+        cache[where] = t
+    else:
+        cache.view(torch.uint8)[where] = to_cache(t, scale).view(torch.uint8)
+
+
 class KVCache:
     """Static KV cache for (batch, max context), allocated once: k, v [L, B, Hkv, S_alloc, hd] with S_alloc =
     max_len rounded up to a multiple of KV_ALIGN (an odd length such as context + 1 = 4097 would leave every row of

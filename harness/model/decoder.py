@@ -39,7 +39,7 @@ from harness.model.backends import (  # noqa: F401  (re-exported: the model's ca
     first_call,
     load_ops,
 )
-from harness.model.cache import KV_ALIGN, KVCache, Rotary, rope_frequencies, to_cache  # noqa: F401  (re-exported)
+from harness.model.cache import KV_ALIGN, KVCache, Rotary, rope_frequencies, store_kv, to_cache  # noqa: F401  (re-exported)
 from harness.model.spec import (  # noqa: F401  (the counts live on the spec; re-exported for callers)
     ModelConfig,
     decode_bytes,
@@ -300,8 +300,8 @@ class Transformer:
         # y, residual: [B, D]; k_cache/v_cache: this layer's [B, Hkv, S_alloc, hd]; kv_scales as in _prefill_layer
         q, k, v = self._qkv(lw, y, rot)  # q: [B, Hq, hd], k/v: [B, Hkv, hd]
         ks, vs = kv_scales or (None, None)
-        k_cache[where] = to_cache(k, ks)
-        v_cache[where] = to_cache(v, vs)
+        store_kv(k_cache, where, k, ks)
+        store_kv(v_cache, where, v, vs)
         o = self.ops.attention_decode(q, k_cache, v_cache, context_lens, *kv_scales)  # [B, Hq, hd]
         h = self._reduce(self._linear(o.reshape(y.shape[0], self.n_q * self.hd), lw.wo))  # [B, D]
         return self._mlp_block(lw, next_norm, h, residual)

@@ -70,7 +70,9 @@ def quantize(model: M.Transformer, layout: str = "tensor", kv_dtype: str = "bf16
         layers.append(replace(lw, **{n: Fp8Weight.quantize(getattr(lw, n), layout) for n in LINEARS}))
         for n in LINEARS:  # free each bf16 projection as soon as it is quantized
             setattr(lw, n, None)
-    return M.Transformer(model.cfg, replace(model.weights, layers=layers), model.backend, model.rotary, kv_dtype)
+    # kv_dtype bf16 means the activations' dtype (fp32 when the model was built in fp32 for the interpreter).
+    return M.Transformer(model.cfg, replace(model.weights, layers=layers), model.backend, model.rotary,
+                         "fp8" if kv_dtype == "fp8" else None)
 
 
 def build_model(cfg: ModelConfig | str, backend: str = "torch", device: str | torch.device = "cpu", seed: int = 0,

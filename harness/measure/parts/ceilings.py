@@ -39,8 +39,9 @@ class Spec(Strict):
     copy_mb: float = Field(gt=0, description="size of the tensor copied (read + written counts twice)")
     read_mb: float | None = Field(None, gt=0, description=f"tensor summed by the read-only probe; default "
                                   f"{READ_L2_MULTIPLE}x the L2/LLC, at least copy_mb")
-    matmul: dict[Dtype, PositiveInt | list[PositiveInt]] = Field(
-        description="dtype -> size N (or sizes) of NxNxN matmuls; the best size and layout is the ceiling")
+    matmul: dict[Dtype | Literal["fp8"], PositiveInt | list[PositiveInt]] = Field(
+        description="dtype -> size N (or sizes) of NxNxN matmuls; the best size and layout is the ceiling (fp8: "
+                    "e4m3 through torch._scaled_mm, bf16 out, nt only)")
     matmul_layouts: list[Literal["nn", "nt"]] = Field(["nn", "nt"], min_length=1,
                                                       description="nn: a @ b; nt: a @ b.T (F.linear's layout)")
     matvec: MatvecSpec
@@ -123,8 +124,17 @@ def read_job(spec: Spec, ctx: RunContext) -> Job:
     return Job({"kind": "ceiling", "op": "read", "dtype": "fp32", "mb": mb}, run, "ceiling read")
 
 
+def _fp8_matmul(a: torch.Tensor, rhs: torch.Tensor):
+    # e4m3 a [N, N] @ rhs through torch._scaled_mm (cuBLASLt): rhs column-major (the nt layout, the only one
+    # cuBLASLt's fp8 takes), unit scales, bf16 out. No out= on every build: each call allocates (cached).
+    one = torch.ones((), device=a.device)
+    return lambda: torch._scaled_mm(a, rhs, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+
+
 def matmul_job(spec: Spec, dtype: str, size: int, layout: str) -> Job:
     def run(ctx: RunContext) -> dict:
+        if dtype == "fp8" and ctx.datasheet and not ctx.datasheet.has_fp8:
+            return {"status": "skipped", "note": ctx.datasheet.fp8_refusal()}
         dt = to_dtype(dtype)
         gen = torch.Generator(device=ctx.torch_device).manual_seed(ctx.seed + 1)
         a = _randn((size, size), dt, ctx.torch_device, gen)
@@ -133,12 +143,13 @@ def matmul_job(spec: Spec, dtype: str, size: int, layout: str) -> Job:
         prev = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = spec.allow_tf32
         try:
-            out = a @ rhs
+            mm = _fp8_matmul(a, rhs) if dtype == "fp8" else None
+            out = mm() if mm else a @ rhs
             probe = (a[:64].double() @ rhs.double())
             err = float((out[:64].double() - probe).norm() / probe.norm())
             if err > (0.02 if dtype != "fp32" else 5e-3):
                 return {"status": "incorrect", "error": f"matmul relative error {err:.2e}", "rel_error": err}
-            timed = _probe(ctx, spec, lambda: torch.matmul(a, rhs, out=out))
+            timed = _probe(ctx, spec, mm or (lambda: torch.matmul(a, rhs, out=out)))
         finally:
             torch.backends.cuda.matmul.allow_tf32 = prev
         flops = 2 * size**3
@@ -177,7 +188,8 @@ def plan(spec: Spec, ctx: RunContext) -> list[Job]:
     jobs = [copy_job(spec), read_job(spec, ctx)]
     for dt, sizes in spec.matmul.items():
         for size in ([sizes] if isinstance(sizes, int) else sizes):
-            jobs += [matmul_job(spec, dt, size, layout) for layout in spec.matmul_layouts]
+            layouts = ["nt"] if dt == "fp8" else spec.matmul_layouts  # cuBLASLt's fp8 takes only nt
+            jobs += [matmul_job(spec, dt, size, layout) for layout in layouts]
     jobs += [matvec_job(spec, dt) for dt in spec.matvec.dtypes]
     return jobs
 

@@ -23,7 +23,8 @@ from harness.model.spec import load_model_config
 
 class OpCase(Strict):
     op: str
-    dtypes: list[Literal["fp32", "bf16", "fp16"]] = Field(min_length=1)
+    # fp8: gemm_fp8 (e4m3 operands, bf16 activations in and out) or attention_decode over an e4m3 KV cache.
+    dtypes: list[Literal["fp32", "bf16", "fp16", "fp8"]] = Field(min_length=1)
     backends: list[Literal["triton", "torch", "compile"]] = ["triton", "torch"]
     shapes: list[dict[str, Any]] = Field(default_factory=list, description="literal shape dicts")
     models: list[str] = Field(default_factory=list, description="derive shapes from these model configs")
@@ -31,6 +32,7 @@ class OpCase(Strict):
                                                                          "sequence)")
     batch: list[PositiveInt] = Field(default_factory=list, description="model shapes: sequences (decode attention)")
     context: list[PositiveInt] = Field(default_factory=list, description="model shapes: context (decode attention)")
+    scales: list[Literal["tensor", "block"]] = Field(["tensor"], description="gemm_fp8: scale layouts")
 
     @field_validator("op")
     @classmethod
@@ -85,6 +87,8 @@ def case_shapes(case: OpCase) -> list[dict]:
     make = REGISTRY[case.op].model_shapes  # the op says which shapes a model gives it
     for name in case.models:
         shapes += make(load_model_config(name), tokens=case.tokens, batch=case.batch, context=case.context)
+    if case.op == "gemm_fp8":  # one point per scale layout (a literal shape may name its own)
+        shapes = [{**s, "scale": sc} for s in shapes for sc in ([s["scale"]] if "scale" in s else case.scales)]
     return shapes
 
 
@@ -101,6 +105,8 @@ def kernel_job(op: str, shape: dict, dtype: str, backend: str, flush_l2: bool) -
         entry = REGISTRY[op]
         if backend == "triton" and not ctx.on_gpu:
             return {"status": "skipped", "note": CPU_TRITON_NOTE}
+        if (dtype == "fp8" or op == "gemm_fp8") and ctx.datasheet and not ctx.datasheet.has_fp8:
+            return {"status": "skipped", "note": ctx.datasheet.fp8_refusal()}
         args_shape = {k: v for k, v in shape.items() if k != "source"}
         dt = to_dtype(dtype)
         inputs = entry.make_inputs(args_shape, dt, ctx.torch_device, ctx.seed)

@@ -28,36 +28,67 @@ from harness.dtypes import dtype_bytes
 from harness.measure.context import CPU_TRITON_NOTE, Job, RunContext
 from harness.measure.device import meminfo
 from harness.model import decoder as M
+from harness.model import fp8 as F8
 from harness.model.spec import ModelConfig, load_model_config, tp_problem
 from kernels import rel_error
 
 # Relative L2 error of logits allowed against the reference. The check runs the full stack of real-shaped layers, so
 # rounding compounds: bf16 (8 mantissa bits) rounds each layer's output to ~0.4%; fp32 is looser than its epsilon
 # because Triton's tl.dot runs fp32 as tf32 on sm80+ (10 mantissa bits).
-TOLERANCE = {"fp32": 1e-2, "bf16": 6e-2, "fp16": 2e-2}
+# fp8: every backend's fp8 model against the bf16 model's reference logits (same seed, before quantizing), with
+# harness.model.fp8.TOLERANCE: e4m3 rounding, not a backend's error, dominates it.
+TOLERANCE = {"fp32": 1e-2, "bf16": 6e-2, "fp16": 2e-2, "fp8": F8.TOLERANCE}
 MEMORY_FRACTION = 0.85  # of the free memory the points may plan for
 WEIGHT_FRACTION = 0.6  # of that, for weights, when choosing how many layers fit
 CHECK_BATCH, CHECK_LEN = 2, 8
 Backend = Literal["triton", "torch", "compile"]
 
 
+def _known_models(v: list[str] | None) -> list[str] | None:
+    known = known_names("models")
+    unknown = [m for m in v or [] if m not in known]
+    if unknown:
+        raise ValueError(f"unknown model {unknown[0]!r}; known: {', '.join(known)}")
+    return v
+
+
+class Fp8Grid(Strict):
+    """fp8 points beside a section's grid (e4m3 layer projections, bf16 elsewhere); unset lists take the section's."""
+
+    models: list[str] | None = None
+    backends: list[Backend] | None = None
+    batch: list[PositiveInt] | None = None
+    context: list[PositiveInt] | None = Field(None, description="decode")
+    prompt_len: list[PositiveInt] | None = Field(None, description="prefill")
+    kv_dtype: Literal["bf16", "fp8"] = "bf16"
+    scale: Literal["tensor", "block"] = "tensor"
+
+    _models = field_validator("models")(classmethod(lambda cls, v: _known_models(v)))
+
+
 class _ModelSpec(Strict):
     models: list[str] = Field(min_length=1)
     backends: list[Backend] = Field(default_factory=lambda: list(M.TIMED_BACKENDS), min_length=1)
-    dtypes: list[Literal["fp32", "bf16", "fp16"]] = Field(default_factory=lambda: ["bf16"], min_length=1)
+    dtypes: list[Literal["fp32", "bf16", "fp16", "fp8"]] = Field(default_factory=lambda: ["bf16"], min_length=1)
+    # fp8 points only (e4m3 layer projections, bf16 elsewhere): the KV cache's dtype and the scale layout.
+    kv_dtype: Literal["bf16", "fp8"] = "bf16"
+    fp8_scale: Literal["tensor", "block"] = "tensor"
+    fp8: Fp8Grid | None = Field(None, description="fp8 points beside this grid")
     batch: list[PositiveInt] = Field(default_factory=lambda: [1], min_length=1)
     layers: PositiveInt | None = Field(None, description="build this many real layers and scale to the full count")
     tp: PositiveInt = Field(1, description="tensor-parallel degree: time one GPU's shard of every projection")
     check: bool = Field(True, description="check logits before timing (off only for debugging)")
 
-    @field_validator("models")
-    @classmethod
-    def _known(cls, v: list[str]) -> list[str]:
-        known = known_names("models")
-        unknown = [m for m in v if m not in known]
-        if unknown:
-            raise ValueError(f"unknown model {unknown[0]!r}; known: {', '.join(known)}")
-        return v
+    _models = field_validator("models")(classmethod(lambda cls, v: _known_models(v)))
+
+    def fp8_spec(self, length_key: str):
+        """This section narrowed to its fp8 grid: dtype fp8, the grid's models, batch, lengths, KV dtype, scales."""
+        g = self.fp8
+        upd = dict(models=g.models or self.models, backends=g.backends or self.backends, dtypes=["fp8"],
+                   batch=g.batch or self.batch, kv_dtype=g.kv_dtype, fp8_scale=g.scale, fp8=None)
+        if getattr(g, length_key):
+            upd[length_key] = getattr(g, length_key)
+        return self.model_copy(update=upd)
 
 
 class PrefillSpec(_ModelSpec):
@@ -93,6 +124,7 @@ class _Built:
     backends: dict = field(default_factory=dict)  # backend -> Transformer (compiled functions kept with it)
     rel_error: dict = field(default_factory=dict)  # backend -> relative error of its check (None: not checked)
     failed: dict = field(default_factory=dict)  # backend -> the incorrect-point dict
+    want: torch.Tensor | None = None  # fp8: the bf16 model's reference check logits, before it was quantized
 
 
 class _Session:
@@ -114,14 +146,19 @@ class _Session:
         _free(device)
 
     def get(self, ctx: RunContext, name: str, dtype: str, spec: _ModelSpec) -> _Built:
-        key = (name, dtype, spec.tp, spec.layers, ctx.seed)
+        key = (name, dtype, spec.tp, spec.layers, ctx.seed, spec.kv_dtype, spec.fp8_scale)
         if key == self.key:
             return self.built
         self.drop(ctx.torch_device)
         cfg = M.shard_config(load_model_config(name), spec.tp)
-        n = layers_to_build(cfg, dtype_bytes(dtype), _available_bytes(ctx.torch_device), spec.layers)
-        model = M.build_model(cfg, "torch", dtype, ctx.torch_device, seed=ctx.seed, layers=n)
-        self.key, self.built = key, _Built(model, cfg.num_layers)
+        wdt = "bf16" if dtype == "fp8" else dtype  # fp8 is built in bf16 and quantized: sized at 2 bytes
+        n = layers_to_build(cfg, dtype_bytes(wdt), _available_bytes(ctx.torch_device), spec.layers)
+        model = M.build_model(cfg, "torch", wdt, ctx.torch_device, seed=ctx.seed, layers=n)
+        want = None
+        if dtype == "fp8":
+            want = reference_logits(model, seed=ctx.seed + 1) if spec.check else None
+            model = F8.quantize(model, spec.fp8_scale, spec.kv_dtype)
+        self.key, self.built = key, _Built(model, cfg.num_layers, want=want)
         return self.built
 
     def prepare(self, ctx: RunContext, spec: _ModelSpec, name: str, dtype: str, backend: str
@@ -139,12 +176,13 @@ class _Session:
         """None when the backend's logits check out (once per model/dtype/backend), else the incorrect point."""
         if not enabled or backend in built.rel_error or backend in built.failed:
             return built.failed.get(backend)
-        err = check_logits(built.backends[backend], seed=ctx.seed + 1)
+        err = check_logits(built.backends[backend], seed=ctx.seed + 1, want=built.want)
         built.rel_error[backend] = err
         if not math.isfinite(err) or err > TOLERANCE[dtype]:
+            what = "the bf16 model's reference" if built.want is not None else "the reference"
             built.failed[backend] = {
                 "status": "incorrect", "rel_error": err if math.isfinite(err) else None,
-                "error": f"logits vs the reference (fp32 math, full recompute): relative error {err:.3g} > "
+                "error": f"logits vs {what} (fp32 math, full recompute): relative error {err:.3g} > "
                          f"{TOLERANCE[dtype]}"}
         return built.failed.get(backend)
 
@@ -167,18 +205,32 @@ def layers_to_build(cfg: ModelConfig, dtype_bytes_: int, available: int, request
     return n
 
 
+def _check_tokens(model: M.Transformer, seed: int, batch: int, prompt_len: int) -> torch.Tensor:
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    return torch.randint(0, model.cfg.vocab_size, (batch, prompt_len + 1), generator=gen, device=model.device)
+
+
 @torch.no_grad()
-def check_logits(model: M.Transformer, seed: int = 0, batch: int = CHECK_BATCH, prompt_len: int = CHECK_LEN) -> float:
+def reference_logits(model: M.Transformer, seed: int = 0, batch: int = CHECK_BATCH,
+                     prompt_len: int = CHECK_LEN) -> torch.Tensor:
+    """The `reference` backend's (fp32 math) logits of the check's last prompt token and next token [B, 2, V],
+    recomputing the whole sequence without a cache."""
+    tokens = _check_tokens(model, seed, batch, prompt_len)
+    return model.with_backend("reference").forward(tokens)[:, prompt_len - 1:]
+
+
+@torch.no_grad()
+def check_logits(model: M.Transformer, seed: int = 0, batch: int = CHECK_BATCH, prompt_len: int = CHECK_LEN,
+                 want: torch.Tensor | None = None) -> float:
     """Relative L2 error of `model`'s next-token logits for a fresh random prompt (prefill into the KV cache) and one
-    decode step, against the `reference` backend (fp32 math) recomputing the whole sequence without a cache: one
+    decode step, against `reference_logits` of the same model (or `want`: for an fp8 model, the bf16 model's): one
     check of the backend's ops and of its cache path."""
-    dev = model.device
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    tokens = torch.randint(0, model.cfg.vocab_size, (batch, prompt_len + 1), generator=gen, device=dev)
+    tokens = _check_tokens(model, seed, batch, prompt_len)
     cache = model.new_cache(batch, prompt_len + 1)
     first = M.prefill(model, tokens[:, :prompt_len], cache)  # [B, V]
     second = M.decode_one_token(model, tokens[:, prompt_len], cache)  # [B, V]
-    want = model.with_backend("reference").forward(tokens)[:, prompt_len - 1:]  # [B, 2, V]
+    if want is None:
+        want = reference_logits(model, seed, batch, prompt_len)  # [B, 2, V]
     return rel_error(torch.stack([first, second], 1), want)
 
 
@@ -246,6 +298,11 @@ def _timed(ctx: RunContext, fn, measure) -> tuple:
     return result, first
 
 
+def _widths(dtype: str, spec: _ModelSpec) -> tuple[int, int]:
+    """(activation bytes, KV bytes) per element: fp8 points keep bf16 activations and store KV in spec.kv_dtype."""
+    return (2, dtype_bytes(spec.kv_dtype)) if dtype == "fp8" else (dtype_bytes(dtype),) * 2
+
+
 def _common(built: _Built, n: int, backend: str) -> dict:
     out: dict = {"rel_error": built.rel_error.get(backend)}
     if n < built.full_layers:
@@ -266,12 +323,13 @@ def _prefill_point(ctx: RunContext, session: _Session, spec: PrefillSpec, name: 
     built, m, bad = session.prepare(ctx, spec, name, dtype, backend)
     if bad:
         return bad
-    cfg, n, full, db = m.cfg, m.cfg.num_layers, built.full_layers, dtype_bytes(dtype)
+    cfg, n, full = m.cfg, m.cfg.num_layers, built.full_layers
+    db, kvb = _widths(dtype, spec)
     tokens_n = batch * prompt_len
     # KV cache + a generous bound on live activations (the fused QKV and gate/up outputs, a few [T, D] buffers).
     act = tokens_n * ((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + 3 * cfg.intermediate_size
                       + 6 * cfg.hidden_size) * db
-    _point_memory_check(ctx, tokens_n * cfg.kv_bytes_per_token(db) + 2 * act, "prefill")
+    _point_memory_check(ctx, tokens_n * cfg.kv_bytes_per_token(kvb) + 2 * act, "prefill")
     gen = torch.Generator(device=ctx.torch_device).manual_seed(ctx.seed + batch * 7919 + prompt_len)
     tokens = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=gen, device=ctx.torch_device)
     session.cache = cache = m.new_cache(batch, prompt_len)
@@ -291,7 +349,8 @@ def _prefill_point(ctx: RunContext, session: _Session, spec: PrefillSpec, name: 
     return {
         **timing, "ttft_ms": ms, "tokens_per_s": tokens_n / (ms / 1e3),
         "flops": M.prefill_flops(full_cfg, batch, prompt_len),
-        "bytes": M.prefill_bytes(full_cfg, batch, prompt_len, db),
+        "bytes": F8.prefill_bytes(full_cfg, batch, prompt_len, kvb) if dtype == "fp8"
+        else M.prefill_bytes(full_cfg, batch, prompt_len, db),
         **_common(built, n, backend),
         **_notes(f"{n} of {full} layers timed, embedding+head {head.median_ms:.3f} ms" if head else None),
     }
@@ -302,8 +361,9 @@ def _decode_point(ctx: RunContext, session: _Session, spec: DecodeSpec, name: st
     built, m, bad = session.prepare(ctx, spec, name, dtype, backend)
     if bad:
         return bad
-    cfg, n, full, db = m.cfg, m.cfg.num_layers, built.full_layers, dtype_bytes(dtype)
-    _point_memory_check(ctx, batch * (context + 1) * cfg.kv_bytes_per_token(db), "decode KV cache")
+    cfg, n, full = m.cfg, m.cfg.num_layers, built.full_layers
+    db, kvb = _widths(dtype, spec)
+    _point_memory_check(ctx, batch * (context + 1) * cfg.kv_bytes_per_token(kvb), "decode KV cache")
     session.cache = cache = m.new_cache(batch, context + 1).fill_random(ctx.seed + batch + context)
     gen = torch.Generator(device=ctx.torch_device).manual_seed(ctx.seed + batch * 7919 + context)
     tokens = torch.randint(0, cfg.vocab_size, (batch,), generator=gen, device=ctx.torch_device)  # [B]
@@ -325,7 +385,9 @@ def _decode_point(ctx: RunContext, session: _Session, spec: DecodeSpec, name: st
     ms = timing["median_ms"]
     return {
         **timing, "tpot_ms": ms, "tokens_per_s": batch / (ms / 1e3), "tokens_per_s_per_seq": 1e3 / ms,
-        "flops": M.decode_flops(full_cfg, batch, context), "bytes": M.decode_bytes(full_cfg, batch, context, db),
+        "flops": M.decode_flops(full_cfg, batch, context),
+        "bytes": F8.decode_bytes(full_cfg, batch, context, kvb) if dtype == "fp8"
+        else M.decode_bytes(full_cfg, batch, context, db),
         **_common(built, n, backend),
         **_notes(graph_note, f"{n} of {full} layers timed, embedding+head {head.median_ms:.3f} ms" if head else None),
     }
@@ -352,26 +414,37 @@ def _not_buildable(name: str, spec: _ModelSpec) -> str | None:
     return tp_problem(cfg, spec.tp)
 
 
-def _plan(kind: str, spec: _ModelSpec, ctx: RunContext, lengths: list[int], length_key: str, point) -> list[Job]:
+def _plan(kind: str, spec: _ModelSpec, ctx: RunContext, length_key: str, point, session: _Session) -> list[Job]:
     """One job per point of models × dtypes × backends × batch × lengths, in that order (a model's points
     together, so it is built once); all of them share one explicit session."""
-    session = _Session()
+    lengths = getattr(spec, length_key)
     why_not = {name: _not_buildable(name, spec) for name in spec.models}
     jobs: list[Job] = []
     for name, dtype, backend, batch, length in itertools.product(spec.models, spec.dtypes, spec.backends,
                                                                  spec.batch, lengths):
         key = {"kind": kind, "model": name, "backend": backend, "dtype": dtype, "batch": batch, length_key: length,
                "tp": spec.tp, "layers": spec.layers}
-        skip = why_not[name] or (CPU_TRITON_NOTE if backend == "triton" and not ctx.on_gpu else None)
+        if dtype == "fp8":
+            key.update(kv_dtype=spec.kv_dtype, fp8_scale=spec.fp8_scale)
+        no_fp8 = dtype == "fp8" and ctx.datasheet and ctx.datasheet.fp8_refusal()
+        skip = why_not[name] or no_fp8 or (CPU_TRITON_NOTE if backend == "triton" and not ctx.on_gpu else None)
         run = _skipped(skip) if skip else functools.partial(_run, session, point, spec,
                                                             (name, dtype, backend, batch, length))
         jobs.append(Job(key=key, run=run, label=f"{kind} {name} {backend} {dtype} b{batch} {length_key}{length}"))
     return jobs
 
 
+def _plan_section(kind: str, spec: _ModelSpec, ctx: RunContext, length_key: str, point) -> list[Job]:
+    session = _Session()  # one model on the device at a time, across the grid and its fp8 grid
+    jobs = _plan(kind, spec, ctx, length_key, point, session)
+    if spec.fp8 is not None:
+        jobs += _plan(kind, spec.fp8_spec(length_key), ctx, length_key, point, session)
+    return jobs
+
+
 def plan_prefill(spec: PrefillSpec, ctx: RunContext) -> list[Job]:
-    return _plan("prefill", spec, ctx, spec.prompt_len, "prompt_len", _prefill_point)
+    return _plan_section("prefill", spec, ctx, "prompt_len", _prefill_point)
 
 
 def plan_decode(spec: DecodeSpec, ctx: RunContext) -> list[Job]:
-    return _plan("decode", spec, ctx, spec.context, "context", _decode_point)
+    return _plan_section("decode", spec, ctx, "context", _decode_point)

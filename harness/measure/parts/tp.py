@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Literal
 
 import torch
 from pydantic import Field, PositiveInt
@@ -38,6 +39,8 @@ class Spec(P._ModelSpec):
     """The model part's fields (models, every backend it times, dtypes, batch, layers, check) and both grids."""
 
     tp: None = Field(None, description="not set here: tp is the run's world size (`--nproc N`)")
+    dtypes: list[Literal["fp32", "bf16", "fp16"]] = Field(default_factory=lambda: ["bf16"], min_length=1)  # no fp8
+    fp8: None = Field(None, description="not here: the sharded model has no fp8 path")
     prompt_len: list[PositiveInt] = Field(default_factory=list, description="prefill grid (empty: none)")
     context: list[PositiveInt] = Field(default_factory=list, description="decode grid (empty: none)")
     cuda_graph: bool = Field(True, description="capture the decode step (collectives included) on GPU")

@@ -1,0 +1,293 @@
+"""FP8 (issue 14): the e4m3 GEMM in both scale layouts and decode attention over an e4m3 KV cache against their
+references on odd shapes (Triton's interpreter on the CPU: fp8 tl.dot is exact there), the fp8 model against the
+bf16 model, fp8 points in the parts, and the refusal on devices without FP8 tensor cores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import REGISTRY, rel_error
+from kernels._triton import INTERPRET
+from kernels.gemm_fp8 import FP8, gemm_fp8, gemm_fp8_baseline, gemm_fp8_ref, quantize_fp8, quantize_fp8_ref
+from tests.conftest import run_cli
+
+DEVICE = "cpu" if INTERPRET else "cuda"
+# Odd sizes: no M, N or K a multiple of any block; K past one and two 128-channel scale groups.
+GEMM_SHAPES = [(1, 45, 70), (5, 33, 300), (70, 130, 19), (17, 129, 257)]
+
+
+def _to64(args):
+    return tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+@pytest.mark.parametrize("layout", ["tensor", "block"])
+@pytest.mark.parametrize("m,n,k", GEMM_SHAPES)
+def test_gemm_fp8_matches_reference(m, n, k, layout):
+    op = REGISTRY["gemm_fp8"]
+    # fp32 activations: the output is fp32 too, so the check is tight (only the quantization could differ).
+    args = op.make_inputs({"m": m, "n": n, "k": k, "scale": layout}, torch.float32, DEVICE, seed=m + n)
+    ref = op.reference(*_to64(args))
+    for split_k in (1, 3):
+        out = gemm_fp8(*args, split_k=split_k)
+        assert out.dtype == torch.float32 and out.shape == (m, n)
+        assert rel_error(out, ref) < 1e-5, (split_k, rel_error(out, ref))
+
+
+@pytest.mark.parametrize("layout", ["tensor", "block"])
+def test_gemm_fp8_bf16_output_within_tolerance(layout):
+    op = REGISTRY["gemm_fp8"]
+    args = op.make_inputs({"m": 9, "n": 70, "k": 300, "scale": layout}, FP8, DEVICE, seed=3)
+    assert args[0].dtype == torch.bfloat16 and args[1].dtype == FP8
+    out = op.triton(*args)
+    assert out.dtype == torch.bfloat16
+    assert rel_error(out, op.reference(*_to64(args))) <= op.tolerance(FP8)
+
+
+def test_quantizer_kernel_is_the_reference_quantizer():
+    x = torch.randn(7, 300) * torch.exp(torch.randn(1, 300))  # channels of different magnitude
+    x[0, :5] = torch.tensor([127.5, 31.9, 1e-5, 0.0, -447.0])  # round-up carries, a subnormal, zero
+    x = x.to(DEVICE)
+    for scale in (None, (x.abs().amax() / 448).reshape(())):
+        q, s = quantize_fp8(x, scale)
+        rq, rs = quantize_fp8_ref(x, scale)
+        assert torch.equal(s.reshape(rs.shape), rs)
+        mismatch = (q.float() != rq.float()).sum().item()
+        # Compiled kernels divide approximately: a value on a rounding boundary may land one e4m3 step over.
+        assert mismatch <= (0 if INTERPRET else x.numel() // 100), mismatch
+
+
+def test_reference_is_the_quantized_product():
+    # Independent of the kernel: the reference is within e4m3 rounding of the unquantized product, and block
+    # scales follow channels of different magnitude more closely than one scale per tensor.
+    op = REGISTRY["gemm_fp8"]
+    errs = {}
+    for layout in ("tensor", "block"):
+        x, w_q, w_s, x_s = op.make_inputs({"m": 16, "n": 256, "k": 384, "scale": layout}, FP8, "cpu", seed=1)
+        exact = x.double() @ (w_q.double() * (w_s.double().repeat_interleave(128, 0).repeat_interleave(128, 1)
+                                              if layout == "block" else w_s.double())).T
+        errs[layout] = rel_error(gemm_fp8_ref(x, w_q, w_s, x_s), exact)
+        assert 1e-3 < errs[layout] < 0.06, (layout, errs[layout])
+
+
+def test_baseline_scaled_mm():
+    op = REGISTRY["gemm_fp8"]
+    args = op.make_inputs({"m": 5, "n": 64, "k": 256, "scale": "tensor"}, FP8, DEVICE, seed=2)
+    out = gemm_fp8_baseline(*args)
+    assert out.dtype == torch.bfloat16 and rel_error(out, op.reference(*_to64(args))) <= op.tolerance(FP8)
+    if DEVICE == "cpu":
+        block = op.make_inputs({"m": 5, "n": 64, "k": 256, "scale": "block"}, FP8, "cpu", seed=2)
+        with pytest.raises(RuntimeError, match="sm90"):
+            gemm_fp8_baseline(*block)
+
+
+def test_gemm_fp8_rejects_bad_scales():
+    op = REGISTRY["gemm_fp8"]
+    x, w_q, w_s, x_s = op.make_inputs({"m": 2, "n": 200, "k": 300, "scale": "block"}, FP8, "cpu", seed=0)
+    with pytest.raises(ValueError, match="per 128x128 block"):
+        gemm_fp8(x, w_q, w_s[:1], None)
+    with pytest.raises(ValueError, match="scalar static x_scale"):
+        gemm_fp8(x, w_q, torch.tensor(1.0), None)
+    with pytest.raises(ValueError, match="w_q"):
+        gemm_fp8(x, w_q.float(), w_s, None)
+
+
+def test_gemm_fp8_counts():
+    op, gemm = REGISTRY["gemm_fp8"], REGISTRY["gemm"]
+    shape = {"m": 1, "n": 4096, "k": 4096}
+    assert op.flops({**shape, "scale": "tensor"}) == gemm.flops(shape)
+    # A decode row reads the weight: e4m3 halves what bf16 reads (quantization traffic is the small remainder).
+    ratio = op.bytes_moved({**shape, "scale": "tensor"}, FP8) / gemm.bytes_moved(shape, torch.bfloat16)
+    assert 0.5 <= ratio < 0.51
+    assert op.bytes_moved({**shape, "scale": "block"}, FP8) > op.bytes_moved({**shape, "scale": "tensor"}, FP8)
+
+
+# ---- FP8 KV cache in decode attention -----------------------------------------------------------------------
+
+DECODE_SHAPES = [
+    {"batch": 3, "q_heads": 6, "kv_heads": 2, "context": [1, 37, 50], "max_context": 53, "head_dim": 32},
+    {"batch": 2, "q_heads": 4, "kv_heads": 4, "max_context": 45, "head_dim": 16},  # random lengths
+]
+
+
+@pytest.mark.parametrize("kv_scale", ["head", "tensor"])
+@pytest.mark.parametrize("shape", DECODE_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_attention_decode_fp8_cache(shape, dtype, kv_scale):
+    op = REGISTRY["attention_decode"]
+    args = op.make_inputs({**shape, "kv_dtype": "fp8", "kv_scale": kv_scale}, dtype, DEVICE, seed=5)
+    q, k, v, lens, ks, vs = args
+    assert k.dtype == v.dtype == FP8 and q.dtype == dtype and ks.numel() == (shape["kv_heads"] if kv_scale == "head"
+                                                                             else 1)
+    ref = op.reference(*_to64(args))
+    out = op.triton(*args, chunk_size=16)
+    assert rel_error(out, ref) <= op.tolerance(dtype)
+    assert rel_error(op.baseline(*args), ref) <= op.tolerance(dtype)
+    # The scales matter: ignoring them is far off.
+    assert rel_error(op.triton(q, k, v, lens, torch.ones_like(ks), torch.ones_like(vs)), ref) > 0.05
+
+
+def test_attention_decode_fp8_halves_kv_bytes_and_checks_scales():
+    op = REGISTRY["attention_decode"]
+    shape = {"batch": 2, "q_heads": 8, "kv_heads": 2, "context": 4096, "head_dim": 128}
+    qo = 2 * 2 * 8 * 128 * 2 + 4 * 2
+    assert op.bytes_moved(shape, FP8) - qo == (op.bytes_moved(shape, torch.bfloat16) - qo) // 2
+    q, k, v, lens, ks, vs = op.make_inputs({**shape, "context": 20}, FP8, "cpu", seed=0)
+    assert q.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="needs k_scale"):
+        op.triton(q, k, v, lens)
+    with pytest.raises(ValueError, match="e4m3 cache only"):
+        op.triton(q, k.to(q.dtype), v.to(q.dtype), lens, ks, vs)
+
+
+# ---- the fp8 model -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def _cached_logits(m, tokens):
+    from harness.model import decoder as M
+
+    cache = m.new_cache(tokens.shape[0], tokens.shape[1])
+    first = M.prefill(m, tokens[:, :-1], cache)
+    return torch.stack([first, M.decode_one_token(m, tokens[:, -1], cache)], 1), cache
+
+
+@pytest.mark.parametrize("kv_dtype", ["bf16", "fp8"])
+def test_fp8_model_against_bf16(tokens, kv_dtype):
+    from harness.model import decoder as M
+    from harness.model import fp8 as F8
+
+    bf = M.build_model("tiny-qwen3", "torch", "bf16", seed=0)
+    with torch.no_grad():
+        want = bf.forward(tokens)[:, -2:]
+    q = F8.quantize(bf, "tensor", kv_dtype)
+    assert isinstance(q.weights.layers[0].wqkv, F8.Fp8Weight) and q.weights.layers[0].wqkv.q.dtype == FP8
+    assert q.weights.embed.dtype == torch.bfloat16  # bf16 elsewhere
+    got, cache = _cached_logits(q, tokens)
+    assert cache.k.dtype == (FP8 if kv_dtype == "fp8" else torch.bfloat16)
+    err = rel_error(got, want)
+    assert 1e-3 < err < F8.TOLERANCE, err  # fp8 changes the logits, within the documented bound
+
+
+def test_fp8_model_triton_matches_torch(tokens):
+    # fp32 activations, so Triton's interpreter (whose bf16 tl.dot is wrong) can run every op of the model.
+    from harness.model import fp8 as F8
+
+    m = F8.build_model("tiny", "torch", layout="tensor", kv_dtype="fp8", act_dtype="fp32", seed=2)
+    want, _ = _cached_logits(m, tokens)
+    got, _ = _cached_logits(m.with_backend("triton"), tokens)
+    assert rel_error(got, want) < 1e-3
+    ref, _ = _cached_logits(F8.build_model("tiny", "reference", layout="block", act_dtype="fp32", seed=2), tokens)
+    blk, _ = _cached_logits(F8.build_model("tiny", "triton", layout="block", act_dtype="fp32", seed=2), tokens)
+    assert rel_error(blk, ref) < 1e-3
+
+
+# ---- parts, datasheets, CLI ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    from harness.measure.device import detect
+    from harness.measure.runner import RunContext
+    from harness.measure.suite import Suite, SuiteFile, TimingSpec
+
+    file = SuiteFile(id="test", description="test", noise_limit=10.0,
+                     timing=TimingSpec(min_samples=2, min_time_s=0.005, warmup_s=0.0, max_samples=5))
+    return RunContext(device=detect("cpu"), suite=Suite(file, {}, "test"), datasheet=None,
+                      ceilings={"copy_gbps": 10.0, "matvec_gbps": {}, "matmul_tflops": {}})
+
+
+def test_fp8_points_on_cpu(ctx):
+    from harness.measure.parts import ceilings, kernels, model
+    from harness.measure.runner import execute
+    from harness.model import decoder as M
+    from harness.model import fp8 as F8
+
+    spec = kernels.Spec(cases=[{"op": "gemm_fp8", "dtypes": ["fp8"], "shapes": [{"m": 4, "n": 64, "k": 256}],
+                                "scales": ["tensor", "block"]},
+                               {"op": "attention_decode", "dtypes": ["fp8"], "backends": ["torch"],
+                                "shapes": [{"batch": 2, "q_heads": 4, "kv_heads": 2, "context": 40, "head_dim": 32}]}])
+    pts = [execute(j, ctx) for j in kernels.plan(spec, ctx)]
+    by = {(p["op"], p.get("scale"), p["backend"]): p for p in pts}
+    timed = {"ok", "noisy"}  # a loaded CI machine may flag a timing noisy; it was checked and timed all the same
+    assert by[("gemm_fp8", "tensor", "torch")]["status"] in timed  # torch._scaled_mm
+    assert by[("gemm_fp8", "tensor", "triton")]["status"] == "skipped"
+    assert by[("gemm_fp8", "block", "torch")]["status"] == "error"  # no CPU block-scaled _scaled_mm: a row
+    assert by[("attention_decode", None, "torch")]["status"] in timed
+    assert by[("attention_decode", None, "torch")]["dtype"] == "fp8"
+
+    cspec = ceilings.Spec(copy_mb=4, matmul={"fp8": 128, "fp32": 32}, matvec={"n": 64, "k": 64, "dtypes": ["fp32"]})
+    layouts = [(j.key["dtype"], j.key["layout"]) for j in ceilings.plan(cspec, ctx) if j.key["op"] == "matmul"]
+    assert layouts == [("fp8", "nt"), ("fp32", "nn"), ("fp32", "nt")]  # cuBLASLt's fp8 takes nt only
+    mm = execute(ceilings.matmul_job(cspec, "fp8", 128, "nt"), ctx)
+    assert mm["status"] in timed and mm["dtype"] == "fp8" and mm["value"] > 0
+
+    dec = model.DecodeSpec(models=["tiny"], backends=["torch", "triton"], dtypes=["fp32"], batch=[1], context=[8],
+                           fp8={"models": ["tiny-qwen3"], "batch": [2], "context": [16], "kv_dtype": "fp8"})
+    jobs = model.plan_decode(dec, ctx)
+    fp8_jobs = [j for j in jobs if j.key["dtype"] == "fp8"]
+    assert len(jobs) == 4 and len(fp8_jobs) == 2
+    assert all(j.key["kv_dtype"] == "fp8" and j.key["fp8_scale"] == "tensor" for j in fp8_jobs)
+    assert "kv_dtype" not in jobs[0].key  # bf16/fp32 points keep their keys
+    p = execute(next(j for j in fp8_jobs if j.key["backend"] == "torch"), ctx)
+    assert p["status"] in timed, p.get("error")
+    assert 0 < p["rel_error"] < F8.TOLERANCE  # checked against the bf16 model
+    cfg = M.load_model_config("tiny-qwen3")
+    assert p["bytes"] == F8.decode_bytes(cfg, 2, 16, 1) < M.decode_bytes(cfg, 2, 16, 2)
+
+
+def test_no_fp8_tensor_cores_refuse(ctx):
+    from dataclasses import replace
+
+    from harness.config import ConfigError
+    from harness.hardware import Hardware, load_hardware
+    from harness.measure.parts import ceilings, kernels, model
+    from harness.measure.runner import execute
+
+    a100 = load_hardware("a100-sxm")
+    assert not a100.has_fp8 and not load_hardware("ascend-910b").has_fp8 and load_hardware("h200").has_fp8
+    with pytest.raises(ConfigError, match="fp8_tensor_cores"):
+        a100.check_fp8()
+    bad = a100.model_dump() | {"fp8_tensor_cores": True}
+    with pytest.raises(ValueError, match="disagree"):
+        Hardware.model_validate(bad)
+
+    on_a100 = replace(ctx, datasheet=a100)
+    spec = kernels.Spec(cases=[{"op": "gemm_fp8", "dtypes": ["fp8"], "shapes": [{"m": 4, "n": 64, "k": 256}],
+                                "backends": ["torch"]}])
+    pts = [execute(j, on_a100) for j in kernels.plan(spec, on_a100)]
+    cspec = ceilings.Spec(copy_mb=4, matmul={"fp8": 128}, matvec={"n": 64, "k": 64, "dtypes": ["fp32"]})
+    pts.append(execute(ceilings.matmul_job(cspec, "fp8", 128, "nt"), on_a100))
+    dec = model.DecodeSpec(models=["tiny"], dtypes=["fp8"], batch=[1], context=[8], backends=["torch"])
+    pts += [execute(j, on_a100) for j in model.plan_decode(dec, on_a100)]
+    assert len(pts) == 3
+    for p in pts:
+        assert p["status"] == "skipped" and "fp8_tensor_cores: false" in p["note"] and "\n" not in p["note"]
+
+
+def test_project_fp8_on_a100_exits_2_with_one_line():
+    r = run_cli("project", "--dtype", "fp8", "--gpu", "a100-sxm", "--model", "llama-3.1-8b")
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "a100-sxm.yaml: fp8_tensor_cores: false" in lines[0], r.stderr
+
+
+def test_projection_and_fleet_around_the_refusal():
+    from harness.capacity.fleet import fleet_of, gpu_mix
+    from harness.capacity.project import Efficiency, project
+    from harness.config import ConfigError
+
+    with pytest.raises(ConfigError, match="ascend-910b.yaml: fp8_tensor_cores"):
+        project("deepseek-v3", "ascend-910b", "chat", tp=16)  # native fp8
+    with pytest.raises(ConfigError, match="fp8_tensor_cores"):
+        project("llama-3.1-8b", "a100-sxm", "chat", "bf16", kv_dtype="fp8")
+    assert project("llama-3.1-8b", "h200", "chat", "fp8")["fits"]
+    # A fleet's A100 / 910B serve fp8 checkpoints weight-only, and say so.
+    fleet, _ = fleet_of("china-2026-mix")
+    mix = gpu_mix("ascend-910b", fleet, None, [], Efficiency())
+    notes = [n for _, r in mix["classes"] for n in r["notes"]]
+    assert any("no fp8 tensor cores" in n for n in notes)
