@@ -61,6 +61,43 @@ def _prune_configs(configs, named_args, **kwargs):
     return fits or keep[-1:] or configs[-1:]
 
 
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n, pid_k) of this program. Grouped ordering: GROUP_M row-tiles share each w column-tile while
+    it is still in L2. Shared with kernels.gemm_fp8."""
+    pid = tl.program_id(axis=0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n, tl.program_id(axis=1)
+
+
+@triton.jit
+def _tile_offsets(pid_m, pid_n, pid_k, M, N, K, K_SPLIT,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Rows/cols past the edge wrap around (always in bounds, so loads need no M/N mask); the store masks them.
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    k_start = pid_k * K_SPLIT
+    return offs_m, offs_n, tl.arange(0, BLOCK_K), k_start, min(k_start + K_SPLIT, K)
+
+
+@triton.jit
+def _store_tile(c_ptr, acc, pid_m, pid_n, pid_k, M, N, stride_cs, stride_cm, stride_cn,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # int64: M * N passes 2^31 for e.g. 16k prefill tokens through a 152k-vocab LM head.
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    c_ptrs = c_ptr + pid_k * stride_cs + rows[:, None] * stride_cm + cols[None, :] * stride_cn
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
 @triton.autotune(
     configs=_gemm_configs(),
     # M enters the key bucketed (M_BUCKET), so a decode loop over batch sizes 1..256 tunes ~9 times, not 256.
@@ -78,24 +115,9 @@ def _gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # c[s] = x[:, ks] @ w[:, ks].T for the K range ks of split s (program axis 1); one split writes y directly.
-    pid = tl.program_id(axis=0)
-    pid_k = tl.program_id(axis=1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped ordering: GROUP_M row-tiles share each w column-tile while it is still in L2.
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
-    # Rows/cols past the edge wrap around (always in bounds, so loads need no M/N mask); the store masks them.
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
-    offs_k = tl.arange(0, BLOCK_K)
-    k_start = pid_k * K_SPLIT
-    k_end = min(k_start + K_SPLIT, K)
+    pid_m, pid_n, pid_k = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m, offs_n, offs_k, k_start, k_end = _tile_offsets(pid_m, pid_n, pid_k, M, N, K, K_SPLIT,
+                                                           BLOCK_M, BLOCK_N, BLOCK_K)
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_k)[None, :] * stride_xk
     w_ptrs = w_ptr + offs_n[None, :] * stride_wn + (k_start + offs_k)[:, None] * stride_wk  # w.T tile [BK, BN]
 
@@ -108,12 +130,7 @@ def _gemm_kernel(
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
-    # int64: M * N passes 2^31 for e.g. 16k prefill tokens through a 152k-vocab LM head.
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    c_ptrs = c_ptr + pid_k * stride_cs + rows[:, None] * stride_cm + cols[None, :] * stride_cn
-    mask = (rows[:, None] < M) & (cols[None, :] < N)
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    _store_tile(c_ptr, acc, pid_m, pid_n, pid_k, M, N, stride_cs, stride_cm, stride_cn, BLOCK_M, BLOCK_N)
 
 
 # Pinned for small-shape tests: the first skinny tile (16x64x128, 4 stages: 164 KiB of shared memory in fp32).

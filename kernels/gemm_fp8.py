@@ -17,7 +17,15 @@ Reference: the same quantization in fp32, then the dequantized product in fp32 (
 import torch
 
 from kernels._triton import INTERPRET, check_out, pin_config, tl, triton
-from kernels.gemm import _gemm_configs, _gemm_splitk_reduce_kernel, _pick_split_k, _prune_configs
+from kernels.gemm import (
+    _gemm_configs,
+    _gemm_splitk_reduce_kernel,
+    _pick_split_k,
+    _prune_configs,
+    _store_tile,
+    _tile_ids,
+    _tile_offsets,
+)
 from kernels.gemm import model_shapes as _gemm_model_shapes
 
 FP8 = torch.float8_e4m3fn
@@ -91,23 +99,10 @@ def _gemm_fp8_kernel(
     BLOCK_SCALES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # c[s] = scaled x[:, ks] @ w[:, ks].T over the K range ks of split s; tile order as kernels.gemm.
-    pid = tl.program_id(axis=0)
-    pid_k = tl.program_id(axis=1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
-    offs_k = tl.arange(0, BLOCK_K)
-    k_start = pid_k * K_SPLIT
-    k_end = min(k_start + K_SPLIT, K)
+    # c[s] = scaled x[:, ks] @ w[:, ks].T over the K range ks of split s; tiles as kernels.gemm.
+    pid_m, pid_n, pid_k = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m, offs_n, offs_k, k_start, k_end = _tile_offsets(pid_m, pid_n, pid_k, M, N, K, K_SPLIT,
+                                                           BLOCK_M, BLOCK_N, BLOCK_K)
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_k)[None, :] * stride_xk
     w_ptrs = w_ptr + offs_n[None, :] * stride_wn + (k_start + offs_k)[:, None] * stride_wk  # w.T tile [BK, BN]
 
@@ -129,11 +124,7 @@ def _gemm_fp8_kernel(
     if not BLOCK_SCALES:
         acc = acc * (tl.load(xs_ptr) * tl.load(ws_ptr))
 
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    c_ptrs = c_ptr + pid_k * stride_cs + rows[:, None] * stride_cm + cols[None, :] * stride_cn
-    mask = (rows[:, None] < M) & (cols[None, :] < N)
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    _store_tile(c_ptr, acc, pid_m, pid_n, pid_k, M, N, stride_cs, stride_cm, stride_cn, BLOCK_M, BLOCK_N)
 
 
 # ---------------------------------------------------------------------------------------------------------------
