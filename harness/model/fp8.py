@@ -21,11 +21,12 @@ from harness.model.spec import ModelConfig
 
 LINEARS = ("wqkv", "wo", "w13", "w2")  # the projections that go to e4m3
 LAYOUTS = ("tensor", "block")
-# Relative L2 error of the fp8 model's next-token logits (torch backend, decoding with its cache) against the
-# bf16 model's (full recompute), seeded random weights at real shapes. Measured on the CPU (torch 2.13,
-# seed 0, 2 prompts of 8 tokens + 1 decode step): see tests/test_fp8.py and the report of issue 14. e4m3 keeps
-# 3 mantissa bits (a 3.6% rms rounding error per operand), compounded over every layer.
-TOLERANCE = 0.25
+# Relative L2 error of the fp8 model's next-token logits (torch backend, decoding with its e4m3 KV cache) against
+# the bf16 model's (full recompute), seeded random weights at real shapes, 2 prompts of 8 tokens + 1 decode step.
+# Measured on the CPU (torch 2.13, seed 0, `tensor` scales): tiny-qwen3 0.057, qwen3-0.6b 4 layers 0.087 and all 28
+# layers 0.145, llama-3.1-8b 2 layers 0.067. e4m3 keeps 3 mantissa bits (3.6% rms rounding per operand); the error
+# compounds with depth, more slowly than sqrt(layers). A broken scale or cache path gives errors near 1.
+TOLERANCE = 0.3
 
 
 @dataclass
