@@ -21,7 +21,7 @@ import triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 from kernels import attention_decode as ad, attention_prefill as ap, gemm as gm
-from kernels import rmsnorm as rn, rope as rp, silu_mul as sm
+from kernels import rmsnorm as rn, rope as rp, silu_mul as sm, gemm_fp8 as g8
 
 def jitfn(k):
     while not isinstance(k, triton.runtime.jit.JITFunction):
@@ -60,10 +60,24 @@ for causal in (True, False):
         dict(HEAD_D=128, CAUSAL=causal, **c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages)
 c = ad._prune_configs(ad._decode_configs(interpret=False), {"k_ptr": t}, HEAD_D=128)[-1]
 ws = "*fp32"
-res["attention_decode"] = build(
-    ad._attention_decode_kernel, dict(q_ptr=f, k_ptr=f, v_ptr=f, lens_ptr="*i32", m_ptr=ws, l_ptr=ws, acc_ptr=ws,
-                                      qk_scale="fp32"),
-    dict(HEAD_D=128, BLOCK_G=16, **c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages)
+for kv in ("", "fp8e4nv"):  # the cache in q's dtype, and e4m3 with per-head scales
+    res["attention_decode" + ("fp8" if kv else "")] = build(
+        ad._attention_decode_kernel, dict(q_ptr=f, k_ptr=f"*{kv or dt}", v_ptr=f"*{kv or dt}", lens_ptr="*i32",
+                                          m_ptr=ws, l_ptr=ws, acc_ptr=ws, ks_ptr=ws, vs_ptr=ws, qk_scale="fp32"),
+        dict(HEAD_D=128, BLOCK_G=16, KV_FP8=bool(kv), **c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages)
+# FP8 GEMM (e4m3 operands whatever the activations' dtype: the run's dtype is that of x and y), both scale layouts,
+# at a prefill shape and a decode row, and the activation quantizer.
+x8 = torch.empty(0, dtype=torch.float8_e4m3fn)
+for m in (4096, 1):
+    keep = gm._prune_configs(g8._fp8_configs(interpret=False), {"M": m, "x_ptr": x8})
+    c = keep[0] if m > 1 else keep[-1]
+    for blk in (False, True):
+        res[f"gemm_fp8_m{m}_block={blk}"] = build(
+            g8._gemm_fp8_kernel, dict(x_ptr="*fp8e4nv", w_ptr="*fp8e4nv", xs_ptr=ws, ws_ptr=ws,
+                                      c_ptr=f if m > 1 else ws), dict(BLOCK_SCALES=blk, **c.kwargs),
+            ("stride_xk", "stride_wk", "stride_cn"), c.num_warps, c.num_stages)
+res["quant_fp8"] = build(g8._quant_fp8_kernel, dict(x_ptr=f, q_ptr="*fp8e4nv", s_ptr=ws),
+                         dict(DYNAMIC=True, GROUP=128, ROUND_FIRST=False), num_stages=1)
 res["attention_decode_reduce"] = build(
     ad._attention_decode_reduce_kernel, dict(m_ptr=ws, l_ptr=ws, acc_ptr=ws, lens_ptr="*i32", o_ptr=f),
     dict(HEAD_D=128, BLOCK_S=64), num_warps=8, num_stages=1)
@@ -91,5 +105,6 @@ def test_kernels_compile_for_sm90(dtype):
     for name, info in res.items():
         assert info["shared"] <= 227 * 1024, f"{name} needs {info['shared']} B of shared memory"
     # The memory-bound loops must be software-pipelined (async copies), or decode cannot reach bandwidth.
-    for name in ("gemm", "attention_prefill_causal=True", "attention_decode"):
+    for name in ("gemm", "attention_prefill_causal=True", "attention_decode", "attention_decodefp8",
+                 "gemm_fp8_m4096_block=True", "gemm_fp8_m1_block=False"):
         assert res[name]["pipelined"], f"{name} main loop is not pipelined"
