@@ -281,7 +281,7 @@ def test_project_fp8_on_a100_exits_2_with_one_line():
 
 def test_projection_and_fleet_around_the_refusal():
     from harness.capacity.fleet import fleet_of, gpu_mix
-    from harness.capacity.project import Efficiency, project
+    from harness.capacity.project import project
     from harness.config import ConfigError
 
     with pytest.raises(ConfigError, match="ascend-910b.yaml: fp8_tensor_cores"):
@@ -291,6 +291,6 @@ def test_projection_and_fleet_around_the_refusal():
     assert project("llama-3.1-8b", "h200", "chat", "fp8")["fits"]
     # A fleet's A100 / 910B serve fp8 checkpoints weight-only, and say so.
     fleet, _ = fleet_of("china-2026-mix")
-    mix = gpu_mix("ascend-910b", fleet, None, [], Efficiency())
+    mix = gpu_mix("ascend-910b", fleet, None, [])
     notes = [n for _, r in mix["classes"] for n in r["notes"]]
-    assert any("no fp8 tensor cores" in n for n in notes)
+    assert any("fp8 weights, bf16 compute" in n for n in notes)
