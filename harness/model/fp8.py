@@ -18,6 +18,8 @@ import torch
 
 from harness.model import decoder as M
 from harness.model.spec import ModelConfig
+from kernels import REGISTRY
+from kernels.gemm_fp8 import quantize_weight_fp8
 
 LINEARS = ("wqkv", "wo", "w13", "w2")  # the projections that go to e4m3
 LAYOUTS = ("tensor", "block")
@@ -39,8 +41,6 @@ class Fp8Weight:
 
     @classmethod
     def quantize(cls, w: torch.Tensor, layout: str) -> Fp8Weight:
-        from kernels.gemm_fp8 import quantize_weight_fp8
-
         return cls(*quantize_weight_fp8(w, layout))
 
     @property
@@ -54,8 +54,6 @@ class Fp8Weight:
     def linear(self, x: torch.Tensor, backend: str) -> torch.Tensor:
         # x: [T, K] -> [T, N] in x.dtype, on `backend` (triton: our kernels; torch and compile: torch._scaled_mm;
         # reference: fp32).
-        from kernels import REGISTRY
-
         op = REGISTRY["gemm_fp8"]
         fn = {"triton": op.triton, "torch": op.baseline, "compile": op.baseline, "reference": op.reference}[backend]
         # Dynamic per-tensor activation scale: one reduction on the device, no host sync (CUDA-graph safe).
