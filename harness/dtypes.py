@@ -11,7 +11,8 @@ if TYPE_CHECKING:
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
 # Names of torch's dtypes, looked up when asked: the capacity verbs read sizes here and never load torch.
-TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp8": "float8_e4m3fn",  # e4m3: weights, activations, KV
+# fp8 is e4m3 (weights, activations and KV; bf16 around it).
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp8": "float8_e4m3fn",
                 "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
