@@ -11,7 +11,7 @@ The estimate (`estimate_s`) is a documented cost model per kind and backend, not
 a fixed cost (inputs, correctness check, warm-up, samples), kernel points pay for drawing their inputs on the host,
 and model points pay once per model for building and checking it and once per new shape for autotuning or
 recompiling (`Cost`). The GPU constants come from the H200 run of 2026-11-28 (results/reference/h200-2026-11-28,
-its points' `elapsed_s`); the CPU ones from results/reference/cpu-amd-epyc-2core.
+its points' `elapsed_s`); the CPU ones from the CPU reference runs (results/reference/cpu-amd-epyc-2core-*).
 """
 
 from __future__ import annotations
