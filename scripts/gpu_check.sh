@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # make gpu-check OUT_DIR=DIR — on one GPU, in 6 minutes wall, installing nothing from the network:
-#   1. the kernels' and the model's correctness tests on the GPU (pytest, at most GPU_CHECK_TESTS_S = 120 s;
+#   1. the kernels', the model's and FP8's correctness tests on the GPU (pytest, at most GPU_CHECK_TESTS_S = 120 s;
 #      `--durations=15` in the log shows where the time went),
 #   2. the quick suite into DIR/run, in value order (ceilings, decode, prefill, kernels: `tokenfleet bench --plan`),
 #      stopped when the total budget is spent: what was measured stays, and its tables are written from it,
@@ -22,7 +22,7 @@ RESERVE_S=${GPU_CHECK_RESERVE_S:-15}
 SUITE=${GPU_CHECK_SUITE:-quick}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 # The model's tests first: its Triton backend is what the decode and prefill points time (a cut run keeps them).
-read -r -a TESTS <<<"${GPU_CHECK_TESTS:-tests/test_model.py tests/test_kernels.py}"
+read -r -a TESTS <<<"${GPU_CHECK_TESTS:-tests/test_model.py tests/test_kernels.py tests/test_fp8.py}"
 mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 elapsed() { echo $(($(date +%s) - start)); }
