@@ -8,14 +8,14 @@ to show says so in one line, and a cut-short run is labelled partial by whoever 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pandas as pd
 
 from harness.output import markdown_table
-from harness.results import MEASURED_FIELDS, Run, load_run, usable
+from harness.report.tables import pair_key
+from harness.results import Run, load_run, usable
 
 NONE = "_(none measured)_"
 
@@ -81,11 +81,6 @@ def prefill_rows(run: Run) -> list[dict]:
     return [_model_row(p, "batch", "prompt_len", "tokens_per_s", "tflops", "mfu") for p in run.usable("prefill")]
 
 
-def _pair_key(p: dict) -> str:
-    return json.dumps({k: v for k, v in p.items() if k not in MEASURED_FIELDS and k not in ("backend", "source")},
-                      sort_keys=True, default=str)
-
-
 def _geomean(xs: list[float]) -> float | None:
     xs = [x for x in xs if x and x > 0]
     return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else None
@@ -96,7 +91,7 @@ def kernel_rows(run: Run) -> list[dict]:
     job key (> 1: triton is faster)."""
     by_key: dict[str, dict] = {}
     for p in run.usable("kernel"):
-        by_key.setdefault(_pair_key(p), {})[p.get("backend")] = p
+        by_key.setdefault(pair_key(p), {})[p.get("backend")] = p
     ops: dict[str, dict[str, list[float]]] = {}
     for pair in by_key.values():
         t = pair.get("triton")

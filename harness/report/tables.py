@@ -52,8 +52,10 @@ def shape_of(p: dict, shown: tuple | list = ()) -> str:
 
 
 def pair_key(p: dict) -> str:
-    """A point's job key without its backend: the rows of one job on different backends share it."""
-    return json.dumps({k: v for k, v in key_fields(p).items() if k != "backend"}, sort_keys=True, default=str)
+    """A point's job key without its backend and `source` (which models' shapes it stands for, a label): the rows of
+    one job on different backends share it."""
+    return json.dumps({k: v for k, v in key_fields(p).items() if k not in ("backend", "source")}, sort_keys=True,
+                      default=str)
 
 
 def backend_ratios(points: list[dict]) -> dict[str, list]:
