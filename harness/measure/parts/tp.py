@@ -27,6 +27,7 @@ from harness.dtypes import dtype_bytes
 from harness.measure import distributed as D
 from harness.measure.context import CPU_TRITON_NOTE, Job, RunContext
 from harness.measure.parts import model as P
+from harness.measure.parts.model_points import _scaled
 from harness.model import decoder as M
 from harness.model import tp as T
 from harness.model.spec import load_model_config
@@ -134,7 +135,7 @@ def _timed(ctx: RunContext, m: T.TPTransformer, full_layers: int, step_of, graph
                     notes.append(f"CUDA graph capture failed, timed eager: {why}"[:300])
                 step = replay or step
             timings.append(D.lockstep_measure(ctx, step))
-        t = P._scaled(timings[0], timings[1] if len(timings) > 1 else None, m.cfg.num_layers, full_layers)
+        t = _scaled(timings[0], timings[1] if len(timings) > 1 else None, m.cfg.num_layers, full_layers)
         t["cuda_graph"] = bool(graph and ctx.on_gpu and not notes)
         out.append(t)
     return out[0], out[1], "; ".join(dict.fromkeys(notes)) or None

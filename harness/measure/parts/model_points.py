@@ -1,0 +1,163 @@
+"""The model part's timed points: `_prefill_point` (TTFT, prefill tokens/s) and `_decode_point` (TPOT, decode
+tokens/s), one point each of a `harness.measure.parts.model` grid, and how a point is timed and reported.
+
+A point asks its session (`parts.model._Session.prepare`) for its model, built and checked (a failed check is the
+point, never timed). It refuses a shape whose estimate does not fit (the session's `check_memory`), draws its
+inputs, keeps its KV cache in the session (freed before the next point) and times one call: compile / autotune in a
+first call of its own (`first_call_ms`, never in the samples), the decode step in a CUDA graph on a GPU when asked.
+A model built with n of its layers is timed as built and scaled to the full depth (`_scaled`), with the embedding,
+final norm and LM head timed alone once; `flops` and `bytes` are the full model's. This module sees the session
+only through that object and imports nothing from `parts.model` (which plans the points and imports this).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from harness.dtypes import dtype_bytes
+from harness.measure.context import RunContext
+from harness.model import decoder as M
+from harness.model import fp8 as F8
+
+if TYPE_CHECKING:  # the session and the sections, for annotations only: parts.model imports this module
+    from harness.measure.parts.model import DecodeSpec, PrefillSpec, _Built, _ModelSpec, _Session
+
+
+def _scaled(t, head, n: int, full: int) -> dict:
+    """Timing of n layers (+ embedding/head) scaled to `full` layers: head + (t - head)·full/n, never below t (the
+    full depth is no faster than n of its layers). When noise puts the head alone above the n layers, the point is
+    `noisy`: its layers were not resolved."""
+    out = t.to_dict()
+    if head is None or n == full:
+        return out
+    h = head.to_dict()
+    unresolved = False
+    for k in ("median_ms", "p20_ms", "p80_ms"):
+        unresolved |= out[k] <= h[k]
+        out[k] = max(out[k], h[k] + (out[k] - h[k]) * full / n)
+    if out.get("samples_ms"):  # scaled alike (about the head's median), so compare's interval matches the median
+        hm = h["median_ms"]
+        out["samples_ms"] = [max(x, hm + (x - hm) * full / n) for x in out["samples_ms"]]
+    out["spread"] = (out["p80_ms"] - out["p20_ms"]) / out["median_ms"] if out["median_ms"] > 0 else math.inf
+    out["noisy"] = bool(t.noisy or head.noisy or unresolved)
+    return out
+
+
+def _measure_step(ctx: RunContext, step, cuda_graph: bool):
+    """Time a decode step, in a CUDA graph when asked and on a GPU; a failed capture falls back to eager and says
+    why. Returns (Timing, note or None)."""
+    if cuda_graph and ctx.on_gpu:
+        try:
+            return ctx.measure(step, cuda_graph=True), None
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - recorded in the point, timed eager instead
+            torch.cuda.synchronize()
+            return ctx.measure(step, cuda_graph=False), f"CUDA graph capture failed, timed eager: {e}"[:300]
+    return ctx.measure(step, cuda_graph=False), None
+
+
+def _timed(ctx: RunContext, fn, measure) -> tuple:
+    """`measure(fn)` after a first call of its own (`M.first_call`: compile / autotune for this shape, reported as
+    first_call_ms); a graph compiled during the samples is an error, not a slow sample."""
+    _, first = M.first_call(fn, ctx.torch_device)
+    compiled = M.compiled_graphs()
+    result = measure(fn)
+    if M.compiled_graphs() != compiled:
+        raise RuntimeError("torch.compile compiled a graph during the samples (a guard failed after the first call)")
+    return result, first
+
+
+def _widths(dtype: str, spec: _ModelSpec) -> tuple[int, int]:
+    """(activation bytes, KV bytes) per element: fp8 points keep bf16 activations and store KV in spec.kv_dtype."""
+    return (2, dtype_bytes(spec.kv_dtype)) if dtype == "fp8" else (dtype_bytes(dtype),) * 2
+
+
+def _common(built: _Built, n: int, backend: str) -> dict:
+    out: dict = {"rel_error": built.rel_error.get(backend)}
+    if n < built.full_layers:
+        out["scaled_from_layers"] = n
+    return out
+
+
+def _notes(*parts: str | None) -> dict:
+    text = "; ".join(p for p in parts if p)
+    return {"note": text} if text else {}
+
+
+def _prefill_point(ctx: RunContext, session: _Session, spec: PrefillSpec, name: str, dtype: str, backend: str,
+                   batch: int, prompt_len: int) -> dict:
+    built, m, bad = session.prepare(ctx, spec, name, dtype, backend)
+    if bad:
+        return bad
+    cfg, n, full = m.cfg, m.cfg.num_layers, built.full_layers
+    db, kvb = _widths(dtype, spec)
+    tokens_n = batch * prompt_len
+    # KV cache + a generous bound on live activations (the fused QKV and gate/up outputs, a few [T, D] buffers).
+    act = tokens_n * ((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + 3 * cfg.intermediate_size
+                      + 6 * cfg.hidden_size) * db
+    session.check_memory(ctx, tokens_n * cfg.kv_bytes_per_token(kvb) + 2 * act, "prefill")
+    gen = torch.Generator(device=ctx.torch_device).manual_seed(ctx.seed + batch * 7919 + prompt_len)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=gen, device=ctx.torch_device)
+    session.cache = cache = m.new_cache(batch, prompt_len)
+
+    def fn():
+        with torch.no_grad():
+            return m.forward_prefill(tokens, cache)
+
+    t, first = _timed(ctx, fn, ctx.measure)
+    head = None
+    if n < full:
+        h = m.with_layers(0)
+        head = ctx.measure(lambda: h.forward_prefill(tokens, None))
+    timing = {**_scaled(t, head, n, full), **first}
+    full_cfg = M.with_layers(cfg, full)
+    ms = timing["median_ms"]
+    return {
+        **timing, "ttft_ms": ms, "tokens_per_s": tokens_n / (ms / 1e3),
+        "flops": M.prefill_flops(full_cfg, batch, prompt_len),
+        "bytes": F8.prefill_bytes(full_cfg, batch, prompt_len, kvb) if dtype == "fp8"
+        else M.prefill_bytes(full_cfg, batch, prompt_len, db),
+        **_common(built, n, backend),
+        **_notes(f"{n} of {full} layers timed, embedding+head {head.median_ms:.3f} ms" if head else None),
+    }
+
+
+def _decode_point(ctx: RunContext, session: _Session, spec: DecodeSpec, name: str, dtype: str, backend: str,
+                  batch: int, context: int) -> dict:
+    built, m, bad = session.prepare(ctx, spec, name, dtype, backend)
+    if bad:
+        return bad
+    cfg, n, full = m.cfg, m.cfg.num_layers, built.full_layers
+    db, kvb = _widths(dtype, spec)
+    session.check_memory(ctx, batch * (context + 1) * cfg.kv_bytes_per_token(kvb), "decode KV cache")
+    session.cache = cache = m.new_cache(batch, context + 1).fill_random(ctx.seed + batch + context)
+    gen = torch.Generator(device=ctx.torch_device).manual_seed(ctx.seed + batch * 7919 + context)
+    tokens = torch.randint(0, cfg.vocab_size, (batch,), generator=gen, device=ctx.torch_device)  # [B]
+    # The new token of every sequence goes to position `context`: the step reads context+1 positions. pos is
+    # not advanced, so every sample (and CUDA-graph replay) does the same work.
+    pos = torch.full((batch,), context, dtype=torch.int32, device=ctx.torch_device)  # [B]
+
+    def step():
+        with torch.no_grad():
+            return m.forward_decode(tokens, pos, cache)
+
+    (t, graph_note), first = _timed(ctx, step, lambda fn: _measure_step(ctx, fn, spec.cuda_graph))
+    head = None
+    if n < full:
+        h = m.with_layers(0)
+        head, _ = _measure_step(ctx, lambda: h.forward_decode(tokens, pos, cache), t.cuda_graph)
+    timing = {**_scaled(t, head, n, full), **first}
+    full_cfg = M.with_layers(cfg, full)
+    ms = timing["median_ms"]
+    return {
+        **timing, "tpot_ms": ms, "tokens_per_s": batch / (ms / 1e3), "tokens_per_s_per_seq": 1e3 / ms,
+        "flops": M.decode_flops(full_cfg, batch, context),
+        "bytes": F8.decode_bytes(full_cfg, batch, context, kvb) if dtype == "fp8"
+        else M.decode_bytes(full_cfg, batch, context, db),
+        **_common(built, n, backend),
+        **_notes(graph_note, f"{n} of {full} layers timed, embedding+head {head.median_ms:.3f} ms" if head else None),
+    }
