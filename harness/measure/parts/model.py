@@ -271,7 +271,15 @@ def _skipped_point(note: str, ctx: RunContext) -> dict:
 
 
 def _run(session: _Session, point, spec: _ModelSpec, args: tuple, ctx: RunContext) -> dict:
-    return _guard_oom(session, ctx, lambda: point(ctx, session, spec, *args))
+    """The point of `args` (name, dtype, backend, batch, length): its model prepared and checked, then timed by
+    `point`; or the `incorrect` point of a failed check, untimed."""
+    name, dtype, backend, batch, length = args
+
+    def prepared_point() -> dict:
+        built, m, bad = session.prepare(ctx, spec, name, dtype, backend)
+        return bad or point(ctx, session, spec, built, m, dtype, backend, batch, length)
+
+    return _guard_oom(session, ctx, prepared_point)
 
 
 def _not_buildable(name: str, spec: _ModelSpec) -> str | None:

@@ -1,13 +1,13 @@
 """The model part's timed points: `_prefill_point` (TTFT, prefill tokens/s) and `_decode_point` (TPOT, decode
 tokens/s), one point each of a `harness.measure.parts.model` grid, and how a point is timed and reported.
 
-A point asks its session (`parts.model._Session.prepare`) for its model, built and checked (a failed check is the
-point, never timed). It refuses a shape whose estimate does not fit (the session's `check_memory`), draws its
-inputs, keeps its KV cache in the session (freed before the next point) and times one call: compile / autotune in a
-first call of its own (`first_call_ms`, never in the samples), the decode step in a CUDA graph on a GPU when asked.
-A model built with n of its layers is timed as built and scaled to the full depth (`_scaled`), with the embedding,
-final norm and LM head timed alone once; `flops` and `bytes` are the full model's. This module sees the session
-only through that object and imports nothing from `parts.model` (which plans the points and imports this).
+A point is handed its model built and checked (`parts.model._Session.prepare`: a failed check is the point, never
+timed). It refuses a shape whose estimate does not fit (the session's `check_memory`), draws its inputs, keeps its KV
+cache in the session (freed before the next point) and times one call: compile / autotune in a first call of its
+own (`first_call_ms`, never in the samples), the decode step in a CUDA graph on a GPU when asked. A model built with
+n of its layers is timed as built and scaled to the full depth (`_scaled`), with the embedding, final norm and LM
+head timed alone once; `flops` and `bytes` are the full model's. This module sees the session only through that
+object and imports nothing from `parts.model` (which plans the points and imports this).
 """
 
 from __future__ import annotations
@@ -88,12 +88,24 @@ def _notes(*parts: str | None) -> dict:
     return {"note": text} if text else {}
 
 
-def _prefill_point(ctx: RunContext, session: _Session, spec: PrefillSpec, name: str, dtype: str, backend: str,
-                   batch: int, prompt_len: int) -> dict:
-    built, m, bad = session.prepare(ctx, spec, name, dtype, backend)
-    if bad:
-        return bad
-    cfg, n, full = m.cfg, m.cfg.num_layers, built.full_layers
+def _point(built: _Built, m: M.Transformer, backend: str, t, first: dict, time_head, rates, flops: float,
+           bytes_: float, note: str | None = None) -> dict:
+    """A timed point's fields, the same for prefill and decode: the timing `t` of m's n built layers scaled to the
+    full depth when n is short of it (`time_head(h)` times h, m without its layers: embedding, final norm, LM head),
+    with the first call; `rates(ms)`, the kind's latency and tokens/s at the scaled median; the full model's
+    `flops` and `bytes`; the check's relative error; notes."""
+    n, full = m.cfg.num_layers, built.full_layers
+    head = time_head(m.with_layers(0)) if n < full else None
+    timing = {**_scaled(t, head, n, full), **first}
+    return {
+        **timing, **rates(timing["median_ms"]), "flops": flops, "bytes": bytes_, **_common(built, n, backend),
+        **_notes(note, f"{n} of {full} layers timed, embedding+head {head.median_ms:.3f} ms" if head else None),
+    }
+
+
+def _prefill_point(ctx: RunContext, session: _Session, spec: PrefillSpec, built: _Built, m: M.Transformer, dtype: str,
+                   backend: str, batch: int, prompt_len: int) -> dict:
+    cfg, full_cfg = m.cfg, M.with_layers(m.cfg, built.full_layers)
     db, kvb = _widths(dtype, spec)
     tokens_n = batch * prompt_len
     # KV cache + a generous bound on live activations (the fused QKV and gate/up outputs, a few [T, D] buffers).
@@ -109,29 +121,16 @@ def _prefill_point(ctx: RunContext, session: _Session, spec: PrefillSpec, name: 
             return m.forward_prefill(tokens, cache)
 
     t, first = _timed(ctx, fn, ctx.measure)
-    head = None
-    if n < full:
-        h = m.with_layers(0)
-        head = ctx.measure(lambda: h.forward_prefill(tokens, None))
-    timing = {**_scaled(t, head, n, full), **first}
-    full_cfg = M.with_layers(cfg, full)
-    ms = timing["median_ms"]
-    return {
-        **timing, "ttft_ms": ms, "tokens_per_s": tokens_n / (ms / 1e3),
-        "flops": M.prefill_flops(full_cfg, batch, prompt_len),
-        "bytes": F8.prefill_bytes(full_cfg, batch, prompt_len, kvb) if dtype == "fp8"
-        else M.prefill_bytes(full_cfg, batch, prompt_len, db),
-        **_common(built, n, backend),
-        **_notes(f"{n} of {full} layers timed, embedding+head {head.median_ms:.3f} ms" if head else None),
-    }
+    return _point(built, m, backend, t, first, lambda h: ctx.measure(lambda: h.forward_prefill(tokens, None)),
+                  lambda ms: {"ttft_ms": ms, "tokens_per_s": tokens_n / (ms / 1e3)},
+                  flops=M.prefill_flops(full_cfg, batch, prompt_len),
+                  bytes_=F8.prefill_bytes(full_cfg, batch, prompt_len, kvb) if dtype == "fp8"
+                  else M.prefill_bytes(full_cfg, batch, prompt_len, db))
 
 
-def _decode_point(ctx: RunContext, session: _Session, spec: DecodeSpec, name: str, dtype: str, backend: str,
-                  batch: int, context: int) -> dict:
-    built, m, bad = session.prepare(ctx, spec, name, dtype, backend)
-    if bad:
-        return bad
-    cfg, n, full = m.cfg, m.cfg.num_layers, built.full_layers
+def _decode_point(ctx: RunContext, session: _Session, spec: DecodeSpec, built: _Built, m: M.Transformer, dtype: str,
+                  backend: str, batch: int, context: int) -> dict:
+    cfg, full_cfg = m.cfg, M.with_layers(m.cfg, built.full_layers)
     db, kvb = _widths(dtype, spec)
     session.check_memory(ctx, batch * (context + 1) * cfg.kv_bytes_per_token(kvb), "decode KV cache")
     session.cache = cache = m.new_cache(batch, context + 1).fill_random(ctx.seed + batch + context)
@@ -146,18 +145,12 @@ def _decode_point(ctx: RunContext, session: _Session, spec: DecodeSpec, name: st
             return m.forward_decode(tokens, pos, cache)
 
     (t, graph_note), first = _timed(ctx, step, lambda fn: _measure_step(ctx, fn, spec.cuda_graph))
-    head = None
-    if n < full:
-        h = m.with_layers(0)
-        head, _ = _measure_step(ctx, lambda: h.forward_decode(tokens, pos, cache), t.cuda_graph)
-    timing = {**_scaled(t, head, n, full), **first}
-    full_cfg = M.with_layers(cfg, full)
-    ms = timing["median_ms"]
-    return {
-        **timing, "tpot_ms": ms, "tokens_per_s": batch / (ms / 1e3), "tokens_per_s_per_seq": 1e3 / ms,
-        "flops": M.decode_flops(full_cfg, batch, context),
-        "bytes": F8.decode_bytes(full_cfg, batch, context, kvb) if dtype == "fp8"
-        else M.decode_bytes(full_cfg, batch, context, db),
-        **_common(built, n, backend),
-        **_notes(graph_note, f"{n} of {full} layers timed, embedding+head {head.median_ms:.3f} ms" if head else None),
-    }
+
+    def time_head(h):  # as the step was timed: in a CUDA graph if it was
+        return _measure_step(ctx, lambda: h.forward_decode(tokens, pos, cache), t.cuda_graph)[0]
+
+    return _point(built, m, backend, t, first, time_head,
+                  lambda ms: {"tpot_ms": ms, "tokens_per_s": batch / (ms / 1e3), "tokens_per_s_per_seq": 1e3 / ms},
+                  flops=M.decode_flops(full_cfg, batch, context),
+                  bytes_=F8.decode_bytes(full_cfg, batch, context, kvb) if dtype == "fp8"
+                  else M.decode_bytes(full_cfg, batch, context, db), note=graph_note)
