@@ -68,26 +68,11 @@ def project_cmd(
     fmt: FormatOpt = "table",
 ) -> None:
     """Project one model on one accelerator for a workload: batch, TTFT/TPOT, tokens/s and tokens/day per GPU."""
-    from harness.capacity.project import (
-        _model,
-        auto_tp,
-        check_context,
-        check_deployment,
-        check_tp,
-        project,
-        read_runs,
-        refuse_fp8,
-        resolve_workload,
-    )
+    from harness.capacity.project import auto_tp, check_deployment, project, read_runs, refuse_fp8
 
     check_format(fmt)
     refuse_fp8(model, gpu, dtype, kv_dtype)  # before the workload: the device, not the request, is what refuses
-    defaulted = workload is None and not (input_len and output_len)
-    w = resolve_workload(DEFAULT_WORKLOAD if defaulted else workload, input_len, output_len, tpot_ms, ttft_ms)
-    m = _model(model)
-    check_context(m, w, "--input-len" if input_len is not None or workload is None else "--workload")
-    if tp is not None:
-        check_tp(m, tp)
+    w, defaulted = _project_workload(model, workload, input_len, output_len, tpot_ms, ttft_ms, tp)
     check_deployment(batch, max_batched_tokens, kv_dtype)  # before any run is read
     runs = read_runs(run)
     kw = dict(batch_cap=batch, runs=runs, utilization=utilization, kv_dtype=kv_dtype,
@@ -95,6 +80,26 @@ def project_cmd(
     res = project(model, gpu, w, dtype, tp=tp, **kw) if tp is not None else auto_tp(model, gpu, w, dtype, **kw)
     if defaulted:
         res["notes"] = [f"workload {w.id}: the default (choose one with --workload)"] + list(res.get("notes") or [])
+    _print_projection(res, defaulted, fmt)
+
+
+def _project_workload(model: str, workload: str | None, input_len: int | None, output_len: int | None,
+                      tpot_ms: float | None, ttft_ms: float | None, tp: int | None):
+    """`project`'s workload (DEFAULT_WORKLOAD unless --workload or both lengths are given) and whether it was the
+    default, checked against the model's context; and --tp, when given, against the model's shapes."""
+    from harness.capacity.project import _model, check_context, check_tp, resolve_workload
+
+    defaulted = workload is None and not (input_len and output_len)
+    w = resolve_workload(DEFAULT_WORKLOAD if defaulted else workload, input_len, output_len, tpot_ms, ttft_ms)
+    m = _model(model)
+    check_context(m, w, "--input-len" if input_len is not None or workload is None else "--workload")
+    if tp is not None:
+        check_tp(m, tp)
+    return w, defaulted
+
+
+def _print_projection(res: dict, defaulted: bool, fmt: str) -> None:
+    """One projection: JSON (with `workload_defaulted`), one CSV table, or the fields, efficiencies and notes."""
     if fmt == "json":
         print(to_json({**res, "workload_defaulted": defaulted}))
         return
