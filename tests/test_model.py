@@ -169,22 +169,23 @@ def _prefill_then_step(m: M.Transformer, x: torch.Tensor) -> torch.Tensor:
     return torch.stack([M.prefill(m, x[:, :-1], cache), M.decode_one_token(m, x[:, -1], cache)], 1)
 
 
-# (model, dtype, backends, relative tolerance). fp32: the backends differ from the fp32-math reference only by
+# (model, dtype, backends, relative tolerance, batch). fp32: the backends differ from the fp32-math reference only by
 # summation order. bf16: every op rounds its output to bf16 (8 bits, half-ulp 2e-3) where the reference keeps fp32
 # inside an op; over two layers and the LM head the logits differ by ~1e-2: 3e-2 is the stated bound. (Triton runs
-# in the interpreter here, whose bf16 tl.dot is not a bf16 dot: bf16 Triton is checked on a GPU.)
-BACKEND_CASES = [("tiny", "fp32", ("triton", "torch"), 1e-5),  # compile: once, below (each shape costs seconds)
-                 ("tiny-qwen3", "fp32", ("triton", "torch", "compile"), 1e-5),
-                 ("tiny-qwen3", "bf16", ("torch", "compile"), 3e-2)]
+# in the interpreter here, whose bf16 tl.dot is not a bf16 dot: bf16 Triton is checked on a GPU.) Batch 1 runs the
+# compile backend's single-row projections (a reduction on the CPU), batch 2 its F.linear.
+BACKEND_CASES = [("tiny", "fp32", ("triton", "torch"), 1e-5, 2),  # compile: once, below (each shape costs seconds)
+                 ("tiny-qwen3", "fp32", ("triton", "torch", "compile"), 1e-5, 2),
+                 ("tiny-qwen3", "bf16", ("torch", "compile"), 3e-2, 1)]
 
 
-@pytest.mark.parametrize(("name", "dtype", "backends", "tol"), BACKEND_CASES)
-def test_timed_backends_match_the_reference(name, dtype, backends, tol):
+@pytest.mark.parametrize(("name", "dtype", "backends", "tol", "batch"), BACKEND_CASES)
+def test_timed_backends_match_the_reference(name, dtype, backends, tol, batch):
     """Prefill and a decode step with the KV cache, on each timed backend, against the reference backend recomputing
-    the whole sequence (the check the model part runs before timing). Shapes as that check's (batch 2, prompt 8)."""
+    the whole sequence (the check the model part runs before timing: batch 2, prompt 8)."""
     gpu = torch.cuda.is_available()
     m = M.build_model(name, dtype=dtype, seed=10, device="cuda" if gpu else "cpu")
-    x = tokens(2, 9, m.cfg.vocab_size, seed=11).to(m.device)
+    x = tokens(batch, 9, m.cfg.vocab_size, seed=11).to(m.device)
     want = m.with_backend("reference").forward(x)[:, -2:]  # [B, 2, V]
     # On sm80+ Triton's fp32 tl.dot runs as tf32 (10-bit mantissa): looser there.
     tol = max(tol, 2e-2) if gpu else tol
@@ -226,7 +227,21 @@ def test_torch_backend_runs_the_vendor_ops(monkeypatch):
         M.load_ops.cache_clear()
     compiled, eager = M.load_ops("compile"), M.load_ops("torch")
     assert compiled.compiled and not eager.compiled
-    assert all(getattr(compiled, op) is getattr(eager, op) for op in M.OPS)  # the same model, compiled
+    # the same model, compiled; only its projections differ (see test_compiled_gemm_is_the_linear)
+    assert all(getattr(compiled, op) is getattr(eager, op) for op in M.OPS if op != "gemm")
+    assert compiled.gemm is M.compiled_gemm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_compiled_gemm_is_the_linear(rows, dtype):
+    """The compile backend's projection (the single-row reduction on the CPU, else F.linear) computes F.linear:
+    checked eagerly on a small shape (under torch.compile by the backend cases above)."""
+    g = torch.Generator().manual_seed(15)
+    x, w = torch.randn(rows, 64, generator=g).to(dtype), torch.randn(48, 64, generator=g).to(dtype)
+    got, want = M.compiled_gemm(x, w), F.linear(x.double(), w.double())
+    assert got.shape == (rows, 48) and got.dtype == dtype
+    assert rel_error(got, want) <= (1e-6 if dtype == torch.float32 else 8e-3)
 
 
 def test_kv_cache_is_allocated_aligned():

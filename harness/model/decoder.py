@@ -5,8 +5,9 @@ One set of weights, four backends (`harness.model.backends`), each honest about 
 - `torch`: PyTorch eager as a user writes it, in the input dtype: each op's vendor path (`kernels.REGISTRY[op]
   .baseline`: F.linear, F.rms_norm, F.silu(g) * u, SDPA for prefill and for decode with a length mask), RoPE
   cos/sin tables computed once per model and indexed per step (gpt-fast's freqs_cis).
-- `compile`: the same torch model under torch.compile (`compile_step`): a layer's prefill and decode blocks compiled
-  for their shapes (one graph serves every layer: see `Transformer`); on a GPU the compiled decode step is then
+- `compile`: the same torch model under torch.compile (`compile_step`): a layer's prefill and decode blocks and the
+  LM head compiled for their shapes (one graph serves every layer: see `Transformer`; a single row's projection on
+  the CPU as a reduction, `backends.compiled_gemm`); on a GPU the compiled decode step is then
   captured in a CUDA graph (`DecodeGraph`, or the timing's cuda_graph), as gpt-fast's reduce-overhead mode does.
 - `reference`: the kernels' fp32-math references: the correctness oracle, never timed.
 
@@ -35,6 +36,7 @@ from harness.model.backends import (  # noqa: F401  (re-exported: the model's ca
     TIMED_BACKENDS,
     Ops,
     compile_step,
+    compiled_gemm,
     compiled_graphs,
     first_call,
     load_ops,
@@ -141,7 +143,7 @@ class Transformer:
     ends with the norm of the next layer's input (the final norm after the last layer), its residual add fused in,
     so every layer is one block of one shape: under `compile` Inductor compiles one block per shape and every layer
     runs it (compile time does not grow with depth: a whole qwen3-0.6b decode step took 200 s to compile on a 2-core
-    CPU). The embedding lookup and the LM head are single vendor ops and run eager."""
+    CPU). The embedding lookup is a single vendor op and runs eager; the LM head is compiled by itself (`_head`)."""
 
     def __init__(self, cfg: ModelConfig, weights: Weights, backend: str = "torch", rotary: Rotary | None = None,
                  kv_dtype: str | torch.dtype | None = None):
@@ -155,9 +157,11 @@ class Transformer:
         self.rotary = rotary or Rotary(rope_frequencies(cfg, self.device), self.hd, self.dtype, self.device)
         self.kv_dtype = None if kv_dtype is None else to_dtype(kv_dtype)  # None: the activations' dtype
         self._prefill_block, self._decode_block = self._prefill_layer, self._decode_layer
+        self._head = self.ops.gemm
         if self.ops.compiled:
             self._prefill_block = compile_step(self._prefill_layer, self.device)
             self._decode_block = compile_step(self._decode_layer, self.device)
+            self._head = compile_step(self.ops.gemm, self.device)
 
     def with_backend(self, backend: str) -> Transformer:
         return Transformer(self.cfg, self.weights, backend, self.rotary, self.kv_dtype)
@@ -195,7 +199,7 @@ class Transformer:
         return h
 
     def _logits(self, y: torch.Tensor) -> torch.Tensor:
-        return self.ops.gemm(y, self.weights.lm_head)  # final-normed [N, D] -> [N, V]
+        return self._head(y, self.weights.lm_head)  # final-normed [N, D] -> [N, V]
 
     def _qkv(self, lw: Layer, x: torch.Tensor, rot: tuple):
         # x: [T, D] (normed), rot: the rope op's angles for the T tokens (ops.rotary)
