@@ -230,14 +230,12 @@ def bytes_moved(shape: dict, dtype: torch.dtype) -> int:
 
 
 def make_inputs(shape: dict, dtype: torch.dtype, device, seed: int) -> tuple:
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)  # drawn on `device` in `dtype`, as kernels.gemm's
     b, hq, hkv, s, d = shape["batch"], shape["q_heads"], shape["kv_heads"], shape["seq"], shape["head_dim"]
     # Unit-variance q and k give logits q.k/sqrt(D) ~ N(0, 1): a softmax that is neither flat nor one-hot.
-    q = torch.randn((b, hq, s, d), generator=g)
-    k = torch.randn((b, hkv, s, d), generator=g)
-    v = torch.randn((b, hkv, s, d), generator=g)
-    to = dict(device=device, dtype=dtype)
-    return q.to(**to), k.to(**to), v.to(**to), bool(shape.get("causal", True))
+    q, k, v = (torch.randn(size, generator=g, device=device, dtype=dtype)
+               for size in ((b, hq, s, d), (b, hkv, s, d), (b, hkv, s, d)))
+    return q, k, v, bool(shape.get("causal", True))
 
 
 def tolerance(dtype: torch.dtype) -> float:

@@ -256,11 +256,12 @@ def bytes_moved(shape: dict, dtype: torch.dtype) -> int:
 
 
 def make_inputs(shape: dict, dtype: torch.dtype, device, seed: int) -> tuple:
-    g = torch.Generator().manual_seed(seed)
+    # Drawn where they are used, in their dtype: no host draw and copy, no fp32 temporary (seeded per device).
+    g = torch.Generator(device=device).manual_seed(seed)
     m, n, k = shape["m"], shape["n"], shape["k"]
-    x = torch.randn((m, k), generator=g)
-    w = torch.randn((n, k), generator=g) / k**0.5  # keeps y ~ N(0, 1) at any K
-    return x.to(device=device, dtype=dtype), w.to(device=device, dtype=dtype)
+    x = torch.randn((m, k), generator=g, device=device, dtype=dtype)
+    w = torch.randn((n, k), generator=g, device=device, dtype=dtype).div_(k**0.5)  # keeps y ~ N(0, 1) at any K
+    return x, w
 
 
 def tolerance(dtype: torch.dtype) -> float:

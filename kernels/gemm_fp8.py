@@ -323,19 +323,19 @@ def bytes_moved(shape: dict, dtype: torch.dtype) -> int:
 def make_inputs(shape: dict, dtype: torch.dtype, device, seed: int) -> tuple:
     """(x bf16 [M, K], w_q e4m3 [N, K], w_scale, x_scale): shape {m, n, k, scale: tensor|block}. `dtype` is the
     point's (e4m3 or bf16; activations are bf16 either way, fp32 only when asked for fp32)."""
-    g = torch.Generator().manual_seed(seed)
+    # Drawn on `device` (seeded per device) in fp32, quantized there: no host draw and copy.
+    g = torch.Generator(device=device).manual_seed(seed)
     m, n, k = shape["m"], shape["n"], shape["k"]
     layout = shape.get("scale", "tensor")
-    x = torch.randn((m, k), generator=g)
-    w = torch.randn((n, k), generator=g) / k**0.5
+    x = torch.randn((m, k), generator=g, device=device)
+    w = torch.randn((n, k), generator=g, device=device).div_(k**0.5)
     if layout == "block":  # channels of different magnitude: what block scales exist for
-        x = x * torch.exp(torch.randn((1, k), generator=g))
+        x.mul_(torch.exp(torch.randn((1, k), generator=g, device=device)))
     w_q, w_scale = quantize_weight_fp8(w, layout)
-    act = torch.float32 if dtype == torch.float32 else torch.bfloat16
-    x = x.to(act)
+    del w
+    x = x.to(torch.float32 if dtype == torch.float32 else torch.bfloat16)
     x_scale = (x.float().abs().amax() / FP8_MAX).reshape(()) if layout == "tensor" else None  # "calibrated"
-    to = dict(device=device)
-    return x.to(**to), w_q.to(**to), w_scale.to(**to), None if x_scale is None else x_scale.to(**to)
+    return x, w_q, w_scale, x_scale
 
 
 def tolerance(dtype: torch.dtype) -> float:

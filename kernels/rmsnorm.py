@@ -132,16 +132,15 @@ def bytes_moved(shape: dict, dtype: torch.dtype) -> int:
 
 
 def make_inputs(shape: dict, dtype: torch.dtype, device, seed: int) -> tuple:
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)  # drawn on `device` in `dtype`, as kernels.gemm's
     rows, hidden = shape["rows"], shape["hidden"]
-    x = torch.randn((rows, hidden), generator=g)
-    weight = 1.0 + 0.1 * torch.randn((hidden,), generator=g)  # near 1 like a trained norm, not constant
+    x = torch.randn((rows, hidden), generator=g, device=device, dtype=dtype)
+    # Near 1 like a trained norm, not constant.
+    weight = torch.randn((hidden,), generator=g, device=device, dtype=dtype).mul_(0.1).add_(1.0)
     eps = 1e-6
-    args = (x.to(device=device, dtype=dtype), weight.to(device=device, dtype=dtype), eps)
     if shape.get("residual"):
-        residual = torch.randn((rows, hidden), generator=g)
-        args = (*args, residual.to(device=device, dtype=dtype))
-    return args
+        return x, weight, eps, torch.randn((rows, hidden), generator=g, device=device, dtype=dtype)
+    return x, weight, eps
 
 
 def tolerance(dtype: torch.dtype) -> float:

@@ -200,13 +200,12 @@ def bytes_moved(shape: dict, dtype: torch.dtype) -> int:
 
 
 def make_inputs(shape: dict, dtype: torch.dtype, device, seed: int) -> tuple:
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)  # drawn on `device` in `dtype`, as kernels.gemm's
     t, hq, hkv, d = shape["tokens"], shape["q_heads"], shape["kv_heads"], shape["head_dim"]
-    q = torch.randn((t, hq, d), generator=g)
-    k = torch.randn((t, hkv, d), generator=g)
-    positions = torch.randint(0, shape.get("max_position", 4096), (t,), generator=g, dtype=torch.int32)
-    theta = float(shape.get("theta", 1_000_000.0))
-    return (q.to(device=device, dtype=dtype), k.to(device=device, dtype=dtype), positions.to(device), theta)
+    q = torch.randn((t, hq, d), generator=g, device=device, dtype=dtype)
+    k = torch.randn((t, hkv, d), generator=g, device=device, dtype=dtype)
+    positions = torch.randint(0, shape.get("max_position", 4096), (t,), generator=g, device=device, dtype=torch.int32)
+    return q, k, positions, float(shape.get("theta", 1_000_000.0))
 
 
 def tolerance(dtype: torch.dtype) -> float:

@@ -89,11 +89,11 @@ def bytes_moved(shape: dict, dtype: torch.dtype) -> int:
 
 
 def make_inputs(shape: dict, dtype: torch.dtype, device, seed: int) -> tuple:
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)  # drawn on `device` in `dtype`, as kernels.gemm's
     rows, n = shape["rows"], shape["n"]
-    gate = 2.0 * torch.randn((rows, n), generator=g)  # spans silu's curved region and both tails
-    up = torch.randn((rows, n), generator=g)
-    return gate.to(device=device, dtype=dtype), up.to(device=device, dtype=dtype)
+    # gate spans silu's curved region and both tails.
+    gate = torch.randn((rows, n), generator=g, device=device, dtype=dtype).mul_(2.0)
+    return gate, torch.randn((rows, n), generator=g, device=device, dtype=dtype)
 
 
 def tolerance(dtype: torch.dtype) -> float:

@@ -14,11 +14,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import kernels
 from kernels import REGISTRY, rel_error
 from kernels._triton import INTERPRET, pinned_configs
-from kernels.attention_decode import attention_decode, attention_decode_ref
+from kernels.attention_decode import FP8, attention_decode, attention_decode_ref
 from kernels.attention_prefill import attention_prefill, attention_prefill_ref
 from kernels.gemm import gemm, gemm_ref
 from kernels.rmsnorm import rmsnorm, rmsnorm_ref
@@ -462,6 +464,46 @@ def test_registry_contract(name):
     assert op.bytes_moved(shape, torch.float32) == 2 * op.bytes_moved(shape, torch.float16) - _int_input_bytes(
         name, shape)
     assert isinstance(op.outputs(op.reference(*a)), tuple)
+
+
+class _Created(TorchDispatchMode):
+    """Records the device and size of every tensor an aten op makes while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.made: list[tuple[torch.device, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.made += [(t.device, t.numel()) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        return out
+
+
+@pytest.mark.parametrize("name,shape,dtype", [
+    *[pytest.param(n, SMALL_SHAPES[n][0], torch.float32, id=n) for n in SMALL_SHAPES],
+    pytest.param("gemm_fp8", {"m": 5, "n": 64, "k": 256, "scale": "block"}, FP8, id="gemm_fp8"),
+    pytest.param("attention_decode", SMALL_SHAPES["attention_decode"][0], FP8, id="attention_decode-fp8"),
+])
+def test_inputs_are_drawn_on_the_device_and_seeded(name, shape, dtype):
+    # Drawn where the kernel runs: nothing larger than the context lengths is made elsewhere and copied over (on
+    # the CPU that holds trivially; gpu-check runs this on the GPU). Seeded: the same seed, the same bits.
+    op = REGISTRY[name]
+    with _Created() as created:
+        a = op.make_inputs(shape, dtype, DEVICE, 0)
+    elsewhere = [n for d, n in created.made if d.type != torch.device(DEVICE).type]
+    assert not elsewhere or max(elsewhere) <= shape.get("batch", 1), elsewhere
+    b, c = op.make_inputs(shape, dtype, DEVICE, 0), op.make_inputs(shape, dtype, DEVICE, 1)
+    tensors = [i for i, t in enumerate(a) if isinstance(t, torch.Tensor)]
+    assert all(a[i].device.type == torch.device(DEVICE).type for i in tensors)
+    for i in tensors:
+        assert torch.equal(_bits(a[i]), _bits(b[i])), f"{name} input {i}: the same seed gave other values"
+    drawn = [i for i in tensors if a[i].is_floating_point() and a[i].numel() > 1]
+    assert drawn and all(not torch.equal(_bits(a[i]), _bits(c[i])) for i in drawn), "another seed, the same values"
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's bytes (e4m3 has no torch.equal; NaN compares equal to itself)."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
 def _int_input_bytes(name: str, shape: dict) -> int:
