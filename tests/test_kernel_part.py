@@ -5,12 +5,14 @@ first_call_ms."""
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import pytest
 import torch
 from pydantic import ValidationError
 
 import kernels
+from harness.measure.context import LastInputs, RunContext
 from harness.measure.parts import kernels as part
 from harness.measure.runner import execute
 from harness.model.spec import load_model_config
@@ -60,3 +62,104 @@ def test_compile_backend_times_the_compiled_baseline(ctx):
     assert compiled["rel_error"] <= kernels.REGISTRY["silu_mul"].tolerance(torch.float32)
     assert compiled["graphs_compiled"] >= 1 and compiled["first_call_ms"] > 0 and compiled["n_samples"] >= 2
     assert "graphs_compiled" not in eager
+
+
+# ---- inputs: drawn once per point, shared by its backends, never written ------------------------------------------
+
+# One small shape per op (fp32: Triton's interpreter runs it; e4m3 where the op takes it).
+SMALL = {
+    "gemm": ({"m": 3, "n": 20, "k": 40}, "fp32"),
+    "gemm_fp8": ({"m": 3, "n": 64, "k": 256, "scale": "tensor"}, "fp8"),
+    "rmsnorm": ({"rows": 3, "hidden": 40, "residual": True}, "fp32"),
+    "rope": ({"tokens": 3, "q_heads": 4, "kv_heads": 2, "head_dim": 16}, "fp32"),
+    "silu_mul": ({"rows": 3, "n": 40}, "fp32"),
+    "attention_prefill": ({"batch": 1, "q_heads": 2, "kv_heads": 1, "seq": 19, "head_dim": 16}, "fp32"),
+    "attention_decode": ({"batch": 2, "q_heads": 4, "kv_heads": 2, "context": [5, 19], "max_context": 19,
+                          "head_dim": 16, "kv_dtype": "fp8"}, "fp32"),
+}
+
+
+def test_every_op_has_a_small_shape_here():
+    assert set(SMALL) == set(kernels.REGISTRY)
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_no_backend_writes_into_its_inputs(name):
+    # What makes sharing one draw between a point's backends sound: each backend's call (and the reference, which
+    # the check runs after it) leaves the inputs as drawn, bit for bit. (`compile` is the baseline compiled.)
+    from harness.dtypes import to_dtype
+
+    op = kernels.REGISTRY[name]
+    shape, dtype = SMALL[name]
+    args = op.make_inputs(shape, to_dtype(dtype), "cpu", 0)
+    drawn = [_bits(a).clone() if isinstance(a, torch.Tensor) else a for a in args]
+    for fn in (op.triton, op.baseline, op.reference):
+        fn(*args)
+        for a, d in zip(args, drawn, strict=True):
+            assert torch.equal(_bits(a), d) if isinstance(a, torch.Tensor) else a == d, f"{fn.__name__} wrote"
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+class _Interpreted(RunContext):
+    """A CPU context whose triton backend runs too (under Triton's interpreter), so two backends draw inputs."""
+
+    on_gpu = True  # type: ignore[assignment]
+
+
+def test_backends_of_a_point_share_one_draw(ctx, monkeypatch):
+    real = kernels.REGISTRY["silu_mul"]
+    draws, seen = [], []
+
+    def make_inputs(shape, dtype, device, seed):
+        draws.append(dict(shape))
+        return real.make_inputs(shape, dtype, device, seed)
+
+    def recording(fn):
+        def call(gate, up):
+            seen.append((fn.__name__, gate.data_ptr(), up.data_ptr()))
+            return fn(gate, up)
+        return call
+
+    fake = dataclasses.replace(real, make_inputs=make_inputs, triton=recording(real.triton),
+                               baseline=recording(real.baseline))
+    monkeypatch.setitem(kernels.REGISTRY, "silu_mul", fake)
+    run = _Interpreted(device=ctx.device, suite=ctx.suite, datasheet=None, ceilings=ctx.ceilings)
+    spec = part.Spec(cases=[part.OpCase(op="silu_mul", dtypes=["fp32"], shapes=[{"rows": 3, "n": 40},
+                                                                                {"rows": 2, "n": 8}])])
+    points = []
+    for job in part.plan(spec, run):
+        points.append({**job.key, **job.run(run)})  # (not `execute`: it would poll a GPU's telemetry)
+        assert run.inputs.key is None or job.key["backend"] == "triton"  # freed after the point's last backend
+    assert [(p["backend"], p["rows"]) for p in points] == [("triton", 3), ("torch", 3), ("triton", 2), ("torch", 2)]
+    assert all("status" not in p and p["rel_error"] <= 1e-5 and p["median_ms"] > 0 for p in points), points
+    assert draws == [{"rows": 3, "n": 40}, {"rows": 2, "n": 8}]  # one draw per point, not per backend
+    first = [s[1:] for s in seen if s[0] == "silu_mul"][0]
+    assert [s[1:] for s in seen if s[0] == "silu_mul_baseline"][0] == first  # the very tensors triton got
+
+
+def test_last_inputs_holds_one_entry():
+    cache = LastInputs()
+    a = cache.get("a", lambda: torch.ones(4))
+    assert cache.get("a", lambda: pytest.fail("drawn twice")) is a
+    gone = weakref.ref(a)
+    del a
+
+    def make_b():
+        assert cache.value is None and gone() is None  # the old entry is freed before the new one is drawn
+        return torch.zeros(4)
+
+    b = cache.get("b", make_b)
+    assert cache.key == "b" and cache.value is b
+    cache.clear()
+    assert cache.key is None and cache.value is None
+
+
+def test_inputs_key_leaves_out_source_and_backend():
+    # Two models' identical gemm shapes (dropped as duplicates by the plan) and every backend share one key.
+    a = part.inputs_key("gemm", {"m": 1, "n": 8, "k": 8}, "bf16", 0)
+    assert a == part.inputs_key("gemm", {"k": 8, "n": 8, "m": 1}, "bf16", 0)
+    assert a != part.inputs_key("gemm", {"m": 1, "n": 8, "k": 8}, "bf16", 1)
+    assert a != part.inputs_key("gemm", {"m": 1, "n": 8, "k": 8}, "fp16", 0)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -34,12 +34,32 @@ class Job:
 
 
 @dataclass
+class LastInputs:
+    """The inputs of the most recent kernel point, kept for the next backends of that point (consecutive jobs in the
+    plan): one entry, dropped before another is made, so a run holds one point's inputs at most."""
+
+    key: str | None = None
+    value: Any = None
+
+    def get(self, key: str, make: Callable[[], Any]) -> Any:
+        if key != self.key:
+            self.clear()  # first: the old inputs are freed before the new ones are drawn
+            self.value = make()
+            self.key = key
+        return self.value
+
+    def clear(self) -> None:
+        self.key = self.value = None
+
+
+@dataclass
 class RunContext:
     device: DeviceInfo
     suite: Suite
     datasheet: Hardware | None
     ceilings: dict = field(default_factory=results.empty_ceilings)
     seed: int = 0
+    inputs: LastInputs = field(default_factory=LastInputs)  # kernel inputs shared by a point's backends
 
     @property
     def torch_device(self) -> torch.device:

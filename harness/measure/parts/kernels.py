@@ -5,10 +5,16 @@ FlashAttention through SDPA, F.rms_norm, ...) and `compile` (that baseline under
 the point's `first_call_ms`). On the CPU Triton's interpreter runs one program at a time in numpy and is a correctness
 tool, so Triton points there are `skipped` with that reason. Shapes come from model configs (`models:` with the grid
 the op's `model_shapes` takes: `tokens`, or `batch` and `context`) or are given literally (`shapes:`).
+
+Inputs: the op's `make_inputs` draws them on the device, once per point: the backends of one (op, shape, dtype) are
+consecutive jobs and take the same tensors from `RunContext.inputs` (one entry, freed when the next point draws, or
+after the point's last backend). No op writes into its inputs (tests/test_kernel_part.py checks every registered
+op's Triton launcher, baseline and reference), so each backend still runs, and is checked, on fresh random data.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 import torch
@@ -96,46 +102,61 @@ def _upcast(args: tuple, dtype: torch.dtype) -> tuple:
     return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
-def kernel_job(op: str, shape: dict, dtype: str, backend: str, flush_l2: bool) -> Job:
+def kernel_job(op: str, shape: dict, dtype: str, backend: str, flush_l2: bool, last: bool = True) -> Job:
+    """One backend's point. `last`: the point's last backend in the plan, after which its shared inputs are freed."""
     key = {"kind": "kernel", "op": op, "backend": backend, "dtype": dtype, **shape}
+    args_shape = {k: v for k, v in shape.items() if k != "source"}
 
     def run(ctx: RunContext) -> dict:
-        from kernels import REGISTRY, rel_error
+        try:
+            return _measure(ctx, op, args_shape, dtype, backend, flush_l2)
+        finally:
+            if last:
+                ctx.inputs.clear()
 
-        entry = REGISTRY[op]
-        if backend == "triton" and not ctx.on_gpu:
-            return {"status": "skipped", "note": CPU_TRITON_NOTE}
-        if (dtype == "fp8" or op == "gemm_fp8") and ctx.datasheet and not ctx.datasheet.has_fp8:
-            return {"status": "skipped", "note": ctx.datasheet.fp8_refusal()}
-        args_shape = {k: v for k, v in shape.items() if k != "source"}
-        dt = to_dtype(dtype)
-        inputs = entry.make_inputs(args_shape, dt, ctx.torch_device, ctx.seed)
-        if backend == "compile":
-            fn = compile_step(entry.baseline, ctx.torch_device)
-        else:
-            fn = entry.triton if backend == "triton" else entry.baseline
-        # Correct before fast: the reference runs in fp32 (fp64 on the CPU) on the same fresh random inputs. The
-        # checked call is the first (compile / autotune happen in it): its time is the point's first_call_ms.
-        ref_dtype = torch.float32 if ctx.on_gpu else torch.float64
-        out, first = first_call(lambda: fn(*inputs), ctx.torch_device)
-        outs = entry.outputs(out)
-        refs = entry.outputs(entry.reference(*_upcast(inputs, ref_dtype)))
-        tol = entry.tolerance(dt)
-        errs = [rel_error(o, r) for o, r in zip(outs, refs, strict=True)]
-        err = max(errs)
-        if not err <= tol:  # also catches NaN
-            return {"status": "incorrect", "rel_error": err, "error": f"relative error {err:.3g} > tolerance {tol:g}"}
-        del out, outs, refs
-        graphs = compiled_graphs()
-        # args=: on a GPU, CUDA-graph replays over input copies beyond 2x L2 (cold), launch_us beside.
-        t = ctx.measure(fn, args=inputs, flush_l2=flush_l2)
-        if compiled_graphs() != graphs:
-            raise RuntimeError("torch.compile compiled a graph during the samples")
-        return {**t.to_dict(), **first, "rel_error": err, "flops": entry.flops(args_shape),
-                "bytes": entry.bytes_moved(args_shape, dt)}
-
-    label = f"{op} {backend} {dtype} " + " ".join(f"{k}={v}" for k, v in shape.items() if k != "source")
+    label = f"{op} {backend} {dtype} " + " ".join(f"{k}={v}" for k, v in args_shape.items())
     return Job(key, run, label)
+
+
+def inputs_key(op: str, shape: dict, dtype: str, seed: int) -> str:
+    """What one set of kernel inputs is drawn for: the backends of a point share it (`source` is not in `shape`)."""
+    return json.dumps([op, shape, dtype, seed], sort_keys=True, default=str)
+
+
+def _measure(ctx: RunContext, op: str, args_shape: dict, dtype: str, backend: str, flush_l2: bool) -> dict:
+    from kernels import REGISTRY, rel_error
+
+    entry = REGISTRY[op]
+    if backend == "triton" and not ctx.on_gpu:
+        return {"status": "skipped", "note": CPU_TRITON_NOTE}
+    if (dtype == "fp8" or op == "gemm_fp8") and ctx.datasheet and not ctx.datasheet.has_fp8:
+        return {"status": "skipped", "note": ctx.datasheet.fp8_refusal()}
+    dt = to_dtype(dtype)
+    inputs = ctx.inputs.get(inputs_key(op, args_shape, dtype, ctx.seed),
+                            lambda: entry.make_inputs(args_shape, dt, ctx.torch_device, ctx.seed))
+    if backend == "compile":
+        fn = compile_step(entry.baseline, ctx.torch_device)
+    else:
+        fn = entry.triton if backend == "triton" else entry.baseline
+    # Correct before fast: the reference runs in fp32 (fp64 on the CPU) on the same fresh random inputs. The
+    # checked call is the first (compile / autotune happen in it): its time is the point's first_call_ms.
+    ref_dtype = torch.float32 if ctx.on_gpu else torch.float64
+    out, first = first_call(lambda: fn(*inputs), ctx.torch_device)
+    outs = entry.outputs(out)
+    refs = entry.outputs(entry.reference(*_upcast(inputs, ref_dtype)))
+    tol = entry.tolerance(dt)
+    errs = [rel_error(o, r) for o, r in zip(outs, refs, strict=True)]
+    err = max(errs)
+    if not err <= tol:  # also catches NaN
+        return {"status": "incorrect", "rel_error": err, "error": f"relative error {err:.3g} > tolerance {tol:g}"}
+    del out, outs, refs
+    graphs = compiled_graphs()
+    # args=: on a GPU, CUDA-graph replays over input copies beyond 2x L2 (cold), launch_us beside.
+    t = ctx.measure(fn, args=inputs, flush_l2=flush_l2)
+    if compiled_graphs() != graphs:
+        raise RuntimeError("torch.compile compiled a graph during the samples")
+    return {**t.to_dict(), **first, "rel_error": err, "flops": entry.flops(args_shape),
+            "bytes": entry.bytes_moved(args_shape, dt)}
 
 
 def plan(spec: Spec, ctx: RunContext) -> list[Job]:
@@ -143,6 +164,7 @@ def plan(spec: Spec, ctx: RunContext) -> list[Job]:
     for case in spec.cases:
         for shape in case_shapes(case):
             for dtype in case.dtypes:
-                for backend in case.backends:
-                    jobs.append(kernel_job(case.op, shape, dtype, backend, spec.flush_l2))
+                for backend in case.backends:  # side by side: they share the point's inputs
+                    jobs.append(kernel_job(case.op, shape, dtype, backend, spec.flush_l2,
+                                           last=backend == case.backends[-1]))
     return jobs
