@@ -111,6 +111,20 @@ def test_estimate_pays_model_build_once_and_autotune_per_new_batch():
     assert estimate_s([_job(kind="kernel", op="gemm", backend="triton", dtype="fp32", m=1, n=8, k=8)], "cpu") == [0.0]
 
 
+def test_estimate_draws_a_kernel_points_inputs_once():
+    # Decode attention at 32k: 2.1e9 input elements, 1.3e5 output ones. A GPU draws them in place (free here); on a
+    # CPU the first backend pays the draw and the next shares it; every backend pays its own check's outputs.
+    shape = dict(kind="kernel", op="attention_decode", dtype="bf16", batch=32, q_heads=32, kv_heads=8, context=32768,
+                 max_context=32768, head_dim=128)
+    jobs = [_job(backend=b, **shape) for b in ("torch", "compile")]
+    assert all(s < 3.5 for s in estimate_s(jobs, "cuda"))  # the fixed costs (compile: 3 s, assumed) and little more
+    first, second = estimate_s(jobs, "cpu")
+    assert first > 15.0 > 2.0 > second > 0
+    # A gemm's outputs are a share of its elements: a bigger M costs more on every backend, GPU included.
+    small, big = (_job(kind="kernel", op="gemm", backend="torch", dtype="bf16", m=m, n=4096, k=4096) for m in (1, 8192))
+    assert estimate_s([big], "cuda")[0] - estimate_s([small], "cuda")[0] > 0.3
+
+
 def test_parts_run_in_value_order_whatever_the_file_order(tmp_path):
     f = tmp_path / "order.yaml"
     f.write_text("id: order\ndescription: d\n"

@@ -8,19 +8,23 @@ so a cut leaves whole comparisons. Jobs whose keys agree but for `source` (gemm 
 the sources joined.
 
 The estimate (`estimate_s`) is a documented cost model per kind and backend, not a measurement: each point pays
-a fixed cost (inputs, correctness check, warm-up, samples), kernel points pay for drawing their inputs on the host,
-and model points pay once per model for building and checking it and once per new shape for autotuning or
-recompiling (`Cost`). The GPU constants come from the H200 run of 2026-11-28 (results/reference/h200-2026-11-28,
-its points' `elapsed_s`); the CPU ones from the CPU reference runs (results/reference/cpu-amd-epyc-2core-*).
+a fixed cost (inputs, correctness check, warm-up, samples), kernel points pay for drawing their inputs once per
+point (on a CPU; a GPU draws them in place) and, per backend, for the check's host copies of its outputs, and model
+points pay once per model for building and checking it and once per new shape for autotuning or recompiling (`Cost`).
+The GPU constants come from the H200 run of 2026-11-28 (results/reference/h200-2026-11-28, its points'
+`elapsed_s`); the CPU ones from the CPU reference runs (results/reference/cpu-amd-epyc-2core-*).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
+from harness.dtypes import to_dtype
 from harness.measure.context import Job, RunContext
 from harness.measure.device import DeviceInfo, detect
 from harness.measure.suite import Suite, part_api
@@ -45,9 +49,10 @@ class Cost:
 
 # (kind, backend) -> Cost; backend None is the fallback for a backend not listed. From the H200 run's elapsed_s:
 # - ceilings took 0.1-0.5 s as short probes; sustained ones (>= 1 s warm-up and >= 1 s of samples) take ~3 s;
-# - kernels: a least-squares fit over its 102 kernel points against the elements of each point's inputs and outputs
-#   (INPUT_ELEMENTS_PER_S, drawn on the host: attention_decode batch 32 x 32k took 18 s): triton 0.95 s + elements /
-#   1.14e8 (autotune hides in the correctness call), torch 0.18 s + elements / 1.18e8;
+# - kernels: a least-squares fit over its 96 kernel points against the elements of each point's inputs and of its
+#   outputs: triton 0.93 s, torch 0.14 s (autotune hides in the correctness call), + inputs / 1.15-1.19e8 (drawn on
+#   the host then, per backend: attention_decode batch 32 x 32k took 18 s) + outputs / 0.94-0.98e8 (see
+#   INPUT_ELEMENTS_PER_S);
 # - decode triton: the first point 37 s (weights built, the triton check autotuning every kernel, then its own batch),
 #   a new batch 9.2-10.2 s (new M buckets), another context 0.6-1.4 s; torch, after triton, 0.8-1.4 s;
 # - prefill triton: 18 s for the first length, 5.7-7.4 s for the next; torch, after triton, 0.8-3.9 s.
@@ -55,8 +60,8 @@ class Cost:
 # recompile per new shape).
 GPU_COSTS = {
     ("ceiling", None): Cost(3.0),
-    ("kernel", "triton"): Cost(0.95),
-    ("kernel", "torch"): Cost(0.2),
+    ("kernel", "triton"): Cost(0.93),
+    ("kernel", "torch"): Cost(0.15),
     ("kernel", None): Cost(3.0),
     ("decode", "triton"): Cost(1.5, first=26.0, new_shape=9.0),
     ("decode", "torch"): Cost(1.2, first=1.0),
@@ -76,8 +81,12 @@ CPU_COSTS = {
     ("prefill", "triton"): Cost(0.0),
     ("prefill", None): Cost(9.0, first=2.0),
 }
-# Kernel points on any device: host time per element of a point's inputs and outputs (fp32 bytes_moved / 4).
+# Kernel points, per element (fp32 bytes_moved / 4, split as `_kernel_elements` does): inputs are drawn once per point
+# (its backends share them) on its device: on a CPU at the host's rate (the H200 host's fit); on a GPU counted as
+# free (a device draw writes at memory speed; not yet measured: refit from the next GPU run's elapsed_s). Outputs,
+# per backend: the check copies output and reference to the host in fp64 (kernels.rel_error).
 INPUT_ELEMENTS_PER_S = 1.15e8
+OUTPUT_ELEMENTS_PER_S = 9.6e7
 
 
 def ordered_parts(suite: Suite) -> list[str]:
@@ -135,13 +144,27 @@ def ordered_jobs(suite: Suite, ctx: RunContext) -> list[Job]:
     return [job for _, job in planned(suite, ctx)]
 
 
-def _input_elements(key: dict) -> int:
-    entry = REGISTRY.get(key.get("op"))
-    shape = {k: v for k, v in key.items() if k not in ("kind", "op", "backend", "dtype", "source")}
+def _kernel_elements(key: dict) -> tuple[int, int]:
+    """(input, output) elements of a kernel point: its inputs drawn as fake tensors (shapes only, no memory), its
+    outputs the rest of its fp32 bytes_moved / 4."""
+    return _elements(identity(key, ("kind", "backend", "source")))
+
+
+@functools.lru_cache(maxsize=4096)
+def _elements(point: str) -> tuple[int, int]:
+    shape = json.loads(point)
+    entry, dtype = REGISTRY.get(shape.pop("op", None)), shape.pop("dtype", None)
     try:
-        return entry.bytes_moved(shape, torch.float32) // 4 if entry else 0
+        total = entry.bytes_moved(shape, torch.float32) // 4 if entry else 0
     except (KeyError, TypeError, ValueError):
-        return 0
+        return 0, 0
+    try:
+        with FakeTensorMode():
+            args = entry.make_inputs(shape, to_dtype(dtype), "cpu", 0)
+        inputs = sum(a.numel() for a in args if isinstance(a, torch.Tensor))
+    except Exception:  # noqa: BLE001 - an estimate never stops a plan: count it all as output
+        inputs = 0
+    return min(inputs, total), max(total - inputs, 0)
 
 
 def estimate_s(jobs: list[Job], device_kind: str) -> list[float]:
@@ -157,7 +180,12 @@ def estimate_s(jobs: list[Job], device_kind: str) -> list[float]:
         if kind == "kernel" and backend == "triton" and device_kind != "cuda":
             pass  # skipped at once: no inputs drawn
         elif kind == "kernel":
-            s += _input_elements(k) / INPUT_ELEMENTS_PER_S
+            inputs, outputs = _kernel_elements(k)
+            point = identity(k, ("backend", "source"))  # the draw its backends share
+            if device_kind != "cuda" and point not in seen:
+                s += inputs / INPUT_ELEMENTS_PER_S
+            seen.add(point)
+            s += outputs / OUTPUT_ELEMENTS_PER_S
         if kind in ("decode", "prefill"):
             model = (kind, k.get("model"), k.get("dtype"), backend, k.get("tp"), k.get("layers"))
             shape = (*model, k.get("batch"), k.get("prompt_len"))  # decode: a new batch; prefill: a new length
