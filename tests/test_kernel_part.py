@@ -163,3 +163,20 @@ def test_inputs_key_leaves_out_source_and_backend():
     assert a == part.inputs_key("gemm", {"k": 8, "n": 8, "m": 1}, "bf16", 0)
     assert a != part.inputs_key("gemm", {"m": 1, "n": 8, "k": 8}, "bf16", 1)
     assert a != part.inputs_key("gemm", {"m": 1, "n": 8, "k": 8}, "fp16", 0)
+
+
+@pytest.mark.parametrize("suite_name", ["quick", "full"])
+def test_a_points_backends_are_consecutive_in_the_run_order(suite_name):
+    # What sharing needs from the run's plan (value order, duplicates across models dropped): the jobs of one
+    # point follow each other, so its inputs are drawn once and held for one point at a time.
+    from harness.measure.plan import ordered_jobs, planning_context
+    from harness.measure.suite import load_suite
+
+    suite = load_suite(suite_name)
+    points = [part.inputs_key(j.key["op"], {k: v for k, v in j.key.items() if k not in _NOT_SHAPE}, j.key["dtype"], 0)
+              for j in ordered_jobs(suite, planning_context(suite, "cuda")) if j.key["kind"] == "kernel"]
+    runs = [p for i, p in enumerate(points) if i == 0 or points[i - 1] != p]
+    assert len(runs) == len(set(runs)) and len(runs) < len(points)
+
+
+_NOT_SHAPE = ("kind", "op", "backend", "dtype", "source")
