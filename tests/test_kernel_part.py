@@ -51,6 +51,10 @@ def test_model_grid_is_validated():
         part.OpCase(op="attention_decode", dtypes=["fp32"], models=["tiny"], tokens=[1])
     with pytest.raises(ValidationError, match="give `shapes` or `models`"):
         part.OpCase(op="gemm", dtypes=["fp32"])
+    # Inputs are drawn in the point's dtype: e4m3 only where the op makes it (scaled), one clear line elsewhere.
+    with pytest.raises(ValidationError, match="dtype fp8 is for gemm_fp8 and attention_decode; gemm takes"):
+        part.OpCase(op="gemm", dtypes=["bf16", "fp8"], shapes=[{"m": 1, "n": 8, "k": 8}])
+    assert all(part.OpCase(op=op, dtypes=["fp8"], shapes=[SMALL[op][0]]) for op in part.FP8_OPS)
 
 
 def test_compile_backend_times_the_compiled_baseline(ctx):

@@ -26,6 +26,8 @@ from harness.measure.context import CPU_TRITON_NOTE, Job, RunContext
 from harness.model.decoder import compile_step, compiled_graphs, first_call
 from harness.model.spec import load_model_config
 
+FP8_OPS = ("gemm_fp8", "attention_decode")  # the ops whose make_inputs take dtype fp8 (e4m3 operands, KV cache)
+
 
 class OpCase(Strict):
     op: str
@@ -78,6 +80,8 @@ class OpCase(Strict):
         missing = [g for g in REGISTRY[self.op].model_grid if self.models and not getattr(self, g)]
         if missing:
             raise ValueError(f"{self.op} at model shapes needs `{missing[0]}`")
+        if "fp8" in self.dtypes and self.op not in FP8_OPS:
+            raise ValueError(f"dtype fp8 is for {' and '.join(FP8_OPS)}; {self.op} takes fp32, bf16, fp16")
         return self
 
 
