@@ -293,8 +293,13 @@ class Transformer:
         h = self._embed(tokens)  # [B, D]
 
         def block(i, lw, next_norm, y, residual):
-            return self._decode_block(lw, next_norm, y, residual, cache.k[i], cache.v[i], cache.scales(i), rot,
-                                      where, context_lens)
+            k, v = cache.k[i], cache.v[i]
+            if self.ops.compiled:  # the cache length is dynamic: one compiled decode block per batch for every
+                # context, as gpt-fast's one max-length cache gives one graph for every position (maybe_: a length
+                # equal to another size stays static rather than failing)
+                torch._dynamo.maybe_mark_dynamic(k, 2)
+                torch._dynamo.maybe_mark_dynamic(v, 2)
+            return self._decode_block(lw, next_norm, y, residual, k, v, cache.scales(i), rot, where, context_lens)
 
         return self._logits(self._stack(h, block))  # [B, V]
 
