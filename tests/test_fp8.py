@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from kernels import REGISTRY, rel_error
-from kernels._triton import INTERPRET
+from kernels._triton import INTERPRET, pinned_configs
+from kernels.attention_decode import _CHUNK_ALIGN
 from kernels.gemm_fp8 import FP8, gemm_fp8, gemm_fp8_baseline, gemm_fp8_ref, quantize_fp8, quantize_fp8_ref
 from tests.conftest import run_cli
 
@@ -18,6 +19,14 @@ DEVICE = "cpu" if INTERPRET else "cuda"
 TIGHT = 1e-5 if INTERPRET else 2e-3
 # Odd sizes: no M, N or K a multiple of any block; K past one and two 128-channel scale groups.
 GEMM_SHAPES = [(1, 45, 70), (5, 33, 300), (70, 130, 19), (17, 129, 257)]
+
+
+@pytest.fixture(autouse=True)
+def _one_config():
+    # On a GPU each autotuned kernel runs one pinned config, as in tests/test_kernels.py: otherwise every new shape
+    # here (16 GEMM keys alone) compiles and times the whole space inside gpu-check's test budget.
+    with pinned_configs():
+        yield
 
 
 def _to64(args):
@@ -123,7 +132,7 @@ def test_attention_decode_fp8_cache(shape, dtype, kv_scale):
     assert k.dtype == v.dtype == FP8 and q.dtype == dtype and ks.numel() == (shape["kv_heads"] if kv_scale == "head"
                                                                              else 1)
     ref = op.reference(*_to64(args))
-    out = op.triton(*args, chunk_size=16)
+    out = op.triton(*args, chunk_size=_CHUNK_ALIGN)  # 16 under the interpreter (splits); a GPU takes 128
     assert rel_error(out, ref) <= op.tolerance(dtype)
     assert rel_error(op.baseline(*args), ref) <= op.tolerance(dtype)
     # The scales matter: ignoring them is far off.
@@ -154,6 +163,7 @@ def tokens():
 def _cached_logits(m, tokens):
     from harness.model import decoder as M
 
+    tokens = tokens.to(m.device)
     cache = m.new_cache(tokens.shape[0], tokens.shape[1])
     first = M.prefill(m, tokens[:, :-1], cache)
     return torch.stack([first, M.decode_one_token(m, tokens[:, -1], cache)], 1), cache
@@ -180,12 +190,14 @@ def test_fp8_model_triton_matches_torch(tokens):
     # fp32 activations, so Triton's interpreter (whose bf16 tl.dot is wrong) can run every op of the model.
     from harness.model import fp8 as F8
 
-    m = F8.build_model("tiny", "torch", layout="tensor", kv_dtype="fp8", act_dtype="fp32", seed=2)
+    # On DEVICE: compiled Triton (a GPU) takes no CPU tensors.
+    m = F8.build_model("tiny", "torch", DEVICE, layout="tensor", kv_dtype="fp8", act_dtype="fp32", seed=2)
     want, _ = _cached_logits(m, tokens)
     got, _ = _cached_logits(m.with_backend("triton"), tokens)
     assert rel_error(got, want) < TIGHT * 100
-    ref, _ = _cached_logits(F8.build_model("tiny", "reference", layout="block", act_dtype="fp32", seed=2), tokens)
-    blk, _ = _cached_logits(F8.build_model("tiny", "triton", layout="block", act_dtype="fp32", seed=2), tokens)
+    ref, _ = _cached_logits(F8.build_model("tiny", "reference", DEVICE, layout="block", act_dtype="fp32", seed=2),
+                            tokens)
+    blk, _ = _cached_logits(F8.build_model("tiny", "triton", DEVICE, layout="block", act_dtype="fp32", seed=2), tokens)
     assert rel_error(blk, ref) < TIGHT * 100
 
 
