@@ -156,26 +156,38 @@ class _FakeGraph:
             f()
 
 
-def _fake_cuda(monkeypatch):
-    @contextlib.contextmanager
-    def graph(g):
-        _FakeGraph.capturing = g
-        try:
-            yield
-        finally:
-            _FakeGraph.capturing = None
-
+def _fake_cuda(monkeypatch) -> dict:
+    """Fake CUDA objects; returns the current-stream holder. The fake graph, as torch.cuda.graph, makes its capture
+    stream current and, when the capture fails, raises on exit without restoring the previous stream."""
     class Stream:
         def wait_stream(self, other):
             pass
 
+    default, capture = Stream(), Stream()
+    current = {"stream": default, "default": default}
+
+    @contextlib.contextmanager
+    def graph(g):
+        prev, current["stream"] = current["stream"], capture
+        _FakeGraph.capturing = g
+        try:
+            yield
+        except Exception as e:
+            raise RuntimeError("capture_end: operation failed due to a previous error during capture") from e
+        else:
+            current["stream"] = prev
+        finally:
+            _FakeGraph.capturing = None
+
     monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: Stream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: current["stream"])
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda s: current.update(stream=s))
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
     monkeypatch.setattr(torch.cuda, "graph", graph)
+    return current
 
 
 def test_gpu_kernel_path_control_flow(monkeypatch):
@@ -202,7 +214,7 @@ def test_gpu_kernel_path_control_flow(monkeypatch):
 
 
 def test_gpu_capture_failure_falls_back_to_eager(monkeypatch):
-    _fake_cuda(monkeypatch)
+    current = _fake_cuda(monkeypatch)
 
     def syncs_inside(t):
         if _FakeGraph.capturing is not None:
@@ -213,3 +225,5 @@ def test_gpu_capture_failure_falls_back_to_eager(monkeypatch):
     t = measure(syncs_inside, args=(torch.ones(4),), device="cuda", min_samples=3, min_time_s=0.0, warmup_s=0.0,
                 flush_l2=True, l2_bytes=1 << 10)
     assert not t.cuda_graph and "capture failed" in t.timing_note and t.launch_us > 0 and t.n_samples == 3
+    # The failed capture left its stream current (torch.cuda.graph's exit raised first): the stream is put back.
+    assert current["stream"] is current["default"]

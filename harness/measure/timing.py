@@ -218,7 +218,8 @@ def _capture(call_i: Callable[[int], object], calls: int) -> torch.cuda.CUDAGrap
     with torch.cuda.stream(side):
         for i in range(2):
             call_i(i % calls)
-    torch.cuda.current_stream().wait_stream(side)
+    stream = torch.cuda.current_stream()
+    stream.wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     enabled = gc.isenabled()
     gc.disable()
@@ -226,6 +227,12 @@ def _capture(call_i: Callable[[int], object], calls: int) -> torch.cuda.CUDAGrap
         with torch.cuda.graph(graph):
             for i in range(calls):
                 call_i(i)
+    except BaseException:
+        # torch.cuda.graph's __exit__ ends the capture before it restores the stream, and ending an invalidated
+        # capture (a sync or a failed allocation inside it) raises: without this the capture stream would stay
+        # current for the eager fallback and every later point of the process (torch 2.11, cuda/graphs.py).
+        torch.cuda.set_stream(stream)
+        raise
     finally:
         if enabled:
             gc.enable()
