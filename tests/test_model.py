@@ -232,6 +232,22 @@ def test_torch_backend_runs_the_vendor_ops(monkeypatch):
     assert compiled.gemm is M.compiled_gemm
 
 
+def test_compile_decodes_every_context_with_one_graph():
+    """The compile backend's decode step is compiled once per batch: a second context (a cache of another length)
+    compiles nothing new, and its logits match the torch backend's."""
+    m = M.build_model("tiny-qwen3", backend="compile", dtype="fp32", seed=16)
+    eager = m.with_backend("torch")
+    tok = torch.zeros(2, dtype=torch.long)
+    for i, context in enumerate((20, 150)):
+        cache = m.new_cache(2, context + 1).fill_random(17)
+        cache.lengths.fill_(context)
+        before = M.compiled_graphs()
+        got = M.decode_one_token(m, tok, cache)
+        assert i == 0 or M.compiled_graphs() == before, "a new context recompiled the decode step"
+        cache.lengths.fill_(context)
+        assert rel_error(got, M.decode_one_token(eager, tok, cache)) <= 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3])
 def test_compiled_gemm_is_the_linear(rows, dtype):

@@ -57,7 +57,9 @@ class Cost:
 #   a new batch 9.2-10.2 s (new M buckets), another context 0.6-1.4 s; torch, after triton, 0.8-1.4 s;
 # - prefill triton: 18 s for the first length, 5.7-7.4 s for the next; torch, after triton, 0.8-3.9 s.
 # `compile` has no GPU run yet: assumed like gpt-fast's torch.compile of a decode step (tens of seconds, then a
-# recompile per new shape).
+# recompile per new shape). Its decode block takes the KV cache's length as a dynamic dimension (decoder.py,
+# forward_decode), so a new context is not a new shape for it (checked on the CPU: no graph for a second context);
+# a new batch is.
 GPU_COSTS = {
     ("ceiling", None): Cost(3.0),
     ("kernel", "triton"): Cost(0.93),
