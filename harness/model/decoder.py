@@ -370,10 +370,15 @@ class DecodeGraph:
             for _ in range(warmup):
                 decode_one_token(model, self.token, cache)
                 cache.lengths.copy_(saved)
-        torch.cuda.current_stream().wait_stream(side)
+        stream = torch.cuda.current_stream()
+        stream.wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = decode_one_token(model, self.token, cache)
+        try:
+            with torch.cuda.graph(self.graph):
+                self.logits = decode_one_token(model, self.token, cache)
+        except BaseException:
+            torch.cuda.set_stream(stream)  # an invalidated capture raises before torch.cuda.graph restores it
+            raise
         cache.lengths.copy_(saved)  # capture advanced it once
 
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
