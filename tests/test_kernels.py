@@ -561,6 +561,51 @@ def test_rel_error():
     assert kernels.KernelOp.outputs(ref) == (ref,)
 
 
+@pytest.mark.parametrize("chunk", [7, 1 << 23])
+def test_rel_error_is_the_fp64_norm_ratio(monkeypatch, chunk):
+    # Summed where the tensors are, a chunk at a time: the same value as the whole thing in fp64 on the host, for
+    # outputs in any dtype against fp32/fp64 references, strided ones too, with NaN/inf anywhere failing (inf).
+    monkeypatch.setattr(kernels, "REL_ERROR_CHUNK", chunk)
+    g = torch.Generator().manual_seed(3)
+
+    def direct(o, r):
+        o, r = o.double(), r.double()
+        return (torch.linalg.vector_norm(o - r) / torch.linalg.vector_norm(r)).item()
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        ref = torch.randn(5, 13, generator=g, dtype=torch.float64)
+        out = (ref + 1e-2 * torch.randn(5, 13, generator=g, dtype=torch.float64)).to(dtype)
+        for r in (ref, ref.float()):
+            kept = r.clone()
+            assert rel_error(out, r) == pytest.approx(direct(out, r), rel=1e-12), dtype
+            assert rel_error(out.t(), r.t()) == pytest.approx(direct(out, r), rel=1e-12)
+            assert rel_error(out[:, ::3], r[:, ::3]) == pytest.approx(direct(out[:, ::3], r[:, ::3]), rel=1e-12)
+            assert torch.equal(r, kept)  # the reference is never overwritten (its fp64 chunks are copies)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(40, generator=g)
+        y = x.clone()
+        y[29] = bad
+        assert rel_error(y, x) == float("inf") and rel_error(x, y) == float("inf")
+    zero = torch.zeros(20)
+    assert rel_error(zero, zero) == 0.0 and rel_error(zero + 1, zero) == float("inf")
+    assert rel_error(torch.zeros(0), torch.zeros(0)) == 0.0
+    with pytest.raises(ValueError, match="shapes differ"):
+        rel_error(torch.zeros(3), torch.zeros(4))
+
+
+def test_rel_error_reads_the_device_once(monkeypatch):
+    # No copy to the host and no per-sum read: one `tolist` of the two sums is its only host sync.
+    reads = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "item", lambda *a: pytest.fail("item: a host sync per sum"))
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda *a, **k: pytest.fail("cpu: a host copy"))
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.numel()) or real_tolist(t))
+    monkeypatch.setattr(kernels, "REL_ERROR_CHUNK", 16)
+    x = torch.randn(100)
+    assert 0 < rel_error(x + 1e-3, x) < 1
+    assert reads == [2]
+
+
 # --------------------------------------------------------------------------------------------------
 # Model-sized shapes on a real GPU (compiled Triton, autotuned).
 
