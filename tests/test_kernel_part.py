@@ -113,13 +113,17 @@ class _Interpreted(RunContext):
     on_gpu = True  # type: ignore[assignment]
 
 
-def test_backends_of_a_point_share_one_draw(ctx, monkeypatch):
+def test_backends_of_a_point_share_one_draw_and_one_reference(ctx, monkeypatch):
     real = kernels.REGISTRY["silu_mul"]
-    draws, seen = [], []
+    draws, refs, seen = [], [], []
 
     def make_inputs(shape, dtype, device, seed):
         draws.append(dict(shape))
         return real.make_inputs(shape, dtype, device, seed)
+
+    def reference(gate, up):
+        refs.append(tuple(gate.shape))
+        return real.reference(gate, up)
 
     def recording(fn):
         def call(gate, up):
@@ -127,38 +131,100 @@ def test_backends_of_a_point_share_one_draw(ctx, monkeypatch):
             return fn(gate, up)
         return call
 
-    fake = dataclasses.replace(real, make_inputs=make_inputs, triton=recording(real.triton),
+    fake = dataclasses.replace(real, make_inputs=make_inputs, reference=reference, triton=recording(real.triton),
                                baseline=recording(real.baseline))
     monkeypatch.setitem(kernels.REGISTRY, "silu_mul", fake)
-    run = _Interpreted(device=ctx.device, suite=ctx.suite, datasheet=None, ceilings=ctx.ceilings)
+    run = _interpreted(ctx)
     spec = part.Spec(cases=[part.OpCase(op="silu_mul", dtypes=["fp32"], shapes=[{"rows": 3, "n": 40},
                                                                                 {"rows": 2, "n": 8}])])
     points = []
     for job in part.plan(spec, run):
         points.append({**job.key, **job.run(run)})  # (not `execute`: it would poll a GPU's telemetry)
-        assert run.inputs.key is None or job.key["backend"] == "triton"  # freed after the point's last backend
+        if job.key["backend"] == "triton":  # held for the point's next backend: its inputs and its reference
+            assert run.inputs.value[0].shape[0] == job.key["rows"] == run.inputs.ref[0].shape[0]
+        else:
+            assert run.inputs.key is run.inputs.value is run.inputs.ref is None  # freed after its last backend
     assert [(p["backend"], p["rows"]) for p in points] == [("triton", 3), ("torch", 3), ("triton", 2), ("torch", 2)]
     assert all("status" not in p and p["rel_error"] <= 1e-5 and p["median_ms"] > 0 for p in points), points
     assert draws == [{"rows": 3, "n": 40}, {"rows": 2, "n": 8}]  # one draw per point, not per backend
+    assert refs == [(3, 40), (2, 8)]  # one reference per point, not per backend
     first = [s[1:] for s in seen if s[0] == "silu_mul"][0]
     assert [s[1:] for s in seen if s[0] == "silu_mul_baseline"][0] == first  # the very tensors triton got
 
 
+def _interpreted(ctx: RunContext) -> RunContext:
+    return _Interpreted(device=ctx.device, suite=ctx.suite, datasheet=None, ceilings=ctx.ceilings)
+
+
+@pytest.mark.parametrize("wrong", ["scaled", "nan"])
+def test_a_shared_reference_still_flags_a_wrong_backend(ctx, monkeypatch, wrong):
+    # The reference is computed once per point: by whichever backend runs first, never taken from a backend's output.
+    # A baseline 1% off, or with one NaN, is `incorrect` whether it runs before or after the right Triton kernel.
+    real = kernels.REGISTRY["silu_mul"]
+
+    def bad_baseline(gate, up):
+        out = real.baseline(gate, up)
+        if wrong == "nan":
+            out[0, 0] = float("nan")
+            return out
+        return out * 1.01
+
+    monkeypatch.setitem(kernels.REGISTRY, "silu_mul", dataclasses.replace(real, baseline=bad_baseline))
+    run = _interpreted(ctx)
+    for backends in (["triton", "torch"], ["torch", "triton"]):
+        spec = part.Spec(cases=[part.OpCase(op="silu_mul", dtypes=["fp32"], shapes=[{"rows": 3, "n": 40}],
+                                            backends=backends)])
+        points = {j.key["backend"]: j.run(run) for j in part.plan(spec, run)}
+        assert "status" not in points["triton"] and points["triton"]["rel_error"] <= 1e-5, points
+        bad = points["torch"]
+        assert bad["status"] == "incorrect" and "median_ms" not in bad, bad
+        assert bad["rel_error"] == (float("inf") if wrong == "nan" else pytest.approx(0.01, rel=1e-3))
+
+
+def test_the_upcast_inputs_are_freed_once_the_reference_is_computed(ctx, monkeypatch):
+    # Memory: the reference's upcast copies (fp64 here, fp32 on a GPU) are gone before the backend's output is made;
+    # the point holds its inputs and the reference only.
+    real = kernels.REGISTRY["silu_mul"]
+    upcast = []
+
+    def reference(gate, up):
+        assert gate.dtype == torch.float64  # a copy: the inputs are fp32
+        upcast.extend(weakref.ref(a) for a in (gate, up))
+        return real.reference(gate, up)
+
+    def baseline(gate, up):
+        assert upcast and all(u() is None for u in upcast), "upcast inputs alive beside the backend's output"
+        return real.baseline(gate, up)
+
+    monkeypatch.setitem(kernels.REGISTRY, "silu_mul", dataclasses.replace(real, reference=reference,
+                                                                          baseline=baseline))
+    spec = part.Spec(cases=[part.OpCase(op="silu_mul", dtypes=["fp32"], shapes=[{"rows": 3, "n": 40}],
+                                        backends=["torch"])])
+    (job,) = part.plan(spec, ctx)
+    assert "status" not in job.run(ctx)
+
+
 def test_last_inputs_holds_one_entry():
     cache = LastInputs()
+    with pytest.raises(RuntimeError, match="no inputs drawn"):
+        cache.reference(lambda: pytest.fail("a reference without inputs"))
     a = cache.get("a", lambda: torch.ones(4))
     assert cache.get("a", lambda: pytest.fail("drawn twice")) is a
-    gone = weakref.ref(a)
-    del a
+    ra = cache.reference(lambda: torch.full((4,), 2.0))
+    assert cache.reference(lambda: pytest.fail("computed twice")) is ra
+    gone = weakref.ref(a), weakref.ref(ra)
+    del a, ra
 
     def make_b():
-        assert cache.value is None and gone() is None  # the old entry is freed before the new one is drawn
+        # the old entry (inputs and reference) is freed before the new one is drawn: one point's memory at most
+        assert cache.value is None and cache.ref is None and all(g() is None for g in gone)
         return torch.zeros(4)
 
     b = cache.get("b", make_b)
-    assert cache.key == "b" and cache.value is b
+    assert cache.key == "b" and cache.value is b and cache.ref is None  # b's reference is b's own, computed anew
+    assert torch.equal(cache.reference(lambda: b + 1), torch.ones(4))
     cache.clear()
-    assert cache.key is None and cache.value is None
+    assert cache.key is None and cache.value is None and cache.ref is None
 
 
 def test_inputs_key_leaves_out_source_and_backend():

@@ -36,20 +36,30 @@ class Job:
 @dataclass
 class LastInputs:
     """The inputs of the most recent kernel point, kept for the next backends of that point (consecutive jobs in the
-    plan): one entry, dropped before another is made, so a run holds one point's inputs at most."""
+    plan), with the point's reference output once one backend has computed it: one entry, dropped before another is
+    made, so a run holds one point's inputs and reference at most."""
 
     key: str | None = None
     value: Any = None
+    ref: Any = None  # the reference output for `value` (None until `reference` computes it)
 
     def get(self, key: str, make: Callable[[], Any]) -> Any:
         if key != self.key:
-            self.clear()  # first: the old inputs are freed before the new ones are drawn
+            self.clear()  # first: the old inputs and reference are freed before the new ones are drawn
             self.value = make()
             self.key = key
         return self.value
 
+    def reference(self, make: Callable[[], Any]) -> Any:
+        """The current entry's reference output: `make()` on the first call after `get`, held until the entry goes."""
+        if self.key is None:
+            raise RuntimeError("LastInputs.reference: no inputs drawn (call get first)")
+        if self.ref is None:
+            self.ref = make()
+        return self.ref
+
     def clear(self) -> None:
-        self.key = self.value = None
+        self.key = self.value = self.ref = None
 
 
 @dataclass
@@ -59,7 +69,7 @@ class RunContext:
     datasheet: Hardware | None
     ceilings: dict = field(default_factory=results.empty_ceilings)
     seed: int = 0
-    inputs: LastInputs = field(default_factory=LastInputs)  # kernel inputs shared by a point's backends
+    inputs: LastInputs = field(default_factory=LastInputs)  # kernel inputs and reference shared by a point's backends
 
     @property
     def torch_device(self) -> torch.device:

@@ -10,6 +10,8 @@ Inputs: the op's `make_inputs` draws them on the device, once per point: the bac
 consecutive jobs and take the same tensors from `RunContext.inputs` (one entry, freed when the next point draws, or
 after the point's last backend). No op writes into its inputs (tests/test_kernel_part.py checks every registered
 op's Triton launcher, baseline and reference), so each backend still runs, and is checked, on fresh random data.
+The check's reference output is computed once per point too, by its first backend that runs, and held in the same
+entry; `kernels.rel_error` compares on the device (no host copy), one host sync per output.
 """
 
 from __future__ import annotations
@@ -106,6 +108,13 @@ def _upcast(args: tuple, dtype: torch.dtype) -> tuple:
     return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
+def _reference(entry: Any, inputs: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """The op's reference outputs on `inputs` upcast to `dtype`. The upcast copies live only for the reference's call
+    (freed when it returns): the point then holds its inputs and this reference, never the upcast copies beside them
+    (a large decode attention's cache in fp32 is 2-4x its bf16 or e4m3 draw)."""
+    return entry.outputs(entry.reference(*_upcast(inputs, dtype)))
+
+
 def kernel_job(op: str, shape: dict, dtype: str, backend: str, flush_l2: bool, last: bool = True) -> Job:
     """One backend's point. `last`: the point's last backend in the plan, after which its shared inputs are freed."""
     key = {"kind": "kernel", "op": op, "backend": backend, "dtype": dtype, **shape}
@@ -142,12 +151,13 @@ def _measure(ctx: RunContext, op: str, args_shape: dict, dtype: str, backend: st
         fn = compile_step(entry.baseline, ctx.torch_device)
     else:
         fn = entry.triton if backend == "triton" else entry.baseline
-    # Correct before fast: the reference runs in fp32 (fp64 on the CPU) on the same fresh random inputs. The
-    # checked call is the first (compile / autotune happen in it): its time is the point's first_call_ms.
-    ref_dtype = torch.float32 if ctx.on_gpu else torch.float64
+    # Correct before fast: the reference runs in fp32 (fp64 on the CPU) on the same fresh random inputs, once per
+    # point (its backends share it with the inputs), before this backend's output exists: the peak is the inputs,
+    # their upcast copies and the reference's own temporaries, not those and an output too. The checked call is the
+    # first (compile / autotune happen in it): its time is the point's first_call_ms.
+    refs = ctx.inputs.reference(lambda: _reference(entry, inputs, torch.float32 if ctx.on_gpu else torch.float64))
     out, first = first_call(lambda: fn(*inputs), ctx.torch_device)
     outs = entry.outputs(out)
-    refs = entry.outputs(entry.reference(*_upcast(inputs, ref_dtype)))
     tol = entry.tolerance(dt)
     errs = [rel_error(o, r) for o, r in zip(outs, refs, strict=True)]
     err = max(errs)
