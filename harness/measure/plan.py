@@ -9,7 +9,7 @@ the sources joined.
 
 The estimate (`estimate_s`) is a documented cost model per kind and backend, not a measurement: each point pays
 a fixed cost (inputs, correctness check, warm-up, samples), kernel points pay for drawing their inputs once per
-point (on a CPU; a GPU draws them in place) and, per backend, for the check's host copies of its outputs, and model
+point and, per backend, for the check's fp64 sums over its outputs (on a CPU; a GPU does both in place), and model
 points pay once per model for building and checking it and once per new shape for autotuning or recompiling (`Cost`).
 The GPU constants come from the H200 run of 2026-11-28 (results/reference/h200-2026-11-28, its points'
 `elapsed_s`); the CPU ones from the CPU reference runs (results/reference/cpu-amd-epyc-2core-*).
@@ -51,8 +51,8 @@ class Cost:
 # - ceilings took 0.1-0.5 s as short probes; sustained ones (>= 1 s warm-up and >= 1 s of samples) take ~3 s;
 # - kernels: a least-squares fit over its 96 kernel points against the elements of each point's inputs and of its
 #   outputs: triton 0.93 s, torch 0.14 s (autotune hides in the correctness call), + inputs / 1.15-1.19e8 (drawn on
-#   the host then, per backend: attention_decode batch 32 x 32k took 18 s) + outputs / 0.94-0.98e8 (see
-#   INPUT_ELEMENTS_PER_S);
+#   the host then, per backend: attention_decode batch 32 x 32k took 18 s) + outputs / 0.94-0.98e8 (the check's host
+#   copies then; see INPUT_ELEMENTS_PER_S);
 # - decode triton: the first point 37 s (weights built, the triton check autotuning every kernel, then its own batch),
 #   a new batch 9.2-10.2 s (new M buckets), another context 0.6-1.4 s; torch, after triton, 0.8-1.4 s;
 # - prefill triton: 18 s for the first length, 5.7-7.4 s for the next; torch, after triton, 0.8-3.9 s.
@@ -86,7 +86,10 @@ CPU_COSTS = {
 # Kernel points, per element (fp32 bytes_moved / 4, split as `_kernel_elements` does): inputs are drawn once per point
 # (its backends share them) on its device: on a CPU at the host's rate (the H200 host's fit); on a GPU counted as
 # free (a device draw writes at memory speed; not yet measured: refit from the next GPU run's elapsed_s). Outputs,
-# per backend: the check copies output and reference to the host in fp64 (kernels.rel_error).
+# per backend, on a CPU: the check's fp64 sums over output and reference (kernels.rel_error), at the rate the H200
+# run fitted to its host copies (the nearest host rate measured; not refitted). On a GPU they are free too: since
+# that run rel_error sums on the device (no host copy) and the reference runs once per point. An assumption until
+# the next GPU run refits the kernel costs (the fixed costs above were fitted beside the copies' term).
 INPUT_ELEMENTS_PER_S = 1.15e8
 OUTPUT_ELEMENTS_PER_S = 9.6e7
 
@@ -187,7 +190,8 @@ def estimate_s(jobs: list[Job], device_kind: str) -> list[float]:
             if device_kind != "cuda" and point not in seen:
                 s += inputs / INPUT_ELEMENTS_PER_S
             seen.add(point)
-            s += outputs / OUTPUT_ELEMENTS_PER_S
+            if device_kind != "cuda":  # a GPU's check sums on the device: no host copy
+                s += outputs / OUTPUT_ELEMENTS_PER_S
         if kind in ("decode", "prefill"):
             model = (kind, k.get("model"), k.get("dtype"), backend, k.get("tp"), k.get("layers"))
             shape = (*model, k.get("batch"), k.get("prompt_len"))  # decode: a new batch; prefill: a new length
