@@ -147,7 +147,7 @@ def matmul_job(spec: Spec, dtype: str, size: int, layout: str) -> Job:
             out = mm() if mm else a @ rhs
             probe = (a[:64].double() @ rhs.double())
             err = float((out[:64].double() - probe).norm() / probe.norm())
-            if err > (0.02 if dtype != "fp32" else 5e-3):
+            if not err <= (0.02 if dtype != "fp32" else 5e-3):  # also catches NaN
                 return {"status": "incorrect", "error": f"matmul relative error {err:.2e}", "rel_error": err}
             timed = _probe(ctx, spec, mm or (lambda: torch.matmul(a, rhs, out=out)))
         finally:
@@ -174,7 +174,7 @@ def matvec_job(spec: Spec, dtype: str) -> Job:
         out = torch.nn.functional.linear(x, w)
         ref = x.double() @ w.double().T
         err = float((out.double() - ref).norm() / ref.norm())
-        if err > 0.02:
+        if not err <= 0.02:  # also catches NaN
             return {"status": "incorrect", "error": f"matvec relative error {err:.2e}", "rel_error": err}
         # No L2 flush: the weight matrix is far larger than any L2, as a decode step's weights are.
         timed = _probe(ctx, spec, lambda: torch.nn.functional.linear(x, w))
