@@ -36,12 +36,23 @@ def test_prefill_grid(ctx):
     assert p["mfu"] is not None and p["rel_error"] < 1e-4
 
 
-def test_jobs_run_in_any_order(ctx):
-    # The session is explicit and keyed: running the grid backwards gives the same points (timings aside).
+def test_jobs_run_in_any_order(ctx, monkeypatch):
+    # The session is explicit and keyed: running the grid backwards gives the same points (timings aside), and
+    # whichever job runs last releases the model (the parts after it get the memory back).
     spec = part.DecodeSpec(models=["tiny", "tiny-qwen3"], backends=["torch"], dtypes=["fp32"], context=[4, 6])
     fields = ("model", "context", "rel_error", "flops", "bytes")
+    held = []
+    real_drop = part._Session.drop
+
+    def drop(self, device, everything=True):
+        real_drop(self, device, everything)
+        held.append(self.built is not None)
+
+    monkeypatch.setattr(part._Session, "drop", drop)
     forward = [execute(j, ctx) for j in part.plan_decode(spec, ctx)]
+    assert held[-1] is False and sum(not h for h in held) >= 1
     backward = [execute(j, ctx) for j in reversed(part.plan_decode(spec, ctx))][::-1]
+    assert held[-1] is False
     assert all(p["status"] in USABLE for p in forward + backward)  # ok, or noisy on a loaded machine
     assert [[p[f] for f in fields] for p in forward] == [[p[f] for f in fields] for p in backward]
 

@@ -315,7 +315,26 @@ def _plan_section(kind: str, spec: _ModelSpec, ctx: RunContext, length_key: str,
     jobs = _plan(kind, spec, ctx, length_key, point, session)
     if spec.fp8 is not None:
         jobs += _plan(kind, spec.fp8_spec(length_key), ctx, length_key, point, session)
-    return jobs
+    return _released_after(jobs, session)
+
+
+def _released_after(jobs: list[Job], session: _Session) -> list[Job]:
+    """The jobs, the session's model and cache dropped once every one of them has run (in whatever order), so the
+    parts after it (kernels, the end-of-run probes) have the device's memory back. A job run again, or a run cut
+    or resumed, at worst drops early (the next job rebuilds) or never (as before)."""
+    left = [len(jobs)]
+
+    def counted(run):
+        def go(ctx: RunContext) -> dict:
+            try:
+                return run(ctx)
+            finally:
+                left[0] -= 1
+                if left[0] == 0:
+                    session.drop(ctx.torch_device)
+        return go
+
+    return [Job(j.key, counted(j.run), j.label) for j in jobs]
 
 
 def plan_prefill(spec: PrefillSpec, ctx: RunContext) -> list[Job]:

@@ -78,6 +78,11 @@ class _Session:
     def __init__(self):
         self.key, self.model, self.full_layers, self.checked = None, None, 0, {}
 
+    def drop(self, device: torch.device) -> None:
+        """The shard freed (P._released_after: after the part's last job); the checks' results are kept."""
+        self.key, self.model = None, None
+        P._free(device)
+
     def prepare(self, ctx: RunContext, spec: Spec, name: str, dtype: str, backend: str, g: D.Group):
         """(model on backend, check fields, None) or (None, None, the failed point)."""
         if spec.check and (name, dtype, backend) not in self.checked:
@@ -227,4 +232,4 @@ def plan(spec: Spec, ctx: RunContext) -> list[Job]:
                                     return _point(c, session, spec, *a)
                             label = f"tp{world} {kind} {name} {backend} {dtype} b{batch} {length_key}{length}"
                             jobs.append(Job(key=key, run=run, label=label))
-    return jobs
+    return P._released_after(jobs, session)
