@@ -60,6 +60,16 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           cwd=REPO, env={**os.environ, "COLUMNS": "200"})
 
 
+def invoke_cli(*args: str):
+    """`tokenfleet ARGS` in this process (typer's CliRunner): exit_code, stdout and stderr apart, and no Python and
+    torch start-up (seconds each on 2 cores). Tests that need the process as a user's shell sees it use run_cli."""
+    from typer.testing import CliRunner
+
+    from harness.cli.main import app
+
+    return CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
+
+
 @pytest.fixture(scope="module")
 def ctx():
     """A CPU run context for a part's jobs: few, short samples (tests check structure, not speed) and fixed ceilings.

@@ -1,32 +1,58 @@
-"""The CLI: valid JSON from `env`, and every bad-input path exits 2 with one line naming the file and field."""
+"""The CLI: valid JSON from `env`, and every bad-input path exits 2 with one line naming the file and field.
+
+Two of these run `python -m harness` in a subprocess (stdout and stderr exactly as a user's shell gets them, nothing
+printed at start-up); the rest invoke the same typer app in this process (exit code, stdout and stderr apart),
+without a torch start-up each."""
 
 import json
 import re
 
-from tests.conftest import run_cli
+from typer.testing import CliRunner
+
+from harness.cli.main import app
+from tests.conftest import TINY_CEILINGS_SUITE, run_cli
 
 
-def one_error_line(proc):
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    assert proc.returncode == 2, proc.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert "Traceback" not in proc.stderr
+def _invoke(*args):
+    return CliRunner().invoke(app, list(args), env={"COLUMNS": "120"})
+
+
+def one_error_line(res):
+    """`res`: a subprocess's CompletedProcess or an in-process CliRunner result."""
+    code = res.returncode if hasattr(res, "returncode") else res.exit_code
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert code == 2, (code, res.stderr, getattr(res, "exception", None))
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert "Traceback" not in res.stderr
     return lines[0]
 
 
-def test_env_ceilings_json():
-    proc = run_cli("env", "--ceilings", "--format", "json", "--device", "cpu")
+def test_env_json():
+    proc = run_cli("env", "--format", "json", "--device", "cpu")  # a subprocess: stdout is the JSON and only that
     assert proc.returncode == 0, proc.stderr
-    data = json.loads(proc.stdout)
+    assert json.loads(proc.stdout)["device"]["kind"] == "cpu"
+
+
+def test_env_ceilings_json(tmp_path, monkeypatch):
+    # The default suite's ceilings at a test's sizes (the CPU default's take seconds and assert nothing more).
+    from harness.measure import runner
+
+    suite = tmp_path / "tiny.yaml"
+    suite.write_text(TINY_CEILINGS_SUITE.format(id="tiny"))
+    monkeypatch.setattr(runner, "default_suite", lambda kind: str(suite))
+    res = _invoke("env", "--ceilings", "--format", "json", "--device", "cpu")
+    assert res.exit_code == 0, (res.stderr, res.exception)
+    data = json.loads(res.stdout)
     assert data["device"]["kind"] == "cpu"
     assert data["ceilings"]["copy_gbps"] > 0
     assert all(v > 0 for v in data["ceilings"]["matmul_tflops"].values())
+    assert {p["op"] for p in data["ceilings"]["points"]} >= {"copy", "matmul", "matvec"}
 
 
 def test_yaml_that_does_not_parse(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("id: x\ndescription: [unclosed\n")
-    line = one_error_line(run_cli("bench", "--suite", str(bad)))
+    line = one_error_line(_invoke("bench", "--suite", str(bad)))
     assert str(bad) in line and "not valid YAML" in line
 
 
@@ -34,7 +60,7 @@ def test_suite_field_that_does_not_validate(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("id: x\ndescription: d\nnoise_limit: -1\nceilings: {copy_mb: 8, matmul: {fp32: 64}, "
                    "matvec: {n: 8, k: 8, dtypes: [fp32]}}\n")
-    line = one_error_line(run_cli("bench", "--suite", str(bad)))
+    line = one_error_line(_invoke("bench", "--suite", str(bad)))
     assert str(bad) in line and "noise_limit" in line
 
 
@@ -42,42 +68,36 @@ def test_unknown_field_in_a_part(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("id: x\ndescription: d\nceilings: {copy_mb: 8, matmul: {fp32: 64}, "
                    "matvec: {n: 8, k: 8, dtypes: [fp32]}, colour: red}\n")
-    line = one_error_line(run_cli("bench", "--suite", str(bad)))
+    line = one_error_line(_invoke("bench", "--suite", str(bad)))
     assert "ceilings.colour" in line
 
 
 def test_unknown_suite_lists_known():
-    line = one_error_line(run_cli("bench", "--suite", "no-such-suite"))
+    line = one_error_line(run_cli("bench", "--suite", "no-such-suite"))  # a subprocess: only this line on stderr
     assert "no-such-suite" in line and "ci-cpu" in line
 
 
 def test_unknown_device():
-    line = one_error_line(run_cli("env", "--device", "tpu"))
+    line = one_error_line(_invoke("env", "--device", "tpu"))
     assert "tpu" in line and "cpu, cuda" in line
 
 
 def test_resume_of_missing_or_unknown_schema_run(tmp_path):
-    line = one_error_line(run_cli("bench", "--resume", str(tmp_path / "nope")))
+    line = one_error_line(_invoke("bench", "--resume", str(tmp_path / "nope")))
     assert "nope" in line
     run = tmp_path / "run"
     run.mkdir()
     (run / "manifest.json").write_text(json.dumps({"schema_version": 42, "suite": "ci-cpu", "run_id": "x"}))
-    line = one_error_line(run_cli("bench", "--resume", str(run)))
+    line = one_error_line(_invoke("bench", "--resume", str(run)))
     assert "manifest.json" in line and "schema_version" in line
 
 
 def test_bad_format():
-    line = one_error_line(run_cli("env", "--format", "xml"))
+    line = one_error_line(_invoke("env", "--format", "xml"))
     assert "--format" in line
 
 
-# ---- what --help advertises is what the verbs take (in-process: no torch start-up per call) ----------------------
-def _invoke(*args):
-    from typer.testing import CliRunner
-
-    from harness.cli.main import app
-
-    return CliRunner().invoke(app, list(args), env={"COLUMNS": "120"})
+# ---- what --help advertises is what the verbs take ---------------------------------------------------------------
 
 
 VERBS = ("env", "bench", "project", "capacity", "report", "compare")

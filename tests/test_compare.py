@@ -1,15 +1,25 @@
-"""`tokenfleet compare`: identical runs, a slowed point gated by --fail-over, cross-device labels, schema refusal."""
+"""`tokenfleet compare`: identical runs, a slowed point gated by --fail-over, cross-device labels, schema refusal.
+The gate (exit 1) runs as a CI step would run it, in a subprocess; the other CLI calls invoke the app in-process."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from typer.testing import CliRunner
 
+from harness.cli.main import app
 from harness.report.compare import compare
 from tests.conftest import run_cli
 from tests.test_report import make_run, synthetic_points
+
+
+def cli(*args: str) -> SimpleNamespace:
+    """`tokenfleet ARGS` in this process: exit code, stdout and stderr apart (an exception is exit code 1)."""
+    r = CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
+    return SimpleNamespace(returncode=r.exit_code, stdout=r.stdout, stderr=r.stderr, exception=r.exception)
 
 
 def _slow_one(points: list[dict], factor: float) -> list[dict]:
@@ -34,7 +44,7 @@ def test_identical_runs(tmp_path: Path):
     assert not cmp.cross_device and not cmp.regressions(0)
     assert {r["changed"] for r in cmp.rows} <= {"same", "n/a"}  # failed on both sides: n/a, not a regression
 
-    r = run_cli("compare", str(a), str(b), "--fail-over", "5", "--format", "json")
+    r = cli("compare", str(a), str(b), "--fail-over", "5", "--format", "json")
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
     assert data["cross_device"] is False and len(data["rows"]) == len(cmp.rows)
@@ -51,11 +61,11 @@ def test_slowed_point_fails_over_threshold(tmp_path: Path):
     r = run_cli("compare", str(a), str(b), "--fail-over", "10")
     assert r.returncode == 1
     assert "regression: kernel gemm torch bf16" in r.stderr and "slower x1.500" in r.stderr
-    assert run_cli("compare", str(a), str(b), "--fail-over", "60").returncode == 0  # 50% slower is under 60%
-    assert run_cli("compare", str(a), str(b)).returncode == 0  # without --fail-over: a report, not a gate
+    assert cli("compare", str(a), str(b), "--fail-over", "60").returncode == 0  # 50% slower is under 60%
+    assert cli("compare", str(a), str(b)).returncode == 0  # without --fail-over: a report, not a gate
     # A slowdown inside the noise (spread 4%) is "same", whatever --fail-over says.
     c = make_run(tmp_path / "c", _slow_one(pts, 1.03), run_id="c")
-    assert run_cli("compare", str(a), str(c), "--fail-over", "1").returncode == 0
+    assert cli("compare", str(a), str(c), "--fail-over", "1").returncode == 0
 
 
 def test_cross_device_and_one_sided_points(tmp_path: Path):
@@ -69,7 +79,7 @@ def test_cross_device_and_one_sided_points(tmp_path: Path):
     assert cmp.cross_device and all(r["cross_device"] for r in cmp.rows)
     assert {r["name"] for r in cmp.rows if r["changed"] == "only_a"} == {"rmsnorm"}
     assert [r["name"] for r in cmp.rows if r["changed"] == "only_b"] == ["silu_mul"]
-    r = run_cli("compare", str(a), str(b), "--format", "md")
+    r = cli("compare", str(a), str(b), "--format", "md")
     assert r.returncode == 0, r.stderr
     assert "cross-device comparison" in r.stdout and "Points in one run only" in r.stdout
 
@@ -80,7 +90,7 @@ def test_different_schema_versions_refused(tmp_path: Path):
     m = json.loads((b / "manifest.json").read_text())
     m["schema_version"] = 2
     (b / "manifest.json").write_text(json.dumps(m))
-    r = run_cli("compare", str(a), str(b))
+    r = cli("compare", str(a), str(b))
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "schema_version" in lines[0] and "not comparable" in lines[0], r.stderr

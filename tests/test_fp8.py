@@ -11,7 +11,7 @@ from kernels import REGISTRY, rel_error
 from kernels._triton import INTERPRET, pinned_configs
 from kernels.attention_decode import _CHUNK_ALIGN
 from kernels.gemm_fp8 import FP8, gemm_fp8, gemm_fp8_baseline, gemm_fp8_ref, quantize_fp8, quantize_fp8_ref
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 # fp32 output against the fp32 reference: exact products under the interpreter; on Hopper the fp8 MMA accumulates
@@ -285,8 +285,8 @@ def test_no_fp8_tensor_cores_refuse(ctx):
 
 
 def test_project_fp8_on_a100_exits_2_with_one_line():
-    r = run_cli("project", "--dtype", "fp8", "--gpu", "a100-sxm", "--model", "llama-3.1-8b")
-    assert r.returncode == 2 and r.stdout == ""
+    r = invoke_cli("project", "--dtype", "fp8", "--gpu", "a100-sxm", "--model", "llama-3.1-8b")
+    assert r.exit_code == 2 and r.stdout == ""
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "a100-sxm.yaml: fp8_tensor_cores: false" in lines[0], r.stderr
 

@@ -20,7 +20,7 @@ from harness.measure.plan import (
     side_by_side,
 )
 from harness.measure.suite import load_suite
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, invoke_cli
 
 
 def _budget(name: str) -> int:
@@ -142,8 +142,8 @@ def test_parts_run_in_value_order_whatever_the_file_order(tmp_path):
 
 
 def test_bench_plan_measures_nothing(capsys):
-    proc = run_cli("bench", "--suite", "quick", "--plan", "--format", "json")
-    assert proc.returncode == 0, proc.stderr
+    proc = invoke_cli("bench", "--suite", "quick", "--plan", "--format", "json")
+    assert proc.exit_code == 0, (proc.stderr, proc.exception)
     assert "run folder" not in proc.stdout + proc.stderr
     data = json.loads(proc.stdout)
     assert data["suite"] == "quick" and data["device"] == "cuda"

@@ -14,7 +14,7 @@ import pytest
 from harness import results
 from harness.hardware import load_hardware
 from harness.report import document as report
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli, run_cli
 
 # In the report's order: the planner's answer first, then the model, then the kernels.
 HEADINGS = ["Headline: how much of 14T and 140T tokens/day, and what it would take", "Capacity against demand",
@@ -124,8 +124,8 @@ def test_report_cli_paths_and_bad_run(run_dir: Path, tmp_path: Path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == [str(tmp_path / "out" / "r.html"), str(tmp_path / "r.md")]
     assert (tmp_path / "r-roofline.png").is_file()
-    r = run_cli("report", str(tmp_path / "nope"))
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    r = invoke_cli("report", str(tmp_path / "nope"))
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 
 def test_report_with_fleet(run_dir: Path):
