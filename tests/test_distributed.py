@@ -100,9 +100,9 @@ def test_rank_killed_mid_run_is_recorded_without_hang_and_resumes(tmp_path):
     suite = tmp_path / "coll.yaml"
     suite.write_text("""
 id: coll
-description: collectives only, slow enough to be killed mid-run
+description: collectives only, slow enough to be killed mid-run (24 points of >= 30 ms; the kill lands after 2)
 noise_limit: 100
-timing: {min_samples: 3, min_time_s: 0.1, warmup_s: 0.0, max_samples: 500}
+timing: {min_samples: 3, min_time_s: 0.03, warmup_s: 0.0, max_samples: 500}
 collectives: {ops: [all_reduce, all_gather], dtypes: [fp32], min_bytes: 8, max_bytes: 16384}
 """)
     out = tmp_path / "run"
