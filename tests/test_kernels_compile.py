@@ -15,7 +15,7 @@ import sys
 import pytest
 
 SCRIPT = r'''
-import json, os, re, sys
+import json, os, re, sys, traceback
 import torch
 import triton
 from triton.compiler import ASTSource
@@ -39,49 +39,56 @@ def build(kernel, types, consts, unit=(), num_warps=4, num_stages=3):
     ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     return {"shared": ck.metadata.shared, "pipelined": "async_copy_global_to_local" in ck.asm["ttgir"]}
 
-dt = sys.argv[1]
-f = f"*{dt}"
-t = torch.empty(0, dtype={"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dt])
-res = {}
-# The first config the launcher's pruning keeps for this dtype at a prefill shape.
-c = gm._prune_configs(gm._gemm_configs(interpret=False), {"M": 4096, "x_ptr": t})[0]
-res["gemm"] = build(gm._gemm_kernel, dict(x_ptr=f, w_ptr=f, c_ptr=f), dict(c.kwargs),
-                    ("stride_xk", "stride_wk", "stride_cn"), c.num_warps, c.num_stages)
-res["gemm_splitk_reduce"] = build(gm._gemm_splitk_reduce_kernel, dict(ws_ptr="*fp32", y_ptr=f), dict(BLOCK=1024))
-res["rmsnorm"] = build(rn._rmsnorm_kernel, dict(x_ptr=f, r_ptr=f, w_ptr=f, y_ptr=f, h_ptr=f, eps="fp32"),
-                       dict(HAS_RESIDUAL=True, BLOCK_H=4096), num_warps=8, num_stages=1)
-res["rope"] = build(rp._rope_kernel, dict(q_ptr=f, k_ptr=f, pos_ptr="*i32", inv_freq_ptr="*fp32", qo_ptr=f, ko_ptr=f),
-                    dict(HALF_D=64, BLOCK_QH=32, BLOCK_KH=8), num_warps=8, num_stages=1)
-res["silu_mul"] = build(sm._silu_mul_kernel, dict(g_ptr=f, u_ptr=f, y_ptr=f), dict(BLOCK_N=1024), num_stages=1)
-c = ap._prune_configs(ap._attention_configs(interpret=False), {"S": 4096, "q_ptr": t}, HEAD_D=128)[0]
-for causal in (True, False):
-    res[f"attention_prefill_causal={causal}"] = build(
-        ap._attention_prefill_kernel, dict(q_ptr=f, k_ptr=f, v_ptr=f, o_ptr=f, qk_scale="fp32"),
-        dict(HEAD_D=128, CAUSAL=causal, **c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages)
-c = ad._prune_configs(ad._decode_configs(interpret=False), {"k_ptr": t}, HEAD_D=128)[-1]
-ws = "*fp32"
-for kv in ("", "fp8e4nv"):  # the cache in q's dtype, and e4m3 with per-head scales
-    res["attention_decode" + ("fp8" if kv else "")] = build(
-        ad._attention_decode_kernel, dict(q_ptr=f, k_ptr=f"*{kv or dt}", v_ptr=f"*{kv or dt}", lens_ptr="*i32",
-                                          m_ptr=ws, l_ptr=ws, acc_ptr=ws, ks_ptr=ws, vs_ptr=ws, qk_scale="fp32"),
-        dict(HEAD_D=128, BLOCK_G=16, KV_FP8=bool(kv), **c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages)
-# FP8 GEMM (e4m3 operands whatever the activations' dtype: the run's dtype is that of x and y), both scale layouts,
-# at a prefill shape and a decode row, and the activation quantizer.
-x8 = torch.empty(0, dtype=torch.float8_e4m3fn)
-for m in (4096, 1):
-    keep = gm._prune_configs(g8._fp8_configs(interpret=False), {"M": m, "x_ptr": x8})
-    c = keep[0] if m > 1 else keep[-1]
-    for blk in (False, True):
-        res[f"gemm_fp8_m{m}_block={blk}"] = build(
-            g8._gemm_fp8_kernel, dict(x_ptr="*fp8e4nv", w_ptr="*fp8e4nv", xs_ptr=ws, ws_ptr=ws,
-                                      c_ptr=f if m > 1 else ws), dict(BLOCK_SCALES=blk, **c.kwargs),
-            ("stride_xk", "stride_wk", "stride_cn"), c.num_warps, c.num_stages)
-res["quant_fp8"] = build(g8._quant_fp8_kernel, dict(x_ptr=f, q_ptr="*fp8e4nv", s_ptr=ws),
-                         dict(DYNAMIC=True, GROUP=128, ROUND_FIRST=False), num_stages=1)
-res["attention_decode_reduce"] = build(
-    ad._attention_decode_reduce_kernel, dict(m_ptr=ws, l_ptr=ws, acc_ptr=ws, lens_ptr="*i32", o_ptr=f),
-    dict(HEAD_D=128, BLOCK_S=64), num_warps=8, num_stages=1)
-print("RESULT " + json.dumps(res))
+def compile_all(dt):
+    f = f"*{dt}"
+    t = torch.empty(0, dtype={"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dt])
+    res = {}
+    # The first config the launcher's pruning keeps for this dtype at a prefill shape.
+    c = gm._prune_configs(gm._gemm_configs(interpret=False), {"M": 4096, "x_ptr": t})[0]
+    res["gemm"] = build(gm._gemm_kernel, dict(x_ptr=f, w_ptr=f, c_ptr=f), dict(c.kwargs),
+                        ("stride_xk", "stride_wk", "stride_cn"), c.num_warps, c.num_stages)
+    res["gemm_splitk_reduce"] = build(gm._gemm_splitk_reduce_kernel, dict(ws_ptr="*fp32", y_ptr=f), dict(BLOCK=1024))
+    res["rmsnorm"] = build(rn._rmsnorm_kernel, dict(x_ptr=f, r_ptr=f, w_ptr=f, y_ptr=f, h_ptr=f, eps="fp32"),
+                           dict(HAS_RESIDUAL=True, BLOCK_H=4096), num_warps=8, num_stages=1)
+    res["rope"] = build(rp._rope_kernel,
+                        dict(q_ptr=f, k_ptr=f, pos_ptr="*i32", inv_freq_ptr="*fp32", qo_ptr=f, ko_ptr=f),
+                        dict(HALF_D=64, BLOCK_QH=32, BLOCK_KH=8), num_warps=8, num_stages=1)
+    res["silu_mul"] = build(sm._silu_mul_kernel, dict(g_ptr=f, u_ptr=f, y_ptr=f), dict(BLOCK_N=1024), num_stages=1)
+    c = ap._prune_configs(ap._attention_configs(interpret=False), {"S": 4096, "q_ptr": t}, HEAD_D=128)[0]
+    for causal in (True, False):
+        res[f"attention_prefill_causal={causal}"] = build(
+            ap._attention_prefill_kernel, dict(q_ptr=f, k_ptr=f, v_ptr=f, o_ptr=f, qk_scale="fp32"),
+            dict(HEAD_D=128, CAUSAL=causal, **c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages)
+    c = ad._prune_configs(ad._decode_configs(interpret=False), {"k_ptr": t}, HEAD_D=128)[-1]
+    ws = "*fp32"
+    for kv in ("", "fp8e4nv"):  # the cache in q's dtype, and e4m3 with per-head scales
+        res["attention_decode" + ("fp8" if kv else "")] = build(
+            ad._attention_decode_kernel, dict(q_ptr=f, k_ptr=f"*{kv or dt}", v_ptr=f"*{kv or dt}", lens_ptr="*i32",
+                                              m_ptr=ws, l_ptr=ws, acc_ptr=ws, ks_ptr=ws, vs_ptr=ws, qk_scale="fp32"),
+            dict(HEAD_D=128, BLOCK_G=16, KV_FP8=bool(kv), **c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages)
+    # FP8 GEMM (e4m3 operands whatever the activations' dtype: the run's dtype is that of x and y), both scale layouts,
+    # at a prefill shape and a decode row, and the activation quantizer.
+    x8 = torch.empty(0, dtype=torch.float8_e4m3fn)
+    for m in (4096, 1):
+        keep = gm._prune_configs(g8._fp8_configs(interpret=False), {"M": m, "x_ptr": x8})
+        c = keep[0] if m > 1 else keep[-1]
+        for blk in (False, True):
+            res[f"gemm_fp8_m{m}_block={blk}"] = build(
+                g8._gemm_fp8_kernel, dict(x_ptr="*fp8e4nv", w_ptr="*fp8e4nv", xs_ptr=ws, ws_ptr=ws,
+                                          c_ptr=f if m > 1 else ws), dict(BLOCK_SCALES=blk, **c.kwargs),
+                ("stride_xk", "stride_wk", "stride_cn"), c.num_warps, c.num_stages)
+    res["quant_fp8"] = build(g8._quant_fp8_kernel, dict(x_ptr=f, q_ptr="*fp8e4nv", s_ptr=ws),
+                             dict(DYNAMIC=True, GROUP=128, ROUND_FIRST=False), num_stages=1)
+    res["attention_decode_reduce"] = build(
+        ad._attention_decode_reduce_kernel, dict(m_ptr=ws, l_ptr=ws, acc_ptr=ws, lens_ptr="*i32", o_ptr=f),
+        dict(HEAD_D=128, BLOCK_S=64), num_warps=8, num_stages=1)
+    return res
+
+for dt in sys.argv[1:]:
+    try:
+        print(f"RESULT {dt} " + json.dumps(compile_all(dt)), flush=True)
+    except Exception:
+        print(f"FAILED {dt} " + json.dumps(traceback.format_exc()[-3000:]), flush=True)
 '''
 
 
@@ -93,15 +100,34 @@ def _has_nvidia_backend() -> bool:
     return "nvidia" in backends
 
 
-@pytest.mark.skipif(not _has_nvidia_backend(), reason="Triton's NVIDIA backend (with ptxas) is not installed")
-@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
-def test_kernels_compile_for_sm90(dtype):
-    # A fresh process: kernels imported under the interpreter cannot be compiled.
+DTYPES = ["fp16", "bf16", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict:
+    """{dtype: the kernels' compile results, or why they are missing}: one fresh process per dtype (kernels imported
+    under the interpreter cannot be compiled), all started at once. A cold Triton cache costs ~10 s of LLVM and ptxas
+    per dtype on one core; run side by side they use every core the machine has."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, dtype], env=env, capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    res = json.loads(lines[0].removeprefix("RESULT "))
+    procs = {dt: subprocess.Popen([sys.executable, "-c", SCRIPT, dt], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for dt in DTYPES}
+    out = {}
+    for dt, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        out[dt] = AssertionError(f"exit {proc.returncode}: {stderr[-3000:]}")
+        for line in stdout.splitlines():
+            tag, _, rest = line.partition(" ")
+            if tag in ("RESULT", "FAILED") and rest.startswith(dt + " "):
+                data = json.loads(rest.removeprefix(dt + " "))
+                out[dt] = data if tag == "RESULT" else AssertionError(data)
+    return out
+
+
+@pytest.mark.skipif(not _has_nvidia_backend(), reason="Triton's NVIDIA backend (with ptxas) is not installed")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernels_compile_for_sm90(compiled, dtype):
+    res = compiled.get(dtype)
+    assert isinstance(res, dict), res
     for name, info in res.items():
         assert info["shared"] <= 227 * 1024, f"{name} needs {info['shared']} B of shared memory"
     # The memory-bound loops must be software-pipelined (async copies), or decode cannot reach bandwidth.
