@@ -34,6 +34,9 @@ def test_read_only_probe_runs_and_is_recorded(ctx):
     assert p["status"] in results.USABLE, p.get("error")
     assert p["value"] > 0 and p["unit"] == "GB/s" and p["bytes"] == 8 * 2**20
     assert 3 <= len(p["samples_ms"]) <= 200 and p["n_samples"] >= 3
+    # the faster of its two reductions is the value; both rates kept
+    assert set(p["reductions_gbps"]) == {"sum", "amax"} and p["reduction"] in p["reductions_gbps"]
+    assert p["value"] == pytest.approx(max(p["reductions_gbps"].values()))
     ctx.record_ceiling(p)
     assert ctx.ceilings["read_gbps"] == p["value"]
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from harness import results
 from harness.measure.parts import model as part
-from harness.measure.runner import execute
+from harness.measure.runner import execute, job_key
 from harness.model import decoder as M
 from harness.results import USABLE  # ok or noisy: a loaded machine makes points noisy, not wrong
 
@@ -104,10 +105,13 @@ def test_check_catches_a_broken_cache_path(monkeypatch):
 
 
 def test_compile_points_put_the_compile_in_first_call_ms(ctx):
-    # A decode shape the check did not compile (cache 128, the check's 64): its first call compiles, the samples
-    # run the compiled graph; a torch point has no compile.
+    # A decode shape the check did not compile (batch 1, the check's 2): its first call compiles, the samples
+    # run the compiled graph; a torch point has no compile. What the first call reports is a measurement: the
+    # point keeps its job's key (resume and compare match by it).
     spec = part.DecodeSpec(models=["tiny-qwen3"], backends=["compile", "torch"], dtypes=["fp32"], context=[70])
-    compiled, eager = (execute(j, ctx) for j in part.plan_decode(spec, ctx))
+    jobs = part.plan_decode(spec, ctx)
+    compiled, eager = (execute(j, ctx) for j in jobs)
+    assert [results.point_key(p) for p in (compiled, eager)] == [job_key(j) for j in jobs]
     assert compiled["status"] in USABLE and eager["status"] in USABLE, (compiled.get("error"), eager.get("error"))
     assert compiled["graphs_compiled"] >= 1 and compiled["first_call_ms"] > 0 and compiled["n_samples"] >= 2
     assert "graphs_compiled" not in eager and eager["first_call_ms"] > 0

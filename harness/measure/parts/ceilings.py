@@ -109,7 +109,9 @@ def read_mb(spec: Spec, ctx: RunContext) -> float:
 
 
 def read_job(spec: Spec, ctx: RunContext) -> Job:
-    """Read-only bandwidth: a sum over a tensor far beyond the L2, so every byte comes from memory once per call."""
+    """Read-only bandwidth: a reduction over a tensor far beyond the L2, so every byte comes from memory once per
+    call; the faster of a sum and a max (on the 2-core CPU the max read 10-15% faster than torch's sum), both rates
+    kept in `reductions_gbps`."""
     mb = _mb(read_mb(spec, ctx))
 
     def run(ctx: RunContext) -> dict:
@@ -117,9 +119,14 @@ def read_job(spec: Spec, ctx: RunContext) -> Job:
         gen = torch.Generator(device=ctx.torch_device).manual_seed(ctx.seed + 3)
         x = torch.rand(n, generator=gen, device=ctx.torch_device)
         got, want = float(x.sum()), float(x.sum(dtype=torch.float64))
-        if abs(got - want) > 1e-3 * abs(want):
+        if not abs(got - want) <= 1e-3 * abs(want):
             return {"status": "incorrect", "error": f"sum {got} differs from {want}"}
-        return _bandwidth(ctx, _probe(ctx, spec, lambda: x.sum()), n * 4)
+        if not torch.equal(x.amax(), x.max()):
+            return {"status": "incorrect", "error": "amax differs from max"}
+        probes = {"sum": _probe(ctx, spec, lambda: x.sum()), "amax": _probe(ctx, spec, lambda: x.amax())}
+        best = min(probes, key=lambda r: probes[r]["median_ms"])
+        rates = {r: n * 4 / (t["median_ms"] / 1e3) / 1e9 for r, t in probes.items()}
+        return {**_bandwidth(ctx, probes[best], n * 4), "reduction": best, "reductions_gbps": rates}
 
     return Job({"kind": "ceiling", "op": "read", "dtype": "fp32", "mb": mb}, run, "ceiling read")
 
