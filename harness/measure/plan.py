@@ -31,6 +31,7 @@ from harness.measure.suite import Suite, part_api
 from kernels import REGISTRY
 
 # Collectives are the interconnect's ceilings; tp holds the tensor-parallel decode and prefill points.
+READ_PROBES = 2  # the read-only ceiling probes a sum and a max (parts/ceilings.py read_job)
 PART_ORDER = ("ceilings", "collectives", "decode", "tp", "prefill", "kernels")  # parts not named here run last
 KIND_ORDER = ("ceiling", "collective", "decode", "prefill", "kernel")  # within a part (tp: decode, then prefill)
 PROCESS_START_S = {"cuda": 15.0, "cpu": 5.0}  # python, torch, CUDA context, NVML, suite validation
@@ -72,10 +73,11 @@ GPU_COSTS = {
     ("prefill", "torch"): Cost(2.5, first=1.0),
     ("prefill", None): Cost(6.0, first=30.0, new_shape=10.0),
 }
-# CPU (2 cores, ci-cpu suite): ceilings 0.15-0.3 s, kernel torch 0.25-0.55 s, decode torch 9.9 s first then
+# CPU (2 cores, ci-cpu suite): ceilings 0.15-0.3 s as 0.1 + 0.2 s probes, 0.6-0.7 s as ci-cpu's 0.2 + 0.4 s now (the
+# read-only ceiling is two probes: READ_PROBES), kernel torch 0.25-0.55 s, decode torch 9.9 s first then
 # 1.7-6 s, prefill torch 7.9-10 s; triton points are `skipped` at once.
 CPU_COSTS = {
-    ("ceiling", None): Cost(0.3),
+    ("ceiling", None): Cost(0.7),
     ("kernel", "triton"): Cost(0.0),
     ("kernel", None): Cost(0.5),
     ("decode", "triton"): Cost(0.0),
@@ -181,7 +183,7 @@ def estimate_s(jobs: list[Job], device_kind: str) -> list[float]:
         k = job.key
         kind, backend = k.get("kind"), k.get("backend")
         cost = costs.get((kind, backend)) or costs.get((kind, None)) or Cost(1.0)
-        s = cost.point
+        s = cost.point * (READ_PROBES if kind == "ceiling" and k.get("op") == "read" else 1)
         if kind == "kernel" and backend == "triton" and device_kind != "cuda":
             pass  # skipped at once: no inputs drawn
         elif kind == "kernel":
@@ -227,9 +229,10 @@ def plan_rows(suite: Suite, ctx: RunContext) -> list[dict]:
     costs = GPU_COSTS if ctx.device.kind == "cuda" else CPU_COSTS
     probe = costs[("ceiling", None)].point
     for what in end_probes(suite):  # the winning probe of each ceiling again, after everything else
-        total += probe
+        s = probe * (READ_PROBES if what == "read" else 1)
+        total += s
         rows.append({"n": len(rows) + 1, "part": "ceilings (end)", "kind": "ceiling", "job": what,
-                     "est_s": round(probe, 1), "total_s": round(total, 1)})
+                     "est_s": round(s, 1), "total_s": round(total, 1)})
     return rows
 
 
