@@ -22,18 +22,18 @@ import json
 from dataclasses import dataclass
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 from harness.dtypes import to_dtype
 from harness.measure.context import Job, RunContext
 from harness.measure.device import DeviceInfo, detect
+from harness.measure.parts.ceilings import READ_REDUCTIONS
 from harness.measure.suite import Suite, part_api
 from kernels import REGISTRY
 
 # Collectives are the interconnect's ceilings; tp holds the tensor-parallel decode and prefill points.
-READ_PROBES = 2  # the read-only ceiling probes a sum and a max (parts/ceilings.py read_job)
 PART_ORDER = ("ceilings", "collectives", "decode", "tp", "prefill", "kernels")  # parts not named here run last
 KIND_ORDER = ("ceiling", "collective", "decode", "prefill", "kernel")  # within a part (tp: decode, then prefill)
+READ_PROBES = len(READ_REDUCTIONS)  # the read-only ceiling times each of its reductions
 PROCESS_START_S = {"cuda": 15.0, "cpu": 5.0}  # python, torch, CUDA context, NVML, suite validation
 
 
@@ -165,6 +165,8 @@ def _elements(point: str) -> tuple[int, int]:
         total = entry.bytes_moved(shape, torch.float32) // 4 if entry else 0
     except (KeyError, TypeError, ValueError):
         return 0, 0
+    from torch._subclasses.fake_tensor import FakeTensorMode  # here: only a plan's estimate needs it
+
     try:
         with FakeTensorMode():
             args = entry.make_inputs(shape, to_dtype(dtype), "cpu", 0)
