@@ -23,9 +23,9 @@ $(STAMP): pyproject.toml
 
 # The headline (coverage of 14T and 140T tokens/day, GPUs needed) comes last, so it is what the terminal shows.
 run: $(STAMP)
-	$(PY) -m harness bench $(if $(SUITE),--suite $(SUITE)) --quiet
-	$(PY) -m harness report results/runs/latest --fleet $(FLEET)
-	$(PY) -m harness capacity --fleet $(FLEET) --run results/runs/latest --quiet
+	$(VENV)/bin/tokenfleet bench $(if $(SUITE),--suite $(SUITE)) --quiet
+	$(VENV)/bin/tokenfleet report results/runs/latest --fleet $(FLEET)
+	$(VENV)/bin/tokenfleet capacity --fleet $(FLEET) --run results/runs/latest --quiet
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -10,9 +10,8 @@ timings mean nothing). Each op is checked against its reference before it is tim
 
 import pytest
 import torch
-
-from kernels import REGISTRY, rel_error
-from kernels._triton import INTERPRET
+from tokenfleet.kernels import REGISTRY, rel_error
+from tokenfleet.kernels._triton import INTERPRET
 
 HAS_GPU = torch.cuda.is_available() and not INTERPRET
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,1 +1,2 @@
-"""tokenfleet's harness: device, timing, ceilings, runs, the model, capacity and reports."""
+"""tokenfleet: device, timing, ceilings, runs, the model, capacity and reports (the harness/ folder), and the kernel
+ops as `tokenfleet.kernels` (the kernels/ folder). One import package, no generic top-level names (pyproject.toml)."""

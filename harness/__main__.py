@@ -1,3 +1,3 @@
-from harness.cli.main import main
+from tokenfleet.cli.main import main
 
 main()

@@ -13,7 +13,13 @@ from typing import TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-CONFIG_ROOT = Path(os.environ.get("TOKENFLEET_CONFIGS", Path(__file__).resolve().parent.parent / "configs"))
+PACKAGE_DIR = Path(__file__).resolve().parent  # the `tokenfleet` package: harness/ in a checkout
+# A source checkout (the package imported from its harness/ folder, `pip install -e .` or PYTHONPATH) has configs/ and
+# results/ beside it; an installed wheel carries configs/ inside the package and has no checkout.
+CHECKOUT_ROOT: Path | None = (PACKAGE_DIR.parent if (PACKAGE_DIR.parent / "configs").is_dir()
+                              and (PACKAGE_DIR.parent / "pyproject.toml").is_file() else None)
+CONFIG_ROOT = Path(os.environ.get("TOKENFLEET_CONFIGS")
+                   or (CHECKOUT_ROOT / "configs" if CHECKOUT_ROOT else PACKAGE_DIR / "configs"))
 
 T = TypeVar("T", bound=BaseModel)
 

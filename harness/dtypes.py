@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from harness.config import ConfigError
+from tokenfleet.config import ConfigError
 
 if TYPE_CHECKING:
     import torch

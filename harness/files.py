@@ -21,7 +21,7 @@ import shutil
 import socket
 from pathlib import Path
 
-from harness.config import ConfigError
+from tokenfleet.config import ConfigError
 
 LOCK_NAME = ".lock"
 _TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")

@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import Field, model_validator
-
-from harness.config import ConfigError, Strict, config_dir, load_all, load_named
+from tokenfleet.config import ConfigError, Strict, config_dir, load_all, load_named
 
 
 class Interconnect(Strict):

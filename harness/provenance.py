@@ -47,5 +47,5 @@ def git_sha(root: Path = REPO_ROOT) -> str:
 
 def command_line() -> str:
     prog = Path(sys.argv[0]).name
-    prog = "tokenfleet" if prog in ("__main__.py", "tokenfleet", "harness") else prog
+    prog = "tokenfleet" if prog in ("__main__.py", "tokenfleet") else prog
     return " ".join([prog, *sys.argv[1:]])

@@ -18,8 +18,16 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from harness.config import ConfigError
-from harness.files import LOCK_NAME, RunLock, append_record, atomic_write, ensure_dir, open_append, remove_stale_temps
+from tokenfleet.config import CHECKOUT_ROOT, ConfigError
+from tokenfleet.files import (
+    LOCK_NAME,
+    RunLock,
+    append_record,
+    atomic_write,
+    ensure_dir,
+    open_append,
+    remove_stale_temps,
+)
 
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "oom", "error", "incorrect", "noisy", "above_ceiling", "skipped")
@@ -32,7 +40,9 @@ USABLE = frozenset({"ok", "noisy"})
 # again, and its new record replaces the old one.
 FINAL = frozenset({"ok", "skipped"})
 KINDS = ("ceiling", "kernel", "prefill", "decode", "collective")
-RUNS_ROOT = Path(__file__).resolve().parent.parent / "results" / "runs"
+# Runs land in the checkout's results/runs/; an installed wheel writes to results/runs/ under the folder it is run from
+# (TOKENFLEET_RUNS overrides both).
+RUNS_ROOT = Path(os.environ.get("TOKENFLEET_RUNS") or (CHECKOUT_ROOT or Path.cwd()) / "results" / "runs")
 
 
 class RunWarning(UserWarning):
@@ -45,13 +55,13 @@ MEASURED_FIELDS = {
     "mfu_datasheet", "mbu_datasheet", "mbu_matvec", "datasheet_value", "datasheet_ratio", "device", "rel_error",
     "telemetry", "note", "warning", "ttft_ms", "tpot_ms", "tokens_per_s_per_seq", "value", "unit", "label",
     "scaled_from_layers", "elapsed_s", "timestamp",
-    # distributed runs (harness.measure.distributed, parts/collective.py, parts/tp.py)
+    # distributed runs (tokenfleet.measure.distributed, parts/collective.py, parts/tp.py)
     "median_ms_by_rank", "telemetry_by_rank", "algbw_gbps", "busbw_gbps", "comm_ms", "comm_fraction",
     "median_ms_no_comm", "rel_error_prefill", "rel_error_decode", "graph_iters",
-    # timing (harness.measure.timing.Timing) and judging against the ceilings (harness.measure.context)
+    # timing (tokenfleet.measure.timing.Timing) and judging against the ceilings (tokenfleet.measure.context)
     "samples_ms", "launch_us", "graph_calls", "l2_copies", "timing_note", "mbu_read", "ceiling_ratio", "ceiling_name",
     "reduction", "reductions_gbps",  # the read-only probe (parts/ceilings.py)
-    "graphs_compiled",  # torch.compile graphs built in a first call (harness.model.backends.first_call)
+    "graphs_compiled",  # torch.compile graphs built in a first call (tokenfleet.model.backends.first_call)
 }
 
 
@@ -279,7 +289,7 @@ def check_out(folder: str | Path) -> None:
 
 
 class RunWriter:
-    """The one writer of a run folder: it holds the folder's lock (`harness.files.RunLock`) from open to `close`.
+    """The one writer of a run folder: it holds the folder's lock (`tokenfleet.files.RunLock`) from open to `close`.
 
     `append` writes one record per point and fsyncs it. A point measured again (on resume) is appended as a
     replacement record; `finish` writes the manifest and compacts points.jsonl to one record per key, atomically.

@@ -8,7 +8,7 @@ the shapes a model's layer gives the op).
     err = rel_error(op.outputs(op.triton(*args))[0], op.outputs(op.reference(*args))[0])
     assert err <= op.tolerance(torch.bfloat16)
 
-This package never imports `harness`.
+This package (`tokenfleet.kernels`) never imports the rest of `tokenfleet` (the harness/ folder).
 """
 
 import math
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 # Each op module imports Triton through kernels._triton, which picks the interpreter on a CPU-only box.
-from kernels import attention_decode, attention_prefill, gemm, gemm_fp8, rmsnorm, rope, silu_mul
+from tokenfleet.kernels import attention_decode, attention_prefill, gemm, gemm_fp8, rmsnorm, rope, silu_mul
 
 
 @dataclass(frozen=True)

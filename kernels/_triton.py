@@ -1,4 +1,4 @@
-"""Import Triton so that `import kernels` works on a machine without a GPU.
+"""Import Triton so that `import tokenfleet.kernels` works on a machine without a GPU.
 
 With no CUDA device, Triton kernels can only run under Triton's interpreter (numpy, one program
 at a time; correctness only, never timed). The interpreter is chosen from the environment, so the

@@ -24,9 +24,18 @@ import math
 
 import torch
 import torch.nn.functional as F
-
-from kernels._triton import INTERPRET, check_float, check_out, num_sms, pin_config, row_settings, smem_bytes, tl, triton
-from kernels.attention_prefill import _check_head_dim
+from tokenfleet.kernels._triton import (
+    INTERPRET,
+    check_float,
+    check_out,
+    num_sms,
+    pin_config,
+    row_settings,
+    smem_bytes,
+    tl,
+    triton,
+)
+from tokenfleet.kernels.attention_prefill import _check_head_dim
 
 _LOG2E = 1.4426950408889634
 FP8 = torch.float8_e4m3fn  # the FP8 KV cache's element type

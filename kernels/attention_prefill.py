@@ -10,8 +10,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-
-from kernels._triton import INTERPRET, check_float, check_out, pin_config, smem_bytes, tl, triton
+from tokenfleet.kernels._triton import INTERPRET, check_float, check_out, pin_config, smem_bytes, tl, triton
 
 _LOG2E = 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2 e), exp2 is the native instruction
 

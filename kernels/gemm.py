@@ -9,8 +9,7 @@ no atomics, so autotuning may rerun the kernel freely).
 
 import torch
 import torch.nn.functional as F
-
-from kernels._triton import INTERPRET, check_float, check_out, num_sms, pin_config, smem_bytes, tl, triton
+from tokenfleet.kernels._triton import INTERPRET, check_float, check_out, num_sms, pin_config, smem_bytes, tl, triton
 
 SKINNY_M = 64  # M at or below this takes the small-BLOCK_M configs and may split K
 # K range of one split is a multiple of this, so it is a multiple of every BLOCK_K in the space.

@@ -15,9 +15,8 @@ Reference: the same quantization in fp32, then the dequantized product in fp32 (
 """
 
 import torch
-
-from kernels._triton import INTERPRET, check_out, pin_config, tl, triton
-from kernels.gemm import (
+from tokenfleet.kernels._triton import INTERPRET, check_out, pin_config, tl, triton
+from tokenfleet.kernels.gemm import (
     _gemm_configs,
     _gemm_splitk_reduce_kernel,
     _pick_split_k,
@@ -26,7 +25,7 @@ from kernels.gemm import (
     _tile_ids,
     _tile_offsets,
 )
-from kernels.gemm import model_shapes as _gemm_model_shapes
+from tokenfleet.kernels.gemm import model_shapes as _gemm_model_shapes
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn

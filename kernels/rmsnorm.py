@@ -10,8 +10,7 @@ instead of the three passes of an unfused add + norm.
 
 import torch
 import torch.nn.functional as F
-
-from kernels._triton import check_float, check_out, row_settings, tl, triton
+from tokenfleet.kernels._triton import check_float, check_out, row_settings, tl, triton
 
 
 @triton.jit

@@ -9,8 +9,7 @@ Applied to q [T, Hq, D] and k [T, Hkv, D] in one launch; returns new tensors.
 import functools
 
 import torch
-
-from kernels._triton import INTERPRET, check_float, check_out, row_settings, tl, triton
+from tokenfleet.kernels._triton import INTERPRET, check_float, check_out, row_settings, tl, triton
 
 if INTERPRET:
 
@@ -124,7 +123,7 @@ def _inv_freq(theta: float, d: int, device: torch.device) -> torch.Tensor:
 
 def _frequencies(theta: float | torch.Tensor, d: int, device: torch.device) -> torch.Tensor:
     """The fp32 [D/2] inverse-frequency table: from a base `theta`, or given (scaled RoPE such as Llama 3.1's,
-    whose per-frequency factors the model computes: harness.model.rope_frequencies)."""
+    whose per-frequency factors the model computes: tokenfleet.model.rope_frequencies)."""
     if isinstance(theta, torch.Tensor):
         if theta.shape != (d // 2,) or theta.dtype != torch.float32 or theta.device != torch.device(device):
             raise ValueError(f"rope: an inv_freq table must be fp32 [{d // 2}] on {device}, "

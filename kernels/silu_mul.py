@@ -6,8 +6,7 @@ fused gate_up projection [T, 2I]); only the last dim must be unit-stride.
 
 import torch
 import torch.nn.functional as F
-
-from kernels._triton import INTERPRET, check_float, check_out, tl, triton
+from tokenfleet.kernels._triton import INTERPRET, check_float, check_out, tl, triton
 
 # Big enough for 16-byte vector loads in every thread on GPU; the interpreter prefers few, large programs.
 _BLOCK_N = 4096 if INTERPRET else 1024

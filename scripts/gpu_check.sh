@@ -27,7 +27,12 @@ mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 elapsed() { echo $(($(date +%s) - start)); }
 
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# This tree as the import package `tokenfleet` without building or installing it (offline, and always this tree):
+# a folder of links laid out as pyproject.toml installs it (harness/ is the package, kernels/ its subpackage).
+src=${GPU_CHECK_SRC:-${TMPDIR:-/tmp}/tokenfleet-src-$$}/tokenfleet
+rm -rf "$src" && mkdir -p "$src"
+for f in harness/* kernels configs; do ln -s "$PWD/$f" "$src/$(basename "$f")"; done
+export PYTHONUNBUFFERED=1 PYTHONPATH="$(dirname "$src")${PYTHONPATH:+:$PYTHONPATH}"
 cache=${GPU_CHECK_CACHE:-${TMPDIR:-/tmp}/tokenfleet-gpu-check-cache}
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$cache/triton} TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$cache/inductor}
 export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
@@ -49,7 +54,7 @@ cat "$OUT_DIR/env.txt"
 nvidia-smi >"$OUT_DIR/nvidia-smi.txt" 2>&1 || true
 
 # The plan, with its estimates, beside the tests (host work only): the log then shows estimate against reality.
-timeout 60 "$PY" -m harness bench --suite "$SUITE" --device "$DEVICE" --plan --format csv >"$OUT_DIR/plan.csv" 2>&1 &
+timeout 60 "$PY" -m tokenfleet bench --suite "$SUITE" --device "$DEVICE" --plan --format csv >"$OUT_DIR/plan.csv" 2>&1 &
 plan_pid=$!
 
 echo "== correctness on the device ($TESTS_S s at most)"
@@ -63,7 +68,7 @@ suite_s=$((TOTAL_S - $(elapsed) - RESERVE_S))
 echo "== $SUITE suite ($suite_s s at most, ${planned:-?} jobs planned)"
 bench_rc=124
 if [ "$suite_s" -gt 0 ]; then
-    timeout -s INT -k 20 "$suite_s" "$PY" -m harness bench --suite "$SUITE" --device "$DEVICE" --out "$OUT_DIR/run" \
+    timeout -s INT -k 20 "$suite_s" "$PY" -m tokenfleet bench --suite "$SUITE" --device "$DEVICE" --out "$OUT_DIR/run" \
         --quiet 2>&1 | tee "$OUT_DIR/bench.log"
     bench_rc=${PIPESTATUS[0]}
 fi
@@ -73,8 +78,8 @@ if [ -f "$OUT_DIR/run/manifest.json" ]; then
     [ "$bench_rc" = 0 ] || note="Partial: the $SUITE suite stopped (exit $bench_rc) after ${measured:-0} of ${planned:-?} planned points."
     "$PY" - "$OUT_DIR/run" "$note" >"$OUT_DIR/headline.md" <<'EOF' || true
 import sys
-from harness.report.screen import screen
-from harness.report.tables import write_tables
+from tokenfleet.report.screen import screen
+from tokenfleet.report.tables import write_tables
 run, note = sys.argv[1], sys.argv[2]
 if note:
     write_tables(run)
@@ -86,5 +91,6 @@ find "$OUT_DIR/run" -type f ! -name manifest.json ! -name points.jsonl ! -name s
 rm -f "$OUT_DIR/bench.log"
 echo
 cat "$OUT_DIR/headline.md" 2>/dev/null
+rm -rf "$(dirname "$src")"
 echo "gpu-check: tests rc=$tests_rc, bench rc=$bench_rc, $(elapsed) s of $TOTAL_S; run in $OUT_DIR/run"
 exit $((tests_rc || bench_rc))

@@ -13,6 +13,11 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
+# The checkout's root is not an import root: `tokenfleet` comes from its install (`pip install -e .` maps harness/
+# and kernels/ under it). `python -m pytest` puts the working folder first on sys.path, where the folder kernels/
+# would shadow Hugging Face's `kernels` package that transformers 5 imports.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
+
 # Triton runs under its interpreter on a machine without CUDA; this must be set before triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -55,17 +60,16 @@ def tiny_suite(tmp_path: Path) -> Path:
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python -m harness ARGS` in a subprocess (exit codes and stderr exactly as a user sees them)."""
-    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, timeout=timeout,
+    """`python -m tokenfleet ARGS` in a subprocess (exit codes and stderr exactly as a user sees them)."""
+    return subprocess.run([sys.executable, "-m", "tokenfleet", *args], capture_output=True, text=True, timeout=timeout,
                           cwd=REPO, env={**os.environ, "COLUMNS": "200"})
 
 
 def invoke_cli(*args: str):
     """`tokenfleet ARGS` in this process (typer's CliRunner): exit_code, stdout and stderr apart, and no Python and
     torch start-up (seconds each on 2 cores). Tests that need the process as a user's shell sees it use run_cli."""
+    from tokenfleet.cli.main import app
     from typer.testing import CliRunner
-
-    from harness.cli.main import app
 
     return CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
 
@@ -74,9 +78,9 @@ def invoke_cli(*args: str):
 def ctx():
     """A CPU run context for a part's jobs: few, short samples (tests check structure, not speed) and fixed ceilings.
     (Imported here: the environment above is set before anything imports Triton.)"""
-    from harness.measure.context import RunContext
-    from harness.measure.device import detect
-    from harness.measure.suite import Suite, SuiteFile, TimingSpec
+    from tokenfleet.measure.context import RunContext
+    from tokenfleet.measure.device import detect
+    from tokenfleet.measure.suite import Suite, SuiteFile, TimingSpec
 
     file = SuiteFile(id="test", description="test", noise_limit=10.0,
                      timing=TimingSpec(min_samples=2, min_time_s=0.005, warmup_s=0.0, max_samples=5))

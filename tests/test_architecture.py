@@ -1,5 +1,6 @@
 """The house plan, checked: imports point one way (cli -> report -> capacity -> measure -> model -> base -> kernels),
-no module imports another in a loop, `kernels/` never imports `harness`, and no `importlib` hides an import."""
+no module imports another in a loop, `kernels/` (tokenfleet.kernels) never imports the
+rest of `tokenfleet`, and no `importlib` hides an import."""
 
 from __future__ import annotations
 
@@ -9,15 +10,20 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE = ("harness", "harness.config", "harness.dtypes", "harness.files", "harness.hardware", "harness.output",
-        "harness.provenance", "harness.results")
+BASE = ("tokenfleet", "tokenfleet.config", "tokenfleet.dtypes", "tokenfleet.files", "tokenfleet.hardware",
+        "tokenfleet.output", "tokenfleet.provenance", "tokenfleet.results")
 # Higher may import lower or equal; a wing may import itself. The base is one level; kernels sit under it.
-LAYERS = {"kernels": 0, "base": 1, "harness.model": 2, "harness.measure": 3, "harness.capacity": 4,
-          "harness.report": 5, "harness.cli": 6, "harness.__main__": 7}
+LAYERS = {"tokenfleet.kernels": 0, "base": 1, "tokenfleet.model": 2, "tokenfleet.measure": 3, "tokenfleet.capacity": 4,
+          "tokenfleet.report": 5, "tokenfleet.cli": 6, "tokenfleet.__main__": 7}
+
+
+# The folders as pyproject.toml installs them: harness/ is the package `tokenfleet`, kernels/ is `tokenfleet.kernels`.
+PACKAGE_OF = {"harness": ["tokenfleet"], "kernels": ["tokenfleet", "kernels"]}
 
 
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    parts[:1] = PACKAGE_OF[parts[0]]
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
@@ -56,7 +62,7 @@ def _imports(path: Path, known: set[str]) -> set[str]:
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            for a in node.names:  # `from harness.report import plots` imports the module harness.report.plots
+            for a in node.names:  # `from tokenfleet.report import plots` imports the module tokenfleet.report.plots
                 sub = f"{node.module}.{a.name}"
                 found.add(sub if sub in known else node.module)
         for child in ast.iter_child_nodes(node):
@@ -114,6 +120,6 @@ def test_no_importlib_indirection():
 def test_the_check_catches_an_upward_import(tmp_path):
     """The walker sees imports inside functions: a measure module importing the report would be flagged."""
     f = tmp_path / "m.py"
-    f.write_text("def f():\n    from harness.report import tables\n")
-    assert _imports(f, set(GRAPH)) == {"harness.report.tables"}
-    assert _layer("harness.report.tables")[0] > _layer("harness.measure.runner")[0]
+    f.write_text("def f():\n    from tokenfleet.report import tables\n")
+    assert _imports(f, set(GRAPH)) == {"tokenfleet.report.tables"}
+    assert _layer("tokenfleet.report.tables")[0] > _layer("tokenfleet.measure.runner")[0]

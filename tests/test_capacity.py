@@ -1,20 +1,27 @@
-"""Invariants of the capacity model (harness.capacity.project, harness.capacity.fleet) and its configs and CLI."""
+"""Invariants of the capacity model (tokenfleet.capacity.project, tokenfleet.capacity.fleet) and its configs and CLI."""
 
 import json
 
 import pytest
 import yaml
+from tokenfleet.capacity.config import (
+    Fleet,
+    all_demand,
+    all_fleets,
+    all_workloads,
+    load_demand,
+    load_fleet,
+    load_workload,
+)
+from tokenfleet.capacity.fleet import capacity_table, growth_fit, outgrows, sweep
+from tokenfleet.capacity.project import Efficiency, Projector, b_mem, project, read_runs, resolve_workload
+from tokenfleet.cli.main import app as tokenfleet_app
+from tokenfleet.config import ConfigError
+from tokenfleet.dtypes import DTYPE_BYTES
+from tokenfleet.hardware import all_hardware, load_hardware
+from tokenfleet.model.spec import all_model_configs, load_model_config
+from tokenfleet.results import RunWriter
 from typer.testing import CliRunner
-
-from harness.capacity.config import Fleet, all_demand, all_fleets, all_workloads, load_demand, load_fleet, load_workload
-from harness.capacity.fleet import capacity_table, growth_fit, outgrows, sweep
-from harness.capacity.project import Efficiency, Projector, b_mem, project, read_runs, resolve_workload
-from harness.cli.main import app as tokenfleet_app
-from harness.config import ConfigError
-from harness.dtypes import DTYPE_BYTES
-from harness.hardware import all_hardware, load_hardware
-from harness.model.spec import all_model_configs, load_model_config
-from harness.results import RunWriter
 
 MODELS = ["llama-3.1-8b", "qwen3-32b", "qwen3-30b-a3b", "qwen3-235b-a22b", "deepseek-v3"]
 

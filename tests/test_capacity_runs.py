@@ -7,16 +7,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tokenfleet.capacity.calibrate import efficiency_from_runs, measured_for, read_runs
+from tokenfleet.capacity.config import Fleet, Workload
+from tokenfleet.capacity.fleet import capacity_table
+from tokenfleet.capacity.project import auto_tp, b_mem, project
+from tokenfleet.cli.main import app
+from tokenfleet.config import ConfigError
+from tokenfleet.hardware import Hardware, load_hardware
+from tokenfleet.model.spec import load_model_config
 from typer.testing import CliRunner
-
-from harness.capacity.calibrate import efficiency_from_runs, measured_for, read_runs
-from harness.capacity.config import Fleet, Workload
-from harness.capacity.fleet import capacity_table
-from harness.capacity.project import auto_tp, b_mem, project
-from harness.cli.main import app
-from harness.config import ConfigError
-from harness.hardware import Hardware, load_hardware
-from harness.model.spec import load_model_config
 
 REF = Path(__file__).resolve().parent.parent / "results" / "reference" / "h200-2026-11-28"
 FOLLOWUP, QUICK = REF / "followup" / "run", REF / "quick" / "run"
@@ -244,7 +243,7 @@ def test_capacity_without_fleet_uses_the_default():
 
 # ---- validation against published serving results (README table) -----------------------------------------------
 def test_validation_rows_within_20pct():
-    from harness.capacity.validate import load_published, validation_rows
+    from tokenfleet.capacity.validate import load_published, validation_rows
 
     pub = load_published()
     assert set(pub.deployments) == set(pub.sources) and all(r.source in pub.sources for r in pub.rows)

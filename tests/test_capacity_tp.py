@@ -4,14 +4,13 @@ part's shard points (one GPU, no collectives) are not; MoE across nodes adds an 
 Run folders are written the way the runner writes them (RunWriter, the whole datasheet in the manifest)."""
 
 import pytest
-
-from harness.capacity.calibrate import efficiency_from_runs, measured_allreduce, measured_for, read_runs
-from harness.capacity.config import Workload
-from harness.capacity.project import project
-from harness.capacity.serving import Projector
-from harness.hardware import load_hardware
-from harness.model.spec import load_model_config
-from harness.results import RunWriter
+from tokenfleet.capacity.calibrate import efficiency_from_runs, measured_allreduce, measured_for, read_runs
+from tokenfleet.capacity.config import Workload
+from tokenfleet.capacity.project import project
+from tokenfleet.capacity.serving import Projector
+from tokenfleet.hardware import load_hardware
+from tokenfleet.model.spec import load_model_config
+from tokenfleet.results import RunWriter
 
 MODEL, GPU, TP = "llama-3.1-70b", "h200", 8
 H = load_model_config(MODEL).hidden_size

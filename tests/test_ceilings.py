@@ -8,14 +8,13 @@ import time
 from pathlib import Path
 
 import pytest
-
-from harness import results
-from harness.measure.context import RunContext
-from harness.measure.device import Poller, detect
-from harness.measure.parts import ceilings as part
-from harness.measure.runner import Job, execute, run_suite
-from harness.measure.suite import Suite, SuiteFile, TimingSpec
-from harness.report.tables import write_tables
+from tokenfleet import results
+from tokenfleet.measure.context import RunContext
+from tokenfleet.measure.device import Poller, detect
+from tokenfleet.measure.parts import ceilings as part
+from tokenfleet.measure.runner import Job, execute, run_suite
+from tokenfleet.measure.suite import Suite, SuiteFile, TimingSpec
+from tokenfleet.report.tables import write_tables
 
 SPEC = part.Spec(copy_mb=4, read_mb=8, matmul={"fp32": [32, 64]}, matvec={"n": 64, "k": 64, "dtypes": ["fp32"]})
 

@@ -1,16 +1,15 @@
 """The CLI: valid JSON from `env`, and every bad-input path exits 2 with one line naming the file and field.
 
-Two of these run `python -m harness` in a subprocess (stdout and stderr exactly as a user's shell gets them, nothing
+Two of these run `python -m tokenfleet` in a subprocess (stdout and stderr exactly as a user's shell gets them, nothing
 printed at start-up); the rest invoke the same typer app in this process (exit code, stdout and stderr apart),
 without a torch start-up each."""
 
 import json
 import re
 
+from conftest import TINY_CEILINGS_SUITE, run_cli
+from tokenfleet.cli.main import app
 from typer.testing import CliRunner
-
-from harness.cli.main import app
-from tests.conftest import TINY_CEILINGS_SUITE, run_cli
 
 
 def _invoke(*args):
@@ -35,7 +34,7 @@ def test_env_json():
 
 def test_env_ceilings_json(tmp_path, monkeypatch):
     # The default suite's ceilings at a test's sizes (the CPU default's take seconds and assert nothing more).
-    from harness.measure import runner
+    from tokenfleet.measure import runner
 
     suite = tmp_path / "tiny.yaml"
     suite.write_text(TINY_CEILINGS_SUITE.format(id="tiny"))
@@ -131,7 +130,7 @@ def test_project_without_workload_names_the_default():
 
 
 def test_terminal_table_never_splits_a_header_word():
-    from harness.output import render
+    from tokenfleet.output import render
 
     rows = [{"gpu": "ascend-910b", "coverage_vs_china_reported": 1.259, "tokens_per_s_per_gpu": 1275.4,
              "gpus_needed_alone": 1061082, f"c{i}_with_a_long_header_name": 0.5} for i in range(9)]

@@ -8,12 +8,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import run_cli
+from test_report import make_run, synthetic_points
+from tokenfleet.cli.main import app
+from tokenfleet.report.compare import compare
 from typer.testing import CliRunner
-
-from harness.cli.main import app
-from harness.report.compare import compare
-from tests.conftest import run_cli
-from tests.test_report import make_run, synthetic_points
 
 
 def cli(*args: str) -> SimpleNamespace:

@@ -2,9 +2,8 @@ import builtins
 import sys
 
 import pytest
-
-from harness.config import ConfigError
-from harness.measure import device
+from tokenfleet.config import ConfigError
+from tokenfleet.measure import device
 
 
 def test_cpu_detected_without_gpu(monkeypatch):
@@ -55,7 +54,7 @@ def test_nvml_without_driver_is_recorded():
 
 
 def test_datasheet_mapping():
-    from harness.hardware import match_device
+    from tokenfleet.hardware import match_device
 
     assert match_device("NVIDIA H100 80GB HBM3").id == "h100-sxm"
     assert match_device("NVIDIA H100 PCIe").id == "h100-pcie"

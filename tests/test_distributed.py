@@ -12,17 +12,16 @@ import time
 
 import pytest
 import torch
+from conftest import REPO, run_cli
+from tokenfleet import results
+from tokenfleet.cli.main import app
+from tokenfleet.cli.measure import _without_nproc as without_nproc
+from tokenfleet.measure import distributed as D
+from tokenfleet.measure.launch import merge
+from tokenfleet.measure.parts.collective import Spec as CollectiveSpec
+from tokenfleet.measure.parts.collective import collective_curve, sizes
+from tokenfleet.measure.runner import run_suite
 from typer.testing import CliRunner
-
-from harness import results
-from harness.cli.main import app
-from harness.cli.measure import _without_nproc as without_nproc
-from harness.measure import distributed as D
-from harness.measure.launch import merge
-from harness.measure.parts.collective import Spec as CollectiveSpec
-from harness.measure.parts.collective import collective_curve, sizes
-from harness.measure.runner import run_suite
-from tests.conftest import REPO, run_cli
 
 BOUND_S = 120  # a two-rank launch here costs ~10-25 s (three Python processes importing torch on 2 cores)
 
@@ -74,8 +73,8 @@ def test_bench_nproc2_writes_tp_decode_and_collective_points(tp_run):
 def test_capacity_reads_the_tp_run_as_a_replica_with_its_curve(tp_run, tmp_path):
     # The capacity model on this runner-written tp=2 run (its manifest given a datasheet: a CPU has none): the
     # tp points are the replica (world_size 2, collectives inside), the gloo all-reduce curve times the collectives.
-    from harness.capacity.calibrate import measured_allreduce, measured_for
-    from harness.hardware import load_hardware
+    from tokenfleet.capacity.calibrate import measured_allreduce, measured_for
+    from tokenfleet.hardware import load_hardware
 
     manifest, points, _ = tp_run
     env = {**manifest["environment"], "datasheet": load_hardware("h200").model_dump()}
@@ -106,7 +105,7 @@ timing: {min_samples: 3, min_time_s: 0.03, warmup_s: 0.0, max_samples: 500}
 collectives: {ops: [all_reduce, all_gather], dtypes: [fp32], min_bytes: 8, max_bytes: 16384}
 """)
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "harness", "bench", "--suite", str(suite), "--nproc", "2",
+    proc = subprocess.Popen([sys.executable, "-m", "tokenfleet", "bench", "--suite", str(suite), "--nproc", "2",
                              "--out", str(out), "--quiet"], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -171,7 +170,7 @@ tp: {models: [tiny, tiny-qwen3], backends: [triton, torch], dtypes: [fp32, bf16]
 def test_lockstep_counts_are_what_measure_calls(tmp_path):
     # lockstep_measure relies on ctx.measure making exactly 1 + 1 + n calls with warmup_s=0, min=max=n: a peer
     # rank calling its collectives a different number of times would pair the wrong ones.
-    from harness.measure.timing import measure
+    from tokenfleet.measure.timing import measure
 
     calls = []
     for n in (3, 7):

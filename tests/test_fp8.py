@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from kernels import REGISTRY, rel_error
-from kernels._triton import INTERPRET, pinned_configs
-from kernels.attention_decode import _CHUNK_ALIGN
-from kernels.gemm_fp8 import FP8, gemm_fp8, gemm_fp8_baseline, gemm_fp8_ref, quantize_fp8, quantize_fp8_ref
-from tests.conftest import invoke_cli
+from conftest import invoke_cli
+from tokenfleet.kernels import REGISTRY, rel_error
+from tokenfleet.kernels._triton import INTERPRET, pinned_configs
+from tokenfleet.kernels.attention_decode import _CHUNK_ALIGN
+from tokenfleet.kernels.gemm_fp8 import FP8, gemm_fp8, gemm_fp8_baseline, gemm_fp8_ref, quantize_fp8, quantize_fp8_ref
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 # fp32 output against the fp32 reference: exact products under the interpreter; on Hopper the fp8 MMA accumulates
@@ -161,7 +160,7 @@ def tokens():
 
 
 def _cached_logits(m, tokens):
-    from harness.model import decoder as M
+    from tokenfleet.model import decoder as M
 
     tokens = tokens.to(m.device)
     cache = m.new_cache(tokens.shape[0], tokens.shape[1])
@@ -171,8 +170,8 @@ def _cached_logits(m, tokens):
 
 @pytest.mark.parametrize("kv_dtype", ["bf16", "fp8"])
 def test_fp8_model_against_bf16(tokens, kv_dtype):
-    from harness.model import decoder as M
-    from harness.model import fp8 as F8
+    from tokenfleet.model import decoder as M
+    from tokenfleet.model import fp8 as F8
 
     bf = M.build_model("tiny-qwen3", "torch", "bf16", seed=0)
     with torch.no_grad():
@@ -188,7 +187,7 @@ def test_fp8_model_against_bf16(tokens, kv_dtype):
 
 def test_fp8_model_triton_matches_torch(tokens):
     # fp32 activations, so Triton's interpreter (whose bf16 tl.dot is wrong) can run every op of the model.
-    from harness.model import fp8 as F8
+    from tokenfleet.model import fp8 as F8
 
     # On DEVICE: compiled Triton (a GPU) takes no CPU tensors.
     m = F8.build_model("tiny", "torch", DEVICE, layout="tensor", kv_dtype="fp8", act_dtype="fp32", seed=2)
@@ -206,9 +205,9 @@ def test_fp8_model_triton_matches_torch(tokens):
 
 @pytest.fixture(scope="module")
 def ctx():
-    from harness.measure.device import detect
-    from harness.measure.runner import RunContext
-    from harness.measure.suite import Suite, SuiteFile, TimingSpec
+    from tokenfleet.measure.device import detect
+    from tokenfleet.measure.runner import RunContext
+    from tokenfleet.measure.suite import Suite, SuiteFile, TimingSpec
 
     file = SuiteFile(id="test", description="test", noise_limit=10.0,
                      timing=TimingSpec(min_samples=2, min_time_s=0.005, warmup_s=0.0, max_samples=5))
@@ -217,10 +216,10 @@ def ctx():
 
 
 def test_fp8_points_on_cpu(ctx):
-    from harness.measure.parts import ceilings, kernels, model
-    from harness.measure.runner import execute
-    from harness.model import decoder as M
-    from harness.model import fp8 as F8
+    from tokenfleet.measure.parts import ceilings, kernels, model
+    from tokenfleet.measure.runner import execute
+    from tokenfleet.model import decoder as M
+    from tokenfleet.model import fp8 as F8
 
     spec = kernels.Spec(cases=[{"op": "gemm_fp8", "dtypes": ["fp8"], "shapes": [{"m": 4, "n": 64, "k": 256}],
                                 "scales": ["tensor", "block"]},
@@ -258,10 +257,10 @@ def test_fp8_points_on_cpu(ctx):
 def test_no_fp8_tensor_cores_refuse(ctx):
     from dataclasses import replace
 
-    from harness.config import ConfigError
-    from harness.hardware import Hardware, load_hardware
-    from harness.measure.parts import ceilings, kernels, model
-    from harness.measure.runner import execute
+    from tokenfleet.config import ConfigError
+    from tokenfleet.hardware import Hardware, load_hardware
+    from tokenfleet.measure.parts import ceilings, kernels, model
+    from tokenfleet.measure.runner import execute
 
     a100 = load_hardware("a100-sxm")
     assert not a100.has_fp8 and not load_hardware("ascend-910b").has_fp8 and load_hardware("h200").has_fp8
@@ -292,9 +291,9 @@ def test_project_fp8_on_a100_exits_2_with_one_line():
 
 
 def test_projection_and_fleet_around_the_refusal():
-    from harness.capacity.fleet import fleet_of, gpu_mix
-    from harness.capacity.project import project
-    from harness.config import ConfigError
+    from tokenfleet.capacity.fleet import fleet_of, gpu_mix
+    from tokenfleet.capacity.project import project
+    from tokenfleet.config import ConfigError
 
     with pytest.raises(ConfigError, match="ascend-910b.yaml: fp8_tensor_cores"):
         project("deepseek-v3", "ascend-910b", "chat", tp=16)  # native fp8

@@ -1,6 +1,6 @@
 """`make gpu-check`'s own logic on the CPU (scripts/gpu_check.sh with a fake suite and small limits): the time split
 (tests cut at their limit, the suite given what the total leaves), the value order, the partial run kept and
-tabled, the one-screen headline (harness.report.screen); and the run's provenance (git commit, version)."""
+tabled, the one-screen headline (tokenfleet.report.screen); and the run's provenance (git commit, version)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from harness import provenance, results
-from harness.report.screen import screen
-from tests.conftest import REPO
+from conftest import REPO
+from tokenfleet import provenance, results
+from tokenfleet.report.screen import screen
 
 # Slow points (>= 1 s of samples each), more of them than the suite's share of the budget holds even on an idle
 # machine (96 torch decode points), and a share large enough for a busy one to measure some.
@@ -126,13 +125,13 @@ def test_git_sha_only_for_this_projects_repository(tmp_path):
     # A tree exported without .git inside another repository: that repository's commit is not ours.
     outer = tmp_path / "outer"
     export = outer / "export"
-    shutil.copytree(REPO / "harness", export / "harness", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "harness", export / "tokenfleet", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "pyproject.toml", export / "pyproject.toml")
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(outer)]
     subprocess.run(["git", "init", "-q", str(outer)], check=True)
     subprocess.run([*git, "add", "-A"], check=True)
     subprocess.run([*git, "commit", "-qm", "outer"], check=True)
-    code = "from harness import provenance as r; print(r.git_sha(), r.version())"
+    code = "from tokenfleet import provenance as r; print(r.git_sha(), r.version())"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=export,
                           env={**os.environ, "PYTHONPATH": str(export)})
     assert proc.returncode == 0, proc.stderr

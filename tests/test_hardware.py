@@ -1,8 +1,7 @@
 """Accelerator datasheets: every file validates, figures are dense and sourced, and device names match one entry."""
 
 import pytest
-
-from harness.hardware import all_hardware, load_hardware, match_device
+from tokenfleet.hardware import all_hardware, load_hardware, match_device
 
 IDS = {"a100-sxm", "h100-sxm", "h100-pcie", "h800", "h20", "h200", "l20", "l40s", "b200", "mi300x", "ascend-910b"}
 

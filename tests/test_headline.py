@@ -1,4 +1,4 @@
-"""The headline (harness.capacity.headline): its arithmetic against capacity_table's rows, and `make run`'s steps on
+"""The headline (tokenfleet.capacity.headline): its arithmetic against capacity_table's rows, and `make run`'s steps on
 the CPU (bench a tiny suite, report, capacity --quiet) with the printed figures checked against --format json."""
 
 from __future__ import annotations
@@ -9,10 +9,9 @@ import re
 from pathlib import Path
 
 import pytest
-
-from harness.capacity.fleet import capacity_table, outgrown_state
-from harness.capacity.headline import headline, headline_lines, tokens
-from tests.conftest import TINY_CEILINGS_SUITE
+from conftest import TINY_CEILINGS_SUITE
+from tokenfleet.capacity.fleet import capacity_table, outgrown_state
+from tokenfleet.capacity.headline import headline, headline_lines, tokens
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +69,8 @@ def test_sources_and_device_note(mix):
 def test_make_run_steps_on_the_cpu(tmp_path: Path):
     """bench (tiny suite) -> report -> capacity --quiet, as `make run` chains them; every figure the headline prints
     is the JSON's."""
+    from tokenfleet.cli.main import app
     from typer.testing import CliRunner
-
-    from harness.cli.main import app
 
     def cli(*args: str) -> str:  # in-process: one torch start-up for the four steps
         r = CliRunner().invoke(app, list(args))

@@ -1,4 +1,4 @@
-"""harness.measure.parts.kernels: shapes come from the ops themselves (no per-op code in the part), model grids are
+"""tokenfleet.measure.parts.kernels: shapes come from the ops themselves (no per-op code in the part), model grids are
 validated against what the op needs, and the `compile` backend times the compiled vendor path with its compile in
 first_call_ms."""
 
@@ -10,13 +10,12 @@ import weakref
 import pytest
 import torch
 from pydantic import ValidationError
-
-import kernels
-from harness.measure.context import LastInputs, RunContext
-from harness.measure.parts import kernels as part
-from harness.measure.runner import execute
-from harness.model.spec import load_model_config
-from harness.results import USABLE
+from tokenfleet import kernels
+from tokenfleet.measure.context import LastInputs, RunContext
+from tokenfleet.measure.parts import kernels as part
+from tokenfleet.measure.runner import execute
+from tokenfleet.model.spec import load_model_config
+from tokenfleet.results import USABLE
 
 
 def test_an_op_brings_its_own_model_shapes(monkeypatch):
@@ -91,7 +90,7 @@ def test_every_op_has_a_small_shape_here():
 def test_no_backend_writes_into_its_inputs(name):
     # What makes sharing one draw between a point's backends sound: each backend's call (and the reference, which
     # the check runs after it) leaves the inputs as drawn, bit for bit. (`compile` is the baseline compiled.)
-    from harness.dtypes import to_dtype
+    from tokenfleet.dtypes import to_dtype
 
     op = kernels.REGISTRY[name]
     shape, dtype = SMALL[name]
@@ -239,8 +238,8 @@ def test_inputs_key_leaves_out_source_and_backend():
 def test_a_points_backends_are_consecutive_in_the_run_order(suite_name):
     # What sharing needs from the run's plan (value order, duplicates across models dropped): the jobs of one
     # point follow each other, so its inputs are drawn once and held for one point at a time.
-    from harness.measure.plan import ordered_jobs, planning_context
-    from harness.measure.suite import load_suite
+    from tokenfleet.measure.plan import ordered_jobs, planning_context
+    from tokenfleet.measure.suite import load_suite
 
     suite = load_suite(suite_name)
     points = [part.inputs_key(j.key["op"], {k: v for k, v in j.key.items() if k not in _NOT_SHAPE}, j.key["dtype"], 0)

@@ -14,18 +14,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tokenfleet import kernels
+from tokenfleet.kernels import REGISTRY, rel_error
+from tokenfleet.kernels._triton import INTERPRET, pinned_configs
+from tokenfleet.kernels.attention_decode import FP8, attention_decode, attention_decode_ref
+from tokenfleet.kernels.attention_prefill import attention_prefill, attention_prefill_ref
+from tokenfleet.kernels.gemm import gemm, gemm_ref
+from tokenfleet.kernels.rmsnorm import rmsnorm, rmsnorm_ref
+from tokenfleet.kernels.rope import rope, rope_ref
+from tokenfleet.kernels.silu_mul import silu_mul, silu_mul_ref
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-
-import kernels
-from kernels import REGISTRY, rel_error
-from kernels._triton import INTERPRET, pinned_configs
-from kernels.attention_decode import FP8, attention_decode, attention_decode_ref
-from kernels.attention_prefill import attention_prefill, attention_prefill_ref
-from kernels.gemm import gemm, gemm_ref
-from kernels.rmsnorm import rmsnorm, rmsnorm_ref
-from kernels.rope import rope, rope_ref
-from kernels.silu_mul import silu_mul, silu_mul_ref
 
 # Interpreted kernels take CPU tensors; compiled ones need the GPU.
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -185,7 +184,7 @@ def test_attention_prefill_strided_bshd_layout():
 # GPU space divides it). Lengths scale with it, so each chunk size splits the longer sequences and cuts them mid-chunk.
 @pytest.mark.parametrize("chunks", [1, 2, 5], ids=lambda c: f"{c}x_align")
 def test_attention_decode_splits_and_never_reads_past_length(chunks):
-    from kernels.attention_decode import _CHUNK_ALIGN
+    from tokenfleet.kernels.attention_decode import _CHUNK_ALIGN
 
     a = _CHUNK_ALIGN // 16  # 1 interpreted: chunks 16, 32, 80 over lengths 5, 33, 50
     lengths, s_max = [5 * a, 33 * a, 50 * a], 50 * a
@@ -232,9 +231,9 @@ GPU_CONFIG_SHAPES = {
 
 
 def _gpu_space(name: str):
-    from kernels import attention_decode as ad
-    from kernels import attention_prefill as ap
-    from kernels import gemm as gm
+    from tokenfleet.kernels import attention_decode as ad
+    from tokenfleet.kernels import attention_prefill as ap
+    from tokenfleet.kernels import gemm as gm
 
     return {
         "gemm": (gm._gemm_kernel, gm._gemm_configs(interpret=False)),
@@ -247,9 +246,9 @@ def _kept(name: str, configs: list, shape: dict, dtype: torch.dtype) -> list:
     """The configs the launcher's pruning keeps for `shape` on this device (all of them under the interpreter)."""
     if INTERPRET:
         return configs
-    from kernels import attention_decode as ad
-    from kernels import attention_prefill as ap
-    from kernels import gemm as gm
+    from tokenfleet.kernels import attention_decode as ad
+    from tokenfleet.kernels import attention_prefill as ap
+    from tokenfleet.kernels import gemm as gm
 
     t = torch.empty(0, dtype=dtype, device=DEVICE)
     if name == "gemm":
@@ -272,9 +271,9 @@ def test_every_autotune_config(name, monkeypatch):
 
 
 def test_gpu_autotune_spaces_are_sane():
-    from kernels import attention_decode as ad
-    from kernels import attention_prefill as ap
-    from kernels import gemm as gm
+    from tokenfleet.kernels import attention_decode as ad
+    from tokenfleet.kernels import attention_prefill as ap
+    from tokenfleet.kernels import gemm as gm
 
     # The unmasked causal stage must end on a key-block edge.
     assert all(c.kwargs["BLOCK_M"] % c.kwargs["BLOCK_N"] == 0 for c in ap._attention_configs(interpret=False))
@@ -294,8 +293,8 @@ def test_gpu_autotune_spaces_are_sane():
 
 
 def test_split_choices_fill_a_gpu():
-    from kernels.attention_decode import _pick_chunk
-    from kernels.gemm import _pick_split_k
+    from tokenfleet.kernels.attention_decode import _pick_chunk
+    from tokenfleet.kernels.gemm import _pick_split_k
 
     sms = torch.device("cpu")  # 4 "SMs" off-GPU; shapes below scale the same way on a GPU
     assert _pick_split_k(1, 64, 4096, sms) > 1  # one tile: split K
@@ -526,7 +525,7 @@ def test_vendor_baseline_matches_reference(name, dtype):
 
 def test_rope_takes_an_inv_freq_table():
     # Scaled RoPE (Llama 3.1) passes its own fp32 [D/2] table instead of a base theta.
-    from kernels.rope import _inv_freq, rope, rope_ref
+    from tokenfleet.kernels.rope import _inv_freq, rope, rope_ref
 
     q, k, pos, theta = REGISTRY["rope"].make_inputs({"tokens": 5, "q_heads": 4, "kv_heads": 2, "head_dim": 32},
                                                     torch.float32, DEVICE, seed=4)

@@ -20,8 +20,8 @@ import torch
 import triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-from kernels import attention_decode as ad, attention_prefill as ap, gemm as gm
-from kernels import rmsnorm as rn, rope as rp, silu_mul as sm, gemm_fp8 as g8
+from tokenfleet.kernels import attention_decode as ad, attention_prefill as ap, gemm as gm
+from tokenfleet.kernels import rmsnorm as rn, rope as rp, silu_mul as sm, gemm_fp8 as g8
 
 def jitfn(k):
     while not isinstance(k, triton.runtime.jit.JITFunction):

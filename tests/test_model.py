@@ -1,4 +1,4 @@
-"""harness.model.decoder: logits match Hugging Face transformers, the backends agree, the KV cache reproduces a full
+"""tokenfleet.model.decoder: logits match Hugging Face transformers, the backends agree, the KV cache reproduces a full
 recompute, and the counts match the published parameter counts. CPU, tiny configs (fp32: the Triton
 interpreter's tl.dot on bf16 is not a faithful bf16 dot, so interpreter comparisons use fp32)."""
 
@@ -9,12 +9,11 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-
-from harness.model import decoder as M
-from harness.model import hf as HF
-from harness.model.spec import load_model_config
-from kernels import REGISTRY, rel_error
-from kernels._triton import pinned_configs
+from tokenfleet.kernels import REGISTRY, rel_error
+from tokenfleet.kernels._triton import pinned_configs
+from tokenfleet.model import decoder as M
+from tokenfleet.model import hf as HF
+from tokenfleet.model.spec import load_model_config
 
 DENSE = ["llama-2-7b", "llama-2-70b", "llama-3.1-8b", "llama-3.1-70b", "qwen3-0.6b", "qwen3-8b", "qwen3-32b"]
 # From reference/facts.yaml (derived.kv_cache_bytes_per_token_bf16).

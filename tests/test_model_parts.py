@@ -1,4 +1,4 @@
-"""harness.measure.parts.model: the prefill and decode grids on the CPU (torch and compile timed, triton skipped), layer
+"""measure.parts.model: the prefill and decode grids on the CPU (torch and compile timed, triton skipped), layer
 scaling, compile time in first_call_ms and never in the samples, failed checks as `incorrect` rows, plans as explicit
 products, and spec validation."""
 
@@ -9,12 +9,11 @@ import itertools
 import pytest
 import torch
 from pydantic import ValidationError
-
-from harness import results
-from harness.measure.parts import model as part
-from harness.measure.runner import execute, job_key
-from harness.model import decoder as M
-from harness.results import USABLE  # ok or noisy: a loaded machine makes points noisy, not wrong
+from tokenfleet import results
+from tokenfleet.measure.parts import model as part
+from tokenfleet.measure.runner import execute, job_key
+from tokenfleet.model import decoder as M
+from tokenfleet.results import USABLE  # ok or noisy: a loaded machine makes points noisy, not wrong
 
 
 def test_prefill_grid(ctx):

@@ -1,8 +1,7 @@
-"""Parameter, KV, FLOP and byte counting of harness.model.spec against the exact counts in facts.yaml."""
+"""Parameter, KV, FLOP and byte counting of tokenfleet.model.spec against the exact counts in facts.yaml."""
 
 import pytest
-
-from harness.model.spec import all_model_configs, load_model_config
+from tokenfleet.model.spec import all_model_configs, load_model_config
 
 # facts.yaml params.exact (keras-hub presets) or params.derived_check (recomputed from config).
 TOTAL = {

@@ -1,4 +1,4 @@
-"""The run plan (harness.measure.plan): value order, one job per key, side-by-side backends, the time estimate, and
+"""The run plan (tokenfleet.measure.plan): value order, one job per key, side-by-side backends, the time estimate, and
 `tokenfleet bench --plan`, which measures nothing. The quick suite's plan must fit `make gpu-check`'s budget."""
 
 from __future__ import annotations
@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import re
 
-from harness.measure.context import Job
-from harness.measure.plan import (
+from conftest import REPO, invoke_cli
+from tokenfleet.measure.context import Job
+from tokenfleet.measure.plan import (
     PART_ORDER,
     Cost,
     dedupe,
@@ -19,8 +20,7 @@ from harness.measure.plan import (
     planning_context,
     side_by_side,
 )
-from harness.measure.suite import load_suite
-from tests.conftest import REPO, invoke_cli
+from tokenfleet.measure.suite import load_suite
 
 
 def _budget(name: str) -> int:
@@ -95,7 +95,7 @@ def test_side_by_side_interleaves_backends_in_first_appearance_order():
 
 
 def test_estimate_pays_model_build_once_and_autotune_per_new_batch():
-    from harness.measure.plan import GPU_COSTS
+    from tokenfleet.measure.plan import GPU_COSTS
 
     cost: Cost = GPU_COSTS[("decode", "triton")]
     jobs = [_job(kind="decode", model="m", dtype="bf16", backend="triton", batch=b, context=c, tp=1, layers=None)
@@ -112,7 +112,7 @@ def test_estimate_pays_model_build_once_and_autotune_per_new_batch():
 
 
 def test_estimate_draws_a_kernel_points_inputs_once():
-    from harness.measure.plan import GPU_COSTS
+    from tokenfleet.measure.plan import GPU_COSTS
 
     # Decode attention at 32k: 2.1e9 input elements, 1.3e5 output ones. A GPU draws them in place (free here); on a
     # CPU the first backend pays the draw and the next shares it; every CPU backend pays its own check's fp64 sums.
@@ -150,7 +150,7 @@ def test_bench_plan_measures_nothing(capsys):
     assert [p["part"] for p in data["parts"]] == ["start", "ceilings", "decode", "prefill", "kernels", "ceilings (end)",
                                                        "total"]
     assert data["parts"][-1]["est_s"] == data["jobs"][-1]["total_s"]
-    from harness.cli.measure import print_plan
+    from tokenfleet.cli.measure import print_plan
 
     print_plan("ci-cpu", "cpu", "table")
     out = capsys.readouterr().out

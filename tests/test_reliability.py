@@ -16,16 +16,15 @@ import warnings
 from pathlib import Path
 
 import pytest
+from conftest import REPO, TINY_CEILINGS_SUITE
+from tokenfleet import files, results
+from tokenfleet.cli.main import app
+from tokenfleet.config import ConfigError
+from tokenfleet.measure.device import detect
+from tokenfleet.measure.runner import RunContext, job_key, plan_all, run_suite
+from tokenfleet.measure.suite import load_suite, suite_from_dict
+from tokenfleet.report.tables import write_tables
 from typer.testing import CliRunner
-
-from harness import files, results
-from harness.cli.main import app
-from harness.config import ConfigError
-from harness.measure.device import detect
-from harness.measure.runner import RunContext, job_key, plan_all, run_suite
-from harness.measure.suite import load_suite, suite_from_dict
-from harness.report.tables import write_tables
-from tests.conftest import REPO, TINY_CEILINGS_SUITE
 
 # Ceilings (5 jobs) and gemm at two shapes on torch (timed) and triton (`skipped` on a CPU): 9 jobs, ~0.1 s each.
 # Two kills, then a resume to the end (in this process: the kills are the subprocesses), most of this test's time.
@@ -104,7 +103,7 @@ def test_kills_and_resumes_leave_each_job_key_once(tmp_path):
     suite = tmp_path / "loop.yaml"
     suite.write_text(LOOP_SUITE)
     run = tmp_path / "run"
-    bench = [sys.executable, "-m", "harness", "bench", "--quiet"]
+    bench = [sys.executable, "-m", "tokenfleet", "bench", "--quiet"]
     expected = job_keys(suite)
 
     _run_and_kill([*bench, "--suite", str(suite), "--out", str(run)], run, 2)
@@ -120,7 +119,7 @@ def test_kills_and_resumes_leave_each_job_key_once(tmp_path):
     # a loaded machine may measure low ceilings, and a point then reads above them: measured, not lost
     assert all(p["status"] in ("ok", "noisy", "skipped", "above_ceiling") for p in points)
     assert sum(1 for _ in (run / "points.csv").open()) == 1 + len(expected)
-    from harness.report.document import build
+    from tokenfleet.report.document import build
 
     assert f"points: {len(expected)} (" in build(run).lines[1]
     assert not (run / files.LOCK_NAME).exists() and no_temp_files(run)
@@ -168,8 +167,8 @@ def test_readers_keep_the_last_record_of_each_key(tiny_run):
 
 def test_second_writer_is_refused_and_a_killed_writer_blocks_nobody(tiny_run, tiny_suite):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom harness.files import RunLock\nRunLock(sys.argv[1]).acquire()\n"
-         "print('locked', flush=True)\ntime.sleep(300)", str(tiny_run)],
+        [sys.executable, "-c", "import sys, time\nfrom tokenfleet.files import RunLock\n"
+         "RunLock(sys.argv[1]).acquire()\nprint('locked', flush=True)\ntime.sleep(300)", str(tiny_run)],
         cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -259,7 +258,7 @@ def test_damaged_last_line_is_skipped_and_cut_off_before_resume(tiny_run, tiny_s
 
 
 def test_run_warning_prints_as_one_line():
-    import harness.cli.common  # noqa: F401 - installs the one-line format
+    import tokenfleet.cli.common  # noqa: F401 - installs the one-line format
 
     text = warnings.formatwarning("points.jsonl: line 9: damaged last line ignored", results.RunWarning, "x.py", 1)
     assert text == "warning: points.jsonl: line 9: damaged last line ignored\n"

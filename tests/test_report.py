@@ -10,11 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from harness import results
-from harness.hardware import load_hardware
-from harness.report import document as report
-from tests.conftest import invoke_cli, run_cli
+from conftest import invoke_cli, run_cli
+from tokenfleet import results
+from tokenfleet.hardware import load_hardware
+from tokenfleet.report import document as report
 
 # In the report's order: the planner's answer first, then the model, then the kernels.
 HEADINGS = ["Headline: how much of 14T and 140T tokens/day, and what it would take", "Capacity against demand",

@@ -4,14 +4,13 @@
 import json
 
 import pytest
-
-from harness import results
-from harness.config import ConfigError
-from harness.measure.device import detect
-from harness.measure.runner import Job, RunContext, execute, job_key, plan_all, run_suite
-from harness.measure.suite import load_suite
-from harness.report.tables import write_tables
-from tests.conftest import TINY_CEILINGS_SUITE
+from conftest import TINY_CEILINGS_SUITE
+from tokenfleet import results
+from tokenfleet.config import ConfigError
+from tokenfleet.measure.device import detect
+from tokenfleet.measure.runner import Job, RunContext, execute, job_key, plan_all, run_suite
+from tokenfleet.measure.suite import load_suite
+from tokenfleet.report.tables import write_tables
 
 
 def make_run(tmp_path, points=()):
@@ -63,9 +62,9 @@ def test_corrupt_middle_line_is_an_error(tmp_path):
 
 
 def test_failures_become_rows(tmp_path, tiny_suite):
-    from harness.measure.device import detect
-    from harness.measure.runner import RunContext
-    from harness.measure.suite import load_suite
+    from tokenfleet.measure.device import detect
+    from tokenfleet.measure.runner import RunContext
+    from tokenfleet.measure.suite import load_suite
 
     ctx = RunContext(device=detect("cpu"), suite=load_suite(str(tiny_suite)), datasheet=None)
 
@@ -101,7 +100,7 @@ def test_interrupted_decode_grid_resumes_without_repeats(tmp_path, monkeypatch):
     suite = tmp_path / "grid.yaml"
     # A huge noise limit: a noisy point is (rightly) measured again on resume, which this test is not about; so is
     # a point above a ceiling that a loaded machine measured low (`above_ceiling`): no margin is exceeded here.
-    monkeypatch.setattr("harness.measure.context.ABOVE_CEILING", float("inf"))
+    monkeypatch.setattr("tokenfleet.measure.context.ABOVE_CEILING", float("inf"))
     # Only the planned jobs are counted below: no end-of-run ceiling re-probe in this suite.
     suite.write_text(TINY_CEILINGS_SUITE.format(id="grid").replace("noise_limit: 0.5", "noise_limit: 100").replace(
         "  copy_mb: 8", "  copy_mb: 8\n  end_probe: false") + """

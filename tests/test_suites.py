@@ -3,11 +3,10 @@
 import json
 
 import pytest
-
-from harness.config import known_names
-from harness.measure.device import detect
-from harness.measure.runner import RunContext, plan_all
-from harness.measure.suite import load_suite
+from tokenfleet.config import known_names
+from tokenfleet.measure.device import detect
+from tokenfleet.measure.runner import RunContext, plan_all
+from tokenfleet.measure.suite import load_suite
 
 
 @pytest.mark.parametrize("name", known_names("suites"))

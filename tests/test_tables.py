@@ -1,4 +1,4 @@
-"""harness.report.tables: every row labelled with its whole job key, and vs_torch / vs_compile pairing each row with
+"""tokenfleet.report.tables: every row labelled with its whole job key, and vs_torch / vs_compile pairing each row with
 the row of the same key on the other backend, one to one."""
 
 from __future__ import annotations
@@ -6,9 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from harness import results
-from harness.report.tables import backend_ratios, kind_table, points_frame, shape_of, write_tables
+from tokenfleet import results
+from tokenfleet.report.tables import backend_ratios, kind_table, points_frame, shape_of, write_tables
 
 
 def _attn(backend: str, batch: int, ms: float, status: str = "ok", **extra) -> dict:

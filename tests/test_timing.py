@@ -1,4 +1,4 @@
-"""harness.measure.timing: structure and invariants, never speed. The CPU path runs on a fake clock that only the
+"""tokenfleet.measure.timing: structure and invariants, never speed. The CPU path runs on a fake clock that only the
 timed function advances, so machine load cannot change a result; the GPU path's pure helpers are checked here and the
 path itself by `make gpu-check` (and below, its control flow on fake CUDA objects)."""
 
@@ -7,9 +7,8 @@ import time
 
 import pytest
 import torch
-
-from harness.measure import timing
-from harness.measure.timing import (
+from tokenfleet.measure import timing
+from tokenfleet.measure.timing import (
     KEEP_SAMPLES,
     calls_per_replay,
     copies_for_cold_l2,

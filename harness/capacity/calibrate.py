@@ -29,11 +29,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-
-from harness.results import Run, load_run, usable
+from tokenfleet.results import Run, load_run, usable
 
 if TYPE_CHECKING:  # the measure part's curve type; importing it loads every part (and torch)
-    from harness.measure.parts.collective import CollectiveCurve
+    from tokenfleet.measure.parts.collective import CollectiveCurve
 
 # Documented defaults when no run is given. Assumptions, not measurements of this project: replace them with a run.
 #  e_c 0.5: fraction of the DENSE datasheet matmul peak a whole forward sustains (large GEMMs alone reach more on
@@ -233,7 +232,7 @@ def measured_allreduce(runs: list[Run], hardware_id: str, tp: int) -> tuple[Coll
     backends = {p.get("backend") for _, p in pts}
     backend = "nccl" if "nccl" in backends else next(iter(sorted(b for b in backends if b)), None)
     pts = [(r, p) for r, p in pts if p.get("backend") == backend]
-    from harness.measure.parts.collective import collective_curve  # only when a run has collective points
+    from tokenfleet.measure.parts.collective import collective_curve  # only when a run has collective points
 
     curve = collective_curve([p for _, p in pts], "all_reduce", world_size=tp)
     if curve is None:

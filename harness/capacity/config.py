@@ -10,8 +10,7 @@ import math
 from typing import Literal
 
 from pydantic import Field, model_validator
-
-from harness.config import Strict, load_all, load_named
+from tokenfleet.config import Strict, load_all, load_named
 
 SHARE_TOL = 1e-6
 
@@ -101,7 +100,7 @@ class Fleet(Strict):
     pue: float = Field(1.0, ge=1, description="facility power / IT power")
     models: list[ModelShare] = Field(min_length=1)
     workloads: list[WorkloadShare] = Field(min_length=1)
-    # Deployment parameters (None: the engine defaults of harness.capacity.project.default_deployment).
+    # Deployment parameters (None: the engine defaults of tokenfleet.capacity.project.default_deployment).
     kv_dtype: Literal["bf16", "fp16", "fp8"] | None = Field(None, description="KV-cache dtype")
     batch_cap: int | None = Field(None, gt=0, description="max sequences per replica (vLLM max_num_seqs)")
     max_batched_tokens: int | None = Field(None, gt=0, description="token budget per engine step (chunked prefill)")

@@ -1,7 +1,7 @@
 """Fleet capacity against demand: Σ_g N_g·daily_g, coverage, GPUs needed, power, and the demand growth fit.
 
 Demand is a mix of (model, workload) classes. Each class is routed to the GPU types that can serve it
-(`harness.capacity.routing`: the largest multiple of the mix the fleet serves, each type's time split over the
+(`tokenfleet.capacity.routing`: the largest multiple of the mix the fleet serves, each type's time split over the
 classes it can hold), so a GPU that cannot hold a model never counts against that model's demand. A row's
 `tokens_per_s_per_gpu` is its own rate on the classes it can serve (harmonic mean by share: time per token adds
 up, rates do not); its `tokens_per_day` is what the routing gives it; classes it cannot hold are `unservable`.
@@ -15,9 +15,8 @@ import math
 from pathlib import Path
 
 import numpy as np
-
-from harness.capacity.config import Demand, DemandPoint, Fleet, load_demand, load_fleet
-from harness.capacity.project import (
+from tokenfleet.capacity.config import Demand, DemandPoint, Fleet, load_demand, load_fleet
+from tokenfleet.capacity.project import (
     SECONDS_PER_DAY,
     _model,
     _workload,
@@ -27,9 +26,9 @@ from harness.capacity.project import (
     project,
     read_runs,
 )
-from harness.capacity.routing import route
-from harness.config import ConfigError, known_names, resolve
-from harness.results import Run
+from tokenfleet.capacity.routing import route
+from tokenfleet.config import ConfigError, known_names, resolve
+from tokenfleet.results import Run
 
 REPORTED, PRIMARY = "china-reported", "china-nda"  # coverage is always shown against both (DESIGN.md)
 # The columns of a capacity table, in the order every view prints them.

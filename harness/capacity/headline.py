@@ -14,9 +14,9 @@ import datetime as dt
 import math
 import textwrap
 
-from harness.capacity.fleet import outgrown_state, outgrown_statement
-from harness.capacity.project import SECONDS_PER_DAY
-from harness.results import Run
+from tokenfleet.capacity.fleet import outgrown_state, outgrown_statement
+from tokenfleet.capacity.project import SECONDS_PER_DAY
+from tokenfleet.results import Run
 
 SOURCES = ("measured", "calibrated", "projected")  # what a row's figure rests on, most direct first
 

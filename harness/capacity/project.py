@@ -6,7 +6,7 @@
     `measured-shard` (tp > 1 from one GPU's shard timed alone, collectives added: `allreduce_source`),
     `calibrated` (efficiencies measured by a named run of another device or model), `projected` (defaults)
 
-Fleet capacity against demand lives in `harness.capacity.fleet`.
+Fleet capacity against demand lives in `tokenfleet.capacity.fleet`.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ import functools
 import math
 from dataclasses import dataclass
 
-from harness.capacity.calibrate import Efficiency, efficiency_from_runs, measured_allreduce, measured_for, read_runs
-from harness.capacity.config import Workload, load_workload
-from harness.capacity.serving import Projector, Steps, serve
-from harness.config import ConfigError
-from harness.dtypes import dtype_bytes
-from harness.hardware import Hardware, load_hardware
-from harness.model.spec import ModelConfig, load_model_config, tp_problem
-from harness.results import Run
+from tokenfleet.capacity.calibrate import Efficiency, efficiency_from_runs, measured_allreduce, measured_for, read_runs
+from tokenfleet.capacity.config import Workload, load_workload
+from tokenfleet.capacity.serving import Projector, Steps, serve
+from tokenfleet.config import ConfigError
+from tokenfleet.dtypes import dtype_bytes
+from tokenfleet.hardware import Hardware, load_hardware
+from tokenfleet.model.spec import ModelConfig, load_model_config, tp_problem
+from tokenfleet.results import Run
 
 F_MEM = 0.9  # fraction of device memory the server may use: vLLM's default gpu_memory_utilization
 RESERVE_BYTES_PER_GPU = 2 * 2**30  # activations, CUDA graphs, NCCL buffers, allocator slack (assumption)

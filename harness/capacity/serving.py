@@ -15,7 +15,7 @@ step carries P = B·n/O prefill tokens (n = I·(1−h) new prompt tokens). Hence
 T_fwd is a per-op roofline, Σ_ops max(flops/(tp·peak·e_c), bytes/(tp·bw·e_m)) + overhead + collectives, with
 every weight read once per forward (shared by the decode tokens and the prefill chunk); or, where a run measured
 this device, model, dtype, backend and tp, that roofline scaled by measured/projected interpolated on the run's
-grid (`harness.capacity.calibrate`): a tp replica's ratio covers its collectives, a shard's (one GPU alone) only
+grid (`tokenfleet.capacity.calibrate`): a tp replica's ratio covers its collectives, a shard's (one GPU alone) only
 the compute, the collectives added.
 
 Collectives per forward of T tokens: 2 all-reduces per layer (after attention, after the MLP) of T·H·2 bytes,
@@ -32,13 +32,13 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from harness.capacity.calibrate import Efficiency, Measured, RatioGrid
-from harness.dtypes import dtype_bytes
-from harness.hardware import Hardware
-from harness.model.spec import ModelConfig
+from tokenfleet.capacity.calibrate import Efficiency, Measured, RatioGrid
+from tokenfleet.dtypes import dtype_bytes
+from tokenfleet.hardware import Hardware
+from tokenfleet.model.spec import ModelConfig
 
 if TYPE_CHECKING:  # the measure part's curve type; importing it loads every part (and torch)
-    from harness.measure.parts.collective import CollectiveCurve
+    from tokenfleet.measure.parts.collective import CollectiveCurve
 
 ALLREDUCE_LATENCY_US = 10.0  # per all-reduce, small-message NCCL latency order on NVLink (assumption)
 INTERNODE_GBPS = 50.0  # tp > 8 spans nodes: one 400 Gb/s NIC per GPU (assumption)

@@ -1,6 +1,6 @@
 """The capacity model against published serving results (`configs/validation/published.yaml`): each row projected
 with its source's deployment and no service-level limit, output tokens/s per GPU, and the ratio to the published
-figure. `python -m harness.capacity.validate [--run FOLDER ...]` prints the README's table (with runs: a second
+figure. `python -m tokenfleet.capacity.validate [--run FOLDER ...]` prints the README's table (with runs: a second
 column calibrated from them)."""
 
 from __future__ import annotations
@@ -9,11 +9,10 @@ import sys
 from typing import Literal
 
 from pydantic import Field
-
-from harness.capacity.calibrate import read_runs
-from harness.capacity.config import Workload
-from harness.capacity.project import project
-from harness.config import Strict, config_dir, load_yaml
+from tokenfleet.capacity.calibrate import read_runs
+from tokenfleet.capacity.config import Workload
+from tokenfleet.capacity.project import project
+from tokenfleet.config import Strict, config_dir, load_yaml
 
 NO_LIMIT_MS = 1e9  # offline: requests at infinite rate, no TTFT/TPOT limit
 

@@ -1,6 +1,6 @@
 """`tokenfleet project` and `tokenfleet capacity`: the capacity model at the command line.
 
-Both verbs are added to the app in `harness.cli.common`. Bad input raises ConfigError, printed as one line with
+Both verbs are added to the app in `tokenfleet.cli.common`. Bad input raises ConfigError, printed as one line with
 exit code 2.
 """
 
@@ -9,12 +9,11 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-
-from harness.capacity.fleet import CAPACITY_COLUMNS
-from harness.capacity.headline import headline, headline_lines
-from harness.cli.common import FormatOpt, QuietOpt, app, check_format, user_errors
-from harness.config import ConfigError
-from harness.output import emit, to_json
+from tokenfleet.capacity.fleet import CAPACITY_COLUMNS
+from tokenfleet.capacity.headline import headline, headline_lines
+from tokenfleet.cli.common import FormatOpt, QuietOpt, app, check_format, user_errors
+from tokenfleet.config import ConfigError
+from tokenfleet.output import emit, to_json
 
 PROJECT_COLUMNS = ["model", "gpu", "dtype", "tp", "workload", "input_len", "output_len", "prefix_cache_hit", "fits",
                    "batch", "batch_limit", "b_mem", "b_slo", "b_budget", "tpot_ms", "decode_step_ms", "tpot_limit_ms",
@@ -68,7 +67,7 @@ def project_cmd(
     fmt: FormatOpt = "table",
 ) -> None:
     """Project one model on one accelerator for a workload: batch, TTFT/TPOT, tokens/s and tokens/day per GPU."""
-    from harness.capacity.project import auto_tp, check_deployment, project, read_runs, refuse_fp8
+    from tokenfleet.capacity.project import auto_tp, check_deployment, project, read_runs, refuse_fp8
 
     check_format(fmt)
     refuse_fp8(model, gpu, dtype, kv_dtype)  # before the workload: the device, not the request, is what refuses
@@ -87,7 +86,7 @@ def _project_workload(model: str, workload: str | None, input_len: int | None, o
                       tpot_ms: float | None, ttft_ms: float | None, tp: int | None):
     """`project`'s workload (DEFAULT_WORKLOAD unless --workload or both lengths are given) and whether it was the
     default, checked against the model's context; and --tp, when given, against the model's shapes."""
-    from harness.capacity.project import _model, check_context, check_tp, resolve_workload
+    from tokenfleet.capacity.project import _model, check_context, check_tp, resolve_workload
 
     defaulted = workload is None and not (input_len and output_len)
     w = resolve_workload(DEFAULT_WORKLOAD if defaulted else workload, input_len, output_len, tpot_ms, ttft_ms)
@@ -141,8 +140,8 @@ def capacity_cmd(
     """Fleet capacity in tokens/day against demand, per accelerator type and in total (default fleet: the one
     `make run` uses), ending with the headline: coverage of the reported 14T and the primary 140T tokens/day and
     the GPUs each would take."""
-    from harness.capacity.fleet import capacity_table, fleet_of, sweep
-    from harness.capacity.project import check_deployment, read_runs
+    from tokenfleet.capacity.fleet import capacity_table, fleet_of, sweep
+    from tokenfleet.capacity.project import check_deployment, read_runs
 
     check_format(fmt)
     if demand and demand_tokens_per_day is not None:

@@ -15,11 +15,10 @@ from contextlib import contextmanager
 from typing import Annotated
 
 import typer
+from tokenfleet.config import ConfigError
+from tokenfleet.output import FORMATS
+from tokenfleet.results import RunWarning
 from typer.core import TyperGroup
-
-from harness.config import ConfigError
-from harness.output import FORMATS
-from harness.results import RunWarning
 
 # click's ClickException, found through typer's public BadParameter: typer 0.2x vendors click as typer._click, older
 # typer uses the click package, and the GPU machines may carry either.

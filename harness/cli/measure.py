@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
-from harness.cli.common import DeviceOpt, EnvFormatOpt, FormatOpt, app, check_format, user_errors
-from harness.config import ConfigError
-from harness.output import emit, to_json
+from tokenfleet.cli.common import DeviceOpt, EnvFormatOpt, FormatOpt, app, check_format, user_errors
+from tokenfleet.config import ConfigError
+from tokenfleet.output import emit, to_json
 
 
 @app.command()
@@ -18,7 +17,7 @@ from harness.output import emit, to_json
 def env(ceilings: Annotated[bool, typer.Option("--ceilings", help="also measure this device's ceilings")] = False,
         fmt: EnvFormatOpt = "table", device: DeviceOpt = None) -> None:
     """Describe this device (NVML on NVIDIA) and, with --ceilings, measure what it can do."""
-    from harness.measure.device import detect
+    from tokenfleet.measure.device import detect
 
     check_format(fmt, ("table", "json", "md"))
     info = detect(device)
@@ -38,10 +37,10 @@ def env(ceilings: Annotated[bool, typer.Option("--ceilings", help="also measure 
 
 def measure_ceilings(info) -> dict:
     """The default suite's ceilings on this device, without writing a run folder."""
-    from harness.hardware import load_hardware
-    from harness.measure.parts.ceilings import plan
-    from harness.measure.runner import RunContext, default_suite, execute
-    from harness.measure.suite import load_suite
+    from tokenfleet.hardware import load_hardware
+    from tokenfleet.measure.parts.ceilings import plan
+    from tokenfleet.measure.runner import RunContext, default_suite, execute
+    from tokenfleet.measure.suite import load_suite
 
     suite = load_suite(default_suite(info.kind))
     ctx = RunContext(device=info, suite=suite, datasheet=load_hardware(info.datasheet) if info.datasheet else None)
@@ -55,10 +54,10 @@ def measure_ceilings(info) -> dict:
 
 def print_plan(suite_name: str | None, device: str | None, fmt: str) -> None:
     """The suite's jobs in run order with estimated seconds each, then per part and in all (no device work)."""
-    from harness.measure.device import pick
-    from harness.measure.plan import part_totals, plan_rows, planning_context
-    from harness.measure.runner import default_suite
-    from harness.measure.suite import load_suite
+    from tokenfleet.measure.device import pick
+    from tokenfleet.measure.plan import part_totals, plan_rows, planning_context
+    from tokenfleet.measure.runner import default_suite
+    from tokenfleet.measure.suite import load_suite
 
     suite = load_suite(suite_name or default_suite(pick(device)))
     ctx = planning_context(suite, device)
@@ -67,7 +66,7 @@ def print_plan(suite_name: str | None, device: str | None, fmt: str) -> None:
     if fmt == "json":
         print(to_json({"suite": suite.id, "device": ctx.device.kind, "jobs": rows, "parts": parts}))
         return
-    emit(rows, fmt, f"Plan: suite {suite.id} on {ctx.device.name} (estimates, harness.measure.plan)")
+    emit(rows, fmt, f"Plan: suite {suite.id} on {ctx.device.name} (estimates, tokenfleet.measure.plan)")
     emit(parts, fmt, "Estimated seconds per part")
 
 
@@ -88,9 +87,9 @@ def bench(suite: Annotated[str | None, typer.Option("--suite", "-s", metavar="NA
                                                            "measure nothing")] = False,
           ) -> None:
     """Benchmark this device with a suite (default: quick on a GPU, ci-cpu on a CPU) into a run folder."""
-    from harness.measure.runner import run_suite
-    from harness.report.tables import TITLES, kind_table, points_frame, write_tables
-    from harness.results import read_run
+    from tokenfleet.measure.runner import run_suite
+    from tokenfleet.report.tables import TITLES, kind_table, points_frame, write_tables
+    from tokenfleet.results import read_run
 
     check_format(fmt)
     if plan:
@@ -98,7 +97,7 @@ def bench(suite: Annotated[str | None, typer.Option("--suite", "-s", metavar="NA
         return
     if resume and out:
         raise ConfigError("--out", None, "--out and --resume exclude each other (a resumed run keeps its folder)")
-    from harness.measure.distributed import under_launcher
+    from tokenfleet.measure.distributed import under_launcher
 
     progress = not quiet and sys.stderr.isatty()
     if under_launcher():  # one rank of a torchrun
@@ -129,7 +128,7 @@ def bench(suite: Annotated[str | None, typer.Option("--suite", "-s", metavar="NA
 
 def _rank_run(suite, out, resume, device, progress) -> Path | None:
     """This rank's part of a run under torchrun: rank 0 returns the run folder, the others None."""
-    from harness.measure import launch
+    from tokenfleet.measure import launch
 
     try:
         return launch.run_suite(suite, out, resume, device, progress)
@@ -143,11 +142,10 @@ def _launch(nproc: int, suite, resume, device) -> None:
     """`--nproc N`: this command on N ranks through torchrun; exits with its code. Bad input is caught here first
     (one line, exit 2), not once per rank."""
     import torch
-
-    from harness.measure import launch
-    from harness.measure.device import pick
-    from harness.measure.suite import load_suite
-    from harness.results import resolve_run
+    from tokenfleet.measure import launch
+    from tokenfleet.measure.device import pick
+    from tokenfleet.measure.suite import load_suite
+    from tokenfleet.results import resolve_run
 
     if pick(device) == "cuda" and torch.cuda.device_count() < nproc:
         raise ConfigError("--nproc", None, f"{nproc} ranks need {nproc} GPUs (one each); torch sees "

@@ -4,9 +4,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
-from harness.cli.common import FormatOpt, app, check_format, user_errors
-from harness.output import emit, to_json
+from tokenfleet.cli.common import FormatOpt, app, check_format, user_errors
+from tokenfleet.output import emit, to_json
 
 
 @app.command()
@@ -26,7 +25,7 @@ def report(
 ) -> None:
     """A run as one self-contained HTML report (plots embedded, no JavaScript) and a markdown twin; prints the two
     paths (no --format: the report is the output)."""
-    from harness.report.document import write
+    from tokenfleet.report.document import write
 
     html_path, md_path = write(run, fleet or [], demand, html, md)
     typer.echo(str(html_path))
@@ -43,7 +42,7 @@ def compare(
     fmt: FormatOpt = "table",
 ) -> None:
     """Ratios B/A of median time and throughput per matching point, with each side's noise."""
-    from harness.report.compare import COLUMNS, compare
+    from tokenfleet.report.compare import COLUMNS, compare
 
     check_format(fmt)
     cmp = compare(run_a, run_b)

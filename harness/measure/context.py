@@ -10,14 +10,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-
-from harness import results
-from harness.hardware import Hardware
-from harness.measure import timing
-from harness.measure.device import DeviceInfo, Poller, nvml_poller
+from tokenfleet import results
+from tokenfleet.hardware import Hardware
+from tokenfleet.measure import timing
+from tokenfleet.measure.device import DeviceInfo, Poller, nvml_poller
 
 if TYPE_CHECKING:
-    from harness.measure.suite import Suite
+    from tokenfleet.measure.suite import Suite
 
 # Why Triton points are `skipped` on a CPU, in every part that has them.
 CPU_TRITON_NOTE = "Triton's interpreter is a correctness tool, not a timing tool: CPU timings use the torch backend"

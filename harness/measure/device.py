@@ -15,8 +15,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 
 import torch
-
-from harness.config import ConfigError
+from tokenfleet.config import ConfigError
 
 KINDS = ("cpu", "cuda")
 
@@ -268,7 +267,7 @@ def _cpu_llc_bytes() -> int | None:
 
 def detect(override: str | None = None) -> DeviceInfo:
     """Describe the device this run uses (see `pick`)."""
-    from harness.hardware import match_device
+    from tokenfleet.hardware import match_device
 
     kind = pick(override)
     common = dict(torch_version=torch.__version__, triton_version=_version("triton"), cuda_version=torch.version.cuda)

@@ -1,7 +1,7 @@
 """torch.distributed for a run on N ranks: the process groups, and what a part needs to measure in lockstep.
 
 A run on several ranks is started by torchrun (`torch.distributed.run`: `tokenfleet bench --nproc N` launches it,
-see `harness.measure.launch`; `torchrun --nproc-per-node N -m harness bench ...` or any launcher setting torchrun's
+see `measure.launch`; `torchrun --nproc-per-node N -m tokenfleet bench ...` or any launcher setting torchrun's
 variables RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT comes in the same way: `under_launcher`). Each rank joins
 the default group (NCCL on CUDA, one GPU per local rank; gloo on CPU) and a gloo group for control messages (so a
 control message never pairs with a model collective), both bounded by TOKENFLEET_DIST_TIMEOUT_S (default 600 s):

@@ -1,6 +1,6 @@
 """A run on N ranks: the torchrun launch (`tokenfleet bench --nproc N`), rank 0 leading, the others following.
 
-`launch` re-runs the command as `python -m torch.distributed.run --standalone --nproc-per-node N -m harness ...`.
+`launch` re-runs the command as `python -m torch.distributed.run --standalone --nproc-per-node N -m tokenfleet ...`.
 Under it, every rank calls `run_suite`. Rank 0 leads: it alone writes the run folder (through the runner, as a
 one-device run does, so `--resume` works unchanged), decides which jobs are left, and names them to the others
 one at a time; every rank runs the job (collectives need all of them) and sends back its outcome; the point rank 0
@@ -27,11 +27,10 @@ import time
 from pathlib import Path
 
 import torch
-
-from harness import results
-from harness.config import ConfigError
-from harness.measure import distributed as D
-from harness.measure.context import Job, RunContext
+from tokenfleet import results
+from tokenfleet.config import ConfigError
+from tokenfleet.measure import distributed as D
+from tokenfleet.measure.context import Job, RunContext
 
 RUN_DIR_FILE_ENV = "TOKENFLEET_RUN_DIR_FILE"  # where rank 0 tells the launcher which run folder it writes
 STOP, ABORT = -1, -2  # job indices that end a follower's loop: the run is done / failed
@@ -53,7 +52,7 @@ def _rank_info(info) -> dict:
 def _telemetry(ctx: RunContext) -> dict | None:
     if not ctx.on_gpu:
         return None
-    from harness.measure.device import telemetry
+    from tokenfleet.measure.device import telemetry
 
     return telemetry(torch.cuda.current_device())
 
@@ -65,7 +64,7 @@ def _outcome(point: dict, raised: bool, ctx: RunContext) -> dict:
 
 def _execute(job: Job, ctx: RunContext) -> tuple[dict, bool]:
     """runner.execute, and whether the job raised (the runner made its row) rather than returned a status."""
-    from harness.measure.runner import execute
+    from tokenfleet.measure.runner import execute
 
     raised = [False]
 
@@ -115,7 +114,7 @@ class Leader:
         writer.write_manifest()
 
     def run_jobs(self, jobs, ctx, writer, done, progress, on_point) -> None:
-        from harness.measure.runner import is_done
+        from tokenfleet.measure.runner import is_done
 
         g, job = self.g, None
         todo = [i for i, j in enumerate(jobs) if not is_done(j, done)]
@@ -170,10 +169,10 @@ def _try(fn, *args) -> None:
 
 def follow(g: D.Group, device: str | None = None) -> None:
     """A non-zero rank: plan rank 0's suite, run the jobs it names, send back each outcome, until STOP."""
-    from harness.hardware import load_hardware
-    from harness.measure.device import detect
-    from harness.measure.runner import plan_all
-    from harness.measure.suite import suite_from_dict
+    from tokenfleet.hardware import load_hardware
+    from tokenfleet.measure.device import detect
+    from tokenfleet.measure.runner import plan_all
+    from tokenfleet.measure.suite import suite_from_dict
 
     info = detect(device)
     data = g.broadcast()
@@ -196,8 +195,8 @@ def follow(g: D.Group, device: str | None = None) -> None:
 def run_suite(suite: str | None, out, resume, device: str | None, progress: bool) -> Path | None:
     """This rank's part of a distributed run: rank 0 returns the run folder, the others None. RunFailed when
     the run stopped (rank 0 has recorded why)."""
-    from harness.measure.device import pick
-    from harness.measure.runner import run_suite as run_one
+    from tokenfleet.measure.device import pick
+    from tokenfleet.measure.runner import run_suite as run_one
 
     g = D.init(pick(device))
     ok = False
@@ -227,12 +226,12 @@ def run_suite(suite: str | None, out, resume, device: str | None, progress: bool
 
 
 def launch(nproc: int, args: list[str]) -> int:
-    """`python -m harness ARGS` on nproc ranks of this node through torchrun's launcher (a free port); returns
+    """`python -m tokenfleet ARGS` on nproc ranks of this node through torchrun's launcher (a free port); returns
     its exit code. When rank 0 died before recording why, the run folder's manifest gets the failure here."""
     with tempfile.TemporaryDirectory() as tmp:
         note = Path(tmp) / "run_dir"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "harness", *args]
+               "-m", "tokenfleet", *args]
         rc = subprocess.run(cmd, env={**os.environ, RUN_DIR_FILE_ENV: str(note)}).returncode
         run_dir = Path(note.read_text()) if note.exists() else None
     if rc != 0 and run_dir is not None:

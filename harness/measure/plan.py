@@ -22,13 +22,12 @@ import json
 from dataclasses import dataclass
 
 import torch
-
-from harness.dtypes import to_dtype
-from harness.measure.context import Job, RunContext
-from harness.measure.device import DeviceInfo, detect
-from harness.measure.parts.ceilings import READ_REDUCTIONS
-from harness.measure.suite import Suite, part_api
-from kernels import REGISTRY
+from tokenfleet.dtypes import to_dtype
+from tokenfleet.kernels import REGISTRY
+from tokenfleet.measure.context import Job, RunContext
+from tokenfleet.measure.device import DeviceInfo, detect
+from tokenfleet.measure.parts.ceilings import READ_REDUCTIONS
+from tokenfleet.measure.suite import Suite, part_api
 
 # Collectives are the interconnect's ceilings; tp holds the tensor-parallel decode and prefill points.
 PART_ORDER = ("ceilings", "collectives", "decode", "tp", "prefill", "kernels")  # parts not named here run last

@@ -1,4 +1,4 @@
-"""Runs a suite on the device `harness.measure.device` picked, one point per job, in `harness.measure.plan`'s order
+"""Runs a suite on the device `tokenfleet.measure.device` picked, one point per job, in `measure.plan`'s order
 (ceilings first, then decode, prefill, kernels), then the ceilings again (their drift between start and end goes
 into the manifest).
 
@@ -19,16 +19,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-
-from harness import provenance, results
-from harness.config import ConfigError
-from harness.files import WriteError
-from harness.hardware import Hardware, load_hardware
-from harness.measure.context import Job, RunContext
-from harness.measure.device import DeviceInfo, detect, telemetry
-from harness.measure.parts import ceilings as ceilings_part
-from harness.measure.plan import ordered_jobs
-from harness.measure.suite import Suite, load_suite, suite_from_dict
+from tokenfleet import provenance, results
+from tokenfleet.config import ConfigError
+from tokenfleet.files import WriteError
+from tokenfleet.hardware import Hardware, load_hardware
+from tokenfleet.measure.context import Job, RunContext
+from tokenfleet.measure.device import DeviceInfo, detect, telemetry
+from tokenfleet.measure.parts import ceilings as ceilings_part
+from tokenfleet.measure.plan import ordered_jobs
+from tokenfleet.measure.suite import Suite, load_suite, suite_from_dict
 
 
 def _failure(exc: BaseException) -> dict:
@@ -87,14 +86,14 @@ def manifest_for(run_id: str, suite: Suite, info: DeviceInfo, datasheet: Hardwar
 
 
 def plan_all(suite: Suite, ctx: RunContext) -> list[Job]:
-    return ordered_jobs(suite, ctx)  # by value, duplicates dropped (harness.measure.plan)
+    return ordered_jobs(suite, ctx)  # by value, duplicates dropped (tokenfleet.measure.plan)
 
 
 def run_suite(suite_name: str | None = None, out: str | Path | None = None, resume: str | Path | None = None,
               device: str | None = None, progress: bool = True, on_point: Callable[[dict], None] | None = None,
               group=None, after: Callable[[Path], None] | None = None) -> Path:
     """Measure a suite into a run folder and return its path. `resume` continues an existing run folder with the
-    suite its manifest records. `group`: rank 0's `harness.measure.launch.Leader` in a run on several ranks (it
+    suite its manifest records. `group`: rank 0's `tokenfleet.measure.launch.Leader` in a run on several ranks (it
     runs the job loop). `after(run_dir)` runs once every point is written, still holding the run's lock."""
     info = detect(device)
     datasheet = load_hardware(info.datasheet) if info.datasheet else None

@@ -9,9 +9,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
-
-from harness.config import ConfigError, Strict, check_id, read_yaml, resolve, validation_error
-from harness.measure.parts import PARTS
+from tokenfleet.config import ConfigError, Strict, check_id, read_yaml, resolve, validation_error
+from tokenfleet.measure.parts import PARTS
 
 
 class TimingSpec(Strict):

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from harness.model.cache import Rotary
+    from tokenfleet.model.cache import Rotary
 
 BACKENDS = ("triton", "torch", "compile", "reference")
 TIMED_BACKENDS = ("triton", "torch", "compile")  # `reference` is the oracle the others are checked against
@@ -68,8 +68,8 @@ def load_ops(backend: str) -> Ops:
     """The ops of a backend (see the module docstring)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
-    from kernels import REGISTRY
-    from kernels.rope import rope_rotate
+    from tokenfleet.kernels import REGISTRY
+    from tokenfleet.kernels.rope import rope_rotate
 
     if backend in ("triton", "reference"):
         return Ops(**{op: getattr(REGISTRY[op], backend) for op in OPS}, rotary=_kernel_angles)

@@ -6,9 +6,8 @@ from __future__ import annotations
 import math
 
 import torch
-
-from harness.dtypes import to_dtype
-from harness.model.spec import ModelConfig
+from tokenfleet.dtypes import to_dtype
+from tokenfleet.model.spec import ModelConfig
 
 KV_ALIGN = 64  # cache positions are allocated in multiples of this (aligned rows for the attention kernels)
 FP8 = torch.float8_e4m3fn
@@ -116,7 +115,7 @@ class Rotary:
     def cos_sin(self, positions: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, hd] at positions [T] (all < n)."""
         if self.cos is None or self.cos.shape[0] < n:
-            from kernels.rope import rope_cos_sin
+            from tokenfleet.kernels.rope import rope_cos_sin
 
             size = max(1024, 1 << (n - 1).bit_length())
             table = torch.arange(size, device=self.device)

@@ -1,6 +1,6 @@
 """A decoder-only transformer (Llama, Qwen2, Qwen3 dense) over the kernels, gpt-fast style.
 
-One set of weights, four backends (`harness.model.backends`), each honest about what it is:
+One set of weights, four backends (`tokenfleet.model.backends`), each honest about what it is:
 - `triton`: the Triton kernels of `kernels/`.
 - `torch`: PyTorch eager as a user writes it, in the input dtype: each op's vendor path (`kernels.REGISTRY[op]
   .baseline`: F.linear, F.rms_norm, F.silu(g) * u, SDPA for prefill and for decode with a length mask), RoPE
@@ -12,12 +12,12 @@ One set of weights, four backends (`harness.model.backends`), each honest about 
 - `reference`: the kernels' fp32-math references: the correctness oracle, never timed.
 
 QKV is one fused weight and gate/up another (one gemm each instead of three and two). The KV cache
-(`harness.model.cache`) is static, `[L, B, Hkv, S_alloc, D]` with S_alloc the requested length padded to KV_ALIGN,
+(`tokenfleet.model.cache`) is static, `[L, B, Hkv, S_alloc, D]` with S_alloc the requested length padded to KV_ALIGN,
 allocated up front with per-sequence lengths, so a decode step allocates nothing from the host and has no host sync:
 it can be captured in a CUDA graph (`DecodeGraph`).
 
 Generation, as in gpt-fast: `prefill`, `decode_one_token`, `decode_n_tokens` (and `generate` around them).
-Weights are seeded random (`build_model`) or read from a local Hugging Face folder (`harness.model.hf`).
+Weights are seeded random (`build_model`) or read from a local Hugging Face folder (`tokenfleet.model.hf`).
 """
 
 from __future__ import annotations
@@ -28,9 +28,8 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
-
-from harness.dtypes import to_dtype
-from harness.model.backends import (  # noqa: F401  (re-exported: the model's callers name backends through it)
+from tokenfleet.dtypes import to_dtype
+from tokenfleet.model.backends import (  # noqa: F401  (re-exported: the model's callers name backends through it)
     BACKENDS,
     OPS,
     TIMED_BACKENDS,
@@ -41,8 +40,8 @@ from harness.model.backends import (  # noqa: F401  (re-exported: the model's ca
     first_call,
     load_ops,
 )
-from harness.model.cache import KV_ALIGN, KVCache, Rotary, rope_frequencies, store_kv, to_cache  # noqa: F401  (re-exported)
-from harness.model.spec import (  # noqa: F401  (the counts live on the spec; re-exported for callers)
+from tokenfleet.model.cache import KV_ALIGN, KVCache, Rotary, rope_frequencies, store_kv, to_cache  # noqa: F401  (re-exported)
+from tokenfleet.model.spec import (  # noqa: F401  (the counts live on the spec; re-exported for callers)
     ModelConfig,
     decode_bytes,
     decode_flops,
@@ -55,7 +54,7 @@ from harness.model.spec import (  # noqa: F401  (the counts live on the spec; re
 )
 
 # ---------------------------------------------------------------------------------------------------------------
-# Shapes (counts: harness.model.spec, of the config given: pass a tp shard or a layer subset)
+# Shapes (counts: tokenfleet.model.spec, of the config given: pass a tp shard or a layer subset)
 
 
 def shard_config(cfg: ModelConfig, tp: int) -> ModelConfig:
@@ -183,11 +182,11 @@ class Transformer:
         return KVCache(self.cfg, batch, max_len, self.kv_dtype or self.dtype, self.device)
 
     def _linear(self, x: torch.Tensor, w) -> torch.Tensor:
-        # A layer projection: a weight tensor through the backend's gemm, or a quantized weight (harness.model.fp8)
+        # A layer projection: a weight tensor through the backend's gemm, or a quantized weight (tokenfleet.model.fp8)
         # that multiplies itself on this backend.
         return self.ops.gemm(x, w) if isinstance(w, torch.Tensor) else w.linear(x, self.backend)
 
-    # --- building blocks, shared by prefill and decode (T tokens flattened); harness.model.tp overrides _embed,
+    # --- building blocks, shared by prefill and decode (T tokens flattened); tokenfleet.model.tp overrides _embed,
     # _reduce and _logits to add its collectives ---
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:

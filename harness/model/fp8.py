@@ -15,11 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-
-from harness.model import decoder as M
-from harness.model.spec import ModelConfig
-from kernels import REGISTRY
-from kernels.gemm_fp8 import quantize_weight_fp8
+from tokenfleet.kernels import REGISTRY
+from tokenfleet.kernels.gemm_fp8 import quantize_weight_fp8
+from tokenfleet.model import decoder as M
+from tokenfleet.model.spec import ModelConfig
 
 LINEARS = ("wqkv", "wo", "w13", "w2")  # the projections that go to e4m3
 LAYOUTS = ("tensor", "block")

@@ -7,10 +7,9 @@ import warnings
 from pathlib import Path
 
 import torch
-
-from harness.dtypes import to_dtype
-from harness.model.decoder import Layer, Transformer, Weights
-from harness.model.spec import ModelConfig, RopeScaling
+from tokenfleet.dtypes import to_dtype
+from tokenfleet.model.decoder import Layer, Transformer, Weights
+from tokenfleet.model.spec import ModelConfig, RopeScaling
 
 HF_FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 

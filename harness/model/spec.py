@@ -1,7 +1,7 @@
 """Model architectures as validated data (`configs/models/*.yaml`): shapes from the published config.json, and
-the ONE home of parameter, FLOP and byte counts: the decoder (`harness.model.decoder` re-exports the dense-decoder
-counts below), the measured points (`harness.measure.parts.model`) and the capacity model
-(`harness.capacity.serving`) all count through this module.
+the ONE home of parameter, FLOP and byte counts: the decoder (`tokenfleet.model.decoder` re-exports the dense-decoder
+counts below), the measured points (`tokenfleet.measure.parts.model`) and the capacity model
+(`tokenfleet.capacity.serving`) all count through this module.
 """
 
 from __future__ import annotations
@@ -9,8 +9,7 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import Field, model_validator
-
-from harness.config import Strict, load_all, load_named
+from tokenfleet.config import Strict, load_all, load_named
 
 
 class MoE(Strict):
@@ -257,7 +256,7 @@ def tp_problem(cfg: ModelConfig, tp: int) -> str | None:
     return None
 
 
-# ---- counts of the dense decoder as built (`harness.model.decoder`; of the config given: a tp shard or a layer
+# ---- counts of the dense decoder as built (`tokenfleet.model.decoder`; of the config given: a tp shard or a layer
 # subset counts what is measured). Fused QKV and gate/up; the embedding and LM head as separate tables.
 def layer_params(cfg: ModelConfig) -> int:
     """Parameters of one decoder layer: 2 norms, fused QKV (+bias), q/k norms, O, gate+up, down."""

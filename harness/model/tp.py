@@ -1,4 +1,4 @@
-"""Tensor parallelism, Megatron-style, over torch.distributed: the decoder of `harness.model.decoder` sharded.
+"""Tensor parallelism, Megatron-style, over torch.distributed: the decoder of `tokenfleet.model.decoder` sharded.
 
 Each of p ranks holds one shard (the shapes of `decoder.shard_config`): column-parallel fused QKV (its q heads and
 their kv heads: kv heads are split when there are at least p of them, else each rank keeps the one its q heads
@@ -20,9 +20,8 @@ from dataclasses import replace
 
 import torch
 import torch.distributed as dist
-
-from harness.model import decoder as M
-from harness.model.spec import ModelConfig
+from tokenfleet.model import decoder as M
+from tokenfleet.model.spec import ModelConfig
 
 
 def _rows(t: torch.Tensor | None, start: int, stop: int, padded: int) -> torch.Tensor | None:

@@ -1,6 +1,6 @@
 """Two runs side by side: each point of B against the same point of A, as ratios B/A with both sides' noise.
 
-Points match on their identity (`harness.results.point_key`: kind, op or model, backend, dtype and shape; the run
+Points match on their identity (`tokenfleet.results.point_key`: kind, op or model, backend, dtype and shape; the run
 id, device and every measurement are left out), so runs from different devices compare too, labelled as such.
 A change is claimed only when it is outside the noise: where both points kept their samples, from a seeded
 bootstrap interval of the ratio of medians (`faster` when the interval lies below 1, `slower` above; --fail-over
@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from harness.config import ConfigError
-from harness.results import USABLE, Run, load_run, resolve_run
+from tokenfleet.config import ConfigError
+from tokenfleet.results import USABLE, Run, load_run, resolve_run
 
 THROUGHPUT = ("tokens_per_s", "tflops", "gbps", "value")  # first one both sides have; all are higher-is-better
 NAME_FIELDS = ("kind", "op", "model", "backend", "dtype")

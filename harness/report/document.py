@@ -2,7 +2,7 @@
 
 The HTML embeds its plots as base64 PNG and uses no JavaScript, so it reads offline and in mail attachments; the
 markdown twin writes the PNGs beside itself for terminals and pull requests. Both come from the same `Report`,
-so they never disagree. The capacity section comes from harness.capacity.fleet (fleet against demand, with this
+so they never disagree. The capacity section comes from tokenfleet.capacity.fleet (fleet against demand, with this
 run's measured efficiencies) and is left out with a note when no fleet is given or that module is not available.
 """
 
@@ -17,16 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-from harness import results
-from harness.capacity.fleet import CAPACITY_COLUMNS, capacity_table, growth_fit, load_demand
-from harness.capacity.headline import headline, headline_lines
-from harness.capacity.project import read_runs
-from harness.files import atomic_write, ensure_dir
-from harness.output import cell, markdown_table, tidy  # cell: the number format every verb prints
-from harness.report import plots
-from harness.report.tables import TITLES, failed_table, fold_skipped, kind_table, points_frame
-from harness.results import read_run, resolve_run
+from tokenfleet import results
+from tokenfleet.capacity.fleet import CAPACITY_COLUMNS, capacity_table, growth_fit, load_demand
+from tokenfleet.capacity.headline import headline, headline_lines
+from tokenfleet.capacity.project import read_runs
+from tokenfleet.files import atomic_write, ensure_dir
+from tokenfleet.output import cell, markdown_table, tidy  # cell: the number format every verb prints
+from tokenfleet.report import plots
+from tokenfleet.report.tables import TITLES, failed_table, fold_skipped, kind_table, points_frame
+from tokenfleet.results import read_run, resolve_run
 
 
 @dataclass
@@ -95,7 +94,7 @@ CAPACITY_DETAIL = ["gpu", "tp", "unservable", "ttft_missed", "tpot_missed", "ext
 
 
 def capacity_sections(fleets: list[str], demand: str | None, run_dir: Path) -> tuple[Section, Section]:
-    """The headline (per fleet) and the capacity section: fleet capacity against demand from harness.capacity.fleet
+    """The headline (per fleet) and the capacity section: fleet capacity against demand from tokenfleet.capacity.fleet
     (this run feeding its measured efficiencies), with the plot of demand and its growth fit against each fleet."""
     head = Section("Headline: how much of 14T and 140T tokens/day, and what it would take")
     sec = Section("Capacity against demand")

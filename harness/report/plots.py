@@ -16,8 +16,7 @@ from datetime import date
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-
-from harness.results import USABLE
+from tokenfleet.results import USABLE
 
 MARKERS = {"triton": "o", "torch": "s"}
 SIZE = (9, 5.5)
@@ -157,7 +156,7 @@ class DemandSeries:
     dates: list[date]
     tokens_per_day: list[float]
     unverified: list[bool] = field(default_factory=list)
-    fit: dict | None = None  # harness.capacity.fleet.growth_fit: ln(tokens/day) = intercept + per_day * ordinal
+    fit: dict | None = None  # tokenfleet.capacity.fleet.growth_fit: ln(tokens/day) = intercept + per_day * ordinal
 
 
 @dataclass

@@ -12,10 +12,9 @@ import math
 from pathlib import Path
 
 import pandas as pd
-
-from harness.output import markdown_table
-from harness.report.tables import pair_key
-from harness.results import Run, load_run, usable
+from tokenfleet.output import markdown_table
+from tokenfleet.report.tables import pair_key
+from tokenfleet.results import Run, load_run, usable
 
 NONE = "_(none measured)_"
 

@@ -11,10 +11,9 @@ import json
 from pathlib import Path
 
 import pandas as pd
-
-from harness.files import atomic_write
-from harness.output import markdown_table
-from harness.results import MEASURED_FIELDS, USABLE, load_run
+from tokenfleet.files import atomic_write
+from tokenfleet.output import markdown_table
+from tokenfleet.results import MEASURED_FIELDS, USABLE, load_run
 
 SHAPE_FIELDS = ("m", "n", "k", "rows", "hidden", "tokens", "batch", "seq", "prompt_len", "context", "q_heads",
                 "kv_heads", "head_dim", "mb", "tp", "layers")

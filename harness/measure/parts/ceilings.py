@@ -14,12 +14,11 @@ from typing import Literal
 
 import torch
 from pydantic import Field, PositiveInt
-
-from harness import results
-from harness.config import Strict
-from harness.dtypes import dtype_bytes, to_dtype
-from harness.measure.context import Job, RunContext
-from harness.measure.timing import DEFAULT_L2_BYTES
+from tokenfleet import results
+from tokenfleet.config import Strict
+from tokenfleet.dtypes import dtype_bytes, to_dtype
+from tokenfleet.measure.context import Job, RunContext
+from tokenfleet.measure.timing import DEFAULT_L2_BYTES
 
 GPU_SUSTAIN_S = 1.0  # warm-up and sampling time of a GPU probe, each, unless the suite says otherwise
 DRIFT_LIMIT = 0.05  # start and end ceilings further apart than this are flagged in the manifest and summary
@@ -27,7 +26,7 @@ READ_L2_MULTIPLE = 8  # the read probe's tensor against the L2 (LLC on a CPU): a
 MAX_SAMPLES = 1_000_000  # probes are bounded by time, not by count (the point keeps at most 200 of them)
 READ_REDUCTIONS = ("sum", "amax")  # the read-only probe times each; the faster is the ceiling
 
-Dtype = Literal["fp32", "bf16", "fp16"]  # the dtypes torch times here (harness.dtypes.to_dtype)
+Dtype = Literal["fp32", "bf16", "fp16"]  # the dtypes torch times here (tokenfleet.dtypes.to_dtype)
 
 
 class MatvecSpec(Strict):

@@ -23,13 +23,12 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 from pydantic import Field, PositiveInt
-
-from harness import results
-from harness.config import Strict
-from harness.dtypes import dtype_bytes, to_dtype
-from harness.measure import distributed as D
-from harness.measure.context import Job, RunContext
-from harness.model.spec import load_model_config
+from tokenfleet import results
+from tokenfleet.config import Strict
+from tokenfleet.dtypes import dtype_bytes, to_dtype
+from tokenfleet.measure import distributed as D
+from tokenfleet.measure.context import Job, RunContext
+from tokenfleet.model.spec import load_model_config
 
 OPS = ("all_reduce", "all_gather")
 BUS_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n}  # nccl-tests

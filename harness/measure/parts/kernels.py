@@ -21,12 +21,11 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field, PositiveInt, ValidationInfo, field_validator, model_validator
-
-from harness.config import Strict
-from harness.dtypes import to_dtype
-from harness.measure.context import CPU_TRITON_NOTE, Job, RunContext
-from harness.model.decoder import compile_step, compiled_graphs, first_call
-from harness.model.spec import load_model_config
+from tokenfleet.config import Strict
+from tokenfleet.dtypes import to_dtype
+from tokenfleet.measure.context import CPU_TRITON_NOTE, Job, RunContext
+from tokenfleet.model.decoder import compile_step, compiled_graphs, first_call
+from tokenfleet.model.spec import load_model_config
 
 FP8_OPS = ("gemm_fp8", "attention_decode")  # the ops whose make_inputs take dtype fp8 (e4m3 operands, KV cache)
 
@@ -47,7 +46,7 @@ class OpCase(Strict):
     @field_validator("op")
     @classmethod
     def _known(cls, v: str) -> str:
-        from kernels import REGISTRY
+        from tokenfleet.kernels import REGISTRY
 
         if v not in REGISTRY:
             raise ValueError(f"unknown op {v!r}; known: {', '.join(sorted(REGISTRY))}")
@@ -56,7 +55,7 @@ class OpCase(Strict):
     @field_validator("shapes")
     @classmethod
     def _sizes(cls, v: list[dict[str, Any]], info: ValidationInfo) -> list[dict[str, Any]]:
-        from kernels import REGISTRY
+        from tokenfleet.kernels import REGISTRY
 
         op = REGISTRY.get(info.data.get("op"))
         need = op.shape_fields if op else ()  # each op says which sizes its make_inputs reads
@@ -72,7 +71,7 @@ class OpCase(Strict):
 
     @model_validator(mode="after")
     def _some_shape(self) -> OpCase:
-        from kernels import REGISTRY
+        from tokenfleet.kernels import REGISTRY
 
         if not self.shapes and not self.models:
             grid = " and ".join(f"`{g}`" for g in REGISTRY[self.op].model_grid)
@@ -93,7 +92,7 @@ class Spec(Strict):
 
 
 def case_shapes(case: OpCase) -> list[dict]:
-    from kernels import REGISTRY
+    from tokenfleet.kernels import REGISTRY
 
     shapes = [dict(s) for s in case.shapes]
     make = REGISTRY[case.op].model_shapes  # the op says which shapes a model gives it
@@ -137,7 +136,7 @@ def inputs_key(op: str, shape: dict, dtype: str, seed: int) -> str:
 
 
 def _measure(ctx: RunContext, op: str, args_shape: dict, dtype: str, backend: str, flush_l2: bool) -> dict:
-    from kernels import REGISTRY, rel_error
+    from tokenfleet.kernels import REGISTRY, rel_error
 
     entry = REGISTRY[op]
     if backend == "triton" and not ctx.on_gpu:

@@ -1,7 +1,7 @@
 """Model parts: `prefill` (batch × prompt length -> TTFT, prefill tokens/s, MFU) and `decode` (batch × context ->
-step time, decode tokens/s, MBU), over `harness.model.decoder` with seeded random weights at the real shapes.
+step time, decode tokens/s, MBU), over `tokenfleet.model.decoder` with seeded random weights at the real shapes.
 
-Backends (`harness.model.decoder`): `triton` (our kernels), `torch` (PyTorch eager with the vendor ops), `compile`
+Backends (`tokenfleet.model.decoder`): `triton` (our kernels), `torch` (PyTorch eager with the vendor ops), `compile`
 (the torch model under torch.compile; its compile time lands in the point's `first_call_ms`, never in its samples).
 Per model and dtype the weights are built once on the device (one model held at a time) and every backend is checked
 before anything is timed: its logits (prefill, then one decode step with the KV cache) against a full recompute by
@@ -11,7 +11,7 @@ once (`scaled_from_layers`). `tp: p` builds one GPU's shard (heads/p, kv_heads/p
 all-reduces are not in the time. On CPU triton points are `skipped` (Triton's interpreter is not a timing tool).
 
 This module holds the sections (`PrefillSpec`, `DecodeSpec`, their fp8 grid), the session (building a model,
-checking its backends, the device's memory) and the plans; the timed points are `harness.measure.parts.model_points`.
+checking its backends, the device's memory) and the plans; the timed points are `tokenfleet.measure.parts.model_points`.
 """
 
 from __future__ import annotations
@@ -25,22 +25,21 @@ from typing import Literal
 
 import torch
 from pydantic import Field, PositiveInt, field_validator
-
-from harness.config import Strict, known_names
-from harness.dtypes import dtype_bytes
-from harness.measure.context import CPU_TRITON_NOTE, Job, RunContext
-from harness.measure.device import meminfo
-from harness.measure.parts.model_points import _decode_point, _prefill_point
-from harness.model import decoder as M
-from harness.model import fp8 as F8
-from harness.model.spec import ModelConfig, load_model_config, tp_problem
-from kernels import rel_error
+from tokenfleet.config import Strict, known_names
+from tokenfleet.dtypes import dtype_bytes
+from tokenfleet.kernels import rel_error
+from tokenfleet.measure.context import CPU_TRITON_NOTE, Job, RunContext
+from tokenfleet.measure.device import meminfo
+from tokenfleet.measure.parts.model_points import _decode_point, _prefill_point
+from tokenfleet.model import decoder as M
+from tokenfleet.model import fp8 as F8
+from tokenfleet.model.spec import ModelConfig, load_model_config, tp_problem
 
 # Relative L2 error of logits allowed against the reference. The check runs the full stack of real-shaped layers, so
 # rounding compounds: bf16 (8 mantissa bits) rounds each layer's output to ~0.4%; fp32 is looser than its epsilon
 # because Triton's tl.dot runs fp32 as tf32 on sm80+ (10 mantissa bits).
 # fp8: every backend's fp8 model against the bf16 model's reference logits (same seed, before quantizing), with
-# harness.model.fp8.TOLERANCE: e4m3 rounding, not a backend's error, dominates it.
+# tokenfleet.model.fp8.TOLERANCE: e4m3 rounding, not a backend's error, dominates it.
 TOLERANCE = {"fp32": 1e-2, "bf16": 6e-2, "fp16": 2e-2, "fp8": F8.TOLERANCE}
 MEMORY_FRACTION = 0.85  # of the free memory the points may plan for
 WEIGHT_FRACTION = 0.6  # of that, for weights, when choosing how many layers fit
@@ -286,7 +285,7 @@ def _not_buildable(name: str, spec: _ModelSpec) -> str | None:
     """Why the decoder cannot build `name` at spec.tp, or None."""
     cfg = load_model_config(name)
     if not cfg.is_dense:
-        return f"{name}: MoE / MLA models are not built by harness.model.decoder (dense only)"
+        return f"{name}: MoE / MLA models are not built by tokenfleet.model.decoder (dense only)"
     return tp_problem(cfg, spec.tp)
 
 

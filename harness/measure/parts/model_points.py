@@ -1,5 +1,5 @@
 """The model part's timed points: `_prefill_point` (TTFT, prefill tokens/s) and `_decode_point` (TPOT, decode
-tokens/s), one point each of a `harness.measure.parts.model` grid, and how a point is timed and reported.
+tokens/s), one point each of a `tokenfleet.measure.parts.model` grid, and how a point is timed and reported.
 
 A point is handed its model built and checked (`parts.model._Session.prepare`: a failed check is the point, never
 timed). It refuses a shape whose estimate does not fit (the session's `check_memory`), draws its inputs, keeps its KV
@@ -16,14 +16,13 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
-
-from harness.dtypes import dtype_bytes
-from harness.measure.context import RunContext
-from harness.model import decoder as M
-from harness.model import fp8 as F8
+from tokenfleet.dtypes import dtype_bytes
+from tokenfleet.measure.context import RunContext
+from tokenfleet.model import decoder as M
+from tokenfleet.model import fp8 as F8
 
 if TYPE_CHECKING:  # the session and the sections, for annotations only: parts.model imports this module
-    from harness.measure.parts.model import DecodeSpec, PrefillSpec, _Built, _ModelSpec, _Session
+    from tokenfleet.measure.parts.model import DecodeSpec, PrefillSpec, _Built, _ModelSpec, _Session
 
 
 def _scaled(t, head, n: int, full: int) -> dict:

@@ -1,4 +1,4 @@
-"""Tensor-parallel model points: prefill and decode grids of `harness.model.tp` at tp = the run's world size.
+"""Tensor-parallel model points: prefill and decode grids of `tokenfleet.model.tp` at tp = the run's world size.
 
 Points are `kind: prefill|decode` with `tp` and `world_size`, so tables and capacity read them beside the
 one-GPU grids. Per model, dtype and backend, before anything is timed, the sharded model is checked against the
@@ -22,16 +22,15 @@ from typing import Literal
 
 import torch
 from pydantic import Field, PositiveInt
-
-from harness.dtypes import dtype_bytes
-from harness.measure import distributed as D
-from harness.measure.context import CPU_TRITON_NOTE, Job, RunContext
-from harness.measure.parts import model as P
-from harness.measure.parts.model_points import _scaled
-from harness.model import decoder as M
-from harness.model import tp as T
-from harness.model.spec import load_model_config
-from kernels import rel_error
+from tokenfleet.dtypes import dtype_bytes
+from tokenfleet.kernels import rel_error
+from tokenfleet.measure import distributed as D
+from tokenfleet.measure.context import CPU_TRITON_NOTE, Job, RunContext
+from tokenfleet.measure.parts import model as P
+from tokenfleet.measure.parts.model_points import _scaled
+from tokenfleet.model import decoder as M
+from tokenfleet.model import tp as T
+from tokenfleet.model.spec import load_model_config
 
 CHECK_LAYERS = 2
 
@@ -201,7 +200,7 @@ def _why_not(name: str, world: int, on_gpu: bool, backend: str) -> str | None:
     if world < 2:
         return "one process: tensor-parallel points need `tokenfleet bench --nproc N` (or torchrun)"
     if not cfg.is_dense:
-        return f"{name}: MoE / MLA models are not built by harness.model.decoder (dense only)"
+        return f"{name}: MoE / MLA models are not built by tokenfleet.model.decoder (dense only)"
     if backend == "triton" and not on_gpu:
         return CPU_TRITON_NOTE
     if backend == "compile":  # its collectives would have to be traced into the compiled layer graph: not built yet
