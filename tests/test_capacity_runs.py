@@ -250,8 +250,13 @@ def test_validation_rows_within_20pct():
     rows = validation_rows()
     assert len(rows) == len(pub.rows) >= 10
     for r in rows:
-        assert 0.8 <= r["ratio"] <= 1.2, r
+        within = 1 - r["tolerance"] <= r["ratio"] <= 1 + r["tolerance"]
+        assert within != bool(r["expected_miss"]), r  # a row marked as a miss must still miss: unmark it when fixed
         assert r["command"].startswith("tokenfleet project ")
+    # the rows before deployments existed keep the ±20% they had
+    assert all(0.8 <= r["ratio"] <= 1.2 for r in rows if r["source"] in ("trtllm", "gptfast"))
+    moe = [r for r in rows if r["source"].startswith(("deepseek", "sglang"))]
+    assert len(moe) >= 5 and sum(1 for r in moe if r["expected_miss"]) <= 1
 
 
 def test_fp8_projected_from_fp8_points(tmp_path):

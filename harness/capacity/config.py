@@ -91,6 +91,16 @@ def _sums_to_one(items: list, what: str) -> None:
         raise ValueError(f"{what} shares sum to {total:g}, not 1")
 
 
+class FleetDeployment(Strict):
+    """How the fleet serves one of its models (`configs/deployments`, by name or path relative to the fleet file),
+    on the GPU types listed (default: all); models without one are served as tensor-parallel replicas."""
+
+    model: str
+    deployment: str
+    gpus: list[str] | None = None
+    source: str
+
+
 class Fleet(Strict):
     id: str
     description: str
@@ -104,6 +114,7 @@ class Fleet(Strict):
     kv_dtype: Literal["bf16", "fp16", "fp8"] | None = Field(None, description="KV-cache dtype")
     batch_cap: int | None = Field(None, gt=0, description="max sequences per replica (vLLM max_num_seqs)")
     max_batched_tokens: int | None = Field(None, gt=0, description="token budget per engine step (chunked prefill)")
+    deployments: list[FleetDeployment] = Field(default_factory=list, description="per model: its serving deployment")
     assumptions: dict[str, str] = Field(default_factory=dict, description="field -> why this value was assumed")
     sources: dict[str, str] = Field(default_factory=dict)
 

@@ -15,7 +15,9 @@ import math
 from pathlib import Path
 
 import numpy as np
-from tokenfleet.capacity.config import Demand, DemandPoint, Fleet, load_demand, load_fleet
+from tokenfleet.capacity.config import Demand, DemandPoint, Fleet, Workload, load_demand, load_fleet
+from tokenfleet.capacity.deployment import load_deployment
+from tokenfleet.capacity.pools import project_deployment
 from tokenfleet.capacity.project import (
     SECONDS_PER_DAY,
     _model,
@@ -111,28 +113,62 @@ def demand_of(name: str | Demand | None, tokens_per_day: float | None = None) ->
 
 
 # ---- fleet ------------------------------------------------------------------------------------------------
-def check_refs(fleet: Fleet, path: Path | str | None) -> None:
-    """Every gpu/model/workload a fleet names exists; otherwise ConfigError naming the fleet file and field."""
+NO_LIMIT_MS = 1e9  # --offline: no TTFT/TPOT limit (MLPerf Offline, trtllm-bench at infinite request rate)
+
+
+def by_path(name: str, fleet_path: Path | str | None) -> str:
+    """A fleet's reference to a file by path: relative to the fleet file's folder when it is not found as given."""
+    p = Path(name)
+    if p.suffix not in (".yaml", ".yml") or p.is_absolute() or p.is_file() or fleet_path is None:
+        return name
+    near = Path(fleet_path).parent / p
+    return str(near) if near.is_file() else name
+
+
+def check_refs(fleet: Fleet, path: Path | str | None) -> Fleet:
+    """Every gpu/model/workload/deployment a fleet names exists (names, or files by path: relative to the fleet file);
+    otherwise ConfigError naming the fleet file and field. Returns the fleet with those paths resolved."""
+    fleet = fleet.model_copy(update={
+        "workloads": [w.model_copy(update={"workload": by_path(w.workload, path)}) for w in fleet.workloads],
+        "deployments": [d.model_copy(update={"deployment": by_path(d.deployment, path)}) for d in fleet.deployments]})
+    for i, d in enumerate(fleet.deployments):
+        if d.model not in {m.model for m in fleet.models}:
+            raise ConfigError(path, f"deployments.{i}.model", f"{d.model!r} is not one of the fleet's models")
+        try:
+            load_deployment(d.deployment)
+        except ConfigError as e:
+            raise ConfigError(path, f"deployments.{i}.deployment", str(e)) from None
     for key, kind, items in (("gpus", "hardware", [g.gpu for g in fleet.gpus]),
                              ("models", "models", [m.model for m in fleet.models]),
                              ("workloads", "workloads", [w.workload for w in fleet.workloads])):
         known = known_names(kind)
         for i, name in enumerate(items):
-            if name not in known:
+            if name not in known and not (kind == "workloads" and Path(name).is_file()):
                 attr = {"gpus": "gpu", "models": "model", "workloads": "workload"}[key]
                 raise ConfigError(path, f"{key}.{i}.{attr}", f"unknown {attr} {name!r}; known: {', '.join(known)}")
     for i, g in enumerate(fleet.gpus):
         for ms in fleet.models if g.tp else []:
             check_tp(_model(ms.model), g.tp, path, f"gpus.{i}.tp")
+    return fleet
 
 
 def fleet_of(fleet: str | Fleet) -> tuple[Fleet, str | None]:
     if isinstance(fleet, Fleet):
         return fleet, None
     path = resolve("fleets", fleet)
-    f = load_fleet(str(path))
-    check_refs(f, path)
+    f = check_refs(load_fleet(str(path)), path)
     return f, str(path)
+
+
+def deployment_for(fleet: Fleet, model: str, gpu: str) -> str | None:
+    """The deployment the fleet names for `model` on `gpu` (None: a tensor-parallel replica)."""
+    return next((d.deployment for d in fleet.deployments if d.model == model and (d.gpus is None or gpu in d.gpus)),
+                None)
+
+
+def workload_of(name: str, offline: bool = False) -> Workload:
+    w = _workload(name)
+    return w.model_copy(update={"tpot_ms": NO_LIMIT_MS, "ttft_ms": NO_LIMIT_MS}) if offline else w
 
 
 def classes_of(fleet: Fleet, workloads: list[tuple[str, float]] | None = None) -> list[tuple[str, str, float]]:
@@ -146,13 +182,22 @@ def deployment_of(fleet: Fleet) -> dict:
 
 
 def gpu_mix(gpu: str, fleet: Fleet, tp: int | None, runs: list[Run], dtype: str | None = None,
-            workloads: list[tuple[str, float]] | None = None) -> dict:
-    """One GPU type on every class of the mix: per-class results, and its own rate on the classes it can serve."""
+            workloads: list[tuple[str, float]] | None = None, offline: bool = False) -> dict:
+    """One GPU type on every class of the mix: per-class results, and its own rate on the classes it can serve.
+    A model the fleet names a deployment for is served as that deployment says (`pools.project_deployment`)."""
     dtypes = {ms.model: dtype or ms.dtype for ms in fleet.models}
     classes = []
     for model, wl, share in classes_of(fleet, workloads):
+        w = workload_of(wl, offline)
+        dep = deployment_for(fleet, model, gpu)
+        if dep:
+            r = project_deployment(model, gpu, w, dep, dtypes[model], runs=runs, weight_only_fp8=True,
+                                   batch=fleet.batch_cap, max_batched_tokens=fleet.max_batched_tokens,
+                                   kv_dtype=fleet.kv_dtype)
+            classes.append((share, r))
+            continue
         kw = dict(runs=runs, weight_only_fp8=True, **deployment_of(fleet))  # fleets: A100/910B serve fp8 weight-only
-        r = project(model, gpu, wl, dtypes[model], tp=tp, **kw) if tp else auto_tp(model, gpu, wl, dtypes[model], **kw)
+        r = project(model, gpu, w, dtypes[model], tp=tp, **kw) if tp else auto_tp(model, gpu, w, dtypes[model], **kw)
         classes.append((share, r))
     ok = [(s, r) for s, r in classes if r["fits"] and r["tokens_per_s_per_gpu"] > 0]
     share = sum(s for s, _ in ok)
@@ -187,7 +232,7 @@ def capacity_table(fleet: str | Fleet, demand: str | Demand | None = None,
                    runs: list[Run | str | Path] | None = None, utilization: float | None = None,
                    peak_factor: float | None = None,
                    demand_tokens_per_day: float | None = None, dtype: str | None = None,
-                   workloads: list[tuple[str, float]] | None = None) -> tuple[list[dict], dict]:
+                   workloads: list[tuple[str, float]] | None = None, offline: bool = False) -> tuple[list[dict], dict]:
     """Rows per accelerator type plus a `total` row, and a summary (demand, growth, coverage vs 14T and 140T).
     `dtype` and `workloads` override the fleet's (used by the sweep)."""
     f, path = fleet_of(fleet)
@@ -202,7 +247,7 @@ def capacity_table(fleet: str | Fleet, demand: str | Demand | None = None,
     runs = read_runs(runs)
     eff = efficiency_from_runs(runs)
     need = d.latest.tokens_per_day * pf
-    mixes = [gpu_mix(g.gpu, f, g.tp, runs, dtype, workloads) for g in f.gpus]
+    mixes = [gpu_mix(g.gpu, f, g.tp, runs, dtype, workloads, offline) for g in f.gpus]
     served_per_s, parts, nobody = routed(mixes, [g.count for g in f.gpus])
     cov = functools.partial(coverage, d=d, pf=pf, reported=reported, primary=primary)
     rows = [_gpu_row(g, mix, part, f.pue, u, need, cov) for g, mix, part in zip(f.gpus, mixes, parts, strict=True)]
@@ -211,7 +256,8 @@ def capacity_table(fleet: str | Fleet, demand: str | Demand | None = None,
     counted = [w for w, _ in workloads] if workloads else [w.workload for w in f.workloads]
     summary = {"fleet": f.id, **_summary(d, cap, u, pf, reported, primary, cov), "pue": f.pue,
                "counted_tokens": "; ".join(f"{w}: {_count_of(w)}" for w in counted),
-               "efficiency": eff.to_dict(), "fleet_file": path, "assumptions": dict(f.assumptions)}
+               "efficiency": eff.to_dict(), "fleet_file": path, "assumptions": dict(f.assumptions),
+               "deployments": {d.model: d.deployment for d in f.deployments}, "offline": offline}
     return rows, summary
 
 

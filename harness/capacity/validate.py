@@ -1,6 +1,8 @@
 """The capacity model against published serving results (`configs/validation/published.yaml`): each row projected
-with its source's deployment and no service-level limit, output tokens/s per GPU, and the ratio to the published
-figure. `python -m tokenfleet.capacity.validate [--run FOLDER ...]` prints the README's table (with runs: a second
+with its source's deployment (a tensor-parallel replica's engine settings, or a deployment file: expert parallelism,
+data-parallel attention, prefill/decode pools) and its source's latency limit (none: offline), the row's metric per
+GPU (output tokens/s by default), and the ratio to the published figure.
+`python -m tokenfleet.capacity.validate [--run FOLDER ...]` prints the README's table (with runs: a second
 column calibrated from them)."""
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Literal
 from pydantic import Field
 from tokenfleet.capacity.calibrate import read_runs
 from tokenfleet.capacity.config import Workload
+from tokenfleet.capacity.pools import project_deployment
 from tokenfleet.capacity.project import project
 from tokenfleet.config import Strict, config_dir, load_yaml
 
@@ -23,15 +26,26 @@ class Deploy(Strict):
     kv_dtype: Literal["bf16", "fp16", "fp8"]
 
 
+METRICS = ("output", "total", "prefill_input", "decode_output")
+
+
 class Row(Strict):
     source: str
     model: str
     gpu: str
     dtype: str
-    tp: int = Field(gt=0)
+    tp: int = Field(1, gt=0)
+    deployment: str | None = Field(None, description="a configs/deployments file: the source's pools")
     input_len: int = Field(gt=0)
     output_len: int = Field(gt=0)
-    published: float = Field(gt=0, description="output tokens/s of the tp GPUs together")
+    prefix_cache_hit: float = Field(0.0, ge=0, lt=1)
+    tpot_ms: float | None = Field(None, gt=0, description="the source's per-request speed as a limit; none: offline")
+    metric: Literal["output", "total", "prefill_input", "decode_output"] = "output"
+    published: float = Field(gt=0, description="tokens/s (of `metric`) of `published_gpus` GPUs together")
+    published_gpus: int | None = Field(None, gt=0, description="GPUs the published figure covers; default tp")
+    tolerance: float = Field(0.2, gt=0, lt=1)
+    expected_miss: str | None = Field(None, description="why this row is known to fall outside its tolerance")
+    note: str | None = None
 
 
 class Published(Strict):
@@ -44,7 +58,11 @@ def load_published() -> Published:
     return load_yaml(config_dir("validation") / "published.yaml", Published)
 
 
-def command(r: Row, d: Deploy) -> str:
+def command(r: Row, d: Deploy | None) -> str:
+    if r.deployment:
+        return (f"tokenfleet project -m {r.model} -g {r.gpu} --dtype {r.dtype} --deployment {r.deployment} "
+                f"--input-len {r.input_len} --output-len {r.output_len} --prefix-cache-hit {r.prefix_cache_hit:g} "
+                + (f"--tpot-ms {r.tpot_ms:g} " if r.tpot_ms else "--offline ") + "-f json")
     return (f"tokenfleet project -m {r.model} -g {r.gpu} --dtype {r.dtype} --tp {r.tp} --input-len {r.input_len} "
             f"--output-len {r.output_len} --tpot-ms {NO_LIMIT_MS:g} --ttft-ms {NO_LIMIT_MS:g} --batch {d.batch} "
             f"--max-batched-tokens {d.max_batched_tokens} --kv-dtype {d.kv_dtype} -f json")
@@ -55,15 +73,21 @@ def validation_rows(runs=None) -> list[dict]:
     pub, runs = load_published(), read_runs(runs)
     out = []
     for r in pub.rows:
-        d = pub.deployments[r.source]
         w = Workload(id="validation", description=r.source, input_len=r.input_len, output_len=r.output_len,
-                     ttft_ms=NO_LIMIT_MS, tpot_ms=NO_LIMIT_MS, count="output")
+                     prefix_cache_hit=r.prefix_cache_hit, ttft_ms=NO_LIMIT_MS, tpot_ms=r.tpot_ms or NO_LIMIT_MS,
+                     count="total" if r.metric == "total" else "output")
+        if r.deployment:
+            out.append(_deployment_row(r, w, runs))
+            continue
+        d = pub.deployments[r.source]
         kw = dict(tp=r.tp, batch_cap=d.batch, max_batched_tokens=d.max_batched_tokens, kv_dtype=d.kv_dtype)
         proj = project(r.model, r.gpu, w, r.dtype, **kw)
         row = {"source": r.source, "model": r.model, "gpu": r.gpu, "dtype": r.dtype, "tp": r.tp,
-               "isl_osl": f"{r.input_len}/{r.output_len}", "published_per_gpu": r.published / r.tp,
+               "isl_osl": f"{r.input_len}/{r.output_len}",
+               "published_per_gpu": r.published / (r.published_gpus or r.tp),
                "projected_per_gpu": proj["output_tokens_per_s_per_gpu"], "batch": proj["batch"],
-               "batch_limit": proj["batch_limit"], "command": command(r, d)}
+               "batch_limit": proj["batch_limit"], "command": command(r, d), "metric": r.metric,
+               "tolerance": r.tolerance, "expected_miss": r.expected_miss}
         row["ratio"] = row["projected_per_gpu"] / row["published_per_gpu"]
         if runs:
             cal = project(r.model, r.gpu, w, r.dtype, runs=runs, **kw)
@@ -73,13 +97,44 @@ def validation_rows(runs=None) -> list[dict]:
     return out
 
 
+def _metric(res: dict, metric: str) -> tuple[float, dict]:
+    """The row's figure per GPU from a deployment projection, and the pool it comes from."""
+    pools = res["pools"]
+    if metric == "prefill_input":
+        return pools["prefill"]["input_tokens_per_s_per_gpu"], pools["prefill"]
+    if metric == "decode_output":
+        return pools["decode"]["output_tokens_per_s_per_gpu"], pools["decode"]
+    key = "total_tokens_per_s_per_gpu" if metric == "total" else "output_tokens_per_s_per_gpu"
+    return res[key], pools.get("decode") or pools.get("mixed")
+
+
+def _deployment_row(r: Row, w: Workload, runs) -> dict:
+    res = project_deployment(r.model, r.gpu, w, r.deployment, r.dtype)
+    value, pool = _metric(res, r.metric)
+    row = {"source": r.source, "model": r.model, "gpu": r.gpu, "dtype": r.dtype, "tp": r.deployment,
+           "isl_osl": f"{r.input_len}/{r.output_len}" + (f" h{r.prefix_cache_hit:.2f}" if r.prefix_cache_hit else ""),
+           "published_per_gpu": r.published / (r.published_gpus or r.tp), "projected_per_gpu": value,
+           "batch": pool.get("batch_per_gpu", pool.get("tokens_per_gpu")),
+           "batch_limit": pool.get("batch_limit", "budget"),
+           "command": command(r, None), "metric": r.metric, "tolerance": r.tolerance, "expected_miss": r.expected_miss,
+           "prefill_fraction": res.get("prefill_fraction")}
+    row["ratio"] = value / row["published_per_gpu"]
+    if runs:
+        cal = project_deployment(r.model, r.gpu, w, r.deployment, r.dtype, runs=runs)
+        c, _ = _metric(cal, r.metric)
+        row.update(calibrated_per_gpu=c, calibrated_source=cal["source"], calibrated_ratio=c / row["published_per_gpu"])
+    return row
+
+
 def markdown(rows: list[dict]) -> str:
     cal = "calibrated_ratio" in rows[0]
-    head = "| source | model | GPU | dtype | tp | ISL/OSL | published tok/s/GPU | projected | ratio | batch (limit) |"
+    head = ("| source | model | GPU | dtype | tp / deployment | ISL/OSL | metric | published tok/s/GPU | projected | "
+            "ratio | batch (limit) |")
     head += " calibrated ratio |" if cal else ""
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         line = (f"| {r['source']} | {r['model']} | {r['gpu']} | {r['dtype']} | {r['tp']} | {r['isl_osl']} | "
+                f"{r['metric']} | "
                 f"{r['published_per_gpu']:,.0f} | {r['projected_per_gpu']:,.0f} | {r['ratio']:.2f} | "
                 f"{r['batch']} ({r['batch_limit']}) |")
         lines.append(line + (f" {r['calibrated_ratio']:.2f} ({r['calibrated_source']}) |" if cal else ""))

@@ -33,6 +33,13 @@ BATCH_HELP = "batch cap, sequences per replica (default: vLLM V1's max_num_seqs,
 BUDGET_HELP = "token budget per engine step, chunked prefill (default: vLLM V1's max_num_batched_tokens 8192/2048)"
 KV_HELP = "KV-cache dtype bf16 | fp16 | fp8 (default bf16: vLLM's kv_cache_dtype auto)"
 RUN_HELP = "run folder (repeatable): measured grids for its device, efficiencies for the rest"
+DEPLOYMENT_HELP = ("deployment id (configs/deployments) or YAML: expert parallelism, data-parallel attention, "
+                   "prefill/decode pools, MTP, overlap; --batch (per GPU), --max-batched-tokens, --kv-dtype "
+                   "override it")
+OFFLINE_HELP = "no latency limit (MLPerf Offline, trtllm-bench at infinite rate): TTFT/TPOT limits lifted"
+POOL_COLUMNS = ["pool", "gpus", "batch_per_gpu", "tokens_per_gpu", "batch_limit", "rate_per_gpu", "tpot_ms",
+                "ttft_ms", "step_ms", "attention_ms", "moe_ms", "other_ms", "expert_read_ms", "kv_read_ms",
+                "dispatch_ms", "combine_ms", "hidden_ms", "imbalance_ms"]
 DEFAULT_WORKLOAD = "chat"  # `project` without --workload (or both lengths): named in its output
 
 
@@ -64,6 +71,10 @@ def project_cmd(
     kv_dtype: Annotated[str | None, typer.Option(metavar="bf16|fp16|fp8", help=KV_HELP)] = None,
     run: Annotated[list[str] | None, typer.Option("--run", metavar="RUN", help=RUN_HELP)] = None,
     utilization: Annotated[float, typer.Option(metavar="U", help="fraction of the day serving, for tokens/day")] = 1.0,
+    deployment: Annotated[str | None, typer.Option(metavar="NAME|FILE", help=DEPLOYMENT_HELP)] = None,
+    prefix_cache_hit: Annotated[float | None, typer.Option(
+        metavar="H", help="fraction of the prompt already cached (overrides the workload's), [0, 1)")] = None,
+    offline: Annotated[bool, typer.Option("--offline", help=OFFLINE_HELP)] = False,
     fmt: FormatOpt = "table",
 ) -> None:
     """Project one model on one accelerator for a workload: batch, TTFT/TPOT, tokens/s and tokens/day per GPU."""
@@ -71,9 +82,21 @@ def project_cmd(
 
     check_format(fmt)
     refuse_fp8(model, gpu, dtype, kv_dtype)  # before the workload: the device, not the request, is what refuses
+    if deployment and tp is not None:
+        raise ConfigError("--tp", None, "give --tp or --deployment, not both (a deployment sets its own parallelism)")
     w, defaulted = _project_workload(model, workload, input_len, output_len, tpot_ms, ttft_ms, tp)
+    w = _adjust_workload(w, prefix_cache_hit, offline)
     check_deployment(batch, max_batched_tokens, kv_dtype)  # before any run is read
     runs = read_runs(run)
+    if deployment:
+        from tokenfleet.capacity.pools import project_deployment
+
+        res = project_deployment(model, gpu, w, deployment, dtype, runs=runs, utilization=utilization, batch=batch,
+                                 max_batched_tokens=max_batched_tokens, kv_dtype=kv_dtype)
+        if defaulted:
+            res["notes"] = [f"workload {w.id}: the default (choose one with --workload)"] + res["notes"]
+        _print_pools(res, defaulted, fmt)
+        return
     kw = dict(batch_cap=batch, runs=runs, utilization=utilization, kv_dtype=kv_dtype,
               max_batched_tokens=max_batched_tokens)
     res = project(model, gpu, w, dtype, tp=tp, **kw) if tp is not None else auto_tp(model, gpu, w, dtype, **kw)
@@ -95,6 +118,62 @@ def _project_workload(model: str, workload: str | None, input_len: int | None, o
     if tp is not None:
         check_tp(m, tp)
     return w, defaulted
+
+
+def _adjust_workload(w, prefix_cache_hit: float | None, offline: bool):
+    """--prefix-cache-hit and --offline over the workload (one ConfigError naming the flag)."""
+    from tokenfleet.capacity.fleet import NO_LIMIT_MS
+
+    upd: dict = {}
+    if prefix_cache_hit is not None:
+        if not 0 <= prefix_cache_hit < 1:
+            raise ConfigError("--prefix-cache-hit", None, f"must be in [0, 1), got {prefix_cache_hit}")
+        upd["prefix_cache_hit"] = prefix_cache_hit
+    if offline:
+        upd.update(tpot_ms=NO_LIMIT_MS, ttft_ms=NO_LIMIT_MS)
+    return w.model_copy(update=upd) if upd else w
+
+
+PROJECTION_FIELDS = ["model", "gpu", "dtype", "deployment", "workload", "input_len", "output_len", "prefix_cache_hit",
+                     "fits", "prefill_fraction", "batch", "tpot_ms", "tpot_ok", "ttft_ms", "ttft_ok", "kv_dtype",
+                     "output_tokens_per_s_per_gpu", "total_tokens_per_s_per_gpu", "count", "tokens_per_s_per_gpu",
+                     "tokens_per_day_per_gpu", "utilization", "source"]
+
+
+def pool_rows(res: dict) -> list[dict]:
+    """One row per pool: its batch per GPU, rate and where the step's time goes (ms)."""
+    rows = []
+    for name, p in res["pools"].items():
+        if not p.get("fits"):
+            rows.append({"pool": name, "batch_limit": p.get("batch_limit")})
+            continue
+        rate = p.get("output_tokens_per_s_per_gpu", p.get("input_tokens_per_s_per_gpu"))
+        rows.append({"pool": name, **{k: p.get(k) for k in POOL_COLUMNS if k in p}, "rate_per_gpu": rate,
+                     "other_ms": p["dense_ms"] + p["head_ms"] + p["allreduce_ms"],
+                     "batch_limit": p.get("batch_limit", "budget")})
+    return rows
+
+
+def _print_pools(res: dict, defaulted: bool, fmt: str) -> None:
+    """A deployment's projection: the fields, one row per pool (rates, per-GPU batch, the step's parts), sources."""
+    if fmt == "json":
+        print(to_json({**res, "workload_defaulted": defaulted}))
+        return
+    fields = {k: res[k] for k in PROJECTION_FIELDS if k in res}
+    if fmt == "csv":
+        emit(pool_rows(res), fmt, None, POOL_COLUMNS)
+        return
+    emit(_kv_rows(fields), fmt, f"{res['model']} on {res['gpu']}, deployment {res['deployment']}, "
+                               f"workload {res['workload']} ({res['source']})")
+    emit(pool_rows(res), fmt, "Pools, per GPU: rate = output tokens/s (decode, mixed) or input tokens/s incl. cache "
+                              "hits (prefill); the step in ms: attention, MoE and other compute (expert and KV reads "
+                              "are inside them), the all-to-all, what two micro-batches hide, the expert imbalance",
+         POOL_COLUMNS)
+    a2a = {p.get("alltoall_source") for p in res["pools"].values() if p.get("alltoall_source")}
+    for line in [f"all-to-all: {s}" for s in sorted(a2a)] + [f"source {k}: {v}" for k, v in res["sources"].items()]:
+        typer.echo(" ".join(line.split()))
+    for n in res["notes"]:
+        typer.echo(f"note: {n}")
 
 
 def _print_projection(res: dict, defaulted: bool, fmt: str) -> None:
@@ -133,6 +212,10 @@ def capacity_cmd(
                                                            help=BUDGET_HELP + "; overrides the fleet's")] = None,
     kv_dtype: Annotated[str | None, typer.Option(metavar="bf16|fp16|fp8", help=KV_HELP + "; overrides the fleet's")
                         ] = None,
+    deployment: Annotated[str | None, typer.Option(metavar="NAME|FILE", help="serve the deployment's model (every "
+                                                   "MoE model when it names none) this way; overrides the fleet's")
+                          ] = None,
+    offline: Annotated[bool, typer.Option("--offline", help=OFFLINE_HELP)] = False,
     do_sweep: Annotated[bool, typer.Option("--sweep", help="sensitivity over utilization, workload and dtype")] = False,
     fmt: FormatOpt = "table",
     quiet: QuietOpt = False,
@@ -151,10 +234,12 @@ def capacity_cmd(
     check_deployment(batch, max_batched_tokens, kv_dtype)
     if any(v is not None for v in given.values()):
         f = f.model_copy(update={k: v for k, v in given.items() if v is not None})
+    if deployment:
+        f = _with_deployment(f, deployment)
     fleet = f
     runs = read_runs(run)
     kw = dict(demand=demand, runs=runs, peak_factor=peak_factor, demand_tokens_per_day=demand_tokens_per_day)
-    rows, summary = capacity_table(fleet, utilization=utilization, **kw)
+    rows, summary = capacity_table(fleet, utilization=utilization, offline=offline, **kw)
     head = headline(rows, summary, runs)
     sweep_rows = sweep(fleet, **kw) if do_sweep and not quiet else None
     if fmt == "json":
@@ -173,6 +258,21 @@ def capacity_cmd(
     if sweep_rows:
         emit(sweep_rows, fmt, "Sensitivity")
     _print_headline(head, fmt, [r.path for r in runs])
+
+
+def _with_deployment(f, name: str):
+    """--deployment over the fleet's: for the model the file names, else for every MoE model of the fleet."""
+    from tokenfleet.capacity.config import FleetDeployment
+    from tokenfleet.capacity.deployment import load_deployment
+    from tokenfleet.capacity.project import _model
+
+    d = load_deployment(name)
+    models = [ms.model for ms in f.models if (ms.model == d.model if d.model else _model(ms.model).moe)]
+    if not models:
+        raise ConfigError("--deployment", None, f"{d.id} is for {d.model}, which the fleet {f.id} does not serve")
+    keep = [x for x in f.deployments if x.model not in models]
+    new = [FleetDeployment(model=m, deployment=name, source="--deployment") for m in models]
+    return f.model_copy(update={"deployments": keep + new})
 
 
 def _print_headline(head: dict, fmt: str, run_paths: list) -> None:

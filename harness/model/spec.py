@@ -206,6 +206,51 @@ class ModelConfig(Strict):
         return (always + touched) * dtype_bytes
 
 
+    # ---- expert parallelism with data-parallel attention: what each GPU holds, reads and sends ----
+    def absorbed_attn_dims(self) -> tuple[int, int]:
+        """(q·k width, v width) of MLA's absorbed form (FlashMLA decode): the latent plus the rope key (576 for
+        DeepSeek-V3) and the latent as values (512), one latent shared by all heads; GQA: `attn_dims`."""
+        if self.mla:
+            return self.mla.kv_lora_rank + self.mla.qk_rope_head_dim, self.mla.kv_lora_rank
+        return self.attn_dims
+
+    def attention_flops(self, context: float, absorbed: bool = False) -> float:
+        """`attention_flops_per_token`, in MLA's absorbed form when `absorbed` (decode kernels: no per-key
+        up-projection, each head attends over the latent)."""
+        dqk, dv = self.absorbed_attn_dims() if absorbed else self.attn_dims
+        return 2 * self.num_layers * self.num_heads * (dqk + dv) * context
+
+    def nonrouted_params(self) -> int:
+        """Parameters every expert-parallel rank holds: all but the routed experts (attention, dense MLPs,
+        shared experts, routers, embedding, LM head, norms)."""
+        return self.param_count() - self.routed_expert_params()
+
+    def experts_per_rank(self, ep: int, redundant: int = 0) -> float:
+        """Routed experts (and redundant copies) each of `ep` ranks holds per MoE layer: (E + R)/ep."""
+        return (self.moe.num_experts + redundant) / ep if self.moe else 0.0
+
+    def ep_weight_bytes_per_gpu(self, ep: int, redundant: int = 0, dtype_bytes: float = 2) -> float:
+        """Weight bytes on one rank of an expert-parallel group: the non-routed part replicated, (E+R)/ep
+        routed experts per MoE layer."""
+        routed = self.num_moe_layers * self.experts_per_rank(ep, redundant) * self.expert_params if self.moe else 0
+        return (self.nonrouted_params() + routed) * dtype_bytes
+
+    def ep_expert_bytes_read(self, tokens_per_rank: float, ep: int, redundant: int = 0,
+                             dtype_bytes: float = 2) -> float:
+        """Routed-expert bytes one rank reads in one forward, all MoE layers: the experts it holds that the
+        group's ep·tokens tokens touch, routing uniform and independent over the E+R copies
+        (each copy untouched with probability (1 − k/(E+R))^(ep·tokens))."""
+        if not self.moe:
+            return 0.0
+        slots = self.moe.num_experts + redundant
+        touched = 1 - (1 - self.moe.experts_per_token / slots) ** max(ep * tokens_per_rank, 0)
+        return self.num_moe_layers * self.experts_per_rank(ep, redundant) * touched * self.expert_params * dtype_bytes
+
+    def alltoall_bytes(self, tokens: float, act_bytes: float) -> float:
+        """Bytes one rank sends in one MoE layer's dispatch (or combine): each token's k expert copies of H
+        activations at `act_bytes` each (DeepEP's low-latency kernels send every copy)."""
+        return tokens * self.moe.experts_per_token * self.hidden_size * act_bytes if self.moe else 0.0
+
     # ---- tensor parallelism: what each rank holds ----
     def kv_replication(self, tp: int) -> float:
         """How many copies of the KV cache `tp` ranks hold together: GQA KV heads are split while tp divides

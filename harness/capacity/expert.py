@@ -1,0 +1,208 @@
+"""The step of one GPU in an expert-parallel pool with data-parallel attention, as DeepSeek serves V3/R1
+(open-infra-index Day 6: prefill EP32/DP32, decode EP144/DP144) and SGLang reproduces it (LMSYS large-scale EP).
+
+A pool instance is `ep` GPUs; attention runs data-parallel over groups of g GPUs (g = 1: each GPU holds its own
+sequences' KV, MLA's latent once), every GPU holds the non-routed weights and (E+R)/ep routed experts. One forward
+on one GPU carrying T tokens (decode: b sequences × (1 + MTP drafts); prefill: its token budget):
+
+    attention   Σ_layers roofline of the projections (weights/g) and the core — decode in MLA's absorbed form
+                (576-wide latent keys, 512-wide values, FlashMLA), prefill in the per-head form — reading its KV
+    MoE         shared experts on its T tokens; routed experts on the T·k tokens it receives, reading the
+                experts it holds that the group's tokens touch (`ModelConfig.ep_expert_bytes_read`)
+    all-to-all  per MoE layer a dispatch (FP8) and a combine (BF16) of T·k copies of H: DeepEP's low-latency
+                kernels (decode: every copy over RDMA) or normal kernels (prefill: one copy per remote node, NVLink
+                inside it), at the bandwidth DeepEP's README reports for that EP size, + a latency per call
+    step        no overlap: everything in series; two micro-batches (overlap): each weight read twice (each
+                micro-batch runs its own GEMMs) and per MoE layer attention hides dispatch and the MoE hides
+                combine: max(attention, dispatch) + max(MoE, combine); what is left over is not hidden. The
+                normal (prefill) kernels take 24 of 132 SMs while they run, so the compute they overlap is slower
+                by 132/108; the low-latency (decode) kernels take none
+    imbalance   every rank waits for the busiest at each dispatch and combine, so an expert-parallel step is the
+                balanced step × `imbalance`: the step-time ratio SGLang measured between its default EPLB and a
+                simulated perfect balance (deployment.IMBALANCE_DEFAULT, 1.18)
+
+Each op is max(flops/(peak·e_c), bytes/(bandwidth·e_m)) with the calibrated or default efficiencies; the attention
+core runs at the bf16 peak (DeepSeek Day 6: "core MLA computations ... BF16").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from tokenfleet.capacity.calibrate import Efficiency
+from tokenfleet.capacity.serving import ACT_BYTES, ALLREDUCE_LATENCY_US, GPUS_PER_NODE, INTERNODE_GBPS, PCIE_GBPS
+from tokenfleet.dtypes import dtype_bytes
+from tokenfleet.hardware import Hardware
+from tokenfleet.model.spec import ModelConfig
+
+# DeepEP README (github deepseek-ai/DeepEP, "Performance"): H800, one CX7 400 Gb/s NIC per GPU (~50 GB/s).
+# Low-latency kernels (decode, 128 tokens per rank, pure RDMA): achieved bandwidth by EP size, (dispatch, combine).
+DEEPEP_LOW_LATENCY_GBPS = {8: (98, 127), 16: (63, 74), 32: (48, 53), 64: (43, 46), 128: (39, 39), 256: (39, 40)}
+# Normal kernels (prefill, 4096 tokens, NVLink + RDMA forwarding): bottleneck RDMA bandwidth by EP size.
+DEEPEP_NORMAL_GBPS = {16: (43, 43), 32: (58, 57), 64: (51, 50)}
+# Normal kernels inside one node (EP 8): 153 / 158 GB/s of H800's ~160 GB/s NVLink: that fraction of a datasheet's link.
+DEEPEP_INTRANODE_FRACTION = (153 / 160, 158 / 160)
+DEEPEP_NIC_GBPS = 50.0  # the NIC the tables were measured on; another NIC scales them
+DEEPEP_SOURCE = "DeepEP README bandwidths (H800, CX7 400 Gb/s)"
+# Normal kernels run on SMs (DeepEP README's prefill example: Buffer.set_num_sms(24), of H800's 132): while they
+# overlap compute, that compute has 108/132 of the GPU. Low-latency kernels use none (profile-data README: "unlike
+# in prefilling, the all-to-all communication during decoding does not occupy GPU SMs").
+NORMAL_KERNEL_SM_SHARE = 24 / 132
+
+
+def deepep_gbps(table: dict[int, tuple[float, float]], ep: int) -> tuple[float, float]:
+    """DeepEP's reported (dispatch, combine) GB/s at `ep`, log-linear between its EP sizes, held beyond them."""
+    xs = np.log2(sorted(table))
+    return tuple(float(np.interp(math.log2(ep), xs, [table[k][i] for k in sorted(table)])) for i in (0, 1))
+
+
+@dataclass
+class PoolStep:
+    """The step model of one pool kind (`kind`: prefill | decode | mixed) on one GPU type."""
+
+    m: ModelConfig
+    hw: Hardware
+    dtype: str
+    kv_dtype: str
+    ep: int
+    group: int = 1  # GPUs per attention group
+    redundant: int = 0
+    imbalance: float = 1.0
+    overlap: bool = True
+    kind: str = "decode"
+    mtp_drafts: int = 0
+    dispatch_bytes: float = 1.0
+    combine_bytes: float = 2.0
+    eff: Efficiency = field(default_factory=Efficiency)
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        m = self.m
+        self.wb = dtype_bytes(self.dtype)
+        self.kvb = m.kv_bytes_per_token(dtype_bytes(self.kv_dtype)) * m.kv_replication(self.group)
+        peak = self.hw.peak(self.dtype)
+        if peak is None:  # no fp8 tensor cores (A100, Ascend A2): weight-only 8-bit, bf16 matmuls
+            peak = self.hw.peak("bf16")
+            self.notes.append(f"{self.hw.id} has no {self.dtype} peak: {self.dtype} weights, bf16 compute")
+        self.mm_peak = peak * self.eff.compute  # FLOP/s
+        self.attn_peak = self.hw.peak("bf16") * self.eff.compute
+        self.bw = self.hw.bandwidth_bytes_per_s * self.eff.memory
+        ic = self.hw.interconnect
+        self.scaleup = ic.per_direction_gbps if ic and ic.per_direction_gbps else PCIE_GBPS
+        self.a2a_source = self._a2a_source()
+
+    # ---- all-to-all ----
+    def _a2a_source(self) -> str | None:
+        if not self.m.moe or self.ep == 1:
+            return None
+        if self.ep <= GPUS_PER_NODE:
+            return f"{DEEPEP_SOURCE}: intranode fraction of {self.hw.id}'s {self.scaleup:g} GB/s scale-up link"
+        mode = "low-latency" if self.kind == "decode" else "normal"
+        return f"{DEEPEP_SOURCE}: {mode} kernels at EP {self.ep}, {DEEPEP_NIC_GBPS:g} GB/s NIC per GPU"
+
+    def alltoall_s(self, tokens: float) -> tuple[float, float]:
+        """(dispatch, combine) seconds of one MoE layer for `tokens` tokens on this rank, balanced."""
+        m, ep = self.m, self.ep
+        if not m.moe or ep == 1:
+            return 0.0, 0.0
+        lat = ALLREDUCE_LATENCY_US * 1e-6
+        d_bytes = m.alltoall_bytes(tokens, self.dispatch_bytes)
+        c_bytes = m.alltoall_bytes(tokens, self.combine_bytes)
+        if ep <= GPUS_PER_NODE:  # NVLink only: the copies that leave the GPU
+            off = (ep - 1) / ep
+            fd, fc = DEEPEP_INTRANODE_FRACTION
+            return (lat + d_bytes * off / (self.scaleup * fd * 1e9), lat + c_bytes * off / (self.scaleup * fc * 1e9))
+        scale = INTERNODE_GBPS / DEEPEP_NIC_GBPS
+        if self.kind == "decode":  # low-latency kernels: every copy over RDMA (DeepEP counts them all)
+            bd, bc = deepep_gbps(DEEPEP_LOW_LATENCY_GBPS, ep)
+            return lat + d_bytes / (bd * scale * 1e9), lat + c_bytes / (bc * scale * 1e9)
+        # normal kernels: one copy per remote node over RDMA (forwarded over NVLink inside it)
+        nodes = math.ceil(ep / GPUS_PER_NODE)
+        k = m.moe.experts_per_token
+        remote = nodes * (1 - (1 - 1 / nodes) ** k) * (nodes - 1) / nodes / k  # share of the k copies' bytes
+        bd, bc = deepep_gbps(DEEPEP_NORMAL_GBPS, ep)
+        return lat + d_bytes * remote / (bd * scale * 1e9), lat + c_bytes * remote / (bc * scale * 1e9)
+
+    # ---- one forward ----
+    def _t(self, flops: float, nbytes: float, peak: float) -> float:
+        return max(flops / peak, nbytes / self.bw)
+
+    def step(self, dec_seqs: float, dec_ctx: float, pre_tokens: float = 0.0, pre_seqs: float = 0.0,
+             pre_ctx: float = 0.0, pre_kv_tokens: float = 0.0) -> dict:
+        """One forward on one GPU: `dec_seqs` decoding sequences at context `dec_ctx` (each with 1 + MTP draft
+        tokens, absorbed MLA) plus `pre_tokens` prefill tokens from `pre_seqs` prompts (attention at mean context
+        `pre_ctx`, reading `pre_kv_tokens` cached+new tokens per prompt). Returns the parts and the step."""
+        m, g = self.m, self.group
+        L, H = m.num_layers, m.hidden_size
+        d = self.mtp_drafts
+        dec_tokens = dec_seqs * (1 + d)
+        T = dec_tokens + pre_tokens
+        reads = 2 if self.overlap else 1  # two micro-batches: each reads every weight
+        mtp_l = (L + d) / L if dec_seqs else 1.0  # the MTP module: one more layer per draft (DeepSeek-V3)
+        attn_w = L * (m.attention_params() + 2 * H)
+        kv = (dec_seqs * dec_ctx + pre_seqs * pre_kv_tokens) * self.kvb
+        attn_f = 2 * T * attn_w + dec_tokens * m.attention_flops(dec_ctx, absorbed=True) \
+            + pre_tokens * m.attention_flops(pre_ctx)
+        attn_mm = self._t(2 * T * attn_w, reads * attn_w / g * self.wb, self.mm_peak)
+        attn_core = self._t(attn_f - 2 * T * attn_w, kv, self.attn_peak)
+        attn = (attn_mm + attn_core) * mtp_l
+        parts = {"attention_s": attn, "kv_bytes": kv, "flops": attn_f * mtp_l}
+        dense = moe = 0.0
+        n_dense = m.moe.dense_layers if m.moe else L
+        if n_dense:
+            w = n_dense * m.dense_mlp_params
+            dense = self._t(2 * T * w, reads * w * self.wb, self.mm_peak)
+            parts["flops"] += 2 * T * w
+        disp = comb = 0.0
+        if m.moe:
+            nl, ep_p = m.num_moe_layers, m.expert_params
+            k, shared = m.moe.experts_per_token, m.moe.shared_experts
+            other_w = nl * (shared * ep_p + m.router_params())
+            routed_f = 2 * T * k * nl * ep_p
+            # each micro-batch touches experts with half the tokens
+            routed_b = reads * m.ep_expert_bytes_read(T / reads, self.ep, self.redundant, self.wb)
+            moe = self._t(2 * T * other_w + routed_f, reads * other_w * self.wb + routed_b, self.mm_peak)
+            moe *= (nl + d) / nl if dec_seqs else 1.0
+            parts["flops"] += (2 * T * other_w + routed_f) * ((nl + d) / nl if dec_seqs else 1.0)
+            parts["expert_bytes"] = routed_b
+            disp, comb = self.alltoall_s(T)
+        head_w = m.lm_head_params + H
+        logits = dec_tokens + dec_seqs * d + pre_seqs
+        head = self._t(2 * logits * head_w, reads * head_w * self.wb, self.mm_peak)
+        ar = 0.0
+        if g > 1:  # attention's TP all-reduce inside its group, one per layer over the scale-up link
+            msg = T * g * H * ACT_BYTES
+            ar = L * (ALLREDUCE_LATENCY_US * 1e-6 + 2 * (g - 1) / g * msg / (self.scaleup * 1e9))
+        nl = m.num_moe_layers + (d if dec_seqs else 0)
+        comm = nl * (disp + comb)
+        compute = attn + dense + moe + head
+        if self.overlap and m.moe:
+            slow = 1 / (1 - NORMAL_KERNEL_SM_SHARE) if self.kind != "decode" and self.ep > 1 else 1.0
+            per_attn = attn / (L + (d if dec_seqs else 0)) * slow
+            per_moe = moe / nl * slow
+            moe_part = nl * (max(per_attn, disp) + max(per_moe, comb))
+            step = (attn - nl * per_attn / slow) + dense + head + moe_part
+        else:
+            step = compute + comm
+        balanced = step + ar
+        step = balanced * self.imbalance + self.eff.overhead_ms * 1e-3
+        parts.update(dense_s=dense, moe_s=moe, head_s=head, dispatch_s=nl * disp, combine_s=nl * comb,
+                     alltoall_s=comm, allreduce_s=ar, compute_s=compute, hidden_s=compute + comm + ar - balanced,
+                     imbalance_s=balanced * (self.imbalance - 1), overhead_s=self.eff.overhead_ms * 1e-3,
+                     expert_read_s=parts.get("expert_bytes", 0.0) / self.bw, kv_read_s=kv / self.bw,
+                     step_s=step, tokens=T)
+        return parts
+
+    # ---- memory ----
+    def weight_bytes_per_gpu(self) -> float:
+        m = self.m
+        w = m.ep_weight_bytes_per_gpu(self.ep, self.redundant, self.wb) if m.moe else m.weight_bytes(self.wb)
+        return w - m.num_layers * m.attention_params() * (1 - 1 / self.group) * self.wb
+
+
+def emitted_per_step(drafts: int, acceptance: float) -> float:
+    """Tokens a sequence gains per step with `drafts` MTP draft tokens each accepted with `acceptance` given the one
+    before: 1 + a + a² + … + a^d."""
+    return 1 + sum(acceptance ** i for i in range(1, drafts + 1))
