@@ -201,3 +201,38 @@ def test_fleet_names_deployment_and_workload_by_path(tmp_path):
     fleet.write_text(fleet.read_text().replace("d.yaml", "missing.yaml"))
     with pytest.raises(ConfigError, match="deployments.0.deployment"):
         capacity_table(str(fleet))
+
+
+def test_count_ranges_carry_into_the_headline():
+    """Published low/high GPU counts give low/central/high capacity; 'GPUs needed' does not move with them."""
+    from tokenfleet.capacity.config import Fleet
+    from tokenfleet.capacity.fleet import capacity_table
+    from tokenfleet.capacity.headline import headline, headline_lines
+
+    base = dict(id="t", description="t", models=[{"model": "llama-3.1-8b", "share": 1.0}],
+                workloads=[{"workload": "chat", "share": 1.0}])
+    gpus = [{"gpu": "h100-sxm", "count": 100, "source": "t", "count_range": {"low": 50, "high": 200, "source": "t"}},
+            {"gpu": "h20", "count": 10, "assumption": True, "reason": "t"}]
+    rows, s = capacity_table(Fleet.model_validate({**base, "gpus": gpus}), "china-nda")
+    assert s["capacity_low_tokens_per_day"] < s["capacity_tokens_per_day"] < s["capacity_high_tokens_per_day"]
+    assert (s["gpus_low"], s["gpus_high"]) == (60, 210)
+    h = headline(rows, s)
+    text = "\n".join(headline_lines(h))
+    assert "counts low / central / high: 60 / 110 / 210 GPUs" in text and "placeholder counts" in text
+    doubled = [{**gpus[0], "count": 200, "count_range": {"low": 50, "high": 200, "source": "t"}}, gpus[1]]
+    rows2, s2 = capacity_table(Fleet.model_validate({**base, "gpus": doubled}), "china-nda")
+    assert headline(rows2, s2)["demands"][0]["gpus_needed_alone"] == h["demands"][0]["gpus_needed_alone"]
+    with pytest.raises(ValueError, match="outside count_range"):
+        Fleet.model_validate({**base, "gpus": [{**gpus[0], "count": 300}]})
+
+
+def test_china_mix_serves_moe_with_its_deployments():
+    """The China mix names DeepSeek's and the Qwen MoE deployments; DeepSeek rows come from the pools."""
+    from tokenfleet.capacity.fleet import fleet_of, gpu_mix
+
+    f, _ = fleet_of("china-2026-mix")
+    assert {d.model for d in f.deployments} == {"deepseek-v3", "qwen3-235b-a22b"}
+    mix = gpu_mix("h800", f, None, [])
+    ds = [r for _, r in mix["classes"] if r["model"] == "deepseek-v3"]
+    assert all(r["deployment"] == "deepseek-v3-day6" and r["pools"]["decode"]["gpus"] == 144 for r in ds)
+    assert all(r["prefill_fraction"] is not None for r in ds)

@@ -95,7 +95,8 @@ def test_make_run_steps_on_the_cpu(tmp_path: Path):
         coverage, needed = re.search(r"/day\s+(\S+)\s+([\d,]+) \(", row).groups()
         assert float(coverage) == pytest.approx(d["coverage"], rel=5e-3)
         assert int(needed.replace(",", "")) == d["gpus_needed_mix"]
-        assert d["outgrown"] in row
+        assert (f"on {d['outgrows_fleet_on']}" if d["outgrown"] == "later" else d["outgrown"]) in row
+    assert "do not depend on the fleet's counts" in text
     alone = " ".join(lines)
     for gpu, n in h["demands"][1]["gpus_needed_alone"].items():
         assert f"{gpu} {h['demands'][0]['gpus_needed_alone'][gpu]:,} / {n:,}" in alone

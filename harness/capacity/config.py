@@ -59,9 +59,24 @@ class Demand(Strict):
         return self.points[-1]
 
 
+class CountRange(Strict):
+    """A published range around a GPU count: the headline carries low / central / high capacity."""
+
+    low: int = Field(ge=0)
+    high: int = Field(ge=0)
+    source: str
+
+    @model_validator(mode="after")
+    def _ordered(self) -> CountRange:
+        if self.low > self.high:
+            raise ValueError(f"low {self.low} is above high {self.high}")
+        return self
+
+
 class FleetGpu(Strict):
     gpu: str
     count: int = Field(ge=0)
+    count_range: CountRange | None = Field(None, description="published low/high estimates around `count`")
     tp: int | None = Field(None, gt=0, description="GPUs per replica; default: the 1,2,4,8,16 with most tokens/s/GPU")
     source: str | None = None
     assumption: bool = False
@@ -71,6 +86,9 @@ class FleetGpu(Strict):
     def _sourced(self) -> FleetGpu:
         if not self.source and not (self.assumption and self.reason):
             raise ValueError("give a `source`, or `assumption: true` with a `reason`")
+        if self.count_range and not self.count_range.low <= self.count <= self.count_range.high:
+            lo, hi = self.count_range.low, self.count_range.high
+            raise ValueError(f"count {self.count} is outside count_range {lo}..{hi}")
         return self
 
 

@@ -249,6 +249,9 @@ def capacity_table(fleet: str | Fleet, demand: str | Demand | None = None,
     need = d.latest.tokens_per_day * pf
     mixes = [gpu_mix(g.gpu, f, g.tp, runs, dtype, workloads, offline) for g in f.gpus]
     served_per_s, parts, nobody = routed(mixes, [g.count for g in f.gpus])
+    # low / high: the same routing at each type's published low / high count (its count where none is published)
+    span = {k: routed(mixes, [getattr(g.count_range, k) if g.count_range else g.count for g in f.gpus])[0]
+            * SECONDS_PER_DAY * u for k in ("low", "high")}
     cov = functools.partial(coverage, d=d, pf=pf, reported=reported, primary=primary)
     rows = [_gpu_row(g, mix, part, f.pue, u, need, cov) for g, mix, part in zip(f.gpus, mixes, parts, strict=True)]
     cap = served_per_s * SECONDS_PER_DAY * u
@@ -257,7 +260,11 @@ def capacity_table(fleet: str | Fleet, demand: str | Demand | None = None,
     summary = {"fleet": f.id, **_summary(d, cap, u, pf, reported, primary, cov), "pue": f.pue,
                "counted_tokens": "; ".join(f"{w}: {_count_of(w)}" for w in counted),
                "efficiency": eff.to_dict(), "fleet_file": path, "assumptions": dict(f.assumptions),
-               "deployments": {d.model: d.deployment for d in f.deployments}, "offline": offline}
+               "deployments": {d.model: d.deployment for d in f.deployments}, "offline": offline,
+               "capacity_low_tokens_per_day": span["low"], "capacity_high_tokens_per_day": span["high"],
+               "counts_with_range": [g.gpu for g in f.gpus if g.count_range],
+               "gpus_low": sum(g.count_range.low if g.count_range else g.count for g in f.gpus),
+               "gpus_high": sum(g.count_range.high if g.count_range else g.count for g in f.gpus)}
     return rows, summary
 
 
@@ -270,6 +277,8 @@ def _gpu_row(g, mix: dict, part: float, pue: float, u: float, need: float, cov) 
     mw = g.count * power * pue / 1e6 if power else None
     return {
         "gpu": g.gpu, "count": g.count, "count_source": g.source or f"assumption: {g.reason}", "tp": mix["tp"],
+        "count_low": g.count_range.low if g.count_range else None,
+        "count_high": g.count_range.high if g.count_range else None,
         "tokens_per_s_per_gpu": rate, "tokens_per_day_per_gpu": rate * SECONDS_PER_DAY * u,
         "alone_tokens_per_s_per_gpu": mix["rate"], "tokens_per_day": daily, **cov(daily),
         "gpus_needed_alone": math.ceil(need / alone_gpu) if alone_gpu else None,

@@ -78,6 +78,11 @@ def headline(rows: list[dict], summary: dict, runs: list[Run] | None = None, tod
     return {
         "fleet": s["fleet"], "gpus": sum(r["count"] for r in per_type),
         "capacity_tokens_per_day": s["capacity_tokens_per_day"],
+        "capacity_low_tokens_per_day": s.get("capacity_low_tokens_per_day"),
+        "capacity_high_tokens_per_day": s.get("capacity_high_tokens_per_day"),
+        "gpus_low": s.get("gpus_low"), "gpus_high": s.get("gpus_high"),
+        "counts_with_range": s.get("counts_with_range") or [],
+        "counts_placeholder": [r["gpu"] for r in per_type if str(r.get("count_source", "")).startswith("assumption")],
         "utilization": s["utilization"], "peak_factor": s["peak_factor"],
         "measured_on": _measured_on(runs, eff),
         "efficiency": {"compute": eff.get("compute"), "memory": eff.get("memory"), "from": eff.get("from")},
@@ -107,6 +112,7 @@ def headline_lines(h: dict) -> list[str]:
     out = [f"{h['fleet']}: {h['gpus']:,} GPUs serve {tokens(h['capacity_tokens_per_day'])} tokens/day "
            f"(T = 10^12 = 万亿; utilization {h['utilization']:g}, peak factor {h['peak_factor']:g})",
            *_device_lines(h["measured_on"]),
+           *_count_lines(h),
            f"  {'demand × peak':<20}{'coverage':>9}  {'GPUs needed, this mix scaled':>30}  outgrows the fleet"]
     for d in h["demands"]:
         when = {"later": f"on {d['outgrows_fleet_on']}", "never": "not at the fitted growth"}.get(
@@ -119,6 +125,8 @@ def headline_lines(h: dict) -> list[str]:
              zip(h["demands"][0]["gpus_needed_alone"].items(), h["demands"][1]["gpus_needed_alone"].values(),
                  strict=True)]
     out += _wrap(f"  one type alone for {lab}:", alone)
+    out.append("  GPUs needed do not depend on the fleet's counts (one type alone: its rate per GPU only; the mix "
+               "scaled: only their proportions)")
     src = "; ".join(f"{k}: {', '.join(v) or 'none'}" for k, v in h["sources"].items())
     out.append(f"  figures: {src} (e_c {eff['compute']:.2f}, e_m {eff['memory']:.2f})")
     return out
@@ -133,6 +141,19 @@ def _wrap(first: str, items: list[str], width: int = 110) -> list[str]:
         else:
             cur = f"{cur} {it}" if cur.endswith(":") else f"{cur}; {it}" if cur.strip() else cur + it
     return lines + [cur]
+
+
+def _count_lines(h: dict) -> list[str]:
+    """Low / central / high capacity where counts carry published ranges; which counts are placeholders."""
+    out = []
+    if h.get("counts_with_range"):
+        out.append(f"  counts low / central / high: {h['gpus_low']:,} / {h['gpus']:,} / {h['gpus_high']:,} GPUs serve "
+                   f"{tokens(h['capacity_low_tokens_per_day'])} / {tokens(h['capacity_tokens_per_day'])} / "
+                   f"{tokens(h['capacity_high_tokens_per_day'])} tokens/day (published ranges: "
+                   f"{', '.join(h['counts_with_range'])})")
+    if h.get("counts_placeholder"):
+        out.append(f"  placeholder counts (no published estimate): {', '.join(h['counts_placeholder'])}")
+    return out
 
 
 def _device_lines(m: dict) -> list[str]:

@@ -7,8 +7,8 @@ sizes the prefill/decode split for the workload.
                   verifies 1 + d tokens per sequence and keeps e = 1 + a + … + a^d of them (MTP);
                   TPOT = T_step(b)/e; output tokens/s per GPU = b·e/T_step(b)
     prefill pool  N = tokens_per_gpu new tokens per step (n = I·(1−h) per prompt: cache hits skip their compute,
-                  their KV is read); new tokens/s per GPU = N/T_step; TTFT = ⌈n/N⌉·T_step + the prompt's KV sent
-                  to the decode pool over the NIC
+                  their KV is read), or the largest N that meets the TTFT limit; new tokens/s per GPU = N/T_step;
+                  TTFT = ⌈n/N⌉·T_step(N) + the prompt's KV sent to the decode pool over the NIC
     split         a request costs n/P + O/D GPU-seconds (P, D: the pools' rates per GPU), so a fleet serving the
                   workload puts (n/P)/(n/P + O/D) of its GPUs in prefill; per GPU: (I+O)/(n/P + O/D) tokens/s
     mixed pool    continuous batching as `serving`: b decode sequences + b·n/O prefill tokens per step, under the
@@ -86,15 +86,27 @@ def decode_pool(ps: PoolStep, w: Workload, cap: int | None, acceptance: float) -
 
 
 def prefill_pool(ps: PoolStep, w: Workload, budget: int | None) -> dict:
-    N = budget or DEFAULT_PREFILL_TOKENS
+    """The prefill pool at its token budget, or at the largest budget of at least one prompt that meets the TTFT
+    limit (`batch_limit` says which): a smaller step per GPU answers sooner. Missed even at one prompt: the budget,
+    flagged."""
     n = max(w.input_len * (1 - w.prefix_cache_hit), 1.0)
     cached = w.input_len - n
-    if _free_bytes(ps) < N * ps.kvb:
-        return {"fits": False, "batch_limit": "memory"}
-    s = ps.step(0, 0, N, N / n, cached + n / 2, cached + n)
     kv_send = w.input_len * ps.m.kv_bytes_per_token(dtype_bytes(ps.kv_dtype)) / (INTERNODE_GBPS * 1e9)
-    ttft = math.ceil(n / N) * s["step_s"] + kv_send
-    return {"fits": True, "gpus": ps.ep, "tokens_per_gpu": N, "new_tokens_per_prompt": n,
+
+    def at(N: int) -> tuple[dict, float]:
+        s = ps.step(0, 0, N, N / n, cached + min(n, N) / 2, cached + min(n, N))
+        return s, math.ceil(n / N) * s["step_s"] + kv_send
+
+    cfg = budget or DEFAULT_PREFILL_TOKENS
+    if _free_bytes(ps) < cfg * ps.kvb:
+        return {"fits": False, "batch_limit": "memory"}
+    N, limit = cfg, "budget"
+    one = math.ceil(n)  # below one prompt per step TTFT only grows (more chunks, each reading the weights)
+    if at(cfg)[1] * 1e3 > w.ttft_ms and one < cfg and at(one)[1] * 1e3 <= w.ttft_ms:
+        N = one + _bisect(lambda x: at(one + x)[1] * 1e3 <= w.ttft_ms, cfg - one)
+        limit = "ttft"
+    s, ttft = at(N)
+    return {"fits": True, "gpus": ps.ep, "tokens_per_gpu": N, "batch_limit": limit, "new_tokens_per_prompt": n,
             "new_tokens_per_s_per_gpu": N / s["step_s"],
             "input_tokens_per_s_per_gpu": N / s["step_s"] * w.input_len / n,
             "ttft_ms": ttft * 1e3, "kv_transfer_ms": kv_send * 1e3, "ttft_ok": ttft * 1e3 <= w.ttft_ms,

@@ -62,7 +62,7 @@ def command(r: Row, d: Deploy | None) -> str:
     if r.deployment:
         return (f"tokenfleet project -m {r.model} -g {r.gpu} --dtype {r.dtype} --deployment {r.deployment} "
                 f"--input-len {r.input_len} --output-len {r.output_len} --prefix-cache-hit {r.prefix_cache_hit:g} "
-                + (f"--tpot-ms {r.tpot_ms:g} " if r.tpot_ms else "--offline ") + "-f json")
+                + (f"--tpot-ms {r.tpot_ms:g} --ttft-ms {NO_LIMIT_MS:g} " if r.tpot_ms else "--offline ") + "-f json")
     return (f"tokenfleet project -m {r.model} -g {r.gpu} --dtype {r.dtype} --tp {r.tp} --input-len {r.input_len} "
             f"--output-len {r.output_len} --tpot-ms {NO_LIMIT_MS:g} --ttft-ms {NO_LIMIT_MS:g} --batch {d.batch} "
             f"--max-batched-tokens {d.max_batched_tokens} --kv-dtype {d.kv_dtype} -f json")
