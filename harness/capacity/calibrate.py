@@ -224,17 +224,26 @@ def _measured(g: Group | None) -> Measured | None:
 def measured_allreduce(runs: list[Run], hardware_id: str, tp: int) -> tuple[CollectiveCurve, str] | None:
     """The all-reduce curve (bf16 if measured) at world size `tp` of the given runs of this device, with its label:
     nccl points when any run has them, else gloo; several runs merged (the fastest time of each size)."""
+    return measured_collective(runs, hardware_id, tp, "all_reduce")
+
+
+def measured_alltoall(runs: list[Run], hardware_id: str, ep: int) -> tuple[CollectiveCurve, str] | None:
+    """The all-to-all curve at world size `ep` (an expert-parallel group's dispatch/combine), as the all-reduce's."""
+    return measured_collective(runs, hardware_id, ep, "all_to_all")
+
+
+def measured_collective(runs: list[Run], hardware_id: str, tp: int, op: str) -> tuple[CollectiveCurve, str] | None:
     if tp < 2:
         return None
     pts = [(r.run_id, p) for r in runs if r.hardware_id == hardware_id for p in r.points
-           if p.get("kind") == "collective" and p.get("op") == "all_reduce" and p.get("world_size") == tp
+           if p.get("kind") == "collective" and p.get("op") == op and p.get("world_size") == tp
            and usable(p)]
     backends = {p.get("backend") for _, p in pts}
     backend = "nccl" if "nccl" in backends else next(iter(sorted(b for b in backends if b)), None)
     pts = [(r, p) for r, p in pts if p.get("backend") == backend]
     from tokenfleet.measure.parts.collective import collective_curve  # only when a run has collective points
 
-    curve = collective_curve([p for _, p in pts], "all_reduce", world_size=tp)
+    curve = collective_curve([p for _, p in pts], op, world_size=tp)
     if curve is None:
         return None
     ids = sorted({r for r, p in pts if p.get("dtype") == curve.dtype})

@@ -9,9 +9,11 @@ on one GPU carrying T tokens (decode: b sequences × (1 + MTP drafts); prefill: 
                 (576-wide latent keys, 512-wide values, FlashMLA), prefill in the per-head form — reading its KV
     MoE         shared experts on its T tokens; routed experts on the T·k tokens it receives, reading the
                 experts it holds that the group's tokens touch (`ModelConfig.ep_expert_bytes_read`)
-    all-to-all  per MoE layer a dispatch (FP8) and a combine (BF16) of T·k copies of H: DeepEP's low-latency
-                kernels (decode: every copy over RDMA) or normal kernels (prefill: one copy per remote node, NVLink
-                inside it), at the bandwidth DeepEP's README reports for that EP size, + a latency per call
+    all-to-all  per MoE layer a dispatch (FP8) and a combine (BF16) of T·k copies of H: read off a run's measured
+                all-to-all curve of this device at world size ep where one was given (`calibrate.measured_alltoall`),
+                else DeepEP's low-latency kernels (decode: every copy over RDMA) or normal kernels (prefill: one
+                copy per remote node, NVLink inside it), at the bandwidth DeepEP's README reports for that EP size,
+                + a latency per call
     step        no overlap: everything in series; two micro-batches (overlap): each weight read twice (each
                 micro-batch runs its own GEMMs) and per MoE layer attention hides dispatch and the MoE hides
                 combine: max(attention, dispatch) + max(MoE, combine); what is left over is not hidden. The
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tokenfleet.capacity.calibrate import Efficiency
@@ -36,6 +39,9 @@ from tokenfleet.capacity.serving import ACT_BYTES, ALLREDUCE_LATENCY_US, GPUS_PE
 from tokenfleet.dtypes import dtype_bytes
 from tokenfleet.hardware import Hardware
 from tokenfleet.model.spec import ModelConfig
+
+if TYPE_CHECKING:  # the measure part's curve type; importing it loads every part (and torch)
+    from tokenfleet.measure.parts.collective import CollectiveCurve
 
 # DeepEP README (github deepseek-ai/DeepEP, "Performance"): H800, one CX7 400 Gb/s NIC per GPU (~50 GB/s).
 # Low-latency kernels (decode, 128 tokens per rank, pure RDMA): achieved bandwidth by EP size, (dispatch, combine).
@@ -77,6 +83,7 @@ class PoolStep:
     combine_bytes: float = 2.0
     eff: Efficiency = field(default_factory=Efficiency)
     notes: list[str] = field(default_factory=list)
+    alltoall: tuple[CollectiveCurve, str] | None = None  # a run's measured all-to-all at world size ep, and its label
 
     def __post_init__(self) -> None:
         m = self.m
@@ -97,6 +104,8 @@ class PoolStep:
     def _a2a_source(self) -> str | None:
         if not self.m.moe or self.ep == 1:
             return None
+        if self.alltoall:
+            return self.alltoall[1]
         if self.ep <= GPUS_PER_NODE:
             return f"{DEEPEP_SOURCE}: intranode fraction of {self.hw.id}'s {self.scaleup:g} GB/s scale-up link"
         mode = "low-latency" if self.kind == "decode" else "normal"
@@ -110,6 +119,8 @@ class PoolStep:
         lat = ALLREDUCE_LATENCY_US * 1e-6
         d_bytes = m.alltoall_bytes(tokens, self.dispatch_bytes)
         c_bytes = m.alltoall_bytes(tokens, self.combine_bytes)
+        if self.alltoall:  # measured: what one rank sends, read off the run's curve
+            return self.alltoall[0](d_bytes) * 1e-3, self.alltoall[0](c_bytes) * 1e-3
         if ep <= GPUS_PER_NODE:  # NVLink only: the copies that leave the GPU
             off = (ep - 1) / ep
             fd, fc = DEEPEP_INTRANODE_FRACTION

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from tokenfleet.capacity.calibrate import Efficiency, efficiency_from_runs, read_runs
+from tokenfleet.capacity.calibrate import Efficiency, efficiency_from_runs, measured_alltoall, read_runs
 from tokenfleet.capacity.config import Workload
 from tokenfleet.capacity.deployment import DeploymentSpec, check_fits_model, load_deployment, with_overrides
 from tokenfleet.capacity.expert import PoolStep, emitted_per_step
@@ -48,12 +48,13 @@ def _bisect(ok, hi: int) -> int:
     return lo
 
 
-def _pool_step(m, hw, dtype, dep: DeploymentSpec, kind: str, eff: Efficiency) -> PoolStep:
+def _pool_step(m, hw, dtype, dep: DeploymentSpec, kind: str, eff: Efficiency, runs=()) -> PoolStep:
     p = dep.pools()[kind]
     return PoolStep(m, hw, dtype, dep.kv_dtype, ep=p.gpus, group=p.group, redundant=dep.redundant_experts,
                     imbalance=dep.imbalance if m.moe and p.gpus > 1 else 1.0, overlap=p.overlap, kind=kind,
                     mtp_drafts=dep.mtp.draft_tokens if dep.mtp and kind != "prefill" else 0,
-                    dispatch_bytes=dep.dispatch_bytes, combine_bytes=dep.combine_bytes, eff=eff)
+                    dispatch_bytes=dep.dispatch_bytes, combine_bytes=dep.combine_bytes, eff=eff,
+                    alltoall=measured_alltoall(list(runs), hw.id, p.gpus) if m.moe else None)
 
 
 def _free_bytes(ps: PoolStep) -> float:
@@ -172,7 +173,7 @@ def project_deployment(model, gpu, workload, deployment: str | DeploymentSpec, d
     count = count or w.count
     pools, notes = {}, []
     for kind, p in dep.pools().items():
-        ps = _pool_step(m, hw, dtype, dep, kind, eff)
+        ps = _pool_step(m, hw, dtype, dep, kind, eff, runs)
         notes += [n for n in ps.notes if n not in notes]
         pools[kind] = (decode_pool(ps, w, p.batch_per_gpu, acc) if kind == "decode" else
                        prefill_pool(ps, w, p.tokens_per_gpu) if kind == "prefill" else

@@ -1,15 +1,19 @@
-"""Collective ceilings (`kind: collective`): all-reduce and all-gather across the run's ranks, over message sizes.
+"""Collective ceilings (`kind: collective`): all-reduce, all-gather and (when a suite lists it) all-to-all across the
+run's ranks, over message sizes.
 
 Sizes: powers of two from `min_bytes` to `max_bytes` (as nccl-tests sweeps them), plus the sizes a model's tensor
-parallelism sends: decode-sized batch × hidden × dtype bytes and prefill-sized tokens × hidden × dtype bytes.
-Reported with nccl-tests' definitions: `bytes` is the whole buffer (for all-gather, the gathered output),
-algbw = bytes / time, busbw = algbw · 2(n−1)/n for all-reduce and algbw · (n−1)/n for all-gather (what each link
-carries, comparable to the link's bandwidth). The smallest message's time is the latency floor
+parallelism sends: decode-sized batch × hidden × dtype bytes and prefill-sized tokens × hidden × dtype bytes; for
+all-to-all, a MoE model's expert-parallel dispatch/combine: those tokens × top-k × hidden × dtype bytes per rank.
+Reported with nccl-tests' definitions: `bytes` is the whole buffer (for all-gather, the gathered output; for
+all-to-all, what one rank sends, a 1/n share to each rank), algbw = bytes / time, busbw = algbw · 2(n−1)/n for
+all-reduce and algbw · (n−1)/n for all-gather and all-to-all (what each link carries, comparable to the link's
+bandwidth). The smallest message's time is the latency floor
 (`collective_curve(...).floor_ms`).
 
 Checked before timed: small integers (exact in every dtype) all-reduced to the known sum and gathered to the known
-ranks' values. On GPU, `graph_iters` collectives back to back in one CUDA graph per sample (a Python launch costs
-more than a small collective), time per collective = sample / graph_iters; on CPU, one collective per sample.
+ranks' values, all-to-all's shares landing on the rank they were sent to. On GPU, `graph_iters` collectives back
+to back in one CUDA graph per sample (a Python launch costs more than a small collective), time per collective =
+sample / graph_iters; on CPU, one collective per sample.
 The timed all-reduce is in place, so values grow each call (to inf in time): its time does not depend on them.
 In a one-process run the points are `skipped`.
 """
@@ -30,12 +34,14 @@ from tokenfleet.measure import distributed as D
 from tokenfleet.measure.context import Job, RunContext
 from tokenfleet.model.spec import load_model_config
 
-OPS = ("all_reduce", "all_gather")
-BUS_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n}  # nccl-tests
+OPS = ("all_reduce", "all_gather")  # the default; all_to_all (expert-parallel dispatch/combine) when listed
+BUS_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
+              "all_to_all": lambda n: (n - 1) / n}  # nccl-tests
 
 
 class Spec(Strict):
-    ops: list[Literal["all_reduce", "all_gather"]] = Field(default_factory=lambda: list(OPS), min_length=1)
+    ops: list[Literal["all_reduce", "all_gather", "all_to_all"]] = Field(default_factory=lambda: list(OPS),
+                                                                         min_length=1)
     dtypes: list[Literal["bf16", "fp16", "fp32"]] = Field(default_factory=lambda: ["bf16"], min_length=1)
     min_bytes: PositiveInt = Field(8, description="smallest message of the power-of-two sweep (the latency floor)")
     max_bytes: PositiveInt = Field(64 << 20, description="largest message of the sweep")
@@ -45,22 +51,25 @@ class Spec(Strict):
     graph_iters: PositiveInt = Field(20, description="GPU: collectives per CUDA-graph replay")
 
 
-def sizes(spec: Spec, dtype: str) -> list[int]:
-    """The sweep's sizes and the models' decode/prefill activation sizes, in bytes."""
+def sizes(spec: Spec, dtype: str, op: str = "all_reduce") -> list[int]:
+    """The sweep's sizes and the models' decode/prefill activation sizes, in bytes (all-to-all: a MoE model's
+    dispatch of those tokens' top-k copies, `ModelConfig.alltoall_bytes`)."""
     out = set()
     b = spec.min_bytes
     while b <= spec.max_bytes:
         out.add(b)
         b *= 2
     for name in spec.models:
-        hidden = load_model_config(name).hidden_size
-        out.update(n * hidden * dtype_bytes(dtype) for n in [*spec.batch, *spec.tokens])
+        m = load_model_config(name)
+        for n in [*spec.batch, *spec.tokens]:
+            out.add(int(m.alltoall_bytes(n, dtype_bytes(dtype))) if op == "all_to_all" and m.moe
+                    else n * m.hidden_size * dtype_bytes(dtype))
     return sorted(out)
 
 
 def _elements(op: str, nbytes: int, elem: int, world: int) -> int:
     """Elements of the whole buffer, rounded up so every rank's share is whole (all-gather: a multiple of world)."""
-    unit = world if op == "all_gather" else 1
+    unit = world if op in ("all_gather", "all_to_all") else 1
     return max(1, math.ceil(nbytes / elem / unit)) * unit
 
 
@@ -71,6 +80,12 @@ def _check(op: str, buf: torch.Tensor, out: torch.Tensor | None, base: torch.Ten
         dist.all_reduce(buf)
         want = base * (g.world * (g.world + 1) // 2)
         got = buf
+    elif op == "all_to_all":  # rank r sends share j of base·(r+1) to rank j: this rank gets its share from each
+        buf.copy_(base * (g.rank + 1))
+        dist.all_to_all_single(out, buf)
+        mine = base.view(g.world, -1)[g.rank]
+        want = torch.cat([mine * (r + 1) for r in range(g.world)])
+        got = out
     else:
         buf.copy_(base * (g.rank + 1))
         _gather(out, buf)
@@ -96,7 +111,7 @@ def job(op: str, dtype: str, nbytes: int, graph_iters: int) -> Job:
         gen = torch.Generator(device=dev).manual_seed(ctx.seed + n)
         base = torch.randint(-4, 5, (share,), generator=gen, device=dev).to(dt)  # the same on every rank
         buf = torch.empty(share, dtype=dt, device=dev)
-        out = torch.empty(n, dtype=dt, device=dev) if op == "all_gather" else None
+        out = torch.empty(n, dtype=dt, device=dev) if op in ("all_gather", "all_to_all") else None
         wrong = _check(op, buf, out, base, g)
         if wrong:
             return {"status": "incorrect", "error": wrong}
@@ -104,6 +119,8 @@ def job(op: str, dtype: str, nbytes: int, graph_iters: int) -> Job:
         def call():
             if op == "all_reduce":
                 dist.all_reduce(buf)
+            elif op == "all_to_all":
+                dist.all_to_all_single(out, buf)
             else:
                 _gather(out, buf)
 
@@ -131,7 +148,7 @@ def job(op: str, dtype: str, nbytes: int, graph_iters: int) -> Job:
 
 
 def plan(spec: Spec, ctx: RunContext) -> list[Job]:
-    return [job(op, dt, b, spec.graph_iters) for op in spec.ops for dt in spec.dtypes for b in sizes(spec, dt)]
+    return [job(op, dt, b, spec.graph_iters) for op in spec.ops for dt in spec.dtypes for b in sizes(spec, dt, op)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -147,7 +164,8 @@ class CollectiveCurve:
         self.floor_ms = times_ms[0]
 
     def __call__(self, nbytes: float) -> float:
-        """Milliseconds for a message of nbytes (for all-gather: the gathered output's size)."""
+        """Milliseconds for a message of nbytes (all-gather: the gathered output's size; all-to-all: what one rank
+        sends)."""
         xs, ys = self.sizes, self.times
         if nbytes <= xs[0]:
             return ys[0]
