@@ -38,6 +38,13 @@ def test_absorbed_mla_flops():
     assert DS.attention_flops(4096) == DS.attention_flops_per_token(4096)
     q = load_model_config("qwen3-235b-a22b")  # GQA: nothing to absorb
     assert q.attention_flops(1000, absorbed=True) == q.attention_flops(1000)
+    # the tensor-parallel path costs decode tokens absorbed too; a mixed step by the decode share of its pairs
+    from tokenfleet.capacity.serving import Projector, mixed_args
+
+    core = {n: f for n, f, _ in Projector(DS, H800, "fp8", 8).ops(64, 4096, 64 * 4096, 64, 1.0)}["attn_core"]
+    assert core == pytest.approx(64 * DS.attention_flops(4096, absorbed=True))
+    *_, share = mixed_args(64, 4096, 512, 1024, 2048)
+    assert share == pytest.approx(64 * 4096 / (64 * 4096 + 512 * 1024))
 
 
 def test_ep_expert_bytes():
@@ -236,3 +243,16 @@ def test_china_mix_serves_moe_with_its_deployments():
     ds = [r for _, r in mix["classes"] if r["model"] == "deepseek-v3"]
     assert all(r["deployment"] == "deepseek-v3-day6" and r["pools"]["decode"]["gpus"] == 144 for r in ds)
     assert all(r["prefill_fraction"] is not None for r in ds)
+
+
+def test_cli_capacity_deployment_and_offline():
+    base = ("capacity", "--fleet", "china-2026-mix", "-f", "json")
+    r = invoke_cli(*base, "--deployment", "deepseek-v3-profile", "--offline")
+    assert r.exit_code == 0, r.stderr
+    s = json.loads(r.stdout)["summary"]
+    assert s["deployments"]["deepseek-v3"] == "deepseek-v3-profile" and s["offline"]
+    assert s["deployments"]["qwen3-235b-a22b"] == "qwen3-moe-dp-ep8"  # the file names its model: only that one
+    rows = json.loads(r.stdout)["rows"]
+    assert not any(r.get("ttft_missed") or r.get("tpot_missed") for r in rows)  # no limits offline
+    bad = invoke_cli(*base, "--deployment", "nope")
+    assert bad.exit_code == 2 and len(bad.stderr.strip().splitlines()) == 1 and "deployment" in bad.stderr

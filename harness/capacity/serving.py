@@ -95,12 +95,15 @@ class Projector:
         if self.ep:
             self.notes.append(f"MoE on {self.tp} GPUs spans nodes: expert-parallel all-to-all at {links} (assumed)")
 
-    def ops(self, tokens: float, attn_ctx: float, kv_read_tokens: float, logits_tokens: float):
-        return self.m.forward_ops(tokens, attn_ctx, kv_read_tokens, logits_tokens, self.wb, self.kvb)
+    def ops(self, tokens: float, attn_ctx: float, kv_read_tokens: float, logits_tokens: float,
+            absorbed: float = 0.0):
+        return self.m.forward_ops(tokens, attn_ctx, kv_read_tokens, logits_tokens, self.wb, self.kvb, absorbed)
 
-    def forward_s(self, tokens: float, attn_ctx: float, kv_read_tokens: float, logits_tokens: float) -> float:
-        """One forward on one replica, without all-reduces: roofline per op + the per-forward overhead."""
-        ops = self.ops(tokens, attn_ctx, kv_read_tokens, logits_tokens)
+    def forward_s(self, tokens: float, attn_ctx: float, kv_read_tokens: float, logits_tokens: float,
+                  absorbed: float = 0.0) -> float:
+        """One forward on one replica, without all-reduces: roofline per op + the per-forward overhead. `absorbed`:
+        the share of attention's query-key pairs that are decode tokens' (MLA's absorbed form, FlashMLA)."""
+        ops = self.ops(tokens, attn_ctx, kv_read_tokens, logits_tokens, absorbed)
         return sum(max(f / self.peak, b / self.bw) for _, f, b in ops) + self.eff.overhead_ms * 1e-3
 
     def one_allreduce_s(self, tokens: float) -> float:
@@ -133,7 +136,7 @@ class Projector:
 
     def t_dec(self, batch: float, context: float) -> float:
         """Seconds per pure decode step: `batch` sequences, each attending to `context` tokens."""
-        return self.forward_s(batch, context, batch * context, batch) + self.allreduce_s(batch)
+        return self.forward_s(batch, context, batch * context, batch, 1.0) + self.allreduce_s(batch)
 
     def t_pre(self, new_tokens: float, cached: float = 0.0, batch: float = 1) -> float:
         """Seconds of one forward prefilling `batch` prompts of `new_tokens` after `cached` tokens."""
@@ -148,11 +151,13 @@ class Projector:
 
 
 def mixed_args(batch: float, context: float, chunk: float, chunk_ctx: float, prompt: float) -> tuple:
-    """`forward_s` arguments of a mixed step (`Projector.t_mixed`): tokens, mean context, KV read, logits."""
+    """`forward_s` arguments of a mixed step (`Projector.t_mixed`): tokens, mean context, KV read, logits, and the
+    decode tokens' share of the attention pairs (MLA's absorbed form)."""
     tokens = batch + chunk
-    attn = (batch * context + chunk * chunk_ctx) / tokens if tokens else 0.0
+    pairs = batch * context + chunk * chunk_ctx
+    attn = pairs / tokens if tokens else 0.0
     kv = batch * context + (max(1.0, chunk / prompt) * chunk_ctx if chunk > 0 else 0.0)
-    return tokens, attn, kv, batch
+    return tokens, attn, kv, batch, batch * context / pairs if pairs else 0.0
 
 
 class Steps:
@@ -164,7 +169,7 @@ class Steps:
         self.proj, self.meas = proj, meas
         p = proj
         self.whole = bool(meas) and proj.tp > 1 and not meas.shard
-        self.dec = RatioGrid([(b, c, t / self._proj(p.forward_s(b, c, b * c, b), b))
+        self.dec = RatioGrid([(b, c, t / self._proj(p.forward_s(b, c, b * c, b, 1.0), b))
                               for (b, c), t in meas.decode.items()]) if meas and meas.decode else None
         self.pre = RatioGrid([(b, n, t / self._proj(p.forward_s(b * n, n / 2, b * n, b), b * n))
                               for (b, n), t in meas.prefill.items()]) if meas and meas.prefill else None
@@ -178,7 +183,7 @@ class Steps:
 
     def decode(self, batch: float, context: float) -> float:
         p = self.proj
-        fwd = p.forward_s(batch, context, batch * context, batch)
+        fwd = p.forward_s(batch, context, batch * context, batch, 1.0)
         return self._scaled(fwd, p.allreduce_s(batch), self.dec(batch, context) if self.dec else 1.0)
 
     def step(self, batch: float, context: float, chunk: float, chunk_ctx: float, prompt: float) -> float:
@@ -186,7 +191,7 @@ class Steps:
         forward (and collective) time scaled by the prefill ratio at that chunk length."""
         p = self.proj
         fwd = p.forward_s(*mixed_args(batch, context, chunk, chunk_ctx, prompt)) - \
-            p.forward_s(batch, context, batch * context, batch)
+            p.forward_s(batch, context, batch * context, batch, 1.0)
         comm = p.allreduce_s(batch + chunk) - p.allreduce_s(batch)
         ratio = self.pre(1, max(chunk, 1.0)) if self.pre and chunk > 0 else 1.0
         return self.decode(batch, context) + self._scaled(max(fwd, 0.0), max(comm, 0.0), ratio)

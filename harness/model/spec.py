@@ -265,14 +265,16 @@ class ModelConfig(Strict):
 
     # ---- per-op counts of one forward pass (the capacity model's roofline sums over these) ----
     def forward_ops(self, tokens: float, attn_ctx: float, kv_read_tokens: float, logits_tokens: float,
-                    weight_bytes: float, kv_bytes_per_token: float):
+                    weight_bytes: float, kv_bytes_per_token: float, absorbed: float = 0.0):
         """(name, flops, bytes) of one forward over `tokens` new tokens, all layers: each weight read once,
         attention over `attn_ctx` keys per token reading `kv_read_tokens` cached tokens, logits for
-        `logits_tokens`. MoE reads the expected distinct experts `tokens` touch."""
+        `logits_tokens`; `absorbed` of the attention's query-key pairs (the decode tokens') in MLA's absorbed form.
+        MoE reads the expected distinct experts `tokens` touch."""
         L, H = self.num_layers, self.hidden_size
         attn_w = L * (self.attention_params() + 2 * H)  # projections + their norms + the two layer norms
         yield "attn_proj", 2 * tokens * attn_w, attn_w * weight_bytes
-        yield "attn_core", tokens * self.attention_flops_per_token(attn_ctx), kv_read_tokens * kv_bytes_per_token
+        core = (1 - absorbed) * self.attention_flops(attn_ctx) + absorbed * self.attention_flops(attn_ctx, True)
+        yield "attn_core", tokens * core, kv_read_tokens * kv_bytes_per_token
         n_dense = self.moe.dense_layers if self.moe else L
         if n_dense:
             w = n_dense * self.dense_mlp_params
