@@ -114,14 +114,26 @@ class PointRecord(_Record):
     phase: str | None = None
     unit: str | None = None
     ceiling_name: str | None = None
-    # the shape: part of the point's key
-    batch: Int = None
-    context: Int = None
-    prompt_len: Int = None
+    # the shape: part of the point's key (tokenfleet.report.tables.SHAPE_FIELDS and the other sizes)
     m: Int = None
     n: Int = None
     k: Int = None
+    rows: Int = None
+    hidden: Int = None
+    tokens: Int = None
+    batch: Int = None
+    seq: Int = None
+    prompt_len: Int = None
+    context: Int = None
+    max_context: Int = None
+    q_heads: Int = None
+    kv_heads: Int = None
+    head_dim: Int = None
+    mb: Num = None  # a ceiling probe's size, MiB (may be fractional)
     tp: Int = None
+    layers: Int = None
+    world_size: Int = None
+    scaled_from_layers: Int = None
     # measurements
     median_ms: Num = None
     p20_ms: Num = None

@@ -133,6 +133,16 @@ def test_gpu_other_compute_process_marks_points_contended(fake):
     assert "gpu_other_processes" not in _point(none, proc, clock, 1.0)
 
 
+def test_ranks_of_one_run_are_not_each_others_neighbours(fake, monkeypatch):
+    """Under torchrun the ranks are siblings under the launcher: the run's tree starts there."""
+    proc, clock = fake
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setattr(load.os, "getppid", lambda: PID)  # this rank is the fake's child, PID the launcher
+    assert load.run_root() == PID and load.tree_pids(proc.root) == {PID, PID + 1}
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    assert load.run_root() == PID  # getpid, patched to PID by the fixture
+
+
 def test_no_proc_records_nothing_and_marks_nothing(tmp_path):
     m = load.Meter("cpu", proc=tmp_path / "absent", hz=HZ)
     m.begin()

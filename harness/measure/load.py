@@ -3,11 +3,12 @@
 A within-run spread cannot see a machine that was busy for the whole point, and the end-of-run ceiling re-probe only
 sees drift inside a run: a busy machine passes for a slow one. So every point records what else ran around it:
 
-- CPU (from /proc): the machine's busy CPU time (/proc/stat: user, nice, system, irq, softirq) less this process's
-  and its descendants' (utime + stime + cutime + cstime of /proc/<pid>/stat, children from /proc/<pid>/task/*/children)
-  is other processes' CPU time, in cores over the window (`others_cpu_cores`); the share of CPU time the hypervisor
-  gave to other guests (`steal_share`, /proc/stat steal); the 1-minute load average (recorded only: it lags a minute
-  and counts this process's own threads).
+- CPU (from /proc): the machine's busy CPU time (/proc/stat: user, nice, system, irq, softirq) less this run's (this
+  process and its descendants, or under torchrun the launcher and every rank it started: `run_root`; utime + stime +
+  cutime + cstime of /proc/<pid>/stat, children from /proc/<pid>/task/*/children) is other processes' CPU time, in
+  cores over the window (`others_cpu_cores`); the share of CPU time the hypervisor gave to other guests
+  (`steal_share`, /proc/stat steal); the 1-minute load average (recorded only: it lags a minute and counts this
+  process's own threads).
 - GPU (from NVML): other compute processes on this device (`gpu_other_processes`, at the point's start and end) and
   the device's utilization at its end (`gpu_util_pct`, recorded only: it counts this process too).
 
@@ -129,16 +130,24 @@ def _tree(proc: Path, root: int) -> set[int]:
     return seen
 
 
+def run_root() -> int:
+    """The process whose tree is this run: this process, or under torchrun its launcher (the ranks of one run are
+    siblings, and each other's CPU time is the run's own, not a neighbour's)."""
+    from tokenfleet.measure.distributed import under_launcher
+
+    return os.getppid() if under_launcher() else os.getpid()
+
+
 def tree_pids(proc: Path = PROC, root: int | None = None) -> set[int]:
-    return _tree(proc, root or os.getpid())
+    return _tree(proc, root or run_root())
 
 
 def cpu_snapshot(proc: Path = PROC, pid: int | None = None) -> CpuSnap | None:
-    """The machine's and this process tree's CPU time now, or None where /proc cannot be read (not Linux)."""
+    """The machine's and this run's process tree's CPU time now, or None where /proc cannot be read (not Linux)."""
     stat = _proc_stat(proc)
     if stat is None:
         return None
-    ours = sum(st[1] for p in _tree(proc, pid or os.getpid()) if (st := _pid_stat(proc, p)))
+    ours = sum(st[1] for p in _tree(proc, pid or run_root()) if (st := _pid_stat(proc, p)))
     load = _read(proc / "loadavg")
     try:
         la = float(load.split()[0]) if load else None
