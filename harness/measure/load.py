@@ -17,8 +17,9 @@ point is judged over a second of the machine's life, not over a few scheduler ti
 of 10 ms: over 0.1 s its sampling noise alone is near half a core). A point is `contended` (not usable; measured
 again on `--resume`, like `noisy`) when, on a CPU device, other processes used more than CPU_CORES_LIMIT cores on
 average and at least MIN_OTHER_CPU_S of CPU time, or steal exceeded STEAL_LIMIT; on a GPU device, when another process
-computed on it. A quiet machine's background (daemons, kernel threads) uses a few hundredths of a core and no GPU;
-one CPU-bound neighbour uses a whole core. TOKENFLEET_IGNORE_LOAD=1 records all this but marks nothing (a shared CI
+computed on it. A quiet machine's background (daemons, kernel threads) uses a few hundredths of a core (0.07 on
+the 2-vCPU development machine between other sessions' work, 2 s windows) and no GPU; one CPU-bound neighbour uses a
+whole core. TOKENFLEET_IGNORE_LOAD=1 records all this but marks nothing (a shared CI
 machine, where the tests run beside other jobs); the manifest says which.
 """
 
