@@ -143,6 +143,18 @@ def test_ranks_of_one_run_are_not_each_others_neighbours(fake, monkeypatch):
     assert load.run_root() == PID  # getpid, patched to PID by the fixture
 
 
+def test_a_rank_measured_on_a_shared_gpu_makes_the_point_contended():
+    from tokenfleet.measure.launch import merge
+
+    ok = {"status": "ok", "error": None, "median_ms": 1.0, "raised": False}
+    shared = {**ok, "status": "contended", "error": "measured on a shared machine: 1 other compute process"}
+    point, stop = merge({"kind": "decode", "status": "ok", "median_ms": 1.0}, [ok, shared])
+    assert point["status"] == "contended" and point["error"].startswith("rank 1: measured on a shared machine")
+    assert not stop
+    point, _ = merge({"kind": "decode", "status": "error", "error": "boom"}, [ok, shared])
+    assert point["status"] == "error"  # a failure stays a failure
+
+
 def test_no_proc_records_nothing_and_marks_nothing(tmp_path):
     m = load.Meter("cpu", proc=tmp_path / "absent", hz=HZ)
     m.begin()
