@@ -238,3 +238,27 @@ def test_live_snapshot_reads_this_machine():
     assert s is not None and s.total >= s.busy >= 0 and s.ours >= 0
     assert os.getpid() in load.tree_pids()
     json.dumps(load.summary([]), allow_nan=False)
+
+
+def test_nvml_reader_inits_once_and_reads_processes(monkeypatch):
+    """The NVML reading with a fake pynvml: one nvmlInit for many points, the handle by index where torch gives no
+    UUID (no GPU here), compute processes' pids and the utilization."""
+    import sys
+    import types
+
+    calls = {"init": 0}
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: calls.__setitem__("init", calls["init"] + 1),
+        nvmlDeviceGetHandleByUUID=lambda u: (_ for _ in ()).throw(RuntimeError("no uuid")),
+        nvmlDeviceGetHandleByIndex=lambda i: f"h{i}",
+        nvmlDeviceGetComputeRunningProcesses=lambda h: [types.SimpleNamespace(pid=1), types.SimpleNamespace(pid=2)],
+        nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=55))
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    read = load.NvmlReader()
+    assert read(0) == ([1, 2], 55.0) and read(0) == ([1, 2], 55.0) and calls["init"] == 1
+    monkeypatch.setattr(fake, "nvmlDeviceGetComputeRunningProcesses", lambda h: 1 / 0)
+    assert read(0) is None and not read.unavailable  # one failed reading, not a dead reader
+    broken = types.SimpleNamespace(nvmlInit=lambda: 1 / 0)
+    monkeypatch.setitem(sys.modules, "pynvml", broken)
+    dead = load.NvmlReader()
+    assert dead(0) is None and dead.unavailable

@@ -194,29 +194,43 @@ def _nvml_handle(pynvml, index: int):
         return pynvml.nvmlDeviceGetHandleByIndex(index)
 
 
-def nvml_reading(index: int) -> tuple[list[int], float | None] | None:
-    """(pids of the compute processes on torch's device `index`, its utilization %), or None without NVML."""
-    try:
-        import pynvml
+class NvmlReader:
+    """(pids of the compute processes on torch's device `index`, its utilization %), or None without NVML. NVML is
+    initialised once per process (nvmlInit can take tens of milliseconds: not once per point) and left open."""
 
-        pynvml.nvmlInit()
-    except Exception:  # noqa: BLE001 - no NVML: nothing to say about the GPU
-        return None
-    try:
-        h = _nvml_handle(pynvml, index)
-        pids = [p.pid for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h)]
+    def __init__(self):
+        self.nvml = None
+        self.handles: dict[int, object] = {}
+        self.unavailable = False
+
+    def __call__(self, index: int) -> tuple[list[int], float | None] | None:
+        if self.unavailable:
+            return None
         try:
-            util = float(pynvml.nvmlDeviceGetUtilizationRates(h).gpu)
+            if self.nvml is None:
+                import pynvml
+
+                pynvml.nvmlInit()
+                self.nvml = pynvml
+        except Exception:  # noqa: BLE001 - no NVML: nothing to say about the GPU
+            self.unavailable = True
+            return None
+        nv = self.nvml
+        try:
+            if index not in self.handles:
+                self.handles[index] = _nvml_handle(nv, index)
+            h = self.handles[index]
+            pids = [p.pid for p in nv.nvmlDeviceGetComputeRunningProcesses(h)]
+        except Exception:  # noqa: BLE001 - this reading failed: the point records no GPU load
+            return None
+        try:
+            util = float(nv.nvmlDeviceGetUtilizationRates(h).gpu)
         except Exception:  # noqa: BLE001
             util = None
         return pids, util
-    except Exception:  # noqa: BLE001
-        return None
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:  # noqa: BLE001
-            pass
+
+
+nvml_reading = NvmlReader()
 
 
 def gpu_others(pids: list[int], ours: set[int]) -> int:
