@@ -266,3 +266,17 @@ def test_machine_limit_is_the_drift_limit():
     from tokenfleet.report.compare import MACHINE_LIMIT
 
     assert MACHINE_LIMIT == DRIFT_LIMIT
+
+
+def test_a_contended_point_is_not_judged_and_does_not_pass_the_gate(tmp_path: Path):
+    pts = synthetic_points()
+    b_pts = [dict(p) for p in pts]
+    g = next(p for p in b_pts if p.get("op") == "gemm" and p.get("backend") == "torch" and p.get("m") == 4096)
+    g.update(status="contended", error="measured on a shared machine: other processes used 1.00 CPU cores")
+    a, b = make_run(tmp_path / "a", pts, run_id="a"), make_run(tmp_path / "b", b_pts, run_id="b")
+    cmp = compare(a, b)
+    (row,) = [r for r in cmp.rows if r["changed"] == "contended"]
+    assert row["name"] == "gemm" and row["time_ratio"] is None and "shared machine" in row["note"]
+    assert cmp.regressions(10) == [row]
+    r = cli("compare", str(a), str(b), "--fail-over", "10")
+    assert r.returncode == 1 and "not judged: measured on a shared machine" in r.stderr

@@ -88,6 +88,8 @@ def _interval(r: dict) -> tuple[float, float] | None:
 
 
 def regression_text(r: dict) -> str:
+    if r["changed"] == "contended":
+        return f"not judged: measured on a shared machine ({r['note']}); --resume that run on a quiet machine"
     if r["changed"] != "slower":
         return f"failed ({r['note']})"
     if r.get("rel_ratio") is not None:

@@ -78,7 +78,8 @@ class Comparison:
 
     def regressions(self, pct: float) -> list[dict]:
         """Points slower beyond their noise by more than `pct` percent (with samples: the interval's lower end is
-        above 1 + pct/100; against each run's own ceiling where both carry it), and points ok in A that fail in B.
+        above 1 + pct/100; against each run's own ceiling where both carry it), points ok in A that fail in B, and
+        points either run measured on a shared machine (`contended`: unjudged, so not passed).
         A slower ceiling is the machine, not the code: it is reported (`machines_differed`), not gated."""
         def over(r):
             rel = r.get("rel_ratio") is not None
@@ -88,7 +89,7 @@ class Comparison:
                 slow = r["rel_ratio"] if rel else r["time_ratio"]
             return slow is not None and (slow - 1) * 100 > pct
 
-        return [r for r in self.rows if r["changed"] == "failed"
+        return [r for r in self.rows if r["changed"] in ("failed", "contended")
                 or (r["changed"] == "slower" and r["kind"] != "ceiling" and over(r))]
 
 
@@ -195,7 +196,10 @@ def _pair(key: str, a: dict | None, b: dict | None, ceilings: dict[str, dict] | 
         return row
     a_ok, b_ok = a.get("status") in USABLE, b.get("status") in USABLE
     if not (a_ok and b_ok):
-        row["changed"] = "failed" if a_ok else "n/a"
+        # A point measured on a shared machine has no number to judge: `contended`, and the gate fails on it as on a
+        # failure (a busy machine must not pass for a regression-free one); --resume measures it again.
+        row["changed"] = ("contended" if "contended" in (a.get("status"), b.get("status")) and
+                          {a.get("status"), b.get("status")} <= USABLE | {"contended"} else "failed" if a_ok else "n/a")
         row["note"] = "; ".join(f"{s}: {p.get('status')} {p.get('error') or ''}".strip()
                                 for s, p in (("A", a), ("B", b)) if p.get("status") not in USABLE)
         return row
