@@ -2,8 +2,8 @@
 (ceilings first, then decode, prefill, kernels), then the ceilings again (their drift between start and end goes
 into the manifest).
 
-A job's failure is a row with its status (`oom`, `error`, `incorrect`, `above_ceiling`), never a crash and never
-dropped.
+A job's failure is a row with its status (`oom`, `error`, `incorrect`, `above_ceiling`; `contended`: measured while
+other work used the machine, `measure.load`), never a crash and never dropped.
 A point is identified by its job's key. With `resume`, the run's own suite (from its manifest) is planned again and
 only the jobs without a final point (`results.FINAL`: ok, skipped) are measured; their new points replace the old.
 The run folder has one writer: `results.RunWriter` holds its lock until the run (and `after`) is done.
