@@ -83,7 +83,9 @@ Int = int | None
 
 
 class Telemetry(_Record):
-    sm_clock_mhz: Num = None
+    """NVML telemetry: read once after a point (numbers), or polled through a probe (min/median/max of each)."""
+
+    sm_clock_mhz: float | dict[str, float] | None = None
     clock_event_reasons: list[str] | None = None
 
 

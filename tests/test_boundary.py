@@ -187,6 +187,21 @@ def test_the_writer_refuses_a_record_of_the_wrong_type(tmp_path):
         make_run(tmp_path / "run", [{"kind": "kernel", "op": "x", "status": "ok", "median_ms": "fast"}])
 
 
+def test_gpu_point_shapes_validate(tmp_path):
+    """What a GPU run writes, which no CPU test measures: a probe's polled telemetry (min/median/max), a point's
+    telemetry read once, the distributed fields and a fractional probe size."""
+    polled = {"polls": 40, "interval_s": 0.05, "sm_clock_mhz": {"min": 1755, "median": 1980.0, "max": 1980},
+              "clock_event_reasons": ["SwPowerCap"]}
+    pts = [{"kind": "ceiling", "op": "copy", "dtype": "fp32", "mb": 0.5, "status": "ok", "value": 3000.0,
+            "median_ms": 1.0, "telemetry": polled, "launch_us": 4.2, "graph_calls": 8, "l2_copies": 3},
+           {"kind": "decode", "model": "m", "backend": "triton", "dtype": "bf16", "batch": 8, "context": 4096,
+            "status": "ok", "median_ms": 2.0, "telemetry": {"sm_clock_mhz": 1980, "power_w": 512.5},
+            "median_ms_by_rank": [2.0, None], "telemetry_by_rank": [None, {"sm_clock_mhz": 1980}], "tp": 2,
+            "world_size": 2, "layers": None, "scaled_from_layers": 4}]
+    run = make_run(tmp_path / "run", pts)
+    assert [p["telemetry"]["sm_clock_mhz"] for p in results.read_points(run)] == [polled["sm_clock_mhz"], 1980]
+
+
 def test_reference_runs_still_read():
     for manifest in (config.CHECKOUT_ROOT or Path(".")).glob("results/reference/**/manifest.json"):
         m, pts = results.read_run(manifest.parent)
