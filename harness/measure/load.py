@@ -19,8 +19,8 @@ again on `--resume`, like `noisy`) when, on a CPU device, other processes used m
 average and at least MIN_OTHER_CPU_S of CPU time, or steal exceeded STEAL_LIMIT; on a GPU device, when another process
 computed on it. A quiet machine's background (daemons, kernel threads) uses a few hundredths of a core (0.07 on
 the 2-vCPU development machine between other sessions' work, 2 s windows) and no GPU; one CPU-bound neighbour uses a
-whole core. TOKENFLEET_IGNORE_LOAD=1 records all this but marks nothing (a shared CI
-machine, where the tests run beside other jobs); the manifest says which.
+whole core. TOKENFLEET_IGNORE_LOAD=1 records all this but marks nothing (a shared CI machine, where the tests run
+beside other jobs); the manifest says which.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ from pathlib import Path
 PROC = Path("/proc")
 CPU_CORES_LIMIT = 0.5  # other processes' CPU time over the window, in cores: half a core of a neighbour
 MIN_OTHER_CPU_S = 0.25  # and at least this much of it (25 ticks): over a short window the tick noise alone is larger
-STEAL_LIMIT = 0.05  # of the machine's CPU time given to other guests by the hypervisor
+# Of the machine's CPU time given to other guests by the hypervisor: the 5% a ceiling may drift within one run
+# (measure.parts.ceilings.DRIFT_LIMIT); a guest losing more than that can move its ceilings past the drift limit.
+STEAL_LIMIT = 0.05
 MIN_WINDOW_S = 1.0  # judge over at least this much of the machine's recent life
 HISTORY_S = 10.0  # snapshots older than this are dropped
 IGNORE_ENV = "TOKENFLEET_IGNORE_LOAD"
