@@ -262,3 +262,9 @@ def test_nvml_reader_inits_once_and_reads_processes(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", broken)
     dead = load.NvmlReader()
     assert dead(0) is None and dead.unavailable
+
+
+def test_steal_limit_is_the_drift_limit():
+    from tokenfleet.measure.parts.ceilings import DRIFT_LIMIT
+
+    assert load.STEAL_LIMIT == DRIFT_LIMIT
