@@ -25,9 +25,10 @@ T = TypeVar("T", bound=BaseModel)
 
 
 class Strict(BaseModel):
-    """Base for every config model: unknown keys are errors, not silently ignored."""
+    """Base for every config model: unknown keys are errors, not silently ignored, and every number is finite
+    (inf and NaN are refused: no field here means "unlimited" by infinity)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ConfigError(Exception):
@@ -46,16 +47,68 @@ def validation_error(file: str | Path | None, err: ValidationError) -> ConfigErr
     return ConfigError(file, field, first["msg"])
 
 
-def read_yaml(path: str | Path) -> object:
+def read_text(path: str | Path) -> str:
+    """The one reader of every text file tokenfleet takes (configs, suites, fleets, run manifests and points): its
+    bytes decoded as UTF-8; a missing, unreadable or non-UTF-8 file is a ConfigError naming it."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(path, None, "file not found")
     try:
-        return yaml.safe_load(path.read_text())
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(path, None, f"cannot read: {e.strerror or e}") from None
+    return decode(path, data)
+
+
+def decode(path: str | Path, data: bytes, where: str | None = None) -> str:
+    """`data` (read from `path`) as UTF-8 text, or a ConfigError naming the file, the place and the first bad byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(path, where or f"line {line}", f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                          f"{e.start}): save the file as UTF-8") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's safe loader, refusing a key given twice in one mapping (YAML says keys are unique; PyYAML keeps the
+    last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, seen[key], line)
+                seen[key] = line
+            except TypeError:
+                pass  # an unhashable key: construct_mapping below says so
+        return super().construct_mapping(node, deep)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key, first: int, again: int):
+        self.key, self.first, self.again = key, first, again
+
+
+def read_yaml(path: str | Path) -> object:
+    path = Path(path)
+    text = read_text(path)
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except _DuplicateKey as e:
+        raise ConfigError(path, f"line {e.again}", f"key {e.key!r} given twice (first on line {e.first}): "
+                          "keep one") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f"line {mark.line + 1}" if mark else None
         raise ConfigError(path, line, f"not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as e:  # a scalar yaml cannot build
+        raise ConfigError(path, None, f"not valid YAML ({type(e).__name__}: {e})") from None
 
 
 def load_yaml(path: str | Path, cls: type[T]) -> T:
@@ -101,7 +154,7 @@ def load_named(kind: str, name_or_path: str | Path, cls: type[T]) -> T:
 
 def check_id(kind: str, path: Path, obj_id: str | None) -> None:
     """A file under configs/<kind>/ is named after its `id`, so a name finds exactly one file."""
-    if obj_id is not None and path.parent == config_dir(kind) and obj_id != path.stem:
+    if obj_id is not None and path.resolve().parent == config_dir(kind).resolve() and obj_id != path.stem:
         raise ConfigError(path, "id", f"{obj_id!r} does not match the file name {path.stem!r}")
 
 

@@ -44,8 +44,20 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
+def finite(obj: Any) -> Any:
+    """`obj` with every non-finite float as None: JSON has no infinity or NaN, and a limit of inf (`project --tpot-ms
+    inf`: no limit) is written as null, its "none"."""
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def to_json(obj: Any) -> str:
-    return json.dumps(obj, indent=2, default=_json_default, allow_nan=False)
+    return json.dumps(finite(obj), indent=2, default=_json_default, allow_nan=False)
 
 
 def frame(rows: list[dict] | pd.DataFrame, columns: list[str] | None = None) -> pd.DataFrame:

@@ -17,8 +17,10 @@ import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Literal
 
-from tokenfleet.config import CHECKOUT_ROOT, ConfigError
+from pydantic import BaseModel, ConfigDict, ValidationError
+from tokenfleet.config import CHECKOUT_ROOT, ConfigError, decode, read_text, validation_error
 from tokenfleet.files import (
     LOCK_NAME,
     RunLock,
@@ -30,10 +32,11 @@ from tokenfleet.files import (
 )
 
 SCHEMA_VERSION = 1
-STATUSES = ("ok", "oom", "error", "incorrect", "noisy", "above_ceiling", "skipped")
+STATUSES = ("ok", "oom", "error", "incorrect", "noisy", "above_ceiling", "contended", "skipped")
 # The statuses whose numbers may enter tables, plots, ratios, ceilings and capacity: a noisy point is a real
 # measurement, only less certain; every other status has no number to use (`above_ceiling`: faster than this run's
-# measured ceiling by > 3%, so its count or the ceiling is wrong). One set, used by every reader.
+# measured ceiling by > 3%, so its count or the ceiling is wrong; `contended`: measured while other work used the
+# machine, tokenfleet.measure.load). One set, used by every reader.
 USABLE = frozenset({"ok", "noisy"})
 # The statuses `--resume` does not measure again: `ok`, and `skipped` (decided by the device and the suite, which a
 # resume keeps, not by chance). Every other status (noisy, error, oom, incorrect, and any added later) is measured
@@ -62,7 +65,170 @@ MEASURED_FIELDS = {
     "samples_ms", "launch_us", "graph_calls", "l2_copies", "timing_note", "mbu_read", "ceiling_ratio", "ceiling_name",
     "reduction", "reductions_gbps",  # the read-only probe (parts/ceilings.py)
     "graphs_compiled",  # torch.compile graphs built in a first call (tokenfleet.model.backends.first_call)
+    "load",  # what else used the machine while the point ran (tokenfleet.measure.load)
 }
+
+
+# --- the records' schema: what the writer writes and every reader accepts -------------------------------------------
+# Strict types (a string is not a number, a float not an int), finite numbers, unknown fields kept (a part may add
+# fields; those a reader uses are typed here). The writer validates every record with these models before writing
+# it, and `read_manifest` / `parse_points` validate what they read with the same ones.
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+
+Num = float | None  # strict float also takes an int; never a string, a bool or a non-finite number
+Int = int | None
+
+
+class Telemetry(_Record):
+    """NVML telemetry: read once after a point (numbers), or polled through a probe (min/median/max of each)."""
+
+    sm_clock_mhz: float | dict[str, float] | None = None
+    clock_event_reasons: list[str] | None = None
+
+
+class Load(_Record):
+    """What else used the machine while a point ran (tokenfleet.measure.load)."""
+
+    window_s: Num = None
+    others_cpu_cores: Num = None
+    steal_share: Num = None
+    loadavg_1m: Num = None
+    gpu_other_processes: Int = None
+    gpu_util_pct: Num = None
+    contended: list[str] | None = None
+
+
+class PointRecord(_Record):
+    schema_version: int
+    run_id: str | None = None
+    kind: str
+    status: Literal[STATUSES]  # type: ignore[valid-type]
+    error: str | None = None
+    note: str | None = None
+    device: str | None = None
+    op: str | None = None
+    model: str | None = None
+    backend: str | None = None
+    dtype: str | None = None
+    phase: str | None = None
+    unit: str | None = None
+    ceiling_name: str | None = None
+    # the shape: part of the point's key (tokenfleet.report.tables.SHAPE_FIELDS and the other sizes)
+    m: Int = None
+    n: Int = None
+    k: Int = None
+    rows: Int = None
+    hidden: Int = None
+    tokens: Int = None
+    batch: Int = None
+    seq: Int = None
+    prompt_len: Int = None
+    context: Int = None
+    max_context: Int = None
+    q_heads: Int = None
+    kv_heads: Int = None
+    head_dim: Int = None
+    mb: Num = None  # a ceiling probe's size, MiB (may be fractional)
+    tp: Int = None
+    layers: Int = None
+    world_size: Int = None
+    scaled_from_layers: Int = None
+    # measurements
+    median_ms: Num = None
+    p20_ms: Num = None
+    p80_ms: Num = None
+    spread: Num = None
+    n_samples: Int = None
+    samples_ms: list[float] | None = None
+    first_call_ms: Num = None
+    noisy: bool | None = None
+    flops: Num = None
+    bytes: Num = None
+    tflops: Num = None
+    gbps: Num = None
+    tokens_per_s: Num = None
+    tokens_per_s_per_seq: Num = None
+    ttft_ms: Num = None
+    tpot_ms: Num = None
+    value: Num = None
+    mfu: Num = None
+    mbu: Num = None
+    mbu_read: Num = None
+    mbu_matvec: Num = None
+    mfu_datasheet: Num = None
+    mbu_datasheet: Num = None
+    datasheet_value: Num = None
+    datasheet_ratio: Num = None
+    ceiling_ratio: Num = None
+    rel_error: Num = None
+    comm_fraction: Num = None
+    elapsed_s: Num = None
+    telemetry: Telemetry | None = None
+    load: Load | None = None
+
+
+class DeviceRecord(_Record):
+    name: str | None = None
+    kind: str | None = None
+    memory_bytes: Int = None
+    datasheet: str | None = None
+    nvml: dict[str, Any] | None = None
+
+
+class Environment(_Record):
+    device: DeviceRecord | None = None
+    datasheet: dict[str, Any] | str | None = None
+
+
+class Ceilings(_Record):
+    copy_gbps: Num = None
+    read_gbps: Num = None
+    matvec_gbps: dict[str, Num] | None = None
+    matmul_tflops: dict[str, Num] | None = None
+
+
+class Drift(_Record):
+    limit: float
+    ratios: dict[str, float]
+    flagged: list[str]
+
+
+class ManifestRecord(_Record):
+    schema_version: int
+    run_id: str
+    suite: str | None = None
+    command: str | None = None
+    created: str | None = None
+    finished: str | None = None
+    git_sha: str | None = None
+    tokenfleet_version: str | None = None
+    config: dict[str, Any] | None = None
+    environment: Environment | None = None
+    ceilings: Ceilings | None = None
+    ceilings_end: Ceilings | None = None
+    ceiling_drift: Drift | None = None
+    load: dict[str, Any] | None = None
+
+
+def _check(cls: type[BaseModel], obj: dict, file: Path, where: str | None = None) -> None:
+    """Validate `obj` as `cls`; a problem is a ConfigError naming the file, the place (a line) and the field."""
+    try:
+        cls.model_validate(obj)
+    except ValidationError as e:
+        err = validation_error(file, e)
+        raise ConfigError(file, ".".join(p for p in (where, err.field) if p) or None, err.message) from None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def loads(text: str | bytes):
+    """JSON as the writer writes it: no NaN or Infinity (json.loads would take them)."""
+    return json.loads(text, parse_constant=_no_constant)
 
 
 def point_key(point: dict) -> str:
@@ -83,19 +249,31 @@ def check_schema(obj: dict, file: Path) -> None:
                           f"unknown schema_version {v!r}; this tokenfleet reads {SCHEMA_VERSION}")
 
 
-def read_manifest(run_dir: str | Path) -> dict:
+def manifest_json(run_dir: str | Path) -> dict:
+    """A run's manifest.json as a JSON object, its schema not yet checked; a problem names the file."""
     path = Path(run_dir) / "manifest.json"
     if not Path(run_dir).is_dir():
         raise ConfigError(run_dir, None, "run folder not found")
     if not path.is_file():
         raise ConfigError(path, None, "file not found (not a run folder?)")
+    text = read_text(path)
     try:
-        manifest = json.loads(path.read_text())
+        manifest = loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(path, f"line {e.lineno}", f"not valid JSON ({e.msg})") from None
+    except (ValueError, RecursionError) as e:
+        raise ConfigError(path, None, f"not valid JSON ({e})") from None
     if not isinstance(manifest, dict):
         raise ConfigError(path, None, "expected a JSON object")
+    return manifest
+
+
+def read_manifest(run_dir: str | Path) -> dict:
+    """A run's manifest, validated by the model the writer uses (ManifestRecord)."""
+    manifest = manifest_json(run_dir)
+    path = Path(run_dir) / "manifest.json"
     check_schema(manifest, path)
+    _check(ManifestRecord, manifest, path)
     return manifest
 
 
@@ -113,6 +291,7 @@ def check_point(p: object, file: Path, line: int) -> None:
     if p.get("status") not in STATUSES:
         what = "missing" if "status" not in p else f"unknown status {p['status']!r}"
         raise ConfigError(file, f"{where}.status", f"{what}; known: {', '.join(STATUSES)}")
+    _check(PointRecord, p, file, where)
 
 
 def parse_points(path: Path, data: bytes) -> tuple[list[dict], int, str | None]:
@@ -128,10 +307,12 @@ def parse_points(path: Path, data: bytes) -> tuple[list[dict], int, str | None]:
         if not raw.strip():
             continue
         try:
-            p = json.loads(raw)
-        except ValueError:  # not JSON, or not UTF-8
+            p = loads(decode(path, raw, f"line {i + 1}"))
+        except (ValueError, RecursionError, ConfigError) as e:  # not UTF-8, not JSON, or NaN/Infinity
             if i == last:
                 return records, good_end, f"line {i + 1}: damaged last line ({len(data) - start} bytes)"
+            if isinstance(e, ConfigError):
+                raise
             raise ConfigError(path, f"line {i + 1}", "not valid JSON") from None
         check_point(p, path, i + 1)
         records.append(p)
@@ -148,12 +329,19 @@ def latest(records: list[dict]) -> list[dict]:
 def read_points(run_dir: str | Path) -> list[dict]:
     """The points of a run, one per key (`latest`); a damaged last line is skipped with a one-line RunWarning."""
     path = Path(run_dir) / "points.jsonl"
-    if not path.is_file():
-        raise ConfigError(path, None, "file not found")
-    records, _, damaged = parse_points(path, path.read_bytes())
+    records, _, damaged = parse_points(path, read_bytes(path))
     if damaged:
         warnings.warn(f"{path}: {damaged} ignored", RunWarning, stacklevel=2)
     return latest(records)
+
+
+def read_bytes(path: Path) -> bytes:
+    if not path.is_file():
+        raise ConfigError(path, None, "file not found")
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ConfigError(path, None, f"cannot read: {e.strerror or e}") from None
 
 
 def read_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
@@ -162,6 +350,10 @@ def read_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
 
 
 def save_manifest(run_dir: str | Path, manifest: dict) -> None:
+    try:
+        ManifestRecord.model_validate(jsonable(manifest))
+    except ValidationError as e:  # a bug in the writer, not the user's input
+        raise ValueError(f"manifest to write does not validate: {e}") from None
     atomic_write(Path(run_dir) / "manifest.json", json.dumps(manifest, indent=2, default=str, allow_nan=False) + "\n")
 
 
@@ -212,6 +404,17 @@ def add_ceiling(ceilings: dict, point: dict, replace: bool = True, phase: str | 
     elif op == "matmul":  # several shapes per dtype: the best one is the ceiling
         per_dtype = ceilings.setdefault("matmul_tflops", {})
         per_dtype[point["dtype"]] = max(value, per_dtype.get(point["dtype"]) or 0.0)
+
+
+def flat_ceilings(ceilings: dict) -> dict[str, float]:
+    """{'copy_gbps': v, 'read_gbps': v, 'matmul_tflops.bf16': v, ...}: every measured value under one name."""
+    out = {}
+    for name, v in ceilings.items():
+        if isinstance(v, dict):
+            out.update({f"{name}.{dt}": x for dt, x in v.items() if x})
+        elif v:
+            out[name] = v
+    return out
 
 
 def ceilings_of(manifest: dict, points: list[dict]) -> dict:
@@ -328,7 +531,7 @@ class RunWriter:
         self._fd = open_append(self.points_path)
 
     def _repair_tail(self) -> list[dict]:
-        data = self.points_path.read_bytes()
+        data = read_bytes(self.points_path)
         records, good_end, damaged = parse_points(self.points_path, data)
         if damaged or (good_end and not data[:good_end].endswith(b"\n")):
             good = data[:good_end]
@@ -347,9 +550,11 @@ class RunWriter:
 
     def append(self, point: dict) -> None:
         point = {"schema_version": SCHEMA_VERSION, "run_id": self.manifest["run_id"], **point}
-        if point.get("status") not in STATUSES:
-            raise ValueError(f"bad status {point.get('status')!r}")
         line = json.dumps(point, default=_json_safe, allow_nan=False) + "\n"
+        try:
+            PointRecord.model_validate(json.loads(line))
+        except ValidationError as e:  # a bug in a part, not the user's input
+            raise ValueError(f"point to write does not validate: {e}") from None
         append_record(self._fd, self.points_path, line.encode())
         self.last = self.points[point_key(point)] = json.loads(line)  # as it reads back
         self._records += 1

@@ -161,3 +161,122 @@ def test_samples_follow_a_derived_median(tmp_path: Path):
     b = make_run(tmp_path / "b", [{**p, "median_ms": 5.0}], run_id="b")  # same raw samples, a larger scaled median
     (row,) = compare(a, b).rows
     assert row["method"] == "bootstrap" and row["changed"] == "slower" and row["ratio_lo"] > 1.2
+
+
+# --- judged against each run's own ceilings (issue 24) -----------------------------------------------------------
+
+
+def _on_machine(points: list[dict], speed: float, ceiling_speed: float | None = None, seed: int = 1) -> list[dict]:
+    """`points` measured on a machine `speed` times as fast (times / speed, rates x speed; the ceilings by
+    `ceiling_speed`, default the same), each timed point against its run's copy ceiling (ceiling_ratio,
+    ceiling_name) as the runner records it, with 40 samples each."""
+    cs = speed if ceiling_speed is None else ceiling_speed
+    out = []
+    for p in points:
+        p = dict(p)
+        f = cs if p["kind"] == "ceiling" else speed
+        for k in ("median_ms", "p20_ms", "p80_ms"):
+            if p.get(k):
+                p[k] /= f
+        for k in ("value", "tflops", "gbps", "tokens_per_s"):
+            if p.get(k):
+                p[k] *= f
+        if p["kind"] != "ceiling" and p.get("status") == "ok" and p.get("gbps"):
+            p["ceiling_ratio"], p["ceiling_name"] = p["gbps"] / (2900 * cs), "copy_gbps"
+        out.append(p)
+    return _with_samples(out, seed=seed)
+
+
+def _roofed() -> list[dict]:
+    """The synthetic ceilings and the gemm points: every timed point has a bandwidth, hence a ceiling ratio."""
+    return [p for p in synthetic_points() if p["kind"] == "ceiling" or p.get("op") == "gemm"]
+
+
+def _run(folder: Path, points: list[dict], copy_gbps: float, run_id: str) -> Path:
+    from tokenfleet import results
+
+    with results.RunWriter(folder, {"run_id": run_id, "environment": {"device": {"name": "NVIDIA H100 80GB HBM3"}},
+                                    "ceilings": {"copy_gbps": copy_gbps}}) as w:
+        for p in points:
+            w.append(p)
+    return folder
+
+
+def test_a_busy_machine_is_not_a_regression_against_its_own_ceilings(tmp_path: Path):
+    """B ran on a machine three times slower (a neighbour took it): every time and ceiling x3. The raw times all
+    read slower; against each run's own ceiling nothing changed, and the machines are said to differ."""
+    pts = _roofed()
+    a = _run(tmp_path / "a", _on_machine(pts, 1.0, seed=1), 2900, "a")
+    b = _run(tmp_path / "b", _on_machine(pts, 1 / 3, seed=2), 2900 / 3, "b")
+    cmp = compare(a, b)
+    judged = [r for r in cmp.rows if r["rel_ratio"] is not None]
+    assert len(judged) >= 8
+    assert all(r["changed_raw"] == "slower" and r["time_ratio"] == pytest.approx(3, rel=0.05) for r in judged)
+    assert all(r["changed"] == "same" and r["rel_lo"] <= 1 <= r["rel_hi"] for r in judged)
+    assert "copy_gbps x0.333" in cmp.machines_differed and all(m.endswith("x0.333") for m in cmp.machines_differed)
+    assert "the machines differed" in cmp.header() and "the machines differed" in cmp.summary()
+    assert not cmp.regressions(10)
+    r = cli("compare", str(a), str(b), "--fail-over", "10", "--format", "json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert "copy_gbps x0.333" in data["machines_differed"]
+    assert all("time_ratio" in row and "rel_ratio" in row for row in data["rows"])  # raw beside relative
+
+
+def test_a_real_regression_on_another_machine_is_still_caught(tmp_path: Path):
+    pts = _roofed()
+    a = _run(tmp_path / "a", _on_machine(pts, 1.0, seed=1), 2900, "a")
+    slow = _on_machine(pts, 0.5, seed=2)  # a machine half as fast ...
+    p = next(p for p in slow if p.get("op") == "gemm" and p.get("backend") == "torch" and p.get("m") == 4096)
+    p["samples_ms"] = [x * 1.5 for x in p["samples_ms"]]  # ... and this point 1.5x slower than that
+    p["median_ms"] *= 1.5
+    p["gbps"] /= 1.5
+    p["ceiling_ratio"] /= 1.5
+    b = _run(tmp_path / "b", slow, 1450, "b")
+    cmp = compare(a, b)
+    (bad,) = cmp.regressions(10)
+    assert bad["name"] == "gemm" and bad["rel_ratio"] == pytest.approx(1.5, rel=0.05) and bad["rel_lo"] > 1.1
+    assert bad["time_ratio"] == pytest.approx(3, rel=0.05)  # the raw time, beside
+    r = cli("compare", str(a), str(b), "--fail-over", "10")
+    assert r.returncode == 1 and "against each run's own ceiling" in r.stderr and "raw time x2.99" in r.stderr
+
+
+def test_same_machine_says_nothing_about_machines(tmp_path: Path):
+    pts = _roofed()
+    cmp = compare(_run(tmp_path / "a", _on_machine(pts, 1.0, seed=1), 2900, "a"),
+                  _run(tmp_path / "b", _on_machine(pts, 1.0, seed=2), 2900, "b"))
+    assert cmp.machines_differed == [] and "machines differed" not in cmp.header() + cmp.summary()
+    assert all(r["changed"] == "same" for r in cmp.rows if r["rel_ratio"] is not None)
+
+
+def test_ceiling_noise_widens_the_judgement(tmp_path: Path):
+    """Ceilings 3% apart but noisy (spread 40%): not 'the machines differed'; points are judged with that noise."""
+    pts = _roofed()
+    a_pts, b_pts = _on_machine(pts, 1.0, seed=1), _on_machine(pts, 1.0, ceiling_speed=1.03, seed=2)
+    for p in b_pts:
+        if p["kind"] == "ceiling" and p.get("samples_ms"):
+            p["samples_ms"] = [x * (1 + 0.4 * (-1) ** i) for i, x in enumerate(p["samples_ms"])]
+    cmp = compare(_run(tmp_path / "a", a_pts, 2900, "a"), _run(tmp_path / "b", b_pts, 2900 * 1.03, "b"))
+    c = cmp.ceilings["copy_gbps"]
+    assert c["lo"] < 1 < c["hi"] and not c["differed"]
+
+
+def test_machine_limit_is_the_drift_limit():
+    from tokenfleet.measure.parts.ceilings import DRIFT_LIMIT
+    from tokenfleet.report.compare import MACHINE_LIMIT
+
+    assert MACHINE_LIMIT == DRIFT_LIMIT
+
+
+def test_a_contended_point_is_not_judged_and_does_not_pass_the_gate(tmp_path: Path):
+    pts = synthetic_points()
+    b_pts = [dict(p) for p in pts]
+    g = next(p for p in b_pts if p.get("op") == "gemm" and p.get("backend") == "torch" and p.get("m") == 4096)
+    g.update(status="contended", error="measured on a shared machine: other processes used 1.00 CPU cores")
+    a, b = make_run(tmp_path / "a", pts, run_id="a"), make_run(tmp_path / "b", b_pts, run_id="b")
+    cmp = compare(a, b)
+    (row,) = [r for r in cmp.rows if r["changed"] == "contended"]
+    assert row["name"] == "gemm" and row["time_ratio"] is None and "shared machine" in row["note"]
+    assert cmp.regressions(10) == [row]
+    r = cli("compare", str(a), str(b), "--fail-over", "10")
+    assert r.returncode == 1 and "not judged: measured on a shared machine" in r.stderr

@@ -21,8 +21,8 @@ class Workload(Strict):
     input_len: int = Field(gt=0, description="prompt tokens I")
     output_len: int = Field(gt=0, description="generated tokens O")
     prefix_cache_hit: float = Field(0.0, ge=0, lt=1, description="fraction h of the prompt already in the KV cache")
-    ttft_ms: float = Field(gt=0, description="time-to-first-token limit")
-    tpot_ms: float = Field(gt=0, description="time-per-output-token limit")
+    ttft_ms: float = Field(gt=0, allow_inf_nan=True, description="time-to-first-token limit (.inf: none)")
+    tpot_ms: float = Field(gt=0, allow_inf_nan=True, description="time-per-output-token limit (.inf: none)")
     count: Literal["total", "output"] = Field(description="which tokens demand counts: input+output, or output only")
     assumption: str | None = None
     source: str | None = None

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from tokenfleet.capacity.fleet import CAPACITY_COLUMNS
 from tokenfleet.capacity.headline import headline, headline_lines
-from tokenfleet.cli.common import FormatOpt, QuietOpt, app, check_format, user_errors
+from tokenfleet.cli.common import FormatOpt, QuietOpt, app, check_finite, check_format, user_errors
 from tokenfleet.config import ConfigError
 from tokenfleet.output import emit, to_json
 
@@ -81,6 +81,8 @@ def project_cmd(
     from tokenfleet.capacity.project import auto_tp, check_deployment, project, read_runs, refuse_fp8
 
     check_format(fmt)
+    check_finite({"--tpot-ms": tpot_ms, "--ttft-ms": ttft_ms, "--utilization": utilization},
+                 no_limit=("--tpot-ms", "--ttft-ms"))
     refuse_fp8(model, gpu, dtype, kv_dtype)  # before the workload: the device, not the request, is what refuses
     if deployment and tp is not None:
         raise ConfigError("--tp", None, "give --tp or --deployment, not both (a deployment sets its own parallelism)")
@@ -227,6 +229,8 @@ def capacity_cmd(
     from tokenfleet.capacity.project import check_deployment, read_runs
 
     check_format(fmt)
+    check_finite({"--demand-tokens-per-day": demand_tokens_per_day, "--utilization": utilization,
+                  "--peak-factor": peak_factor})
     if demand and demand_tokens_per_day is not None:
         raise ConfigError("--demand", None, "give --demand or --demand-tokens-per-day, not both")
     f, _ = fleet_of(fleet)

@@ -9,6 +9,7 @@ boxed help; a reader's `RunWarning` (a damaged last line skipped) prints as one 
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -90,3 +91,12 @@ def check_format(fmt: str, allowed: tuple[str, ...] = FORMATS) -> str:
     if fmt not in allowed:
         raise ConfigError("--format", None, f"unknown format {fmt!r}; known: {', '.join(allowed)}")
     return fmt
+
+
+def check_finite(values: dict[str, float | None], no_limit: tuple[str, ...] = ()) -> None:
+    """Every float flag given is a finite number (NaN never; inf only for the flags in `no_limit`, where it means no
+    limit); else one line naming the flag."""
+    for flag, v in values.items():
+        if v is not None and (math.isnan(v) or (math.isinf(v) and flag not in no_limit)):
+            raise ConfigError(flag, None, f"{v} is not a finite number"
+                              + (" (give inf for no limit)" if flag in no_limit else ""))

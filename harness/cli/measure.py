@@ -52,22 +52,36 @@ def measure_ceilings(info) -> dict:
     return {**ctx.ceilings, "points": points}
 
 
-def print_plan(suite_name: str | None, device: str | None, fmt: str) -> None:
-    """The suite's jobs in run order with estimated seconds each, then per part and in all (no device work)."""
+def print_plan(suite_name: str | None, device: str | None, fmt: str, resume: str | None = None) -> None:
+    """The suite's jobs in run order with estimated seconds each, then per part and in all (no device work). With
+    `resume`, the resumed run's own suite (from its manifest, as `bench --resume` measures it)."""
     from tokenfleet.measure.device import pick
     from tokenfleet.measure.plan import part_totals, plan_rows, planning_context
-    from tokenfleet.measure.runner import default_suite
+    from tokenfleet.measure.runner import default_suite, suite_of_run
     from tokenfleet.measure.suite import load_suite
+    from tokenfleet.results import FINAL, read_manifest, read_points, resolve_run
 
-    suite = load_suite(suite_name or default_suite(pick(device)))
+    note = None
+    if resume:
+        run_dir = resolve_run(resume)
+        suite = suite_of_run(run_dir, read_manifest(run_dir), suite_name)
+        final = sum(p.get("status") in FINAL for p in read_points(run_dir)) \
+            if (run_dir / "points.jsonl").exists() else 0
+        note = (f"resuming {run_dir}: {final} point(s) there are final and are not measured again; the plan below "
+                "is the run's whole suite")
+    else:
+        suite = load_suite(suite_name or default_suite(pick(device)))
     ctx = planning_context(suite, device)
     rows = plan_rows(suite, ctx)
     parts = part_totals(rows, ctx.device.kind)
     if fmt == "json":
-        print(to_json({"suite": suite.id, "device": ctx.device.kind, "jobs": rows, "parts": parts}))
+        print(to_json({"suite": suite.id, "device": ctx.device.kind, "jobs": rows, "parts": parts,
+                       **({"resume": str(run_dir), "final_points": final} if resume else {})}))
         return
     emit(rows, fmt, f"Plan: suite {suite.id} on {ctx.device.name} (estimates, tokenfleet.measure.plan)")
     emit(parts, fmt, "Estimated seconds per part")
+    if note:
+        typer.echo(f"note: {note}", err=fmt == "csv")
 
 
 @app.command()
@@ -92,11 +106,11 @@ def bench(suite: Annotated[str | None, typer.Option("--suite", "-s", metavar="NA
     from tokenfleet.results import read_run
 
     check_format(fmt)
-    if plan:
-        print_plan(suite, device, fmt)
-        return
     if resume and out:
         raise ConfigError("--out", None, "--out and --resume exclude each other (a resumed run keeps its folder)")
+    if plan:
+        print_plan(suite, device, fmt, resume)
+        return
     from tokenfleet.measure.distributed import under_launcher
 
     progress = not quiet and sys.stderr.isatty()

@@ -4,7 +4,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from tokenfleet.cli.common import FormatOpt, app, check_format, user_errors
+from tokenfleet.cli.common import FormatOpt, app, check_finite, check_format, user_errors
 from tokenfleet.output import emit, to_json
 
 
@@ -45,13 +45,15 @@ def compare(
     from tokenfleet.report.compare import COLUMNS, compare
 
     check_format(fmt)
+    check_finite({"--fail-over": fail_over})
     cmp = compare(run_a, run_b)
     # Machine formats keep stdout parseable: the header and summary go to stderr there.
     to_err = fmt in ("json", "csv")
     typer.echo(cmp.header(), err=to_err)
     if fmt == "json":
         print(to_json({"a": cmp.a.run_id, "b": cmp.b.run_id, "device_a": cmp.a.device, "device_b": cmp.b.device,
-                       "cross_device": cmp.cross_device, "rows": cmp.rows}))
+                       "cross_device": cmp.cross_device, "ceilings": cmp.ceilings,
+                       "machines_differed": cmp.machines_differed, "rows": cmp.rows}))
     elif fmt == "csv":
         emit(cmp.rows, fmt, columns=COLUMNS + ["throughput_field", "cross_device"])
     else:
@@ -86,8 +88,13 @@ def _interval(r: dict) -> tuple[float, float] | None:
 
 
 def regression_text(r: dict) -> str:
+    if r["changed"] == "contended":
+        return f"not judged: measured on a shared machine ({r['note']}); --resume that run on a quiet machine"
     if r["changed"] != "slower":
         return f"failed ({r['note']})"
+    if r.get("rel_ratio") is not None:
+        return (f"slower x{r['rel_ratio']:.3f} against each run's own ceiling (interval x{r['rel_lo']:.3f}.."
+                f"x{r['rel_hi']:.3f}; raw time x{r['time_ratio']:.3f})")
     ci = _interval(r)
     if ci:
         return f"slower x{r['time_ratio']:.3f} (interval x{ci[0]:.3f}..x{ci[1]:.3f} on B/A)"

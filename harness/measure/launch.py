@@ -87,6 +87,10 @@ def merge(point: dict, outcomes: list[dict]) -> tuple[dict, bool]:
     if failed and point["status"] not in ("error", "oom"):
         r, o = failed[0]
         point.update(status=o["status"], error=f"rank {r}: {o['error']}")
+    shared = [(r, o) for r, o in enumerate(outcomes) if o["status"] == "contended"]  # tokenfleet.measure.load
+    if shared and point["status"] in results.USABLE:
+        r, o = shared[0]
+        point.update(status="contended", error=f"rank {r}: {o['error']}")
     point["median_ms_by_rank"] = [o.get("median_ms") for o in outcomes]
     tele = [o.get("telemetry") for o in outcomes]
     if any(tele):

@@ -2,8 +2,8 @@
 (ceilings first, then decode, prefill, kernels), then the ceilings again (their drift between start and end goes
 into the manifest).
 
-A job's failure is a row with its status (`oom`, `error`, `incorrect`, `above_ceiling`), never a crash and never
-dropped.
+A job's failure is a row with its status (`oom`, `error`, `incorrect`, `above_ceiling`; `contended`: measured while
+other work used the machine, `measure.load`), never a crash and never dropped.
 A point is identified by its job's key. With `resume`, the run's own suite (from its manifest) is planned again and
 only the jobs without a final point (`results.FINAL`: ok, skipped) are measured; their new points replace the old.
 The run folder has one writer: `results.RunWriter` holds its lock until the run (and `after`) is done.
@@ -23,6 +23,7 @@ from tokenfleet import provenance, results
 from tokenfleet.config import ConfigError
 from tokenfleet.files import WriteError
 from tokenfleet.hardware import Hardware, load_hardware
+from tokenfleet.measure import load
 from tokenfleet.measure.context import Job, RunContext
 from tokenfleet.measure.device import DeviceInfo, detect, telemetry
 from tokenfleet.measure.parts import ceilings as ceilings_part
@@ -41,6 +42,8 @@ def _failure(exc: BaseException) -> dict:
 def execute(job: Job, ctx: RunContext) -> dict:
     """Run one job into a point: key + measurements + derived rates + status. Never raises for job errors."""
     t0 = time.perf_counter()
+    watch = load.meter(ctx.device.kind, torch.cuda.current_device() if ctx.on_gpu else None)
+    watch.begin()
     try:
         measured = job.run(ctx) or {}
     except KeyboardInterrupt:
@@ -55,6 +58,7 @@ def execute(job: Job, ctx: RunContext) -> dict:
     if point.get("median_ms") and status in results.USABLE:
         derived = ctx.metrics(point.get("flops"), point.get("bytes"), point["median_ms"], job.key.get("dtype", ""))
         point = ctx.judge({**derived, **point})  # above its measured ceiling: `above_ceiling`, not usable
+    point = load.judge(point, watch.end(), results.USABLE)  # measured beside other work: `contended`, not usable
     if ctx.on_gpu and status in results.USABLE and "telemetry" not in point:
         # Read just after the samples (probes poll during theirs): a clock event here explains a slow point.
         point["telemetry"] = telemetry(torch.cuda.current_device())
@@ -134,7 +138,8 @@ def run_suite(suite_name: str | None = None, out: str | Path | None = None, resu
             raise
         finally:
             gc.unfreeze()  # a caller that goes on (tests, a notebook) collects as before
-        writer.finish(ceilings=ctx.ceilings, finished=_now(), **_drift(ctx.ceilings, list(writer.points.values())))
+        writer.finish(ceilings=ctx.ceilings, finished=_now(), **_drift(ctx.ceilings, list(writer.points.values())),
+                      load=load.summary(list(writer.points.values())))
         _link_latest(run_dir)
         if after:
             after(run_dir)

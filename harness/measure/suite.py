@@ -73,7 +73,27 @@ def suite_from_dict(data: dict, path: str) -> Suite:
             raise ConfigError(path, f"{name}.{err.field}" if err.field else name, err.message) from None
     if not parts:
         raise ConfigError(path, None, f"a suite needs at least one of: {', '.join(PARTS)}")
+    for name, length in (("prefill", "prompt_len"), ("decode", "context")):
+        if name in parts:
+            check_context(parts[name], name, length, path)
     return Suite(file, parts, str(path))
+
+
+def check_context(spec: BaseModel, part: str, length: str, path: str) -> None:
+    """Every length a model section asks for (its grid's and its fp8 grid's) fits each of its models' context window
+    (max_position_embeddings), as `project` refuses a workload that does not: a longer one is refused at load, not
+    measured past what the model was built for."""
+    from tokenfleet.model.spec import load_model_config
+
+    grids = [("", spec)] + ([("fp8.", spec.fp8)] if getattr(spec, "fp8", None) else [])
+    for prefix, grid in grids:
+        lengths = getattr(grid, length) or getattr(spec, length)
+        for m in grid.models or spec.models:
+            limit = load_model_config(m).max_position_embeddings
+            for i, n in enumerate(lengths):
+                if n > limit:
+                    raise ConfigError(path, f"{part}.{prefix}{length}.{i}",
+                                      f"{n} tokens exceed {m}'s context of {limit}")
 
 
 def load_suite(name_or_path: str) -> Suite:

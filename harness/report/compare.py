@@ -6,6 +6,12 @@ A change is claimed only when it is outside the noise: where both points kept th
 bootstrap interval of the ratio of medians (`faster` when the interval lies below 1, `slower` above; --fail-over
 gates on the interval's lower end clearing the threshold); for older runs without samples, when the ratio is
 further from 1 than the noisier side's spread (p80-p20)/median.
+
+A busy or different machine moves every time, so where both runs carry the ceiling a point is judged against (its
+`ceiling_name`: copy, read, matmul or matvec of its dtype), the point is judged on its efficiency, each run's point
+against its own run's ceiling: the time ratio times the ceilings' ratio B/A (`rel_ratio`, its interval widened by
+the two ceilings' own noise), with the raw time ratio and its verdict beside (`time_ratio`, `changed_raw`). A ceiling
+that differs between the runs beyond its noise and by more than MACHINE_LIMIT is reported: the machines differed.
 """
 
 from __future__ import annotations
@@ -16,18 +22,21 @@ from pathlib import Path
 
 import numpy as np
 from tokenfleet.config import ConfigError
-from tokenfleet.results import USABLE, Run, load_run, resolve_run
+from tokenfleet.results import USABLE, Run, flat_ceilings, load_run, manifest_json, resolve_run
 
 THROUGHPUT = ("tokens_per_s", "tflops", "gbps", "value")  # first one both sides have; all are higher-is-better
 NAME_FIELDS = ("kind", "op", "model", "backend", "dtype")
 KIND_ORDER = {"ceiling": 0, "kernel": 1, "prefill": 2, "decode": 3}
 COLUMNS = ["kind", "name", "backend", "dtype", "shape", "status_a", "status_b", "median_ms_a", "median_ms_b",
-           "time_ratio", "ratio_lo", "ratio_hi", "throughput_ratio", "spread_a", "spread_b", "changed", "method",
-           "note"]
+           "time_ratio", "ratio_lo", "ratio_hi", "changed_raw", "rel_ratio", "rel_lo", "rel_hi", "throughput_ratio",
+           "spread_a", "spread_b", "changed", "method", "note"]
 RESAMPLES = 2000  # bootstrap resamples per point pair
 CONFIDENCE = 0.95  # of the interval on the ratio of medians
 MIN_SAMPLES = 5  # fewer kept samples on either side: the spread rule instead
 SEED = 0  # the same two runs always give the same intervals
+# Ceilings further apart than this (and beyond their noise): the machines differed. The same limit as a ceiling's
+# drift within one run (tokenfleet.measure.parts.ceilings.DRIFT_LIMIT; tests/test_compare.py holds them equal).
+MACHINE_LIMIT = 0.05
 
 
 @dataclass
@@ -35,6 +44,12 @@ class Comparison:
     a: Run
     b: Run
     rows: list[dict] = field(default_factory=list)
+    ceilings: dict[str, dict] = field(default_factory=dict)  # name -> ratio B/A, its interval, differed
+
+    @property
+    def machines_differed(self) -> list[str]:
+        """The ceilings that differ beyond their noise and by more than MACHINE_LIMIT, as 'name xRATIO'."""
+        return [f"{k} x{c['ratio']:.3f}" for k, c in self.ceilings.items() if c["differed"]]
 
     @property
     def cross_device(self) -> bool:
@@ -44,31 +59,38 @@ class Comparison:
         line = f"A: {self.a.run_id} ({self.a.device})  vs  B: {self.b.run_id} ({self.b.device}); ratios are B/A"
         if self.cross_device:
             line += "\ncross-device comparison: the ratios compare devices, not code changes"
+        if self.machines_differed:
+            line += ("\nthe machines differed: ceilings B/A " + ", ".join(self.machines_differed) + " beyond their "
+                     "noise; points are judged against their own run's ceilings (rel_ratio), raw time ratios beside")
         return line
 
     def summary(self) -> str:
         counts: dict[str, int] = {}
         for r in self.rows:
             counts[r["changed"]] = counts.get(r["changed"], 0) + 1
-        return "compared: " + (", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no points")
+        text = "compared: " + (", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no points")
+        rel = sum(r.get("rel_ratio") is not None for r in self.rows)
+        if rel:
+            text += f" ({rel} judged against each run's own ceilings)"
+        if self.machines_differed:
+            text += "; the machines differed: " + ", ".join(self.machines_differed)
+        return text
 
     def regressions(self, pct: float) -> list[dict]:
         """Points slower beyond their noise by more than `pct` percent (with samples: the interval's lower end is
-        above 1 + pct/100), and points ok in A that fail in B."""
+        above 1 + pct/100; against each run's own ceiling where both carry it), points ok in A that fail in B, and
+        points either run measured on a shared machine (`contended`: unjudged, so not passed).
+        A slower ceiling is the machine, not the code: it is reported (`machines_differed`), not gated."""
         def over(r):
-            slow = r["ratio_lo"] if r.get("method") == "bootstrap" else r["time_ratio"]
+            rel = r.get("rel_ratio") is not None
+            if r.get("method") == "bootstrap":
+                slow = r["rel_lo"] if rel else r["ratio_lo"]
+            else:
+                slow = r["rel_ratio"] if rel else r["time_ratio"]
             return slow is not None and (slow - 1) * 100 > pct
 
-        return [r for r in self.rows if r["changed"] == "failed" or (r["changed"] == "slower" and over(r))]
-
-
-def _schema_version(run_dir: Path):
-    try:
-        return json.loads((run_dir / "manifest.json").read_text()).get("schema_version")
-    except (OSError, ValueError, AttributeError):
-        return None  # read_run names the real problem
-
-
+        return [r for r in self.rows if r["changed"] in ("failed", "contended")
+                or (r["changed"] == "slower" and r["kind"] != "ceiling" and over(r))]
 
 
 def median_ratio_interval(a: list[float], b: list[float], resamples: int = RESAMPLES,
@@ -110,18 +132,74 @@ def _ident(key: str) -> dict:
             "dtype": ident.get("dtype"), "shape": shape}
 
 
-def _pair(key: str, a: dict | None, b: dict | None) -> dict:
+def _verdict(lo: float, hi: float) -> str:
+    return "faster" if hi < 1 else "slower" if lo > 1 else "same"
+
+
+def _ceiling_point(run: Run, name: str) -> dict | None:
+    """The point that set a run's ceiling `name` (copy_gbps, read_gbps, matvec_gbps.DT, matmul_tflops.DT): the
+    best usable start probe of that op and dtype."""
+    op, _, dtype = name.partition(".")
+    op = op.split("_")[0]
+    cands = [p for p in run.usable("ceiling") if p.get("op") == op and p.get("phase") is None
+             and (not dtype or p.get("dtype") == dtype) and p.get("value")]
+    return max(cands, key=lambda p: p["value"]) if cands else None
+
+
+def ceiling_ratios(a: Run, b: Run) -> dict[str, dict]:
+    """Each ceiling both runs measured: its ratio B/A, an interval from the two probes' samples (bootstrap of their
+    relative spreads; else +- the larger spread), and whether it differed beyond that and by > MACHINE_LIMIT."""
+    ca, cb = flat_ceilings(a.ceilings), flat_ceilings(b.ceilings)
+    out = {}
+    for name in (k for k in ca if k in cb):
+        ratio = cb[name] / ca[name]
+        pa, pb = _ceiling_point(a, name), _ceiling_point(b, name)
+        sa, sb = (_samples(pa), _samples(pb)) if pa and pb else (None, None)
+        if sa and sb:  # the time-ratio interval of each probe about its own median, as a throughput interval
+            lo_t, hi_t = median_ratio_interval([x / np.median(sa) for x in sa], [x / np.median(sb) for x in sb])
+            lo, hi = ratio / hi_t, ratio / lo_t
+        else:
+            noise = max((_spread(p) or 0.0) for p in (pa, pb)) if pa and pb else 0.0
+            lo, hi = ratio * (1 - noise), ratio * (1 + noise)
+        differed = (lo > 1 or hi < 1) and abs(ratio - 1) > MACHINE_LIMIT
+        out[name] = {"ratio": ratio, "lo": lo, "hi": hi, "differed": differed}
+    return out
+
+
+def _relative(row: dict, a: dict, b: dict, ceilings: dict[str, dict]) -> None:
+    """Judge a timed point against each run's own ceiling: time ratio x ceiling ratio B/A (>1: B used less of its
+    machine), its interval the product of the two intervals; the raw verdict kept in `changed_raw`."""
+    name = a.get("ceiling_name")
+    c = ceilings.get(name) if name and name == b.get("ceiling_name") and a.get("kind") != "ceiling" else None
+    row["changed_raw"] = row["changed"]
+    if c is None or row["time_ratio"] is None or row["changed"] not in ("faster", "slower", "same"):
+        return
+    row["rel_ratio"] = row["time_ratio"] * c["ratio"]
+    if row["method"] == "bootstrap":
+        row["rel_lo"], row["rel_hi"] = row["ratio_lo"] * c["lo"], row["ratio_hi"] * c["hi"]
+    else:
+        noise = max(row["spread_a"], row["spread_b"]) + (c["hi"] - c["lo"]) / 2 / c["ratio"]
+        row["rel_lo"], row["rel_hi"] = row["rel_ratio"] - noise, row["rel_ratio"] + noise
+    row["changed"] = _verdict(row["rel_lo"], row["rel_hi"]) if row["method"] == "bootstrap" else (
+        "same" if row["rel_lo"] <= 1 <= row["rel_hi"] else "faster" if row["rel_ratio"] < 1 else "slower")
+
+
+def _pair(key: str, a: dict | None, b: dict | None, ceilings: dict[str, dict] | None = None) -> dict:
     row = {**_ident(key), "status_a": a and a.get("status"), "status_b": b and b.get("status"),
            "median_ms_a": a and a.get("median_ms"), "median_ms_b": b and b.get("median_ms"),
            "time_ratio": None, "throughput_ratio": None, "throughput_field": None,
            "spread_a": a and _spread(a), "spread_b": b and _spread(b), "changed": None, "note": None,
-           "ratio_lo": None, "ratio_hi": None, "method": None}
+           "ratio_lo": None, "ratio_hi": None, "method": None, "changed_raw": None, "rel_ratio": None,
+           "rel_lo": None, "rel_hi": None}
     if a is None or b is None:
         row["changed"] = "only_b" if a is None else "only_a"
         return row
     a_ok, b_ok = a.get("status") in USABLE, b.get("status") in USABLE
     if not (a_ok and b_ok):
-        row["changed"] = "failed" if a_ok else "n/a"
+        # A point measured on a shared machine has no number to judge: `contended`, and the gate fails on it as on a
+        # failure (a busy machine must not pass for a regression-free one); --resume measures it again.
+        row["changed"] = ("contended" if "contended" in (a.get("status"), b.get("status")) and
+                          {a.get("status"), b.get("status")} <= USABLE | {"contended"} else "failed" if a_ok else "n/a")
         row["note"] = "; ".join(f"{s}: {p.get('status')} {p.get('error') or ''}".strip()
                                 for s, p in (("A", a), ("B", b)) if p.get("status") not in USABLE)
         return row
@@ -140,25 +218,29 @@ def _pair(key: str, a: dict | None, b: dict | None) -> dict:
     elif sa and sb:
         lo, hi = median_ratio_interval(sa, sb)
         row.update(ratio_lo=lo, ratio_hi=hi, method="bootstrap")
-        row["changed"] = "faster" if hi < 1 else "slower" if lo > 1 else "same"
+        row["changed"] = _verdict(lo, hi)
     else:
         row["method"] = "spread"
         row["changed"] = "same" if abs(ratio - 1) <= max(row["spread_a"], row["spread_b"]) else (
             "faster" if ratio < 1 else "slower")
+    _relative(row, a, b, ceilings or {})
     return row
 
 
 def compare(run_a: str | Path, run_b: str | Path) -> Comparison:
     da, db = resolve_run(run_a), resolve_run(run_b)
-    va, vb = _schema_version(da), _schema_version(db)
+    # Each manifest read as JSON first, A's before B's (a problem names its own file), the versions compared before
+    # either is read as this build's schema: one of them may be a schema this build does not know.
+    va, vb = (manifest_json(d).get("schema_version") for d in (da, db))
     if va != vb:  # refuse before reading either: one of them is a schema this build may not know
         raise ConfigError(db / "manifest.json", "schema_version",
                           f"{vb!r} differs from {va!r} of run A ({da}): runs of different schema versions are not "
                           "comparable")
     cmp = Comparison(load_run(da), load_run(db))
+    cmp.ceilings = ceiling_ratios(cmp.a, cmp.b)
     pa, pb = cmp.a.by_key(), cmp.b.by_key()
     keys = list(pa) + [k for k in pb if k not in pa]
-    rows = [_pair(k, pa.get(k), pb.get(k)) for k in keys]
+    rows = [_pair(k, pa.get(k), pb.get(k), cmp.ceilings) for k in keys]
     for r in rows:
         r["cross_device"] = cmp.cross_device
     cmp.rows = sorted(rows, key=lambda r: (r["changed"] in ("only_a", "only_b"), KIND_ORDER.get(r["kind"], 9),

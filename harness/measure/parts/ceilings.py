@@ -226,13 +226,7 @@ def end_jobs(spec: Spec, ctx: RunContext, points: list[dict]) -> list[Job]:
 
 def flat(ceilings: dict) -> dict[str, float]:
     """{'copy_gbps': v, 'read_gbps': v, 'matmul_tflops.bf16': v, ...}: every measured value under one name."""
-    out = {}
-    for name, v in ceilings.items():
-        if isinstance(v, dict):
-            out.update({f"{name}.{dt}": x for dt, x in v.items() if x})
-        elif v:
-            out[name] = v
-    return out
+    return results.flat_ceilings(ceilings)
 
 
 def drift(start: dict, end: dict, limit: float = DRIFT_LIMIT) -> dict:

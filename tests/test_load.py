@@ -1,0 +1,270 @@
+"""Runs that know when the machine was not their own (issue 24): what else used the CPU (fake /proc) and the GPU (fake
+NVML) around each point, `contended` points (not usable, measured again on --resume), and the manifest's summary.
+The live demonstration (a CPU-bound neighbour started halfway through a run) needs a quiet machine: these tests use
+fake readings, whatever else runs beside them."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from tokenfleet import results
+from tokenfleet.measure import load
+
+PID = 4242
+HZ = 100.0
+
+
+class FakeProc:
+    """A /proc with a machine's CPU ticks (stat), a load average, this process (PID) and one child of it."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.busy = self.steal = self.idle = 0
+        self.ours = self.child = 0
+        self.write()
+
+    def tick(self, seconds: float, ours_cores: float = 1.0, others_cores: float = 0.0, steal_cores: float = 0.0,
+             cpus: int = 2, child_cores: float = 0.0) -> None:
+        t = seconds * HZ
+        self.ours += round(ours_cores * t)
+        self.child += round(child_cores * t)
+        self.busy += round((ours_cores + child_cores + others_cores) * t)
+        self.steal += round(steal_cores * t)
+        self.idle += max(0, round(cpus * t) - round((ours_cores + child_cores + others_cores + steal_cores) * t))
+        self.write()
+
+    def write(self) -> None:
+        r = self.root
+        # user nice system idle iowait irq softirq steal guest guest_nice
+        (r / "stat").write_text(f"cpu  {self.busy} 0 0 {self.idle} 0 0 0 {self.steal} 0 0\ncpu0 0 0 0 0 0 0 0 0 0 0\n")
+        (r / "loadavg").write_text("0.42 0.30 0.20 1/100 4300\n")
+        for pid, ppid, ticks in ((PID, 1, self.ours), (PID + 1, PID, self.child)):
+            d = r / str(pid)
+            (d / "task" / str(pid)).mkdir(parents=True, exist_ok=True)
+            # pid (comm) state ppid ... utime(14) stime(15) cutime(16) cstime(17): the name holds a space and a ')'
+            fields = ["S", str(ppid)] + ["0"] * 9 + [str(ticks), "0", "0", "0"] + ["0"] * 5
+            (d / "stat").write_text(f"{pid} (py thon) x) {' '.join(fields)}\n")
+            kids = f"{PID + 1} " if pid == PID else ""
+            (d / "task" / str(pid) / "children").write_text(kids)
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    proc = FakeProc(tmp_path)
+    clock = Clock()
+    monkeypatch.setattr(load.time, "monotonic", clock)
+    monkeypatch.setattr(load.os, "getpid", lambda: PID)
+    monkeypatch.setenv(load.IGNORE_ENV, "0")
+    return proc, clock
+
+
+def _point(meter: load.Meter, proc: FakeProc, clock: Clock, seconds: float, **tick) -> dict:
+    meter.begin()
+    clock.t += seconds
+    proc.tick(seconds, **tick)
+    return meter.end()
+
+
+def test_quiet_machine_is_never_contended(fake):
+    proc, clock = fake
+    m = load.Meter("cpu", proc=proc.root, hz=HZ)
+    # This process and its compile worker busy on both cores, daemons at 2% of a core: nothing marked.
+    rec = [_point(m, proc, clock, s, ours_cores=1.5, child_cores=0.45, others_cores=0.02) for s in (0.05, 2.0, 0.3)]
+    assert all(r["contended"] == [] for r in rec)
+    assert rec[1]["others_cpu_cores"] == pytest.approx(0.02, abs=0.01) and rec[1]["loadavg_1m"] == 0.42
+    assert rec[1]["steal_share"] == 0.0
+
+
+def test_cpu_bound_neighbour_marks_points_contended(fake):
+    proc, clock = fake
+    m = load.Meter("cpu", proc=proc.root, hz=HZ)
+    quiet = _point(m, proc, clock, 1.0, ours_cores=1.0, others_cores=0.01)
+    busy = _point(m, proc, clock, 1.0, ours_cores=1.0, others_cores=1.0)  # a neighbour started halfway
+    assert quiet["contended"] == []
+    assert busy["others_cpu_cores"] == pytest.approx(1.0, abs=0.02)
+    assert busy["contended"] and "1.00 CPU cores" in busy["contended"][0]
+
+
+def test_short_point_is_judged_over_the_second_before_it(fake):
+    proc, clock = fake
+    m = load.Meter("cpu", proc=proc.root, hz=HZ)
+    _point(m, proc, clock, 2.0, ours_cores=1.0, others_cores=1.0)
+    short = _point(m, proc, clock, 0.05, ours_cores=1.0, others_cores=1.0)
+    assert short["window_s"] >= load.MIN_WINDOW_S and short["contended"]
+    # The first point of a run has no second before it: a few ticks of others over 50 ms are not enough.
+    first = _point(load.Meter("cpu", proc=proc.root, hz=HZ), proc, clock, 0.05, ours_cores=1.0, others_cores=1.0)
+    assert first["window_s"] < load.MIN_WINDOW_S and first["contended"] == []
+
+
+def test_steal_marks_points_contended(fake):
+    proc, clock = fake
+    m = load.Meter("cpu", proc=proc.root, hz=HZ)
+    r = _point(m, proc, clock, 2.0, ours_cores=1.0, steal_cores=0.5)
+    assert r["steal_share"] == pytest.approx(0.25) and "hypervisor" in r["contended"][0]
+
+
+def test_gpu_other_compute_process_marks_points_contended(fake):
+    proc, clock = fake
+    readings = {"pids": [PID], "util": 97.0}
+    m = load.Meter("cuda", gpu_index=0, proc=proc.root, hz=HZ, nvml=lambda i: (readings["pids"], readings["util"]))
+    alone = _point(m, proc, clock, 1.0, ours_cores=1.0, others_cores=0.9)  # the CPU is not what a GPU point uses
+    assert alone["gpu_other_processes"] == 0 and alone["gpu_util_pct"] == 97.0 and alone["contended"] == []
+    readings["pids"] = [PID, 999]
+    shared = _point(m, proc, clock, 1.0)
+    assert shared["gpu_other_processes"] == 1 and "1 other compute process" in shared["contended"][0]
+    # In a container NVML lists the host's pids, none of them ours: one of them is this process.
+    readings["pids"] = [77]
+    assert _point(m, proc, clock, 1.0)["contended"] == []
+    readings["pids"] = [77, 78]
+    assert _point(m, proc, clock, 1.0)["gpu_other_processes"] == 1
+    # No NVML: nothing said about the GPU, nothing marked.
+    none = load.Meter("cuda", gpu_index=0, proc=proc.root, hz=HZ, nvml=lambda i: None)
+    assert "gpu_other_processes" not in _point(none, proc, clock, 1.0)
+
+
+def test_ranks_of_one_run_are_not_each_others_neighbours(fake, monkeypatch):
+    """Under torchrun the ranks are siblings under the launcher: the run's tree starts there."""
+    proc, clock = fake
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setattr(load.os, "getppid", lambda: PID)  # this rank is the fake's child, PID the launcher
+    assert load.run_root() == PID and load.tree_pids(proc.root) == {PID, PID + 1}
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    assert load.run_root() == PID  # getpid, patched to PID by the fixture
+
+
+def test_a_rank_measured_on_a_shared_gpu_makes_the_point_contended():
+    from tokenfleet.measure.launch import merge
+
+    ok = {"status": "ok", "error": None, "median_ms": 1.0, "raised": False}
+    shared = {**ok, "status": "contended", "error": "measured on a shared machine: 1 other compute process"}
+    point, stop = merge({"kind": "decode", "status": "ok", "median_ms": 1.0}, [ok, shared])
+    assert point["status"] == "contended" and point["error"].startswith("rank 1: measured on a shared machine")
+    assert not stop
+    point, _ = merge({"kind": "decode", "status": "error", "error": "boom"}, [ok, shared])
+    assert point["status"] == "error"  # a failure stays a failure
+
+
+def test_no_proc_records_nothing_and_marks_nothing(tmp_path):
+    m = load.Meter("cpu", proc=tmp_path / "absent", hz=HZ)
+    m.begin()
+    assert m.end() == {"contended": []}
+
+
+def test_judge_marks_only_usable_points_and_respects_the_switch(monkeypatch):
+    rec = {"others_cpu_cores": 1.2, "contended": ["other processes used 1.20 CPU cores"]}
+    monkeypatch.setenv(load.IGNORE_ENV, "0")
+    p = load.judge({"status": "ok", "median_ms": 2.0}, rec, results.USABLE)
+    assert p["status"] == "contended" and p["median_ms"] == 2.0 and "shared machine" in p["error"]
+    assert load.judge({"status": "error", "error": "boom"}, rec, results.USABLE)["status"] == "error"
+    monkeypatch.setenv(load.IGNORE_ENV, "1")
+    assert load.judge({"status": "ok"}, rec, results.USABLE)["status"] == "ok"
+
+
+def test_contended_is_a_status_that_is_not_usable_and_is_measured_again():
+    assert "contended" in results.STATUSES
+    assert "contended" not in results.USABLE and "contended" not in results.FINAL
+
+
+def _neighbour(monkeypatch, from_point: int):
+    """Every Meter reads as if a CPU-bound neighbour ran from the `from_point`-th point of the run on."""
+    state = {"n": 0}
+
+    def end(self):
+        state["n"] += 1
+        busy = state["n"] >= from_point
+        return {"window_s": 1.0, "others_cpu_cores": 1.0 if busy else 0.01, "others_cpu_s": 1.0 if busy else 0.01,
+                "steal_share": 0.0, "contended": ["other processes used 1.00 CPU cores (limit 0.5)"] if busy else []}
+
+    monkeypatch.setattr(load.Meter, "end", end)
+    monkeypatch.setenv(load.IGNORE_ENV, "0")
+
+
+def test_run_with_a_neighbour_halfway_has_contended_points_and_resume_measures_them_again(tmp_path, monkeypatch):
+    from conftest import TINY_CEILINGS_SUITE
+    from tokenfleet.measure.runner import run_suite
+
+    suite = tmp_path / "tiny.yaml"
+    suite.write_text(TINY_CEILINGS_SUITE.format(id="tiny").replace("copy_mb: 8", "copy_mb: 8\n  end_probe: false"))
+    _neighbour(monkeypatch, from_point=4)
+    run = run_suite(str(suite), out=tmp_path / "run", progress=False)
+    manifest, points = results.read_run(run)
+    statuses = [p["status"] for p in points]
+    assert set(statuses[:3]) <= results.USABLE and set(statuses[3:]) == {"contended"}, statuses  # ok, or noisy
+    assert all(p["load"]["others_cpu_cores"] is not None for p in points)
+    assert manifest["load"]["judged"] is True and manifest["load"]["contended"] == len(points) - 3
+    assert manifest["load"]["limits"]["cpu_cores"] == load.CPU_CORES_LIMIT
+    # A contended probe sets no ceiling: the copy probe (first) does, the mat-vec probe (last) does not.
+    assert [p["op"] for p in points][0] == "copy" and points[-1]["op"] == "matvec"
+    assert manifest["ceilings"]["copy_gbps"] and manifest["ceilings"]["matvec_gbps"] == {}
+
+    _neighbour(monkeypatch, from_point=10**6)  # the neighbour has gone: the resume measures them again, ok
+    run_suite(None, resume=run, progress=False)
+    _, again = results.read_run(run)
+    assert len(again) == len(points) and {p["status"] for p in again} <= results.USABLE
+    lines = (run / "points.jsonl").read_text().splitlines()
+    assert len(lines) == len(points)  # compacted: one record per key
+
+
+def test_ignored_load_is_recorded_in_the_manifest(tmp_path, monkeypatch):
+    from conftest import TINY_CEILINGS_SUITE
+    from tokenfleet.measure.runner import run_suite
+
+    suite = tmp_path / "tiny.yaml"
+    suite.write_text(TINY_CEILINGS_SUITE.format(id="tiny").replace("copy_mb: 8", "copy_mb: 8\n  end_probe: false"))
+    _neighbour(monkeypatch, from_point=1)
+    monkeypatch.setenv(load.IGNORE_ENV, "1")
+    run = run_suite(str(suite), out=tmp_path / "run", progress=False)
+    manifest, points = results.read_run(run)
+    assert {p["status"] for p in points} <= results.USABLE and manifest["load"]["judged"] is False
+    assert manifest["load"]["over_limits"] == len(points)
+
+
+def test_live_snapshot_reads_this_machine():
+    """On Linux the real /proc parses: this process is in its own tree, and the numbers are finite."""
+    if not Path("/proc/stat").exists():
+        pytest.skip("no /proc")
+    s = load.cpu_snapshot()
+    assert s is not None and s.total >= s.busy >= 0 and s.ours >= 0
+    assert os.getpid() in load.tree_pids()
+    json.dumps(load.summary([]), allow_nan=False)
+
+
+def test_nvml_reader_inits_once_and_reads_processes(monkeypatch):
+    """The NVML reading with a fake pynvml: one nvmlInit for many points, the handle by index where torch gives no
+    UUID (no GPU here), compute processes' pids and the utilization."""
+    import sys
+    import types
+
+    calls = {"init": 0}
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: calls.__setitem__("init", calls["init"] + 1),
+        nvmlDeviceGetHandleByUUID=lambda u: (_ for _ in ()).throw(RuntimeError("no uuid")),
+        nvmlDeviceGetHandleByIndex=lambda i: f"h{i}",
+        nvmlDeviceGetComputeRunningProcesses=lambda h: [types.SimpleNamespace(pid=1), types.SimpleNamespace(pid=2)],
+        nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=55))
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    read = load.NvmlReader()
+    assert read(0) == ([1, 2], 55.0) and read(0) == ([1, 2], 55.0) and calls["init"] == 1
+    monkeypatch.setattr(fake, "nvmlDeviceGetComputeRunningProcesses", lambda h: 1 / 0)
+    assert read(0) is None and not read.unavailable  # one failed reading, not a dead reader
+    broken = types.SimpleNamespace(nvmlInit=lambda: 1 / 0)
+    monkeypatch.setitem(sys.modules, "pynvml", broken)
+    dead = load.NvmlReader()
+    assert dead(0) is None and dead.unavailable
+
+
+def test_steal_limit_is_the_drift_limit():
+    from tokenfleet.measure.parts.ceilings import DRIFT_LIMIT
+
+    assert load.STEAL_LIMIT == DRIFT_LIMIT
