@@ -24,8 +24,8 @@ on one GPU carrying T tokens (decode: b sequences × (1 + MTP drafts); prefill: 
                 simulated perfect balance (deployment.IMBALANCE_DEFAULT, 1.18)
     cache load  where cache hits live off the GPU (DeepSeek Day 6: "the on-disk KV cache", 3FS), each prompt's
                 cached tokens' KV (one copy per token) comes in over the node's storage link, shared by its GPUs,
-                before its prefill: prefetched while the step before computes (3FS reads take no SMs), so the
-                step is max(the step above, the load); `cache_load_s` says how long the load took
+                before its prefill: prefetched while the step before computes (assumed: the NIC and copy engines
+                move it, no SMs), so the step is max(the step above, the load); `cache_load_s` says how long
 
 Each op is max(flops/(peak·e_c), bytes/(bandwidth·e_m)) with the calibrated or default efficiencies; the attention
 core runs at the bf16 peak (DeepSeek Day 6: "core MLA computations ... BF16").
