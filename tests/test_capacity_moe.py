@@ -117,6 +117,59 @@ def test_prefill_decode_split_and_cache_hits():
     assert pre["kv_transfer_ms"] > 0 and pre["ttft_ms"] > pre["kv_transfer_ms"]
 
 
+
+def test_cache_hits_loaded_from_an_off_gpu_cache():
+    """Day 6's hits come from the on-disk KV cache (3FS): each prompt's cached KV is loaded over the node's storage
+    link, shared by its 8 GPUs, prefetched: the step is max(compute step, load), and TTFT waits for its own load."""
+    pre = dict(kind="prefill", ep=32, imbalance=1.0)
+    seqs, cached = 8.0, 2466.0
+    args = (0, 0, 16384, seqs, cached + 1024, cached + 2048, cached)
+    hbm = step(**pre).step(*args)
+    slow = step(**pre, cache_load_gbps=1.0).step(*args)
+    kv = DS.kv_bytes_per_token(2)
+    assert hbm["cache_load_s"] == 0.0
+    assert slow["cache_load_s"] == pytest.approx(seqs * cached * kv / (1e9 / 8))
+    assert slow["step_s"] == pytest.approx(slow["cache_load_s"] + slow["overhead_s"])  # binds
+    assert slow["step_s"] > hbm["step_s"]
+    fast = step(**pre, cache_load_gbps=42.9).step(*args)
+    assert 0 < fast["cache_load_s"] < hbm["step_s"] and fast["step_s"] == hbm["step_s"]  # hidden behind compute
+    d = load_deployment("deepseek-v3-day6")
+    w = wl(4383, 1211, 0.5625)
+    with_disk = project_deployment("deepseek-v3", "h800", w, d)["pools"]["prefill"]
+    in_hbm = project_deployment("deepseek-v3", "h800", w, d.model_copy(update={"cache_load_gbps_per_node": None}))
+    in_hbm = in_hbm["pools"]["prefill"]
+    # counted, and at Day 6's rates it does not bind: ~11% of the step on the 3FS client link
+    assert 0 < with_disk["cache_load_ms"] < 0.2 * with_disk["step_ms"] and in_hbm["cache_load_ms"] == 0
+    assert with_disk["input_tokens_per_s_per_gpu"] == pytest.approx(in_hbm["input_tokens_per_s_per_gpu"])
+    assert with_disk["ttft_ms"] > in_hbm["ttft_ms"]
+
+
+def test_day6_per_node_rates_are_averages_over_deployed_nodes():
+    """The reading the production prefill row's `expected_miss` rests on: Day 6's per-node rates are the day's tokens
+    over each phase's node-time (input/73.7k + output/14.8k node-equivalents = the 226.75 nodes deployed on average),
+    so they include prefill nodes' idle headroom; the decode rate is pinned by the 20-22 tokens/s per request (its
+    average batch per GPU = 1,850/21 = 88, what the TPOT limit gives), the prefill rate by nothing published."""
+    from tokenfleet.capacity.validate import load_published
+
+    rows = [r for r in load_published().rows if r.source == "deepseek-day6"]
+    fleet, = (r for r in rows if r.metric == "total")
+    pre, = (r for r in rows if r.metric == "prefill_input")
+    dec, = (r for r in rows if r.metric == "decode_output")
+    share = fleet.input_len / (fleet.input_len + fleet.output_len)  # 608B / 776B
+    nodes = fleet.published * share / pre.published + fleet.published * (1 - share) / dec.published
+    assert nodes == pytest.approx(fleet.published_gpus / 8, rel=0.005)
+    assert pre.expected_miss and "226.75" in pre.expected_miss
+    r = project_deployment("deepseek-v3", "h800", wl(4383, 1211, 0.5625, tpot=dec.tpot_ms), "deepseek-v3-day6")
+    assert r["pools"]["decode"]["batch_per_gpu"] == pytest.approx(dec.published / 8 / (1000 / dec.tpot_ms), rel=0.05)
+
+
+def test_profile_deployment_is_balanced_as_its_source_says():
+    """profile-data simulates "an absolutely balanced MoE routing": no expert imbalance on that deployment."""
+    d = load_deployment("deepseek-v3-profile")
+    assert d.imbalance == 1.0 and "absolutely balanced" in d.sources["imbalance"]
+    assert load_deployment("deepseek-v3-day6").imbalance == IMBALANCE_DEFAULT
+
+
 def test_mtp():
     """MTP: 1 + a tokens kept per step with one draft; the step verifies two tokens per sequence."""
     assert emitted_per_step(1, 0.85) == pytest.approx(1.85)

@@ -65,6 +65,10 @@ class DeploymentSpec(Strict):
     imbalance: float = Field(IMBALANCE_DEFAULT, ge=1, description=IMBALANCE_SOURCE)
     dispatch_bytes: float = Field(1.0, gt=0, description="bytes per dispatched activation: FP8 (DeepSeek Day 6)")
     combine_bytes: float = Field(2.0, gt=0, description="bytes per combined activation: BF16 (DeepSeek Day 6)")
+    cache_load_gbps_per_node: float | None = Field(
+        None, gt=0, description="cache hits held off the GPU (DeepSeek: on-disk 3FS): the KV of each prompt's hits "
+        "is loaded at this many GB/s per node, shared by its GPUs, prefetched (overlapped with compute); "
+        "None: hits are in HBM (vLLM/SGLang prefix caching)")
     mtp: MTP | None = None
     prefill: Pool | None = None
     decode: Pool | None = None

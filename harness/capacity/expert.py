@@ -22,6 +22,10 @@ on one GPU carrying T tokens (decode: b sequences × (1 + MTP drafts); prefill: 
     imbalance   every rank waits for the busiest at each dispatch and combine, so an expert-parallel step is the
                 balanced step × `imbalance`: the step-time ratio SGLang measured between its default EPLB and a
                 simulated perfect balance (deployment.IMBALANCE_DEFAULT, 1.18)
+    cache load  where cache hits live off the GPU (DeepSeek Day 6: "the on-disk KV cache", 3FS), each prompt's
+                cached tokens' KV (one copy per token) comes in over the node's storage link, shared by its GPUs,
+                before its prefill: prefetched while the step before computes (assumed: the NIC and copy engines
+                move it, no SMs), so the step is max(the step above, the load); `cache_load_s` says how long
 
 Each op is max(flops/(peak·e_c), bytes/(bandwidth·e_m)) with the calibrated or default efficiencies; the attention
 core runs at the bf16 peak (DeepSeek Day 6: "core MLA computations ... BF16").
@@ -84,6 +88,7 @@ class PoolStep:
     eff: Efficiency = field(default_factory=Efficiency)
     notes: list[str] = field(default_factory=list)
     alltoall: tuple[CollectiveCurve, str] | None = None  # a run's measured all-to-all at world size ep, and its label
+    cache_load_gbps: float | None = None  # GB/s per node that cache-hit KV is loaded at (None: the hits are in HBM)
 
     def __post_init__(self) -> None:
         m = self.m
@@ -136,15 +141,23 @@ class PoolStep:
         bd, bc = deepep_gbps(DEEPEP_NORMAL_GBPS, ep)
         return lat + d_bytes * remote / (bd * scale * 1e9), lat + c_bytes * remote / (bc * scale * 1e9)
 
+    def cache_load_s(self, cached_tokens: float) -> float:
+        """Seconds to bring `cached_tokens` cache hits' KV onto this GPU over its share of the node's storage link
+        (`cache_load_gbps` per node over GPUS_PER_NODE GPUs); 0 where the hits are in HBM."""
+        if not self.cache_load_gbps or cached_tokens <= 0:
+            return 0.0
+        return cached_tokens * self.kvb / (self.cache_load_gbps * 1e9 / GPUS_PER_NODE)
+
     # ---- one forward ----
     def _t(self, flops: float, nbytes: float, peak: float) -> float:
         return max(flops / peak, nbytes / self.bw)
 
     def step(self, dec_seqs: float, dec_ctx: float, pre_tokens: float = 0.0, pre_seqs: float = 0.0,
-             pre_ctx: float = 0.0, pre_kv_tokens: float = 0.0) -> dict:
+             pre_ctx: float = 0.0, pre_kv_tokens: float = 0.0, pre_cached: float = 0.0) -> dict:
         """One forward on one GPU: `dec_seqs` decoding sequences at context `dec_ctx` (each with 1 + MTP draft
         tokens, absorbed MLA) plus `pre_tokens` prefill tokens from `pre_seqs` prompts (attention at mean context
-        `pre_ctx`, reading `pre_kv_tokens` cached+new tokens per prompt). Returns the parts and the step."""
+        `pre_ctx`, reading `pre_kv_tokens` cached+new tokens per prompt, `pre_cached` of them cache hits loaded
+        over the storage link where `cache_load_gbps` is set). Returns the parts and the step."""
         m, g = self.m, self.group
         L, H = m.num_layers, m.hidden_size
         d = self.mtp_drafts
@@ -198,12 +211,13 @@ class PoolStep:
         else:
             step = compute + comm
         balanced = step + ar
-        step = balanced * self.imbalance + self.eff.overhead_ms * 1e-3
+        load = self.cache_load_s(pre_seqs * pre_cached)
+        step = max(balanced * self.imbalance, load) + self.eff.overhead_ms * 1e-3
         parts.update(dense_s=dense, moe_s=moe, head_s=head, dispatch_s=nl * disp, combine_s=nl * comb,
                      alltoall_s=comm, allreduce_s=ar, compute_s=compute, hidden_s=compute + comm + ar - balanced,
                      imbalance_s=balanced * (self.imbalance - 1), overhead_s=self.eff.overhead_ms * 1e-3,
                      expert_read_s=parts.get("expert_bytes", 0.0) / self.bw, kv_read_s=kv / self.bw,
-                     step_s=step, tokens=T)
+                     cache_load_s=load, step_s=step, tokens=T)
         return parts
 
     # ---- memory ----

@@ -7,8 +7,10 @@ sizes the prefill/decode split for the workload.
                   verifies 1 + d tokens per sequence and keeps e = 1 + a + … + a^d of them (MTP);
                   TPOT = T_step(b)/e; output tokens/s per GPU = b·e/T_step(b)
     prefill pool  N = tokens_per_gpu new tokens per step (n = I·(1−h) per prompt: cache hits skip their compute,
-                  their KV is read), or the largest N that meets the TTFT limit; new tokens/s per GPU = N/T_step;
-                  TTFT = ⌈n/N⌉·T_step(N) + the prompt's KV sent to the decode pool over the NIC
+                  their KV is read, and loaded from an off-GPU cache where the deployment says so:
+                  `cache_load_gbps_per_node`, overlapped), or the largest N that meets the TTFT limit; new tokens/s
+                  per GPU = N/T_step; TTFT = the prompt's cache load + ⌈n/N⌉·T_step(N) + the prompt's KV sent to the
+                  decode pool over the NIC
     split         a request costs n/P + O/D GPU-seconds (P, D: the pools' rates per GPU), so a fleet serving the
                   workload puts (n/P)/(n/P + O/D) of its GPUs in prefill; per GPU: (I+O)/(n/P + O/D) tokens/s
     mixed pool    continuous batching as `serving`: b decode sequences + b·n/O prefill tokens per step, under the
@@ -54,7 +56,8 @@ def _pool_step(m, hw, dtype, dep: DeploymentSpec, kind: str, eff: Efficiency, ru
                     imbalance=dep.imbalance if m.moe and p.gpus > 1 else 1.0, overlap=p.overlap, kind=kind,
                     mtp_drafts=dep.mtp.draft_tokens if dep.mtp and kind != "prefill" else 0,
                     dispatch_bytes=dep.dispatch_bytes, combine_bytes=dep.combine_bytes, eff=eff,
-                    alltoall=measured_alltoall(list(runs), hw.id, p.gpus) if m.moe else None)
+                    alltoall=measured_alltoall(list(runs), hw.id, p.gpus) if m.moe else None,
+                    cache_load_gbps=dep.cache_load_gbps_per_node)
 
 
 def _free_bytes(ps: PoolStep) -> float:
@@ -64,7 +67,7 @@ def _free_bytes(ps: PoolStep) -> float:
 def _breakdown(s: dict) -> dict:
     """Where one step's time goes, ms (compute parts, all-to-all, what the overlap hid)."""
     keys = ("attention_s", "dense_s", "moe_s", "head_s", "dispatch_s", "combine_s", "allreduce_s", "hidden_s",
-            "imbalance_s", "expert_read_s", "kv_read_s", "step_s")
+            "imbalance_s", "expert_read_s", "kv_read_s", "cache_load_s", "step_s")
     return {k.replace("_s", "_ms"): s[k] * 1e3 for k in keys}
 
 
@@ -95,8 +98,8 @@ def prefill_pool(ps: PoolStep, w: Workload, budget: int | None) -> dict:
     kv_send = w.input_len * ps.m.kv_bytes_per_token(dtype_bytes(ps.kv_dtype)) / (INTERNODE_GBPS * 1e9)
 
     def at(N: int) -> tuple[dict, float]:
-        s = ps.step(0, 0, N, N / n, cached + min(n, N) / 2, cached + min(n, N))
-        return s, math.ceil(n / N) * s["step_s"] + kv_send
+        s = ps.step(0, 0, N, N / n, cached + min(n, N) / 2, cached + min(n, N), cached)
+        return s, ps.cache_load_s(cached) + math.ceil(n / N) * s["step_s"] + kv_send
 
     cfg = budget or DEFAULT_PREFILL_TOKENS
     if _free_bytes(ps) < cfg * ps.kvb:
@@ -123,7 +126,7 @@ def mixed_pool(ps: PoolStep, w: Workload, cap: int | None, budget: int | None, a
     per = n / w.output_len * e  # prefill tokens each sequence brings per step
 
     def step(b):
-        return ps.step(b, C, b * per, b * e / w.output_len, cached + n / 2, cached + n)
+        return ps.step(b, C, b * per, b * e / w.output_len, cached + n / 2, cached + n, cached)
 
     kv_seq = ps.kvb * (w.input_len + w.output_len)
     b_mem = math.floor(_free_bytes(ps) / kv_seq)
@@ -136,8 +139,8 @@ def mixed_pool(ps: PoolStep, w: Workload, cap: int | None, budget: int | None, a
         return {"fits": False, "batch_per_gpu": 0, "batch_limit": "memory", "b_mem": b_mem}
     s = step(b)
     chunk = min(n, N)
-    pre = ps.step(0, 0, chunk, chunk / n, cached + chunk / 2, cached + chunk)["step_s"]
-    ttft = math.ceil(n / N) * pre
+    pre = ps.step(0, 0, chunk, chunk / n, cached + chunk / 2, cached + chunk, cached)["step_s"]
+    ttft = ps.cache_load_s(cached) + math.ceil(n / N) * pre
     out = b * e / s["step_s"]
     return {"fits": True, "gpus": ps.ep, "batch_per_gpu": b, "batch_limit": limit, "b_mem": b_mem, "b_slo": b_slo,
             "tokens_per_step": e, "tpot_ms": s["step_s"] / e * 1e3, "tpot_ok": b_slo >= 1, "ttft_ms": ttft * 1e3,
