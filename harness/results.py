@@ -63,6 +63,7 @@ MEASURED_FIELDS = {
     "reduction", "reductions_gbps",  # the read-only probe (parts/ceilings.py)
     "graphs_compiled",  # torch.compile graphs built in a first call (tokenfleet.model.backends.first_call)
     "fp8_accum", "quantization",  # how an fp8 GEMM accumulated and quantized its input (kernels/gemm_fp8.py)
+    "energy_j", "energy_s", "power_w_measured", "joules_per_token",  # NVML's energy counter over the samples
 }
 
 

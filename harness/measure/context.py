@@ -13,7 +13,7 @@ import torch
 from tokenfleet import results
 from tokenfleet.hardware import Hardware
 from tokenfleet.measure import timing
-from tokenfleet.measure.device import DeviceInfo, Poller, nvml_poller
+from tokenfleet.measure.device import DeviceInfo, Poller, energy_counter, nvml_poller
 
 if TYPE_CHECKING:
     from tokenfleet.measure.suite import Suite
@@ -69,6 +69,8 @@ class RunContext:
     ceilings: dict = field(default_factory=results.empty_ceilings)
     seed: int = 0
     inputs: LastInputs = field(default_factory=LastInputs)  # kernel inputs and reference shared by a point's backends
+    # NVML's energy counter (device.energy_counter), opened on the first GPU measurement: (reader or None, why not)
+    energy: tuple | None = field(default=None, repr=False)
 
     @property
     def torch_device(self) -> torch.device:
@@ -84,9 +86,18 @@ class RunContext:
         t = self.suite.file.timing
         kw = dict(device=self.torch_device, min_samples=t.min_samples, min_time_s=t.min_time_s,
                   warmup_s=t.warmup_s, max_samples=t.max_samples, noise_limit=self.suite.file.noise_limit,
-                  l2_bytes=self.device.l2_bytes)
+                  l2_bytes=self.device.l2_bytes, energy=self.energy_reader())
         kw.update(overrides)
         return timing.measure(fn, **kw)
+
+    def energy_reader(self) -> Callable[[], float] | None:
+        """On a GPU, the energy counter every point's samples are metered with (joules beside the polled power);
+        None on a CPU or where NVML has no counter (`energy[1]` says why)."""
+        if self.torch_device.type != "cuda":
+            return None
+        if self.energy is None:
+            self.energy = energy_counter(torch.cuda.current_device())
+        return self.energy[0]
 
     def poll(self) -> Poller:
         """Telemetry polled while a probe runs (`with ctx.poll() as p: ...; p.summary()`); nothing on a CPU."""
