@@ -28,6 +28,9 @@ KEEP_SAMPLES = 200  # samples stored with a point; beyond this, that many evenly
 GRAPH_REPLAY_S = 1e-3  # a replay spans at least this much GPU time, so its launch is a small part of it
 MAX_GRAPH_CALLS = 8192  # calls captured in one graph (capture time and graph memory stay small)
 LAUNCH_CALLS = 20  # eager calls timed on the host for `launch_us`
+# A sustained probe's burst rate is its warm-up's first BURST_S: as long as a point of the quick and gpu-check suites
+# is timed (0.05 s of warm-up and 0.1 s of samples), so points are compared with a roof measured as they are.
+BURST_S = 0.15
 
 _now_ns = time.perf_counter_ns  # the CPU clock; tests replace it with a fake one to check the logic, not the speed
 
@@ -50,6 +53,7 @@ class Timing:
     timing_note: str | None = None  # why a faster path was not taken (graph capture failed, copies out of memory)
     energy_j: float | None = None  # GPU: the device's energy counter over the samples (`energy=` given), joules
     energy_s: float | None = None  # ... over this many seconds of wall time (the samples, queued back to back)
+    burst_ms: float | None = None  # GPU, a warm-up >= 2 BURST_S (a probe): ms per call over its first BURST_S
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -182,18 +186,24 @@ def _first_call_ms(call: Callable[[], object]) -> float:
     return start.elapsed_time(end)
 
 
-def _warm(call: Callable[[], object], warmup_s: float) -> float:
+def _warm(call: Callable[[], object], warmup_s: float, burst: list | None = None) -> float:
     """Run `call` for at least `warmup_s` of wall time and return seconds per call (of the last batch). The GPU
     stays busy: a synchronize every ~20 ms of calls, not after each, because a sustained load is what brings on
-    the power and clock limits a probe must see."""
-    start, batch = time.perf_counter(), 1
+    the power and clock limits a probe must see. `burst` (a list): when the warm-up lasts at least twice BURST_S,
+    seconds per call over its first BURST_S are appended — the rate a point timed as briefly sees."""
+    start, batch, calls = time.perf_counter(), 1, 0
+    want_burst = burst is not None and warmup_s >= 2 * BURST_S
     while True:
         t = time.perf_counter()
         for _ in range(batch):
             call()
         torch.cuda.synchronize()
         now = time.perf_counter()
+        calls += batch
         per_call = (now - t) / batch
+        if want_burst and now - start >= BURST_S:
+            burst.append((now - start) / calls)
+            want_burst = False
         if now - start >= warmup_s:
             return per_call
         batch = max(1, min(10_000, int(0.02 / max(per_call, 1e-7))))
@@ -269,13 +279,14 @@ def _measure_cuda(fn, counts, flush_l2, l2_bytes, cuda_graph, noise_limit, energ
     call = fn
     if cuda_graph:
         call = _capture(lambda i: fn(), 1).replay
-    per_call = _warm(call, warmup_s)
+    burst: list[float] = []
+    per_call = _warm(call, warmup_s, burst)
     # Writing 2x the L2 between samples evicts whatever the previous sample left there: each reads from HBM.
     flush = torch.empty(2 * l2_bytes // 4, dtype=torch.int32, device="cuda") if flush_l2 else None
     n = _sample_count(per_call, min_samples, min_time_s, max_samples)
     samples, joules = metered(energy, lambda: _event_samples(call, n, flush))
     return Timing(first_call_ms=first_ms, cuda_graph=cuda_graph, graph_calls=1 if cuda_graph else None,
-                  **summarize(samples, noise_limit), **joules)
+                  burst_ms=burst[0] * 1e3 if burst else None, **summarize(samples, noise_limit), **joules)
 
 
 def _launch_us(fn, sets: list[tuple]) -> float:
