@@ -71,6 +71,7 @@ def test_nvml_follows_a_remapped_cuda_visible_devices(monkeypatch):
 
     # CUDA_VISIBLE_DEVICES=3: CUDA's device 0 is NVML's device 3. torch reports the UUID without NVML's prefix.
     state = fake_nvml.install(monkeypatch)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
     monkeypatch.setattr(device, "cuda_identity", lambda i: {"uuid": fake_nvml.uuid(3)[4:], "pci_bus_id": "x"})
     fields, why = device.read_nvml(0)
     assert why is None and fields["uuid"] == fake_nvml.uuid(3) and fields["nvml_lookup"] == "uuid"
@@ -94,8 +95,12 @@ def test_nvml_by_pci_bus_id_then_by_index_only_without_an_identity(monkeypatch):
     monkeypatch.setattr(device, "cuda_identity", lambda i: {})  # an old torch: no UUID, no bus id
     fields, _ = device.read_nvml(1)
     assert fields["uuid"] == fake_nvml.uuid(1) and fields["nvml_lookup"] == "index (unverified)"
-    # torch names a device NVML does not have: no fields from another GPU, and the reason kept
+    # torch names a device NVML does not have, under a remapped CUDA_VISIBLE_DEVICES: no fields from another GPU,
+    # and the reason kept (unmapped, NVML's index is the best guess left, and says so)
     monkeypatch.setattr(device, "cuda_identity", lambda i: {"uuid": "ffffffff-0000"})
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert device.read_nvml(0)[0]["nvml_lookup"] == "index (unverified): no UUID or bus id matched"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")
     fields, why = device.read_nvml(0)
     assert "uuid" not in fields and "no device matching CUDA device 0" in why
     read, why = device.energy_counter(0)

@@ -118,8 +118,8 @@ def cuda_identity(index: int) -> dict:
 
 def nvml_handle(pynvml, index: int) -> tuple[object, str]:
     """NVML's handle of CUDA device `index` and how it was found: by UUID (`GPU-…`, or `MIG-…`), else by PCI bus
-    id, else — only when torch gives neither — by NVML's index (`index (unverified)`: wrong under a remapped
-    CUDA_VISIBLE_DEVICES). Raises when torch names the device and NVML has no such device."""
+    id, else by NVML's index (`index (unverified)`: wrong under a remapped CUDA_VISIBLE_DEVICES, so there a device
+    torch names and NVML does not have raises instead)."""
     ident = cuda_identity(index)
     tried = []
     if ident.get("uuid"):
@@ -134,9 +134,10 @@ def nvml_handle(pynvml, index: int) -> tuple[object, str]:
             return pynvml.nvmlDeviceGetHandleByPciBusId(ident["pci_bus_id"]), "pci_bus_id"
         except Exception as e:  # noqa: BLE001
             tried.append(f"{ident['pci_bus_id']}: {e}")
-    if tried:
+    if tried and os.environ.get("CUDA_VISIBLE_DEVICES"):  # remapped: NVML's device `index` is another GPU
         raise RuntimeError(f"NVML has no device matching CUDA device {index} ({'; '.join(tried)})"[:400])
-    return pynvml.nvmlDeviceGetHandleByIndex(index), "index (unverified)"
+    return pynvml.nvmlDeviceGetHandleByIndex(index), "index (unverified)" + (": no UUID or bus id matched" if tried
+                                                                            else "")
 
 
 def read_nvml(index: int = 0) -> tuple[dict, str | None]:
