@@ -122,3 +122,33 @@ def test_project_uses_a_runs_measured_energy_for_measured_rows(tmp_path):
     assert old["power_source"].startswith("measured: NVML power read")
     none = project("llama-3.1-8b", "h200", w, "bf16", batch_cap=32)
     assert none["power_source"] == "datasheet TDP" and none["power_w_per_gpu"] == load_hardware("h200").tdp_w
+
+
+def test_a_gpu_context_meters_every_measurement_with_nvmls_counter(monkeypatch):
+    # RunContext.measure on a (fake) GPU: NVML's counter of the CUDA device found by UUID (CUDA 0 = NVML 2 here),
+    # opened once, read around the samples of every point: what the runner turns into power and joules per token.
+    import dataclasses
+
+    import fake_nvml
+    from test_timing import _fake_cuda
+    from tokenfleet.measure import device as D
+    from tokenfleet.measure.context import RunContext
+    from tokenfleet.measure.suite import Suite, SuiteFile, TimingSpec
+
+    _fake_cuda(monkeypatch)
+    state = fake_nvml.install(monkeypatch)
+    monkeypatch.setattr(D, "cuda_identity", lambda i: {"uuid": fake_nvml.uuid(2)})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    info = dataclasses.replace(D.detect("cpu"), kind="cuda", name="Fake GPU")
+    suite = Suite(SuiteFile(id="t", description="t", timing=TimingSpec(min_samples=4, min_time_s=1e-9, warmup_s=0.0,
+                                                                        max_samples=4)), {}, "t")
+    ctx = RunContext(device=info, suite=suite, datasheet=None)
+
+    def step():  # 2.5 J per call on NVML's device 2; another device's counter must not move the result
+        state.energy_mj[2] += 2500.0
+        state.energy_mj[0] += 1e6
+
+    for _ in range(2):
+        t = ctx.measure(step)
+        assert t.energy_j == pytest.approx(4 * 2.5) and t.energy_s >= 0
+    assert state.inits == 1 and ctx.energy[1] is None  # one nvmlInit for the run
