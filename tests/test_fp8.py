@@ -96,7 +96,7 @@ def test_baseline_scaled_mm():
 def test_both_sides_accumulate_alike(monkeypatch):
     # Issue 23: Triton's fp8 tl.dot on sm90 takes fast accumulation by default (max_num_imprecise_acc 2**30) while
     # _scaled_mm ran with use_fast_accum=False. Both sides now take one mode from FAST_ACCUM: what each is handed.
-    args = REGISTRY["gemm_fp8"].make_inputs({"m": 3, "n": 64, "k": 256, "scale": "tensor"}, FP8, "cpu", seed=4)
+    args = REGISTRY["gemm_fp8"].make_inputs({"m": 3, "n": 64, "k": 256, "scale": "tensor"}, FP8, DEVICE, seed=4)
     seen = {}
 
     class Launch:  # the Triton kernel's launcher, recording what it is handed
@@ -129,7 +129,8 @@ def test_baseline_quantizes_in_one_fused_kernel_on_a_gpu(monkeypatch):
     assert G8.point_fields("triton", "cuda")["quantization"] == "fused: one kernel (quantize_fp8)"
     assert G8.point_fields("compile", "cuda")["quantization"] == "torch ops fused by Inductor"
     op = REGISTRY["gemm_fp8"]
-    args = op.make_inputs({"m": 5, "n": 64, "k": 300, "scale": "tensor"}, FP8, "cpu", seed=6)
+    args = op.make_inputs({"m": 5, "n": 64, "k": 300, "scale": "tensor"}, FP8, DEVICE, seed=6)
+    monkeypatch.setattr(G8, "baseline_quantization", lambda *a, **k: "eager torch ops")
     eager = gemm_fp8_baseline(*args)
     calls = []
     monkeypatch.setattr(G8, "baseline_quantization", lambda *a, **k: "fused: one kernel (quantize_fp8)")
