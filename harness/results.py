@@ -66,6 +66,9 @@ MEASURED_FIELDS = {
     "reduction", "reductions_gbps",  # the read-only probe (parts/ceilings.py)
     "graphs_compiled",  # torch.compile graphs built in a first call (tokenfleet.model.backends.first_call)
     "load",  # what else used the machine while the point ran (tokenfleet.measure.load)
+    "fp8_accum", "quantization",  # how an fp8 GEMM accumulated and quantized its input (kernels/gemm_fp8.py)
+    "energy_j", "energy_s", "power_w_measured", "joules_per_token",  # NVML's energy counter over the samples
+    "burst_ms", "ceiling_basis",  # a probe's burst rate; which roof a point's fractions are of (measure.context)
 }
 
 
@@ -385,25 +388,31 @@ def empty_ceilings() -> dict:
 def add_ceiling(ceilings: dict, point: dict, replace: bool = True, phase: str | None = None) -> None:
     """Fold one ceiling point into a ceilings dict (copy_gbps, read_gbps, matvec_gbps[dtype], matmul_tflops[dtype];
     matmul is the best of its shapes and layouts). replace=False keeps a value already there (the manifest's, when
-    rebuilding a cut-short run's ceilings). Only points of `phase` fold: None, the start; "end", the re-probe."""
+    rebuilding a cut-short run's ceilings). Only points of `phase` fold: None, the start; "end", the re-probe.
+    A probe that kept its burst rate (`burst_ms`, the first moments of its warm-up) folds it too, as `burst_<name>`:
+    the roof for points timed as briefly (tokenfleet.measure.context.RunContext.roof)."""
     if point.get("kind", "ceiling") != "ceiling" or not usable(point) or point.get("value") is None:
         return
     if point.get("phase") != phase:
         return
     op, value = point.get("op"), point["value"]
-    if op in ("copy", "read"):
-        name = f"{op}_gbps"
-        if replace or not ceilings.get(name):
-            ceilings[name] = value
-    elif op == "matvec":
-        per_dtype = ceilings.setdefault("matvec_gbps", {})
-        if replace:
-            per_dtype[point["dtype"]] = value
-        else:
-            per_dtype.setdefault(point["dtype"], value)
-    elif op == "matmul":  # several shapes per dtype: the best one is the ceiling
-        per_dtype = ceilings.setdefault("matmul_tflops", {})
-        per_dtype[point["dtype"]] = max(value, per_dtype.get(point["dtype"]) or 0.0)
+    ms, burst_ms = point.get("median_ms"), point.get("burst_ms")
+    for prefix, v in (("", value), ("burst_", value * ms / burst_ms if ms and burst_ms else None)):
+        if v is None or (prefix and phase is not None):  # the end-of-run drift compares sustained probes only
+            continue
+        if op in ("copy", "read"):
+            name = f"{prefix}{op}_gbps"
+            if replace or not ceilings.get(name):
+                ceilings[name] = v
+        elif op == "matvec":
+            per_dtype = ceilings.setdefault(f"{prefix}matvec_gbps", {})
+            if replace:
+                per_dtype[point["dtype"]] = v
+            else:
+                per_dtype.setdefault(point["dtype"], v)
+        elif op == "matmul":  # several shapes per dtype: the best one is the ceiling
+            per_dtype = ceilings.setdefault(f"{prefix}matmul_tflops", {})
+            per_dtype[point["dtype"]] = max(v, per_dtype.get(point["dtype"]) or 0.0)
 
 
 def flat_ceilings(ceilings: dict) -> dict[str, float]:

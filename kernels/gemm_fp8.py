@@ -11,6 +11,12 @@ its time (a serving engine pays it on every call): `_quant_fp8_kernel` writes e4
 
 Vendor baseline: torch._scaled_mm (cuBLASLt) with the same scales: scalars for `tensor`; for `block`,
 the 1x128 / 128x128 block recipe where torch and the device have it (sm90 and newer), else it fails as a point.
+Its activations are quantized as a user's fp8 path does it, in one fused kernel (`baseline_quantization` says which):
+on a GPU the op's own `_quant_fp8_kernel` (vLLM's fp8 linear quantizes in one kernel too), so the two sides differ
+only in the GEMM; under torch.compile torch ops that Inductor fuses; on a CPU torch's eager ops.
+Accumulation: both sides the same way (`ACCUMULATION`, recorded in every gemm_fp8 point): fp32, the fp8 products
+promoted into the fp32 accumulator every ACC_PROMOTE_K of K (Triton's `max_num_imprecise_acc`; sm90's default is
+2**30, i.e. fast accumulation, never promoted) and cuBLASLt's `use_fast_accum=False` (the fp8 ceiling's too).
 Reference: the same quantization in fp32, then the dequantized product in fp32 (fp64 when handed fp64).
 """
 
@@ -32,6 +38,12 @@ FP8_MAX = 448.0  # largest finite e4m3fn
 SCALE_BLOCK = 128  # DeepSeek-V3's block: 1x128 for activations, 128x128 for weights
 LAYOUTS = ("tensor", "block")
 _K_SPLIT_ALIGN = 32 if INTERPRET else 256  # as kernels.gemm: a K split never cuts a 128-channel scale group badly
+# One accumulation mode for every side compared (the Triton kernel, the _scaled_mm baseline, the fp8 ceiling):
+# FAST_ACCUM False = fp32 accumulation with promotion, cuBLASLt's default and DeepSeek-V3's recipe (it promotes every
+# 128 of K; we promote every 32, one sm90 fp8 wgmma's depth, the most precise Triton offers).
+FAST_ACCUM = False
+ACC_PROMOTE_K = 32  # Triton's max_num_imprecise_acc when not FAST_ACCUM (<= every BLOCK_K of the space)
+ACCUMULATION = "fast" if FAST_ACCUM else "fp32"  # what a point records (`fp8_accum`)
 
 
 def _fp8_configs(interpret: bool = INTERPRET) -> list:
@@ -63,11 +75,11 @@ def _to_e4m3(v, ROUND_FIRST: tl.constexpr):
 
 @triton.jit
 def _quant_fp8_kernel(
-    x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm,
+    x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, stride_sg,
     DYNAMIC: tl.constexpr, GROUP: tl.constexpr, ROUND_FIRST: tl.constexpr,
 ):
     # One (row, 128-channel group) per program: q = x / s in e4m3. DYNAMIC: s = amax(group) / 448, written to
-    # s[row, group]; else s is the one static scale at s_ptr.
+    # s[row, group] (M-major: stride_sm 1, as cuBLASLt's block recipe takes them); else s is the one static scale.
     row = tl.program_id(axis=0).to(tl.int64)
     g = tl.program_id(axis=1)
     offs = g * GROUP + tl.arange(0, GROUP)
@@ -75,7 +87,7 @@ def _quant_fp8_kernel(
     x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
     if DYNAMIC:
         s = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / 448.0
-        tl.store(s_ptr + row * stride_sm + g, s)
+        tl.store(s_ptr + row * stride_sm + g * stride_sg, s)
     else:
         s = tl.load(s_ptr)
     q = tl.minimum(tl.maximum(x / s, -448.0), 448.0)
@@ -95,7 +107,7 @@ def _gemm_fp8_kernel(
     stride_xsm, stride_xsk, stride_wsn, stride_wsk,
     stride_cs, stride_cm, stride_cn,
     M_BUCKET, SPLIT_K,  # autotune keys only
-    BLOCK_SCALES: tl.constexpr,
+    BLOCK_SCALES: tl.constexpr, ACC_PROMOTE: tl.constexpr,  # ACC_PROMOTE None: the backend's default (fast on sm90)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # c[s] = scaled x[:, ks] @ w[:, ks].T over the K range ks of split s; tiles as kernels.gemm.
@@ -115,9 +127,9 @@ def _gemm_fp8_kernel(
             kb = k // 128
             xs = tl.load(xs_ptr + offs_m * stride_xsm + kb * stride_xsk)  # [BM]: per token
             ws = tl.load(ws_ptr + (offs_n // 128) * stride_wsn + kb * stride_wsk)  # [BN]: per 128x128 block
-            acc += tl.dot(a, b) * xs[:, None] * ws[None, :]
+            acc += tl.dot(a, b, max_num_imprecise_acc=ACC_PROMOTE) * xs[:, None] * ws[None, :]
         else:
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc, max_num_imprecise_acc=ACC_PROMOTE)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
     if not BLOCK_SCALES:
@@ -161,18 +173,18 @@ def _check(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, x_scale: t
 
 def quantize_fp8(x: torch.Tensor, x_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Activations -> (e4m3 x [M, K], fp32 scales): the static scalar `x_scale`, or per token per 128 channels
-    ([M, ceil(K/128)], amax/448) when it is None. One Triton kernel (its time is part of the op's)."""
+    ([M, ceil(K/128)] M-major, amax/448) when it is None. One Triton kernel (its time is part of the op's)."""
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m, k = x2.shape
     q = torch.empty((m, k), dtype=FP8, device=x.device)
     dynamic = x_scale is None
-    s = torch.empty((m, triton.cdiv(k, SCALE_BLOCK)), dtype=torch.float32, device=x.device) if dynamic \
+    s = torch.empty((triton.cdiv(k, SCALE_BLOCK), m), dtype=torch.float32, device=x.device).t() if dynamic \
         else x_scale.reshape(1).to(torch.float32)
     if m and k:
         _quant_fp8_kernel[(m, triton.cdiv(k, SCALE_BLOCK))](
-            x2, q, s, k, x2.stride(0), q.stride(0), s.stride(0) if dynamic else 0,
+            x2, q, s, k, x2.stride(0), q.stride(0), s.stride(0) if dynamic else 0, s.stride(1) if dynamic else 0,
             DYNAMIC=dynamic, GROUP=SCALE_BLOCK, ROUND_FIRST=INTERPRET, num_warps=1 if INTERPRET else 4)
     return q, s
 
@@ -213,7 +225,7 @@ def gemm_fp8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, x_scale:
         xs2.stride(0), xs2.stride(1), ws.stride(0), ws.stride(1),
         stride_cs, c.stride(-2), c.stride(-1),
         triton.next_power_of_2(m) if m <= 256 else triton.cdiv(m, 256) * 256, split_k,
-        BLOCK_SCALES=layout == "block",
+        BLOCK_SCALES=layout == "block", ACC_PROMOTE=None if FAST_ACCUM else ACC_PROMOTE_K,
     )
     if split_k > 1:
         block = 1024
@@ -276,25 +288,50 @@ def gemm_fp8_ref(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
     return (xd @ wd.T).reshape(*x.shape[:-1], n)
 
 
+def baseline_quantization(device_type: str, compiling: bool = False) -> str:
+    """How `gemm_fp8_baseline` quantizes its activations on `device_type` (what its time holds), as points say it."""
+    if compiling:
+        return "torch ops fused by Inductor"
+    if device_type == "cuda" and not INTERPRET:
+        return "fused: one kernel (quantize_fp8)"
+    return "eager torch ops"
+
+
+def _quantize_input(x2: torch.Tensor, x_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    # (e4m3 x, fp32 scales, M-major for block) as a user's fp8 path makes them: one fused kernel where Triton
+    # compiles (`baseline_quantization`), else the same math in torch ops (Inductor fuses them under compile).
+    if baseline_quantization(x2.device.type, torch.compiler.is_compiling()).startswith("fused:"):
+        return quantize_fp8(x2, x_scale)
+    if x_scale is not None:
+        xs = x_scale.reshape(1).float()
+        return (x2.float() / xs).clamp(-FP8_MAX, FP8_MAX).to(FP8), xs
+    xq, xs = quantize_fp8_ref(x2)
+    return xq, xs.t().contiguous().t()  # cuBLASLt wants the activation scales M-major ("outer-dim major")
+
+
 def gemm_fp8_baseline(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
                       x_scale: torch.Tensor | None = None) -> torch.Tensor:
-    # What a user runs with torch alone: quantize x with torch ops, then torch._scaled_mm (cuBLASLt; the CPU
-    # build takes scalar scales). Block scales: torch's 1x128 x 128x128 recipe (cuBLASLt, sm90+); torch or the
-    # device lacking it fails here and the point records the error.
+    # What a user's fp8 path runs: x quantized in one fused kernel (`_quantize_input`), then torch._scaled_mm
+    # (cuBLASLt; the CPU build takes scalar scales) with FAST_ACCUM. Block scales: torch's 1x128 x 128x128 recipe
+    # (cuBLASLt, sm90+); torch or the device lacking it fails here and the point records the error.
     x2 = x.reshape(-1, x.shape[-1])
     out_dtype = torch.float32 if x.dtype == torch.float32 else torch.bfloat16
+    if x_scale is None and x.device.type != "cuda":
+        raise RuntimeError("gemm_fp8: torch._scaled_mm block scales (1x128 x 128x128) run on CUDA sm90+ only")
+    xq, xs = _quantize_input(x2, x_scale)
     if x_scale is not None:
-        xs = x_scale.reshape(()).float()
-        xq = (x2.float() / xs).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-        y = torch._scaled_mm(xq, w_q.t(), scale_a=xs, scale_b=w_scale.reshape(()).float(), out_dtype=out_dtype)
+        xs, ws = xs.reshape(()), w_scale.reshape(()).float()
     else:
-        if x.device.type != "cuda":
-            raise RuntimeError("gemm_fp8: torch._scaled_mm block scales (1x128 x 128x128) run on CUDA sm90+ only")
-        xq, xs = quantize_fp8_ref(x2)
-        # cuBLASLt wants the activation scales M-major ("outer-dim major") and the weight's as [K/128, N/128].
-        y = torch._scaled_mm(xq, w_q.t(), scale_a=xs.t().contiguous().t(), scale_b=w_scale.float().t(),
-                             out_dtype=out_dtype)
+        ws = w_scale.float().t()  # cuBLASLt wants the weight's as [K/128, N/128]
+    y = torch._scaled_mm(xq, w_q.t(), scale_a=xs, scale_b=ws, out_dtype=out_dtype, use_fast_accum=FAST_ACCUM)
     return y.reshape(*x.shape[:-1], w_q.shape[0])
+
+
+def point_fields(backend: str, device_type: str) -> dict:
+    """What a gemm_fp8 point records beside its time: the accumulation (the same on every backend) and how its
+    activations were quantized inside the timed call."""
+    quant = {"triton": "fused: one kernel (quantize_fp8)", "compile": baseline_quantization(device_type, True)}
+    return {"fp8_accum": ACCUMULATION, "quantization": quant.get(backend) or baseline_quantization(device_type)}
 
 
 def model_shapes(cfg, tokens=(), batch=(), context=()) -> list[dict]:

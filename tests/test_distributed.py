@@ -19,7 +19,7 @@ from tokenfleet.cli.measure import _without_nproc as without_nproc
 from tokenfleet.measure import distributed as D
 from tokenfleet.measure.launch import merge
 from tokenfleet.measure.parts.collective import Spec as CollectiveSpec
-from tokenfleet.measure.parts.collective import collective_curve, sizes
+from tokenfleet.measure.parts.collective import collective_curve, per_collective, sizes
 from tokenfleet.measure.runner import run_suite
 from typer.testing import CliRunner
 
@@ -177,6 +177,35 @@ def test_lockstep_counts_are_what_measure_calls(tmp_path):
         calls.clear()
         measure(lambda: calls.append(1), warmup_s=0.0, min_samples=n, max_samples=n, min_time_s=10.0)
         assert len(calls) == 2 + n
+
+
+def test_graph_replays_are_divided_into_collectives_samples_too():
+    # Issue 23: the medians were divided by graph_iters, the kept samples not (compare read them 20x the median).
+    t = {"median_ms": 20.0, "p20_ms": 10.0, "p80_ms": 40.0, "samples_ms": [10.0, 20.0, 40.0], "n_samples": 3}
+    out = per_collective(t, 20)
+    assert (out["median_ms"], out["p20_ms"], out["p80_ms"]) == (1.0, 0.5, 2.0)
+    assert out["samples_ms"] == [0.5, 1.0, 2.0] and out["n_samples"] == 3
+    assert min(out["samples_ms"]) <= out["median_ms"] <= max(out["samples_ms"])
+
+
+def test_failed_capture_restores_the_current_stream(monkeypatch):
+    # Issue 23: torch.cuda.graph's exit ends an invalidated capture (raising) before restoring the stream; the
+    # capture stream stayed current for the eager fallback. The fake CUDA of test_timing behaves as torch 2.11 does.
+    from test_timing import _fake_cuda, _FakeGraph
+
+    current = _fake_cuda(monkeypatch)
+    graph = torch.cuda.graph
+    monkeypatch.setattr(torch.cuda, "graph", lambda g, **kw: graph(g))
+
+    def syncs_inside():
+        if _FakeGraph.capturing is not None:
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    replay, why = D.agreed_graph(syncs_inside, 4)
+    assert replay is None and "capture" in why
+    assert current["stream"] is current["default"]
+    replay, why = D.agreed_graph(lambda: None, 4)  # a capture that works: its replay, the stream as it was
+    assert replay is not None and why is None and current["stream"] is current["default"]
 
 
 def test_collective_curve_interpolates_and_floors():

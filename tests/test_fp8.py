@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import invoke_cli
 from tokenfleet.kernels import REGISTRY, rel_error
+from tokenfleet.kernels import gemm_fp8 as G8
 from tokenfleet.kernels._triton import INTERPRET, pinned_configs
 from tokenfleet.kernels.attention_decode import _CHUNK_ALIGN
 from tokenfleet.kernels.gemm_fp8 import FP8, gemm_fp8, gemm_fp8_baseline, gemm_fp8_ref, quantize_fp8, quantize_fp8_ref
@@ -90,6 +91,55 @@ def test_baseline_scaled_mm():
         block = op.make_inputs({"m": 5, "n": 64, "k": 256, "scale": "block"}, FP8, "cpu", seed=2)
         with pytest.raises(RuntimeError, match="sm90"):
             gemm_fp8_baseline(*block)
+
+
+def test_both_sides_accumulate_alike(monkeypatch):
+    # Issue 23: Triton's fp8 tl.dot on sm90 takes fast accumulation by default (max_num_imprecise_acc 2**30) while
+    # _scaled_mm ran with use_fast_accum=False. Both sides now take one mode from FAST_ACCUM: what each is handed.
+    args = REGISTRY["gemm_fp8"].make_inputs({"m": 3, "n": 64, "k": 256, "scale": "tensor"}, FP8, DEVICE, seed=4)
+    seen = {}
+
+    class Launch:  # the Triton kernel's launcher, recording what it is handed
+        def __getitem__(self, grid):
+            return lambda *a, **kw: seen.setdefault("acc_promote", kw["ACC_PROMOTE"])
+
+    real_mm = torch._scaled_mm
+
+    def scaled_mm(*a, **kw):
+        seen["use_fast_accum"] = kw["use_fast_accum"]
+        return real_mm(*a, **kw)
+
+    monkeypatch.setattr(G8, "_gemm_fp8_kernel", Launch())
+    monkeypatch.setattr(torch, "_scaled_mm", scaled_mm)
+    gemm_fp8(*args, split_k=1)
+    gemm_fp8_baseline(*args)
+    assert seen["use_fast_accum"] is G8.FAST_ACCUM is False
+    assert seen["acc_promote"] == G8.ACC_PROMOTE_K <= min(c.kwargs["BLOCK_K"] for c in G8._fp8_configs(False))
+    # ... and every point of the op records the one mode, whatever its backend or device.
+    modes = {G8.point_fields(b, d)["fp8_accum"] for b in ("triton", "torch", "compile") for d in ("cpu", "cuda")}
+    assert modes == {G8.ACCUMULATION} == {"fp32"}
+
+
+def test_baseline_quantizes_in_one_fused_kernel_on_a_gpu(monkeypatch):
+    # Issue 23: the torch baseline quantized x in 4-5 eager passes around a 4-12 us GEMM. On a GPU it now runs the
+    # op's own one-kernel quantizer (the sides differ only in the GEMM); the CPU keeps torch's ops; points say which.
+    assert G8.baseline_quantization("cuda") == ("eager torch ops" if INTERPRET else "fused: one kernel (quantize_fp8)")
+    assert G8.baseline_quantization("cpu") == "eager torch ops"
+    assert G8.baseline_quantization("cuda", compiling=True) == "torch ops fused by Inductor"
+    assert G8.point_fields("triton", "cuda")["quantization"] == "fused: one kernel (quantize_fp8)"
+    assert G8.point_fields("compile", "cuda")["quantization"] == "torch ops fused by Inductor"
+    op = REGISTRY["gemm_fp8"]
+    args = op.make_inputs({"m": 5, "n": 64, "k": 300, "scale": "tensor"}, FP8, DEVICE, seed=6)
+    monkeypatch.setattr(G8, "baseline_quantization", lambda *a, **k: "eager torch ops")
+    eager = gemm_fp8_baseline(*args)
+    calls = []
+    monkeypatch.setattr(G8, "baseline_quantization", lambda *a, **k: "fused: one kernel (quantize_fp8)")
+    monkeypatch.setattr(G8, "quantize_fp8", lambda *a: calls.append(1) or quantize_fp8(*a))
+    fused = gemm_fp8_baseline(*args)
+    assert calls == [1] and rel_error(fused, eager) <= op.tolerance(FP8)
+    # Block scales come out M-major, as cuBLASLt's 1x128 recipe takes them (no transposing copy in the time).
+    _, s = quantize_fp8(torch.randn(6, 300, device=DEVICE))
+    assert s.shape == (6, 3) and s.stride() == (1, 6)
 
 
 def test_gemm_fp8_rejects_bad_scales():
@@ -231,6 +281,8 @@ def test_fp8_points_on_cpu(ctx):
     assert by[("gemm_fp8", "tensor", "torch")]["status"] in timed  # torch._scaled_mm
     assert by[("gemm_fp8", "tensor", "triton")]["status"] == "skipped"
     assert by[("gemm_fp8", "block", "torch")]["status"] == "error"  # no CPU block-scaled _scaled_mm: a row
+    torch_pt = by[("gemm_fp8", "tensor", "torch")]
+    assert torch_pt["fp8_accum"] == G8.ACCUMULATION and torch_pt["quantization"] == "eager torch ops"
     assert by[("attention_decode", None, "torch")]["status"] in timed
     assert by[("attention_decode", None, "torch")]["dtype"] == "fp8"
 
@@ -239,6 +291,7 @@ def test_fp8_points_on_cpu(ctx):
     assert layouts == [("fp8", "nt"), ("fp32", "nn"), ("fp32", "nt")]  # cuBLASLt's fp8 takes nt only
     mm = execute(ceilings.matmul_job(cspec, "fp8", 128, "nt"), ctx)
     assert mm["status"] in timed and mm["dtype"] == "fp8" and mm["value"] > 0
+    assert mm["fp8_accum"] == torch_pt["fp8_accum"]  # the ceiling accumulates as the points it bounds
 
     dec = model.DecodeSpec(models=["tiny"], backends=["torch", "triton"], dtypes=["fp32"], batch=[1], context=[8],
                            fp8={"models": ["tiny-qwen3"], "batch": [2], "context": [16], "kv_dtype": "fp8"})
@@ -251,7 +304,9 @@ def test_fp8_points_on_cpu(ctx):
     assert p["status"] in timed, p.get("error")
     assert 0 < p["rel_error"] < F8.TOLERANCE  # checked against the bf16 model
     cfg = M.load_model_config("tiny-qwen3")
-    assert p["bytes"] == F8.decode_bytes(cfg, 2, 16, 1) < M.decode_bytes(cfg, 2, 16, 2)
+    # torch reads the cache padded to 64 positions (M.padded_kv_bytes), 1-byte KV elements
+    assert p["bytes"] == F8.decode_bytes(cfg, 2, 16, 1) + M.padded_kv_bytes(cfg, 2, 16, 1, "torch")
+    assert p["bytes"] < M.decode_bytes(cfg, 2, 16, 2) + M.padded_kv_bytes(cfg, 2, 16, 2, "torch")
 
 
 def test_no_fp8_tensor_cores_refuse(ctx):

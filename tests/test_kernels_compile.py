@@ -37,7 +37,8 @@ def build(kernel, types, consts, unit=(), num_warps=4, num_stages=3):
     src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs)
     options = {"num_warps": num_warps, "num_stages": num_stages}
     ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-    return {"shared": ck.metadata.shared, "pipelined": "async_copy_global_to_local" in ck.asm["ttgir"]}
+    return {"shared": ck.metadata.shared, "pipelined": "async_copy_global_to_local" in ck.asm["ttgir"],
+            "imprecise_acc": sorted({int(v) for v in re.findall(r"maxNumImpreciseAcc = (\d+)", ck.asm["ttgir"])})}
 
 def compile_all(dt):
     f = f"*{dt}"
@@ -75,7 +76,8 @@ def compile_all(dt):
         for blk in (False, True):
             res[f"gemm_fp8_m{m}_block={blk}"] = build(
                 g8._gemm_fp8_kernel, dict(x_ptr="*fp8e4nv", w_ptr="*fp8e4nv", xs_ptr=ws, ws_ptr=ws,
-                                          c_ptr=f if m > 1 else ws), dict(BLOCK_SCALES=blk, **c.kwargs),
+                                          c_ptr=f if m > 1 else ws),
+                dict(BLOCK_SCALES=blk, ACC_PROMOTE=None if g8.FAST_ACCUM else g8.ACC_PROMOTE_K, **c.kwargs),
                 ("stride_xk", "stride_wk", "stride_cn"), c.num_warps, c.num_stages)
     res["quant_fp8"] = build(g8._quant_fp8_kernel, dict(x_ptr=f, q_ptr="*fp8e4nv", s_ptr=ws),
                              dict(DYNAMIC=True, GROUP=128, ROUND_FIRST=False), num_stages=1)
@@ -130,6 +132,12 @@ def test_kernels_compile_for_sm90(compiled, dtype):
     assert isinstance(res, dict), res
     for name, info in res.items():
         assert info["shared"] <= 227 * 1024, f"{name} needs {info['shared']} B of shared memory"
+    # Issue 23: the fp8 dot promotes into fp32 every ACC_PROMOTE_K of K (sm90's default, 2**30, never would), the
+    # same mode as the _scaled_mm baseline's use_fast_accum=False.
+    from tokenfleet.kernels import gemm_fp8
+
+    for name in (n for n in res if n.startswith("gemm_fp8")):
+        assert res[name]["imprecise_acc"] == [gemm_fp8.ACC_PROMOTE_K] and not gemm_fp8.FAST_ACCUM, name
     # The memory-bound loops must be software-pipelined (async copies), or decode cannot reach bandwidth.
     for name in ("gemm", "attention_prefill_causal=True", "attention_decode", "attention_decodefp8",
                  "gemm_fp8_m4096_block=True", "gemm_fp8_m1_block=False"):

@@ -70,8 +70,22 @@ def test_decode_grid_with_scaled_layers(ctx):
     assert p["tpot_ms"] == p["median_ms"] > 0
     assert p["tokens_per_s"] == pytest.approx(3 / (p["median_ms"] / 1e3))
     assert p["tokens_per_s_per_seq"] == pytest.approx(1e3 / p["median_ms"])
-    cfg = M.load_model_config("tiny")  # counted at the full layer count
-    assert p["bytes"] == M.decode_bytes(cfg, 3, 20, 4) and p["mbu"] is not None
+    cfg = M.load_model_config("tiny")  # counted at the full layer count; the torch path reads the padded cache
+    assert p["bytes"] == M.decode_bytes(cfg, 3, 20, 4) + 3 * (64 - 21) * cfg.kv_bytes_per_token(4)
+    assert p["mbu"] is not None
+
+
+def test_decode_bytes_count_the_cache_each_backend_reads():
+    # Issue 23: the torch path's SDPA reads the whole cache, context + 1 padded to KV_ALIGN, but was credited
+    # context + 1 positions; Triton's decode attention reads each sequence's own context + 1.
+    cfg = M.load_model_config("tiny")
+    for context in (20, 63, 64, 4096):
+        alloc = M.KVCache(cfg, 2, context + 1).max_len  # what a decode point allocates, and torch reads
+        assert M.kv_positions_read("torch", context) == M.kv_positions_read("compile", context) == alloc
+        assert M.kv_positions_read("triton", context) == context + 1
+        assert M.padded_kv_bytes(cfg, 2, context, 2, "triton") == 0
+        assert M.padded_kv_bytes(cfg, 2, context, 2, "torch") == 2 * (alloc - context - 1) * cfg.kv_bytes_per_token(2)
+    assert M.padded_kv_bytes(cfg, 1, 63, 2, "torch") == 0  # 64 positions: no padding to read
 
 
 def test_tp_shard_is_measured(ctx):

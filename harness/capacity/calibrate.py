@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -191,6 +191,19 @@ class Measured:
     prefill: dict  # (batch, prompt_len) -> seconds
     power_w: float | None = None
     shard: bool = False  # one GPU's shard timed alone: per-GPU compute, collectives not included
+    # decode batch -> mean board power over the samples (NVML's energy counter: the points' power_w_measured),
+    # the median over contexts; empty when the runs predate the counter
+    energy_w: dict = field(default_factory=dict)
+
+    def power_at(self, batch: float) -> tuple[float | None, str | None]:
+        """The board power serving at `batch`, and where it comes from: the energy counter's at the nearest measured
+        decode batch (log distance), else the NVML reading after the decode points, else (None, None)."""
+        if self.energy_w:
+            b = min(self.energy_w, key=lambda x: abs(math.log(x / max(batch, 1))))
+            return self.energy_w[b], f"measured: NVML energy counter, decode batch {b} (run {', '.join(self.runs)})"
+        if self.power_w:
+            return self.power_w, f"measured: NVML power read after the decode points (run {', '.join(self.runs)})"
+        return None, None
 
     @property
     def label(self) -> str:
@@ -217,8 +230,13 @@ def _measured(g: Group | None) -> Measured | None:
     pre = {(k[1], k[2]): v[0] for k, v in cells.items() if k[0] == "prefill"}
     power = [v[3]["telemetry"]["power_w"] for k, v in cells.items() if k[0] == "decode"
              and isinstance(v[3].get("telemetry"), dict) and _pos(v[3]["telemetry"].get("power_w"))]
+    by_batch = defaultdict(list)
+    for k, v in cells.items():
+        if k[0] == "decode" and _pos(v[3].get("power_w_measured")):
+            by_batch[k[1]].append(v[3]["power_w_measured"])
     return Measured(backend, sorted({v[2] for v in cells.values()}), dec, pre,
-                    statistics.median(power) if power else None, g.shard)
+                    statistics.median(power) if power else None, g.shard,
+                    {b: statistics.median(w) for b, w in by_batch.items()})
 
 
 def measured_allreduce(runs: list[Run], hardware_id: str, tp: int) -> tuple[CollectiveCurve, str] | None:

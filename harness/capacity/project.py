@@ -196,7 +196,9 @@ def _rates(s: dict, w: Workload, tp: int, count: str, utilization: float, hw: Ha
            bm: int, notes: list[str]) -> dict:
     output, total = s["output_per_s"] / tp, s["total_per_s"] / tp
     counted = total if count == "total" else output
-    power = meas.power_w if meas and meas.power_w else hw.tdp_w
+    power, power_source = meas.power_at(s["batch"]) if meas else (None, None)
+    if power is None:
+        power, power_source = hw.tdp_w, "datasheet TDP" if hw.tdp_w else None
     label = f"measured ({meas.label})" if meas else None
     calib = f"calibrated (run {eff.run_id})" if eff.run_id else "projected"
     return dict(
@@ -209,9 +211,10 @@ def _rates(s: dict, w: Workload, tp: int, count: str, utilization: float, hw: Ha
         output_tokens_per_s_per_gpu=output, total_tokens_per_s_per_gpu=total,
         tokens_per_s_per_gpu=counted, tokens_per_day_per_gpu=counted * SECONDS_PER_DAY * utilization,
         power_w_per_gpu=power,
-        # Energy per counted token while serving: GPU board power (TDP unless measured), no PUE, no host.
+        # Energy per counted token while serving: GPU board power (measured: the run's energy counter at the nearest
+        # decode batch, else its NVML power reading; else TDP), no PUE, no host. power_source says which.
         joules_per_token=power / counted if power else None,
-        power_source=("measured" if meas and meas.power_w else "datasheet TDP") if power else None,
+        power_source=power_source,
         source=source, decode_source=label if meas and meas.decode else calib,
         prefill_source=label if meas and meas.prefill else calib,
         efficiency=eff.to_dict(), notes=list(notes),

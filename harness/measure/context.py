@@ -13,7 +13,7 @@ import torch
 from tokenfleet import results
 from tokenfleet.hardware import Hardware
 from tokenfleet.measure import timing
-from tokenfleet.measure.device import DeviceInfo, Poller, nvml_poller
+from tokenfleet.measure.device import DeviceInfo, Poller, energy_counter, nvml_poller
 
 if TYPE_CHECKING:
     from tokenfleet.measure.suite import Suite
@@ -69,6 +69,8 @@ class RunContext:
     ceilings: dict = field(default_factory=results.empty_ceilings)
     seed: int = 0
     inputs: LastInputs = field(default_factory=LastInputs)  # kernel inputs and reference shared by a point's backends
+    # NVML's energy counter (device.energy_counter), opened on the first GPU measurement: (reader or None, why not)
+    energy: tuple | None = field(default=None, repr=False)
 
     @property
     def torch_device(self) -> torch.device:
@@ -84,16 +86,45 @@ class RunContext:
         t = self.suite.file.timing
         kw = dict(device=self.torch_device, min_samples=t.min_samples, min_time_s=t.min_time_s,
                   warmup_s=t.warmup_s, max_samples=t.max_samples, noise_limit=self.suite.file.noise_limit,
-                  l2_bytes=self.device.l2_bytes)
+                  l2_bytes=self.device.l2_bytes, energy=self.energy_reader())
         kw.update(overrides)
         return timing.measure(fn, **kw)
+
+    def energy_reader(self) -> Callable[[], float] | None:
+        """On a GPU, the energy counter every point's samples are metered with (joules beside the polled power);
+        None on a CPU or where NVML has no counter (`energy[1]` says why)."""
+        if self.torch_device.type != "cuda":
+            return None
+        if self.energy is None:
+            self.energy = energy_counter(torch.cuda.current_device())
+        return self.energy[0]
 
     def poll(self) -> Poller:
         """Telemetry polled while a probe runs (`with ctx.poll() as p: ...; p.summary()`); nothing on a CPU."""
         return nvml_poller(torch.cuda.current_device()) if self.on_gpu else Poller(None)
 
+    def roof(self, name: str, dtype: str | None = None) -> tuple[float | None, str]:
+        """The ceiling `name` (of `dtype` for matmul/matvec) a point's fractions are of, and which it is: like with
+        like, the `burst` one — the probe's first moments (timing.BURST_S), as briefly as points are timed — where
+        the probe kept it, else the `sustained` one (a GPU probe's >= 1 s)."""
+        def get(key: str):
+            v = self.ceilings.get(key)
+            return (v or {}).get(dtype) if dtype is not None else v
+
+        burst = get(f"burst_{name}")
+        return (burst, "burst") if burst else (get(name), "sustained")
+
+    def _top(self, name: str, dtype: str | None = None) -> tuple[float | None, str]:
+        """The higher of the burst and sustained ceiling `name`, and its key (what no point may exceed)."""
+        suffix = f".{dtype}" if dtype is not None else ""
+        got = [(v, f"{k}{suffix}") for k in (name, f"burst_{name}")
+               for v in [(self.ceilings.get(k) or {}).get(dtype) if dtype is not None else self.ceilings.get(k)]
+               if v]
+        return max(got) if got else (None, name + suffix)
+
     def metrics(self, flops: float | None, bytes_: float | None, median_ms: float | None, dtype: str) -> dict:
-        """Rates and their fractions of this run's measured ceilings and of the datasheet.
+        """Rates and their fractions of this run's measured ceilings (`roof`: burst where measured, said in
+        `ceiling_basis`) and of the datasheet.
 
         mbu: against the copy ceiling (bytes read + written); mbu_read: against the read-only ceiling, the one for
         read-dominated points (decode, mat-vec, decode attention); mbu_matvec: against the mat-vec probe."""
@@ -101,31 +132,41 @@ class RunContext:
         if not median_ms or median_ms <= 0:
             return out
         s = median_ms / 1e3
-        c = self.ceilings
+        bases = set()
+
+        def frac(rate: float, name: str, unit: float, dt: str | None = None) -> float | None:
+            value, basis = self.roof(name, dt)
+            if value:
+                bases.add(basis)
+            return _ratio(rate, value, unit)
+
         if flops:
             rate = flops / s
             out["tflops"] = rate / 1e12
-            out["mfu"] = _ratio(rate, c["matmul_tflops"].get(dtype), 1e12)
+            out["mfu"] = frac(rate, "matmul_tflops", 1e12, dtype)
             peak = self.datasheet.peak(dtype) if self.datasheet else None
             out["mfu_datasheet"] = rate / peak if peak else None
         if bytes_:
             bw = bytes_ / s
             out["gbps"] = bw / 1e9
-            out["mbu"] = _ratio(bw, c["copy_gbps"], 1e9)
-            out["mbu_read"] = _ratio(bw, c.get("read_gbps"), 1e9)
-            out["mbu_matvec"] = _ratio(bw, c["matvec_gbps"].get(dtype), 1e9)
+            out["mbu"] = frac(bw, "copy_gbps", 1e9)
+            out["mbu_read"] = frac(bw, "read_gbps", 1e9)
+            out["mbu_matvec"] = frac(bw, "matvec_gbps", 1e9, dtype)
             out["mbu_datasheet"] = bw / self.datasheet.bandwidth_bytes_per_s if self.datasheet else None
+        if bases:
+            out["ceiling_basis"] = "burst" if "burst" in bases else "sustained"
         return out
 
     def ceiling_ratio(self, point: dict) -> tuple[float | None, str | None]:
         """How far a point is up its measured roof: the larger of its FLOP rate over the matmul ceiling and its
-        bandwidth over the larger bandwidth ceiling (read-only or copy), with that ceiling's name."""
+        bandwidth over the larger bandwidth ceiling (read-only or copy), with that ceiling's name; each ceiling the
+        higher of its burst and sustained values (a point above both is wrong, however long it was timed)."""
         best: tuple[float | None, str | None] = (None, None)
-        c = self.ceilings
         dtype = point.get("dtype", "")
-        if point.get("tflops") and c["matmul_tflops"].get(dtype):
-            best = (point["tflops"] / c["matmul_tflops"][dtype], f"matmul_tflops.{dtype}")
-        bws = [(v, n) for n, v in (("read_gbps", c.get("read_gbps")), ("copy_gbps", c.get("copy_gbps"))) if v]
+        mm, mm_name = self._top("matmul_tflops", dtype)
+        if point.get("tflops") and mm:
+            best = (point["tflops"] / mm, mm_name)
+        bws = [bw for bw in (self._top("read_gbps"), self._top("copy_gbps")) if bw[0]]
         if point.get("gbps") and bws:
             v, name = max(bws)
             if best[0] is None or point["gbps"] / v > best[0]:

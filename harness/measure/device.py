@@ -99,8 +99,50 @@ def _decode_reasons(pynvml, mask: int) -> list[str]:
     return sorted(names)
 
 
+def cuda_identity(index: int) -> dict:
+    """What NVML can find CUDA device `index` by: its UUID and PCI bus id as torch reports them (either may be
+    missing on an old torch). NVML numbers GPUs its own way: under CUDA_VISIBLE_DEVICES (or CUDA's default
+    fastest-first order) CUDA's index is not NVML's."""
+    try:
+        props = torch.cuda.get_device_properties(index)
+    except Exception:  # noqa: BLE001 - no CUDA here: nothing to match by
+        return {}
+    out = {}
+    uuid = getattr(props, "uuid", None)
+    if uuid:
+        out["uuid"] = str(uuid)
+    if all(isinstance(getattr(props, a, None), int) for a in ("pci_domain_id", "pci_bus_id", "pci_device_id")):
+        out["pci_bus_id"] = f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"
+    return out
+
+
+def nvml_handle(pynvml, index: int) -> tuple[object, str]:
+    """NVML's handle of CUDA device `index` and how it was found: by UUID (`GPU-…`, or `MIG-…`), else by PCI bus
+    id, else by NVML's index (`index (unverified)`: wrong under a remapped CUDA_VISIBLE_DEVICES, so there a device
+    torch names and NVML does not have raises instead)."""
+    ident = cuda_identity(index)
+    tried = []
+    if ident.get("uuid"):
+        uuid = ident["uuid"]
+        for name in ([uuid] if uuid.startswith(("GPU-", "MIG-")) else [f"GPU-{uuid}", f"MIG-{uuid}"]):
+            try:
+                return pynvml.nvmlDeviceGetHandleByUUID(name), "uuid"
+            except Exception as e:  # noqa: BLE001 - try the next name, then the bus id
+                tried.append(f"{name}: {e}")
+    if ident.get("pci_bus_id"):
+        try:
+            return pynvml.nvmlDeviceGetHandleByPciBusId(ident["pci_bus_id"]), "pci_bus_id"
+        except Exception as e:  # noqa: BLE001
+            tried.append(f"{ident['pci_bus_id']}: {e}")
+    if tried and os.environ.get("CUDA_VISIBLE_DEVICES"):  # remapped: NVML's device `index` is another GPU
+        raise RuntimeError(f"NVML has no device matching CUDA device {index} ({'; '.join(tried)})"[:400])
+    return pynvml.nvmlDeviceGetHandleByIndex(index), "index (unverified)" + (": no UUID or bus id matched" if tried
+                                                                            else "")
+
+
 def read_nvml(index: int = 0) -> tuple[dict, str | None]:
-    """NVML fields for GPU `index`, or ({}, why not). Never raises."""
+    """NVML fields for CUDA device `index` (found by UUID or PCI bus id: `nvml_handle`), or ({}, why not). Never
+    raises."""
     try:
         import pynvml  # from the nvidia-ml-py package
     except Exception as e:  # noqa: BLE001 - absent or broken: record why and go on
@@ -112,7 +154,7 @@ def read_nvml(index: int = 0) -> tuple[dict, str | None]:
     out: dict = {}
     errors: list[str] = []
     try:
-        h = pynvml.nvmlDeviceGetHandleByIndex(index)
+        h, out["nvml_lookup"] = nvml_handle(pynvml, index)
 
         def get(key, fn, *args, scale=1.0):
             try:
@@ -155,6 +197,21 @@ def read_nvml(index: int = 0) -> tuple[dict, str | None]:
         except Exception:  # noqa: BLE001, S110
             pass
     return out, ("; ".join(errors) or None)
+
+
+def energy_counter(index: int = 0) -> tuple[Callable[[], float] | None, str | None]:
+    """A reader of NVML's total-energy counter of CUDA device `index`, in joules (nvmlDeviceGetTotalEnergyConsumption:
+    millijoules since the driver loaded; Volta and newer), or (None, why not). One nvmlInit for the process: the
+    reader is called twice around every timed point."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        h, _ = nvml_handle(pynvml, index)
+        pynvml.nvmlDeviceGetTotalEnergyConsumption(h)  # not supported (pre-Volta, some vGPUs): raises here
+    except Exception as e:  # noqa: BLE001 - no counter: points go without measured energy, and say why
+        return None, f"NVML energy counter: {type(e).__name__}: {e}"[:300]
+    return (lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(h) * 1e-3), None
 
 
 TELEMETRY_FIELDS = ("power_w", "temperature_c", "sm_clock_mhz", "mem_clock_mhz", "clock_event_reasons")
@@ -228,7 +285,7 @@ def nvml_poller(index: int = 0, interval_s: float = 0.05) -> Poller:
         import pynvml
 
         pynvml.nvmlInit()
-        h = pynvml.nvmlDeviceGetHandleByIndex(index)
+        h, _ = nvml_handle(pynvml, index)
     except Exception:  # noqa: BLE001 - no NVML: the probe runs without telemetry (DeviceInfo says why)
         return Poller(None)
     reasons_fn = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or getattr(

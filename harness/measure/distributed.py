@@ -149,12 +149,13 @@ def agreed_graph(fn, iters: int = 1):
     it (a rank timing eager while another replays would pair the wrong collectives). Returns (replay, None) or
     (None, why). Every rank calls fn once, eagerly, on a side stream first (warm-up, as torch's docs ask)."""
     err = None
+    stream = torch.cuda.current_stream()
     try:
         side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
+        side.wait_stream(stream)
         with torch.cuda.stream(side):
             fn()
-        torch.cuda.current_stream().wait_stream(side)
+        stream.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: the NCCL watchdog thread's event queries must not invalidate this thread's capture.
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
@@ -162,6 +163,9 @@ def agreed_graph(fn, iters: int = 1):
                 fn()
     except Exception as e:  # noqa: BLE001 - recorded in the point; timed eager instead
         err = f"{type(e).__name__}: {e}".splitlines()[0]
+        # As timing._capture: torch.cuda.graph's exit ends an invalidated capture before it restores the stream, so
+        # the capture stream would stay current for the eager fallback and every later point of the process.
+        torch.cuda.set_stream(stream)
         torch.cuda.synchronize()
     g = current()
     if (g.max(1.0 if err else 0.0) if g else (1.0 if err else 0.0)) > 0:

@@ -26,7 +26,7 @@ from tokenfleet.dtypes import to_dtype
 from tokenfleet.kernels import REGISTRY
 from tokenfleet.measure.context import Job, RunContext
 from tokenfleet.measure.device import DeviceInfo, detect
-from tokenfleet.measure.parts.ceilings import READ_REDUCTIONS
+from tokenfleet.measure.parts.ceilings import GPU_SUSTAIN_S, READ_REDUCTIONS
 from tokenfleet.measure.suite import Suite, part_api
 
 # Collectives are the interconnect's ceilings; tp holds the tensor-parallel decode and prefill points.
@@ -48,7 +48,9 @@ class Cost:
 
 
 # (kind, backend) -> Cost; backend None is the fallback for a backend not listed. From the H200 run's elapsed_s:
-# - ceilings took 0.1-0.5 s as short probes; sustained ones (>= 1 s warm-up and >= 1 s of samples) take ~3 s;
+# - ceilings took 0.1-0.5 s as short probes; sustained ones (>= 1 s warm-up and >= 1 s of samples) take ~3 s: the
+#   probe's warm-up and samples (the suite's `ceilings.warmup_s`/`min_time_s`, GPU_SUSTAIN_S each by default, see
+#   `probe_s`) plus CEILING_OVERHEAD_S for its tensors and check;
 # - kernels: a least-squares fit over its 96 kernel points against the elements of each point's inputs and of its
 #   outputs: triton 0.93 s, torch 0.14 s (autotune hides in the correctness call), + inputs / 1.15-1.19e8 (drawn on
 #   the host then, per backend: attention_decode batch 32 x 32k took 18 s) + outputs / 0.94-0.98e8 (the check's host
@@ -56,22 +58,28 @@ class Cost:
 # - decode triton: the first point 37 s (weights built, the triton check autotuning every kernel, then its own batch),
 #   a new batch 9.2-10.2 s (new M buckets), another context 0.6-1.4 s; torch, after triton, 0.8-1.4 s;
 # - prefill triton: 18 s for the first length, 5.7-7.4 s for the next; torch, after triton, 0.8-3.9 s.
-# `compile` has no GPU run yet: assumed like gpt-fast's torch.compile of a decode step (tens of seconds, then a
-# recompile per new shape). Its decode block takes the KV cache's length as a dynamic dimension (decoder.py,
-# forward_decode), so a new context is not a new shape for it (checked on the CPU: no graph for a second context);
-# a new batch is.
+# UNMEASURED (no GPU run has timed them; the next `make gpu-check` refits them from its points' elapsed_s): every
+# `compile` cost — decode and prefill assumed like gpt-fast's torch.compile of a decode step (tens of seconds, then
+# a recompile per new shape; the decode block takes the KV cache's length as a dynamic dimension (decoder.py,
+# forward_decode), so a new context is not a new shape for it (checked on the CPU: no graph for a second context); a
+# new batch is), and a kernel's compile of one op ~3 s —, and fp8 points, costed as their bf16 twins.
+CEILING_OVERHEAD_S = 1.0
 GPU_COSTS = {
-    ("ceiling", None): Cost(3.0),
+    ("ceiling", None): Cost(CEILING_OVERHEAD_S + 2 * GPU_SUSTAIN_S),
     ("kernel", "triton"): Cost(0.93),
     ("kernel", "torch"): Cost(0.15),
+    ("kernel", "compile"): Cost(3.0),  # unmeasured
     ("kernel", None): Cost(3.0),
     ("decode", "triton"): Cost(1.5, first=26.0, new_shape=9.0),
     ("decode", "torch"): Cost(1.2, first=1.0),
+    ("decode", "compile"): Cost(2.0, first=30.0, new_shape=10.0),  # unmeasured
     ("decode", None): Cost(2.0, first=30.0, new_shape=10.0),
     ("prefill", "triton"): Cost(6.0, first=12.0),
     ("prefill", "torch"): Cost(2.5, first=1.0),
+    ("prefill", "compile"): Cost(6.0, first=30.0, new_shape=10.0),  # unmeasured
     ("prefill", None): Cost(6.0, first=30.0, new_shape=10.0),
 }
+UNMEASURED = frozenset({("kernel", "compile"), ("decode", "compile"), ("prefill", "compile")})
 # CPU (2 cores, ci-cpu suite): ceilings 0.15-0.3 s as 0.1 + 0.2 s probes, 0.6-0.7 s as ci-cpu's 0.2 + 0.4 s now (the
 # read-only ceiling is two probes: READ_PROBES), kernel torch 0.25-0.55 s, decode torch 9.9 s first then
 # 1.7-6 s, prefill torch 7.9-10 s; triton points are `skipped` at once.
@@ -175,8 +183,20 @@ def _elements(point: str) -> tuple[int, int]:
     return min(inputs, total), max(total - inputs, 0)
 
 
-def estimate_s(jobs: list[Job], device_kind: str) -> list[float]:
-    """Seconds each job is expected to take on a device of `device_kind`, in plan order (see `Cost`)."""
+def probe_s(suite: Suite | None, device_kind: str) -> float:
+    """Seconds one ceiling probe takes: on a GPU its warm-up and samples as the suite sets them (GPU_SUSTAIN_S each
+    by default) plus CEILING_OVERHEAD_S; on a CPU the fitted constant (it follows the suite's timing)."""
+    if device_kind != "cuda":
+        return CPU_COSTS[("ceiling", None)].point
+    spec = suite.parts.get("ceilings") if suite is not None else None
+    sustain = [GPU_SUSTAIN_S if v is None else v for v in (getattr(spec, "warmup_s", None),
+                                                            getattr(spec, "min_time_s", None))]
+    return CEILING_OVERHEAD_S + sum(sustain)
+
+
+def estimate_s(jobs: list[Job], device_kind: str, suite: Suite | None = None) -> list[float]:
+    """Seconds each job is expected to take on a device of `device_kind`, in plan order (see `Cost`; `suite` sets
+    the ceiling probes' length, `probe_s`)."""
     costs = GPU_COSTS if device_kind == "cuda" else CPU_COSTS
     seen: set = set()
     out = []
@@ -184,6 +204,8 @@ def estimate_s(jobs: list[Job], device_kind: str) -> list[float]:
         k = job.key
         kind, backend = k.get("kind"), k.get("backend")
         cost = costs.get((kind, backend)) or costs.get((kind, None)) or Cost(1.0)
+        if kind == "ceiling":
+            cost = Cost(probe_s(suite, device_kind))
         s = cost.point * (READ_PROBES if kind == "ceiling" and k.get("op") == "read" else 1)
         if kind == "kernel" and backend == "triton" and device_kind != "cuda":
             pass  # skipped at once: no inputs drawn
@@ -222,13 +244,12 @@ def plan_rows(suite: Suite, ctx: RunContext) -> list[dict]:
     pairs = planned(suite, ctx)
     total = PROCESS_START_S.get(ctx.device.kind, 5.0)
     rows = []
-    for i, ((part, job), s) in enumerate(zip(pairs, estimate_s([j for _, j in pairs], ctx.device.kind),
+    for i, ((part, job), s) in enumerate(zip(pairs, estimate_s([j for _, j in pairs], ctx.device.kind, suite),
                                              strict=True), 1):
         total += round(s, 1)  # the running total adds what each row shows, as the part totals do
         rows.append({"n": i, "part": part, "kind": job.key.get("kind"), "job": job.label or identity(job.key),
                      "est_s": round(s, 1), "total_s": round(total, 1)})
-    costs = GPU_COSTS if ctx.device.kind == "cuda" else CPU_COSTS
-    probe = costs[("ceiling", None)].point
+    probe = probe_s(suite, ctx.device.kind)
     for what in end_probes(suite):  # the winning probe of each ceiling again, after everything else
         s = probe * (READ_PROBES if what == "read" else 1)
         total += s

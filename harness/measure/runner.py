@@ -58,12 +58,27 @@ def execute(job: Job, ctx: RunContext) -> dict:
     if point.get("median_ms") and status in results.USABLE:
         derived = ctx.metrics(point.get("flops"), point.get("bytes"), point["median_ms"], job.key.get("dtype", ""))
         point = ctx.judge({**derived, **point})  # above its measured ceiling: `above_ceiling`, not usable
+    point.update(energy_rates(point))
     point = load.judge(point, watch.end(), results.USABLE)  # measured beside other work: `contended`, not usable
     if ctx.on_gpu and status in results.USABLE and "telemetry" not in point:
         # Read just after the samples (probes poll during theirs): a clock event here explains a slow point.
         point["telemetry"] = telemetry(torch.cuda.current_device())
     point["elapsed_s"] = round(time.perf_counter() - t0, 3)
     return results.clean_floats(point)
+
+
+def energy_rates(point: dict) -> dict:
+    """From the energy counter over a point's samples: the mean board power then (`power_w_measured`, beside the
+    polled `telemetry`) and, for a model point, joules per token (that power over its tokens/s: a layer-scaled
+    point's power is its built layers', its tokens/s the full depth's)."""
+    joules, seconds = point.get("energy_j"), point.get("energy_s")
+    if not (isinstance(joules, (int, float)) and isinstance(seconds, (int, float)) and joules > 0 and seconds > 0):
+        return {}
+    power = joules / seconds
+    out = {"power_w_measured": power}
+    if point.get("kind") in ("decode", "prefill") and point.get("tokens_per_s"):
+        out["joules_per_token"] = power / point["tokens_per_s"]
+    return out
 
 
 def default_suite(device_kind: str) -> str:
@@ -139,7 +154,9 @@ def run_suite(suite_name: str | None = None, out: str | Path | None = None, resu
         finally:
             gc.unfreeze()  # a caller that goes on (tests, a notebook) collects as before
         writer.finish(ceilings=ctx.ceilings, finished=_now(), **_drift(ctx.ceilings, list(writer.points.values())),
-                      load=load.summary(list(writer.points.values())))
+                      load=load.summary(list(writer.points.values())),
+                      **({"energy_counter": ctx.energy[1] or "nvmlDeviceGetTotalEnergyConsumption"} if ctx.energy
+                         else {}))
         _link_latest(run_dir)
         if after:
             after(run_dir)

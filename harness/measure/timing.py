@@ -28,6 +28,9 @@ KEEP_SAMPLES = 200  # samples stored with a point; beyond this, that many evenly
 GRAPH_REPLAY_S = 1e-3  # a replay spans at least this much GPU time, so its launch is a small part of it
 MAX_GRAPH_CALLS = 8192  # calls captured in one graph (capture time and graph memory stay small)
 LAUNCH_CALLS = 20  # eager calls timed on the host for `launch_us`
+# A sustained probe's burst rate is its warm-up's first BURST_S: as long as a point of the quick and gpu-check suites
+# is timed (0.05 s of warm-up and 0.1 s of samples), so points are compared with a roof measured as they are.
+BURST_S = 0.15
 
 _now_ns = time.perf_counter_ns  # the CPU clock; tests replace it with a fake one to check the logic, not the speed
 
@@ -48,6 +51,9 @@ class Timing:
     graph_calls: int | None = None  # GPU graphs: calls per replay (one sample = one replay / graph_calls)
     l2_copies: int | None = None  # GPU kernels: input copies rotated so each call reads cold (1: warm L2)
     timing_note: str | None = None  # why a faster path was not taken (graph capture failed, copies out of memory)
+    energy_j: float | None = None  # GPU: the device's energy counter over the samples (`energy=` given), joules
+    energy_s: float | None = None  # ... over this many seconds of wall time (the samples, queued back to back)
+    burst_ms: float | None = None  # GPU, a warm-up >= 2 BURST_S (a probe): ms per call over its first BURST_S
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,11 +94,14 @@ def measure(
     l2_bytes: int | None = None,
     cuda_graph: bool = False,
     noise_limit: float = 0.1,
+    energy: Callable[[], float] | None = None,
 ) -> Timing:
     """Time `fn(*args)` (`fn()` without args; its result is ignored): median/p20/p80 and the samples.
 
     `args`: a kernel's inputs. On a GPU this selects kernel timing (CUDA-graph replays over rotated input copies,
-    cold L2 when `flush_l2`, `launch_us` beside); on a CPU `fn(*args)` is timed as `fn()` would be."""
+    cold L2 when `flush_l2`, `launch_us` beside); on a CPU `fn(*args)` is timed as `fn()` would be.
+    `energy`: on a GPU, a reader of the device's energy counter in joules, read just before and just after the
+    samples (`energy_j` over `energy_s`; the first call, warm-up and capture are outside it)."""
     kind = torch.device(device).type
     if min_samples < 1:
         raise ValueError("min_samples must be at least 1")
@@ -102,8 +111,8 @@ def measure(
     counts = (min_samples, min_time_s, warmup_s, max_samples)
     l2 = l2_bytes or DEFAULT_L2_BYTES
     if args is not None:
-        return _measure_kernel_cuda(fn, tuple(args), counts, flush_l2, l2, noise_limit)
-    return _measure_cuda(fn, counts, flush_l2, l2, cuda_graph, noise_limit)
+        return _measure_kernel_cuda(fn, tuple(args), counts, flush_l2, l2, noise_limit, energy)
+    return _measure_cuda(fn, counts, flush_l2, l2, cuda_graph, noise_limit, energy)
 
 
 def _measure_cpu(fn, min_samples, min_time_s, warmup_s, max_samples, noise_limit, flush_l2=False,
@@ -177,18 +186,24 @@ def _first_call_ms(call: Callable[[], object]) -> float:
     return start.elapsed_time(end)
 
 
-def _warm(call: Callable[[], object], warmup_s: float) -> float:
+def _warm(call: Callable[[], object], warmup_s: float, burst: list | None = None) -> float:
     """Run `call` for at least `warmup_s` of wall time and return seconds per call (of the last batch). The GPU
     stays busy: a synchronize every ~20 ms of calls, not after each, because a sustained load is what brings on
-    the power and clock limits a probe must see."""
-    start, batch = time.perf_counter(), 1
+    the power and clock limits a probe must see. `burst` (a list): when the warm-up lasts at least twice BURST_S,
+    seconds per call over its first BURST_S are appended — the rate a point timed as briefly sees."""
+    start, batch, calls = time.perf_counter(), 1, 0
+    want_burst = burst is not None and warmup_s >= 2 * BURST_S
     while True:
         t = time.perf_counter()
         for _ in range(batch):
             call()
         torch.cuda.synchronize()
         now = time.perf_counter()
+        calls += batch
         per_call = (now - t) / batch
+        if want_burst and now - start >= BURST_S:
+            burst.append((now - start) / calls)
+            want_burst = False
         if now - start >= warmup_s:
             return per_call
         batch = max(1, min(10_000, int(0.02 / max(per_call, 1e-7))))
@@ -240,19 +255,38 @@ def _capture(call_i: Callable[[int], object], calls: int) -> torch.cuda.CUDAGrap
     return graph
 
 
-def _measure_cuda(fn, counts, flush_l2, l2_bytes, cuda_graph, noise_limit) -> Timing:
+def metered(read: Callable[[], float] | None, run: Callable[[], list[float]]) -> tuple[list[float], dict]:
+    """`run()` (samples that end in a synchronize) between two reads of an energy counter: (its result, energy_j and
+    energy_s, or nothing when there is no counter or a read fails: the samples stand without it)."""
+    if read is None:
+        return run(), {}
+    try:
+        t0, e0 = _now_ns(), read()
+    except Exception:  # noqa: BLE001 - a counter that cannot be read costs the point its energy, not its time
+        return run(), {}
+    out = run()
+    try:
+        e1, t1 = read(), _now_ns()
+    except Exception:  # noqa: BLE001
+        return out, {}
+    return out, {"energy_j": e1 - e0, "energy_s": (t1 - t0) / 1e9}
+
+
+def _measure_cuda(fn, counts, flush_l2, l2_bytes, cuda_graph, noise_limit, energy=None) -> Timing:
     """A whole call (a model step): events around each eager call, or around each replay of a one-call graph."""
     min_samples, min_time_s, warmup_s, max_samples = counts
     first_ms = _first_call_ms(fn)
     call = fn
     if cuda_graph:
         call = _capture(lambda i: fn(), 1).replay
-    per_call = _warm(call, warmup_s)
+    burst: list[float] = []
+    per_call = _warm(call, warmup_s, burst)
     # Writing 2x the L2 between samples evicts whatever the previous sample left there: each reads from HBM.
     flush = torch.empty(2 * l2_bytes // 4, dtype=torch.int32, device="cuda") if flush_l2 else None
-    samples = _event_samples(call, _sample_count(per_call, min_samples, min_time_s, max_samples), flush)
+    n = _sample_count(per_call, min_samples, min_time_s, max_samples)
+    samples, joules = metered(energy, lambda: _event_samples(call, n, flush))
     return Timing(first_call_ms=first_ms, cuda_graph=cuda_graph, graph_calls=1 if cuda_graph else None,
-                  **summarize(samples, noise_limit))
+                  burst_ms=burst[0] * 1e3 if burst else None, **summarize(samples, noise_limit), **joules)
 
 
 def _launch_us(fn, sets: list[tuple]) -> float:
@@ -280,7 +314,7 @@ def _input_sets(args: tuple, flush_l2: bool, l2_bytes: int) -> tuple[list[tuple]
     return sets, None
 
 
-def _measure_kernel_cuda(fn, args: tuple, counts, flush_l2, l2_bytes, noise_limit) -> Timing:
+def _measure_kernel_cuda(fn, args: tuple, counts, flush_l2, l2_bytes, noise_limit, energy=None) -> Timing:
     """A kernel: replays of one CUDA graph of many calls over rotated input copies; a sample = replay / calls."""
     min_samples, min_time_s, warmup_s, max_samples = counts
     first_ms = _first_call_ms(lambda: fn(*args))
@@ -299,12 +333,13 @@ def _measure_kernel_cuda(fn, args: tuple, counts, flush_l2, l2_bytes, noise_limi
             del graph
             graph = _capture(lambda i: fn(*sets[i % n]), calls)
     except Exception as e:  # noqa: BLE001 - not capturable (a host sync inside): timed eagerly, and said so
-        t = _measure_cuda(lambda: fn(*args), counts, flush_l2, l2_bytes, False, noise_limit)
+        t = _measure_cuda(lambda: fn(*args), counts, flush_l2, l2_bytes, False, noise_limit, energy)
         how = "eagerly, the L2 flushed between calls" if flush_l2 else "eagerly"
         why = f"CUDA graph capture failed, timed {how}: {type(e).__name__}: {e}"[:300]
         return Timing(**{**t.to_dict(), "first_call_ms": first_ms, "launch_us": launch_us, "timing_note": why})
     per_replay = _warm(graph.replay, warmup_s)
     replays = _sample_count(per_replay, min_samples, min_time_s, max_samples)
-    samples = [ms / calls for ms in _event_samples(graph.replay, replays)]
+    replay_ms, joules = metered(energy, lambda: _event_samples(graph.replay, replays))
+    samples = [ms / calls for ms in replay_ms]
     return Timing(first_call_ms=first_ms, cuda_graph=True, launch_us=launch_us, graph_calls=calls, l2_copies=n,
-                  timing_note=note, **summarize(samples, noise_limit))
+                  timing_note=note, **summarize(samples, noise_limit), **joules)

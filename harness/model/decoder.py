@@ -321,6 +321,20 @@ class Transformer:
         return self.forward_prefill(tokens, None, all_logits=True)
 
 
+def kv_positions_read(backend: str, context: int) -> int:
+    """KV positions one decode step reads per sequence at `context` tokens cached: Triton's decode attention reads
+    each sequence's own context + 1 (the new token's included); the torch path — SDPA with a length mask, eager or
+    compiled — reads the whole allocated cache, context + 1 padded to KV_ALIGN (KVCache's S_alloc), masked or not."""
+    need = context + 1
+    return need if backend == "triton" else -(-need // KV_ALIGN) * KV_ALIGN
+
+
+def padded_kv_bytes(cfg: ModelConfig, batch: int, context: int, kv_bytes: int, backend: str) -> float:
+    """Bytes a decode step's attention reads beyond the context + 1 positions `decode_bytes` counts: the cache's
+    padding where the backend reads it (`kv_positions_read`), `kv_bytes` per element."""
+    return batch * (kv_positions_read(backend, context) - (context + 1)) * cfg.kv_bytes_per_token(kv_bytes)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Building
 

@@ -17,6 +17,7 @@ from pydantic import Field, PositiveInt
 from tokenfleet import results
 from tokenfleet.config import Strict
 from tokenfleet.dtypes import dtype_bytes, to_dtype
+from tokenfleet.kernels.gemm_fp8 import ACCUMULATION, FAST_ACCUM
 from tokenfleet.measure.context import Job, RunContext
 from tokenfleet.measure.timing import DEFAULT_L2_BYTES
 
@@ -137,9 +138,11 @@ def read_job(spec: Spec, ctx: RunContext) -> Job:
 
 def _fp8_matmul(a: torch.Tensor, rhs: torch.Tensor):
     # e4m3 a [N, N] @ rhs through torch._scaled_mm (cuBLASLt): rhs column-major (the nt layout, the only one
-    # cuBLASLt's fp8 takes), unit scales, bf16 out. No out= on every build: each call allocates (cached).
+    # cuBLASLt's fp8 takes), unit scales, bf16 out, accumulating as the gemm_fp8 points do (FAST_ACCUM). No out= on
+    # every build: each call allocates (cached).
     one = torch.ones((), device=a.device)
-    return lambda: torch._scaled_mm(a, rhs, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+    return lambda: torch._scaled_mm(a, rhs, scale_a=one, scale_b=one, out_dtype=torch.bfloat16,
+                                    use_fast_accum=FAST_ACCUM)
 
 
 def matmul_job(spec: Spec, dtype: str, size: int, layout: str) -> Job:
@@ -168,7 +171,8 @@ def matmul_job(spec: Spec, dtype: str, size: int, layout: str) -> Job:
         peak_key = "tf32" if (dtype == "fp32" and spec.allow_tf32 and ctx.on_gpu) else dtype
         sheet = ctx.datasheet.peak_tflops.get(peak_key) if ctx.datasheet else None
         return {**timed, "flops": flops, "value": tflops, "unit": "TFLOP/s", "datasheet_value": sheet,
-                "datasheet_ratio": tflops / sheet if sheet else None, "rel_error": err}
+                "datasheet_ratio": tflops / sheet if sheet else None, "rel_error": err,
+                **({"fp8_accum": ACCUMULATION} if dtype == "fp8" else {})}
 
     key = {"kind": "ceiling", "op": "matmul", "dtype": dtype, "m": size, "n": size, "k": size, "layout": layout}
     return Job(key, run, f"ceiling matmul {dtype} {size} {layout}")

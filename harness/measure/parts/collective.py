@@ -131,9 +131,7 @@ def job(op: str, dtype: str, nbytes: int, graph_iters: int) -> Job:
                 step, iters = replay, graph_iters
             else:
                 note = f"CUDA graph capture failed, timed eager: {why}"[:300]
-        t = D.lockstep_measure(ctx, step).to_dict()
-        for k in ("median_ms", "p20_ms", "p80_ms"):
-            t[k] /= iters
+        t = per_collective(D.lockstep_measure(ctx, step).to_dict(), iters)
         total = n * elem
         algbw = total / (t["median_ms"] / 1e3) / 1e9
         # gbps is algbw; the memory-bandwidth fractions the runner would derive from `bytes` mean nothing here.
@@ -145,6 +143,15 @@ def job(op: str, dtype: str, nbytes: int, graph_iters: int) -> Job:
     key = {"kind": "collective", "op": op, "dtype": dtype, "size_bytes": nbytes, "world_size": D.world_size(),
            "backend": g.backend if g else None}
     return Job(key=key, run=run, label=f"collective {op} {dtype} {nbytes} B")
+
+
+def per_collective(t: dict, iters: int) -> dict:
+    """A replay's timing as one collective's: the quantiles and every kept sample divided by the collectives in it
+    (compare's interval reads the samples beside the median)."""
+    out = {**t, **{k: t[k] / iters for k in ("median_ms", "p20_ms", "p80_ms")}}
+    if t.get("samples_ms"):
+        out["samples_ms"] = [x / iters for x in t["samples_ms"]]
+    return out
 
 
 def plan(spec: Spec, ctx: RunContext) -> list[Job]:

@@ -169,7 +169,15 @@ def _measure(ctx: RunContext, op: str, args_shape: dict, dtype: str, backend: st
     if compiled_graphs() != graphs:
         raise RuntimeError("torch.compile compiled a graph during the samples")
     return {**t.to_dict(), **first, "rel_error": err, "flops": entry.flops(args_shape),
-            "bytes": entry.bytes_moved(args_shape, dt)}
+            "bytes": entry.bytes_moved(args_shape, dt), **_op_fields(op, backend, ctx)}
+
+
+def _op_fields(op: str, backend: str, ctx: RunContext) -> dict:
+    """What an op records about how it was timed: gemm_fp8's accumulation (the same on every backend) and how each
+    backend quantized its activations."""
+    from tokenfleet.kernels import gemm_fp8
+
+    return gemm_fp8.point_fields(backend, ctx.device.kind) if op == "gemm_fp8" else {}
 
 
 def plan(spec: Spec, ctx: RunContext) -> list[Job]:

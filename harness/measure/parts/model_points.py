@@ -151,5 +151,6 @@ def _decode_point(ctx: RunContext, session: _Session, spec: DecodeSpec, built: _
     return _point(built, m, backend, t, first, time_head,
                   lambda ms: {"tpot_ms": ms, "tokens_per_s": batch / (ms / 1e3), "tokens_per_s_per_seq": 1e3 / ms},
                   flops=M.decode_flops(full_cfg, batch, context),
-                  bytes_=F8.decode_bytes(full_cfg, batch, context, kvb) if dtype == "fp8"
-                  else M.decode_bytes(full_cfg, batch, context, db), note=graph_note)
+                  bytes_=(F8.decode_bytes(full_cfg, batch, context, kvb) if dtype == "fp8"
+                          else M.decode_bytes(full_cfg, batch, context, db))
+                  + M.padded_kv_bytes(full_cfg, batch, context, kvb, backend), note=graph_note)
