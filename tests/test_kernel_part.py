@@ -5,6 +5,7 @@ first_call_ms."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import weakref
 
 import pytest
@@ -261,3 +262,33 @@ def test_a_points_backends_are_consecutive_in_the_run_order(suite_name):
 
 
 _NOT_SHAPE = ("kind", "op", "backend", "dtype", "source")
+
+
+# ---- moe: routing as a condition, what it produced recorded -------------------------------------------------------
+
+def test_moe_points_record_routing_experts_touched_and_bytes(ctx):
+    from tokenfleet.results import point_key
+
+    shape = {"tokens": 6, "hidden": 32, "inter": 16, "experts": 8, "topk": 2}
+    case = part.OpCase(op="moe", dtypes=["fp32"], shapes=[shape, {**shape, "routing": "zipf:2"}],
+                       backends=["triton", "torch", "loop"], routing=["uniform", "zipf:1.1"])
+    assert [s["routing"] for s in part.case_shapes(case)] == ["uniform", "zipf:1.1", "zipf:2"]
+    run = _interpreted(ctx)
+    points = [{**j.key, **j.run(run)} for j in part.plan(part.Spec(cases=[case]), run)]
+    assert [p["backend"] for p in points[:3]] == ["triton", "torch", "loop"]
+    for p in points:
+        assert "status" not in p and p["rel_error"] <= 2e-3, p
+        assert sum(p["tokens_per_expert"]) == 12 and p["experts_touched"] == sum(c > 0 for c in p["tokens_per_expert"])
+        args = {k: p[k] for k in (*shape, "routing")}
+        assert p["bytes"] == kernels.REGISTRY["moe"].bytes_moved({**args, "experts_touched": p["experts_touched"]},
+                                                                 torch.float32)
+        assert "tokens_per_expert" not in point_key(p) and '"routing"' in point_key(p)
+    # One draw per point: its backends saw the same routing.
+    assert len({json.dumps(p["tokens_per_expert"]) for p in points[:3]}) == 1
+
+
+def test_backends_and_routings_are_validated():
+    with pytest.raises(ValidationError, match="backend 'loop': gemm runs triton, torch, compile"):
+        part.OpCase(op="gemm", dtypes=["fp32"], shapes=[{"m": 1, "n": 8, "k": 8}], backends=["loop"])
+    with pytest.raises(ValidationError, match="routing must be 'uniform' or 'zipf:<exponent > 0>'"):
+        part.OpCase(op="moe", dtypes=["fp32"], models=["qwen3-30b-a3b"], tokens=[1], routing=["zipf:-1"])
