@@ -63,6 +63,7 @@ MEASURED_FIELDS = {
     "reduction", "reductions_gbps",  # the read-only probe (parts/ceilings.py)
     "graphs_compiled",  # torch.compile graphs built in a first call (tokenfleet.model.backends.first_call)
     "experts_touched", "tokens_per_expert",  # what a moe kernel point's drawn routing produced (kernels.moe)
+    "tuned_config",  # the tuned block-size file a Triton kernel point ran (configs/tuned/<device>.json)
 }
 
 

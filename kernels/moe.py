@@ -18,9 +18,10 @@ Two launches of `_moe_gemm_kernel`:
    trip.
 2. down: h rows @ w2[e].T, times the slot's routing weight, to y [T*k, D]; then out = y.view(T, k, D).sum(1).
 
-Block sizes are picked per call in Python (not autotuned: the alignment must know BLOCK_M before the launch), by
-vLLM's default rule (fused_moe.get_default_config: BLOCK_M 16 when the slots are no more than the experts, else 64;
-block fp8: BLOCK_N = BLOCK_K = 128) unless `config` is given.
+Block sizes are picked per call in Python (not autotuned: the alignment must know BLOCK_M before the launch): `config`
+when given, else the device's tuned file (configs/tuned/<device>.json, written by benchmarks/tune_moe.py; the point
+names it in `tuned_config`), else vLLM's default rule (fused_moe.get_default_config: BLOCK_M 16 when the slots are no
+more than the experts, else 64; block fp8: BLOCK_N = BLOCK_K = 128).
 
 Baselines: `moe_baseline` is torch's grouped GEMM (`F.grouped_mm`, else `torch._grouped_mm`) as transformers'
 `grouped_mm` experts implementation runs it (sort by expert, offsets, two grouped GEMMs, index_add); it has no host
@@ -29,6 +30,12 @@ sync, so the harness's `compile` backend compiles it whole. `moe_loop` is transf
 runs torch._scaled_mm with block scales per expert (CUDA sm90+); torch has no grouped GEMM with 128x128 block scales,
 so the grouped baseline fails there and the point records it.
 """
+
+import functools
+import json
+import math
+import re
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -168,6 +175,48 @@ def default_config(slots: int, experts: int, fp8: bool) -> dict:
     return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
 
 
+# Per-device tuned block sizes: configs/tuned/<device>.json (benchmarks/tune_moe.py writes them on the device), a
+# "moe" list of {experts, hidden, inter, dtype, slots, config}; a call takes the entry of its shape and dtype whose
+# slot count (T * k) is nearest on a log scale. Without a file (or an entry) the default rule holds.
+# configs/ lies beside kernels/ both in a checkout and in the wheel (tokenfleet/configs, tokenfleet/kernels).
+TUNED_DIR = Path(__file__).resolve().parent.parent / "configs" / "tuned"
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+
+
+def device_slug(device) -> str:
+    """The tuned file's name for `device`: its CUDA name in lower case, words joined by '-' ("nvidia-h200")."""
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+@functools.lru_cache(maxsize=8)
+def _tuned_entries(path: Path) -> tuple:
+    if not path.is_file():
+        return ()
+    try:
+        entries = json.loads(path.read_text())["moe"]
+        return tuple((e["experts"], e["hidden"], e["inter"], e["dtype"], e["slots"],
+                      {k: int(e["config"][k]) for k in CONFIG_KEYS}) for e in entries)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: moe: not a tuned-config file ({err!r})") from None
+
+
+def tuned_config(slots: int, experts: int, hidden: int, inter: int, dtype: str, device) -> tuple[dict, str] | None:
+    """(config, file) from the device's tuned file for this shape and dtype ("bf16", "fp16", "fp32", "fp8"), the
+    entry nearest in slots; None without one."""
+    path = TUNED_DIR / f"{device_slug(device)}.json"
+    near = [(abs(math.log(max(slots, 1) / max(e[4], 1))), e[5]) for e in _tuned_entries(path)
+            if e[:4] == (experts, hidden, inter, dtype)]
+    if not near:
+        return None
+    return dict(min(near, key=lambda x: x[0])[1]), f"configs/tuned/{path.name}"
+
+
+def dtype_name(w13: torch.Tensor) -> str:
+    return {FP8: "fp8", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[w13.dtype]
+
+
 def _check(hidden, topk_ids, topk_weights, w13, w2, w13_scale, w2_scale) -> bool:
     fp8 = w13.dtype == FP8
     if hidden.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -223,6 +272,9 @@ def moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     slots = t * k
     if slots == 0 or d == 0:
         return out.zero_()
+    if config is None and not INTERPRET:
+        tuned = tuned_config(slots, e, d, i, dtype_name(w13), hidden.device)
+        config = tuned[0] if tuned else None
     cfg = dict(config or default_config(slots, e, fp8))
     if fp8 and (cfg["BLOCK_N"] != SCALE_BLOCK or SCALE_BLOCK % cfg["BLOCK_K"]):
         raise ValueError(f"moe: e4m3 experts need BLOCK_N 128 and BLOCK_K dividing 128, got {cfg}")
@@ -481,7 +533,13 @@ def _fp8_experts(size: tuple, g: torch.Generator, device) -> tuple[torch.Tensor,
 def point_fields(shape: dict, inputs: tuple) -> dict:
     """What the point's routing produced: experts touched and tokens (slots) per expert."""
     counts = torch.bincount(inputs[1].reshape(-1).long().cpu(), minlength=shape["experts"]).tolist()
-    return {"experts_touched": sum(c > 0 for c in counts), "tokens_per_expert": counts}
+    out = {"experts_touched": sum(c > 0 for c in counts), "tokens_per_expert": counts}
+    hidden, w13 = inputs[0], inputs[3]
+    tuned = None if INTERPRET else tuned_config(inputs[1].numel(), w13.shape[0], hidden.shape[1], w13.shape[1] // 2,
+                                                dtype_name(w13), hidden.device)
+    if tuned:
+        out["tuned_config"] = tuned[1]  # the Triton point ran the device's tuned block sizes
+    return out
 
 
 def tolerance(dtype: torch.dtype) -> float:

@@ -207,3 +207,41 @@ def test_mla_rejects_bad_inputs():
         mla.attention_mla(args[0], args[1], args[2][..., :40], *args[3:])
     with pytest.raises(ValueError, match="e4m3 cache needs kv_scale"):
         mla.attention_mla(*args[:2], args[2].to(FP8), *args[3:])
+
+
+# ---- tuned block sizes --------------------------------------------------------------------------------------------
+
+def _tune_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(moe.__file__).resolve().parent.parent / "benchmarks" / "tune_moe.py"
+    spec = importlib.util.spec_from_file_location("tune_moe", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_tuning_keeps_the_fastest_correct_config_and_the_kernel_finds_it(tmp_path, monkeypatch):
+    tune = _tune_module()
+    shape = {"tokens": 3, "hidden": 32, "inter": 16, "experts": 4, "topk": 2}
+    good = moe.default_config(6, 4, False)
+    space = [good, {**good, "BLOCK_M": 32}]
+    times = iter([2.0, 1.0])  # the second config "runs faster"
+    best, ms = tune.tune(shape, torch.float32, "cpu", space, lambda fn: (fn(), next(times))[1])
+    assert best == space[1] and ms == 1.0
+    assert all(c["BLOCK_N"] == 128 and 128 % c["BLOCK_K"] == 0 for c in tune.search_space(True, "cpu"))
+    path = tmp_path / "cpu.json"
+    entry = {"experts": 4, "hidden": 32, "inter": 16, "dtype": "fp32", "config": best}
+    tune.merge(path, [{**entry, "slots": 6}, {**entry, "slots": 512, "config": good}], {"device": "cpu"})
+    tune.merge(path, [{**entry, "slots": 512, "config": space[1]}], {"device": "cpu"})  # replaces, keeps the other
+    assert len(__import__("json").loads(path.read_text())["moe"]) == 2
+    monkeypatch.setattr(moe, "TUNED_DIR", tmp_path)
+    moe._tuned_entries.cache_clear()
+    assert moe.tuned_config(8, 4, 32, 16, "fp32", "cpu") == (best, "configs/tuned/cpu.json")  # nearest: 6 slots
+    assert moe.tuned_config(8, 4, 32, 16, "bf16", "cpu") is None  # no entry for the dtype
+    path.write_text('{"moe": [{"experts": 4}]}')
+    moe._tuned_entries.cache_clear()
+    with pytest.raises(ValueError, match="cpu.json: moe: not a tuned-config file"):
+        moe.tuned_config(8, 4, 32, 16, "fp32", "cpu")
+    moe._tuned_entries.cache_clear()
