@@ -245,3 +245,45 @@ def test_tuning_keeps_the_fastest_correct_config_and_the_kernel_finds_it(tmp_pat
     with pytest.raises(ValueError, match="cpu.json: moe: not a tuned-config file"):
         moe.tuned_config(8, 4, 32, 16, "fp32", "cpu")
     moe._tuned_entries.cache_clear()
+
+
+# ---- the GPU autotune space of the MLA kernel, one config at a time; model-sized shapes on a GPU ------------------
+
+def test_every_mla_autotune_config(monkeypatch):
+    from tokenfleet.kernels._triton import INTERPRET
+
+    dtype = torch.float16 if INTERPRET else torch.bfloat16
+    device = "cpu" if INTERPRET else "cuda"
+    shape = {**_MLA, "heads": 17, "context": [1, 70, 130], "max_context": 130}
+    args = mla.make_inputs(shape, dtype, device, 0)
+    ref = mla.attention_mla_ref(*_f64(args))
+    for config in mla._mla_configs(interpret=False):
+        monkeypatch.setattr(mla._mla_decode_kernel, "configs", [config])
+        assert rel_error(mla.attention_mla(*args), ref) <= mla.tolerance(dtype), config
+
+
+_GPU = [
+    ("moe", {"tokens": 1, "hidden": 2048, "inter": 768, "experts": 128, "topk": 8}, torch.bfloat16),
+    ("moe", {"tokens": 300, "hidden": 2048, "inter": 768, "experts": 128, "topk": 8, "routing": "zipf:1.0"},
+     torch.bfloat16),
+    ("moe", {"tokens": 33, "hidden": 1000, "inter": 300, "experts": 16, "topk": 4}, torch.float32),
+    ("moe", {"tokens": 64, "hidden": 7168, "inter": 2048, "experts": 8, "topk": 2}, FP8),
+    ("router", {"tokens": 300, "experts": 256, "topk": 8, "scoring": "sigmoid", "n_group": 8, "topk_group": 4,
+                "scaling": 2.5}, torch.float32),
+    ("router", {"tokens": 300, "experts": 128, "topk": 8}, torch.bfloat16),
+    ("attention_mla", {"batch": 4, "heads": 128, "context": [1, 300, 4096, 2000], "max_context": 4096,
+                       "kv_lora_rank": 512, "rope_dim": 64, "nope_dim": 128, "v_dim": 128}, torch.bfloat16),
+    ("attention_mla", {"batch": 2, "heads": 16, "context": 1000, "kv_lora_rank": 512, "rope_dim": 64,
+                       "nope_dim": 128, "v_dim": 128}, FP8),
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton)")
+@pytest.mark.parametrize("op,shape,dtype", [pytest.param(*x, id=f"{x[0]}-{i}") for i, x in enumerate(_GPU)])
+def test_ops_at_model_shapes_on_gpu(op, shape, dtype):
+    entry = REGISTRY[op]
+    args = entry.make_inputs(shape, dtype, "cuda", 0)
+    refs = entry.outputs(entry.reference(*tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                                                else a for a in args)))
+    for out, ref in zip(entry.outputs(entry.triton(*args)), refs, strict=True):
+        assert rel_error(out, ref) <= entry.tolerance(dtype), (op, shape)
