@@ -11,7 +11,7 @@ up-projection W_UK [H, Dn, R] and value up-projection W_UV [H, Dv, R] (the two h
 
 so the cache is read once for all heads, as multi-query attention with a 576-d key and a 512-d value. Three Triton
 kernels: `_head_bmm_kernel` (the two per-head projections), `_mla_decode_kernel` (split-KV as attention_decode:
-grid (B * head blocks, splits), BLOCK_H heads share each cache tile) and attention_decode's reduce kernel (same
+grid (B * head blocks, splits), BLOCK_H heads (autotuned, 16 to 64) share each cache tile) and attention_decode's reduce kernel (same
 workspace layout, HEAD_D = R). Ragged context lengths; no host sync. FP8 cache: e4m3 rows with one fp32 scale
 (scalar), tiles upcast after the load; the scale folds into the softmax scale and the output.
 
@@ -36,7 +36,7 @@ from tokenfleet.kernels.attention_decode import (
 )
 
 _LOG2E = 1.4426950408889634
-_BLOCK_H = 16  # heads per program: the tensor-core minimum M, all of them sharing one cache tile
+_CHUNK_BLOCK_H = 16  # the smallest BLOCK_H in the space: what the split size is picked for
 
 
 @triton.jit
@@ -84,22 +84,26 @@ def _head_bmm(a: torch.Tensor, w: torch.Tensor, transpose_w: bool) -> torch.Tens
 
 def _mla_configs(interpret: bool = INTERPRET) -> list:
     if interpret:
-        return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    # A [BLOCK_N, 576] bf16 tile is 36 KiB at 32 rows: two or three stages fit any sm80+ shared memory.
-    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bn, w, s in [(32, 4, 2), (32, 8, 2), (32, 4, 3), (64, 8, 2), (16, 4, 3)]]
+        return [triton.Config({"BLOCK_H": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    # BLOCK_H heads share each cache tile (16: the tensor-core minimum M; 64, as FlashMLA's CTA, reads the cache
+    # half as often from L2 for 128 heads at four times the accumulator). A [BLOCK_N, 576] bf16 tile is 36 KiB at 32
+    # rows; every config compiles for sm90 within 128 KiB of shared memory (Triton 3.9, compiled ahead of time).
+    return [triton.Config({"BLOCK_H": bh, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bh, bn, w, s in [(16, 32, 4, 2), (16, 32, 8, 2), (16, 32, 4, 3), (16, 64, 8, 2), (16, 16, 4, 3),
+                                 (32, 32, 8, 2), (64, 16, 8, 2), (64, 32, 8, 2)]]
 
 
-@triton.autotune(configs=_mla_configs(), key=["CHUNK", "R", "DR"])
+@triton.autotune(configs=_mla_configs(), key=["CHUNK", "R", "DR", "H"])
 @triton.jit
 def _mla_decode_kernel(
     ql_ptr, qp_ptr, kv_ptr, lens_ptr, m_ptr, l_ptr, acc_ptr, sc_ptr,
-    H, HB, S_MAX, CHUNK, NUM_SPLITS, qk_scale,
+    H, S_MAX, CHUNK, NUM_SPLITS, qk_scale,
     stride_qlb, stride_qlh, stride_qpb, stride_qph, stride_kvb, stride_kvs,
     R: tl.constexpr, DR: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     pid = tl.program_id(axis=0)
     split = tl.program_id(axis=1)
+    HB = tl.cdiv(H, BLOCK_H)
     b = (pid // HB).to(tl.int64)
     hb = pid % HB
     ctx = tl.minimum(tl.load(lens_ptr + b).to(tl.int32), S_MAX)
@@ -201,9 +205,8 @@ def attention_mla(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tens
         q_pe = q_pe.contiguous()
     if kv_cache.stride(-1) != 1:
         kv_cache = kv_cache.contiguous()
-    head_blocks = triton.cdiv(h, _BLOCK_H)
     if chunk_size is None:
-        chunk = _pick_chunk(b, head_blocks, s_max, q_nope.device)
+        chunk = _pick_chunk(b, triton.cdiv(h, _CHUNK_BLOCK_H), s_max, q_nope.device)
     elif chunk_size <= 0 or chunk_size % _CHUNK_ALIGN:
         raise ValueError(f"attention_mla: chunk_size must be a positive multiple of {_CHUNK_ALIGN}")
     else:
@@ -215,11 +218,14 @@ def attention_mla(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tens
     fp8 = kv_cache.dtype == FP8
     sc = kv_scale.reshape(1).to(torch.float32) if fp8 else m_ws
     context_lens = context_lens.contiguous()
-    _mla_decode_kernel[(b * head_blocks, splits)](
+    def grid(meta):
+        return (b * triton.cdiv(h, meta["BLOCK_H"]), splits)
+
+    _mla_decode_kernel[grid](
         q_lat, q_pe, kv_cache, context_lens, m_ws, l_ws, acc_ws, sc,
-        h, head_blocks, s_max, chunk, splits, float(scale) * _LOG2E,
+        h, s_max, chunk, splits, float(scale) * _LOG2E,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), kv_cache.stride(0), kv_cache.stride(1),
-        R=r, DR=dr, BLOCK_H=_BLOCK_H, KV_FP8=fp8,
+        R=r, DR=dr, KV_FP8=fp8,
     )
     o_lat = torch.empty((b, h, r), dtype=q_nope.dtype, device=q_nope.device)
     block_s = triton.next_power_of_2(splits)
