@@ -11,9 +11,9 @@ up-projection W_UK [H, Dn, R] and value up-projection W_UV [H, Dv, R] (the two h
 
 so the cache is read once for all heads, as multi-query attention with a 576-d key and a 512-d value. Three Triton
 kernels: `_head_bmm_kernel` (the two per-head projections), `_mla_decode_kernel` (split-KV as attention_decode:
-grid (B * head blocks, splits), BLOCK_H heads (autotuned, 16 to 64) share each cache tile) and attention_decode's reduce kernel (same
-workspace layout, HEAD_D = R). Ragged context lengths; no host sync. FP8 cache: e4m3 rows with one fp32 scale
-(scalar), tiles upcast after the load; the scale folds into the softmax scale and the output.
+grid (B * head blocks, splits), BLOCK_H heads (autotuned, 16 to 64) share each cache tile) and attention_decode's
+reduce kernel (same workspace layout, HEAD_D = R). Ragged context lengths; no host sync. FP8 cache: e4m3 rows with
+one fp32 scale (scalar), tiles upcast after the load; the scale folds into the softmax scale and the output.
 
 `scale` is the softmax scale the model uses (DeepSeek-V3: 1/sqrt(192) times YaRN's mscale^2); make_inputs takes
 1/sqrt(Dn + Dr). Baseline: the same absorbed form as a torch user writes it (einsum, then SDPA with the heads as
