@@ -25,7 +25,16 @@ import math
 
 import torch
 import torch.nn.functional as F
-from tokenfleet.kernels._triton import INTERPRET, check_float, num_sms, pin_config, row_settings, tl, triton
+from tokenfleet.kernels._triton import (
+    INTERPRET,
+    check_float,
+    num_sms,
+    pin_config,
+    row_settings,
+    smem_bytes,
+    tl,
+    triton,
+)
 from tokenfleet.kernels.attention_decode import (
     _CHUNK_ALIGN,
     _MAX_SPLITS,
@@ -87,13 +96,26 @@ def _mla_configs(interpret: bool = INTERPRET) -> list:
         return [triton.Config({"BLOCK_H": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     # BLOCK_H heads share each cache tile (16: the tensor-core minimum M; 64, as FlashMLA's CTA, reads the cache
     # half as often from L2 for 128 heads at four times the accumulator). A [BLOCK_N, 576] bf16 tile is 36 KiB at 32
-    # rows; every config compiles for sm90 within 128 KiB of shared memory (Triton 3.9, compiled ahead of time).
+    # rows. In bf16/fp16 every config fits sm90 (at most 128 KiB, compiled ahead of time); fp32 prunes the widest.
     return [triton.Config({"BLOCK_H": bh, "BLOCK_N": bn}, num_warps=w, num_stages=s)
             for bh, bn, w, s in [(16, 32, 4, 2), (16, 32, 8, 2), (16, 32, 4, 3), (16, 64, 8, 2), (16, 16, 4, 3),
                                  (32, 32, 8, 2), (64, 16, 8, 2), (64, 32, 8, 2)]]
 
 
-@triton.autotune(configs=_mla_configs(), key=["CHUNK", "R", "DR", "H"])
+def _prune_configs(configs, named_args, **kwargs):
+    # Shared memory, fitted to sm90 compiles (Triton 3.9, tests/test_kernels_compile.py): q and num_stages cache
+    # tiles in q's dtype (an e4m3 tile is upcast there), or the fp32 accumulator's layout conversion if larger.
+    es = named_args["ql_ptr"].element_size()
+    width = kwargs["R"] + kwargs["DR"]
+    limit = smem_bytes(named_args["ql_ptr"].device)
+    fits = [c for c in configs
+            if max(es * (c.kwargs["BLOCK_H"] + c.num_stages * c.kwargs["BLOCK_N"]) * width,
+                   4 * c.kwargs["BLOCK_H"] * kwargs["R"]) <= limit]
+    return fits or configs[:1]
+
+
+@triton.autotune(configs=_mla_configs(), key=["CHUNK", "R", "DR", "H"],
+                 prune_configs_by=None if INTERPRET else {"early_config_prune": _prune_configs})
 @triton.jit
 def _mla_decode_kernel(
     ql_ptr, qp_ptr, kv_ptr, lens_ptr, m_ptr, l_ptr, acc_ptr, sc_ptr,
