@@ -25,16 +25,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from tokenfleet.kernels._triton import (
-    INTERPRET,
-    check_float,
-    num_sms,
-    pin_config,
-    row_settings,
-    smem_bytes,
-    tl,
-    triton,
-)
+from tokenfleet.kernels._triton import INTERPRET, check_float, num_sms, pin_config, row_settings, smem_bytes, tl, triton
 from tokenfleet.kernels.attention_decode import (
     _CHUNK_ALIGN,
     _MAX_SPLITS,
