@@ -49,7 +49,7 @@ class KernelOp:
     # Further vendor paths, each its own backend (moe: "loop", transformers' per-expert loop beside grouped GEMM).
     baselines: dict[str, Callable[..., Any]] = field(default_factory=dict)
     # (shape, inputs) -> fields the point records about its drawn inputs (moe: experts touched, tokens per expert);
-    # bytes_moved sees them too (moe counts the touched experts' weights).
+    # flops and bytes_moved see them too (moe counts the slots computed and the touched experts' weights).
     point_fields: Callable[[dict, tuple], dict] | None = None
 
     @staticmethod

@@ -67,23 +67,27 @@ def max_padded_rows(slots: int, experts: int, block_m: int) -> int:
 
 def align_tokens(topk_ids: torch.Tensor, experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(sorted_ids [P] int32: slot ids grouped by expert, each expert's run padded to BLOCK_M with T*k;
-    block_expert [P / BLOCK_M] int32: the expert of each block, `experts` past the last). Torch ops only, no host
-    sync (scatter_add instead of bincount, whose CUDA version reads the max back)."""
+    block_expert [P / BLOCK_M] int32: the expert of each block, `experts` past the last). An id of -1 (a slot whose
+    expert another rank holds, after `expert_map`) gets no row. Torch ops only, no host sync (scatter_add instead
+    of bincount, whose CUDA version reads the max back; the dropped slots are written to one spare row)."""
     flat = topk_ids.reshape(-1).to(torch.int64)
     n = flat.numel()
     dev = flat.device
-    counts = torch.zeros(experts, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    flat = torch.where(flat < 0, experts, flat)  # non-local slots: a sentinel expert after the last
+    counts = torch.zeros(experts + 1, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
+    padded[experts] = 0
     ends = torch.cumsum(padded, 0)
     order = torch.argsort(flat, stable=True)  # slots by expert, in slot order within one
     sorted_e = flat[order]
     rank = torch.arange(n, device=dev) - (torch.cumsum(counts, 0) - counts)[sorted_e]
     rows = max_padded_rows(n, experts, block_m)
-    sorted_ids = torch.full((rows,), n, dtype=torch.int32, device=dev)
-    sorted_ids[(ends - padded)[sorted_e] + rank] = order.to(torch.int32)
+    sorted_ids = torch.full((rows + 1,), n, dtype=torch.int32, device=dev)
+    dest = torch.where(sorted_e == experts, rows, (ends - padded)[sorted_e] + rank)
+    sorted_ids[dest] = order.to(torch.int32)
     starts = torch.arange(0, rows, block_m, device=dev)
-    block_expert = torch.searchsorted(ends, starts, right=True).to(torch.int32)  # E once past the last block
-    return sorted_ids, block_expert
+    block_expert = torch.searchsorted(ends[:experts], starts, right=True).to(torch.int32)  # E once past the last
+    return sorted_ids[:rows], block_expert
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -217,8 +221,12 @@ def dtype_name(w13: torch.Tensor) -> str:
     return {FP8: "fp8", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[w13.dtype]
 
 
-def _check(hidden, topk_ids, topk_weights, w13, w2, w13_scale, w2_scale) -> bool:
+def _check(hidden, topk_ids, topk_weights, w13, w2, w13_scale, w2_scale, expert_map=None) -> bool:
     fp8 = w13.dtype == FP8
+    if expert_map is not None and (expert_map.dim() != 1 or expert_map.dtype not in (torch.int32, torch.int64)
+                                   or expert_map.device != hidden.device):
+        raise ValueError(f"moe: expert_map must be int32 [E_global] (local id or -1) on {hidden.device}, got "
+                         f"{expert_map.dtype} {tuple(expert_map.shape)} on {expert_map.device}")
     if hidden.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"moe: hidden states must be fp16, bf16 or fp32, got {hidden.dtype}")
     if hidden.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
@@ -257,13 +265,17 @@ def _check(hidden, topk_ids, topk_weights, w13, w2, w13_scale, w2_scale) -> bool
 
 
 def moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
-        w2: torch.Tensor, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None, *,
-        config: dict | None = None) -> torch.Tensor:
+        w2: torch.Tensor, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+        expert_map: torch.Tensor | None = None, *, config: dict | None = None) -> torch.Tensor:
     """The routed experts of one MoE layer: hidden [T, D], topk_ids [T, k] (int32/int64, ids in [0, E)),
     topk_weights [T, k] (multiplied in fp32), w13 [E, 2I, D], w2 [E, D, I] in hidden's dtype, or e4m3 with
-    w13_scale / w2_scale per 128x128 block (hidden bf16) -> out [T, D] in hidden's dtype. `config` overrides the
-    block sizes (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages; fp8 needs BLOCK_N 128, BLOCK_K | 128)."""
-    fp8 = _check(hidden, topk_ids, topk_weights, w13, w2, w13_scale, w2_scale)
+    w13_scale / w2_scale per 128x128 block (hidden bf16) -> out [T, D] in hidden's dtype. An expert-parallel slice
+    passes `expert_map` (vLLM's: int32 [E_global], the local expert of each global id or -1): topk_ids are then
+    global, w13/w2 hold the E local experts, and slots routed elsewhere add nothing. `config` overrides the block
+    sizes (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages; fp8 needs BLOCK_N 128, BLOCK_K | 128)."""
+    fp8 = _check(hidden, topk_ids, topk_weights, w13, w2, w13_scale, w2_scale, expert_map)
+    if expert_map is not None:
+        topk_ids = expert_map[topk_ids.long()]
     t, d = hidden.shape
     e, two_i, _ = w13.shape
     i = two_i // 2
@@ -307,7 +319,8 @@ def moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
         h.stride(0), h.stride(1), h_s.stride(0) if fp8 else 0,
         GATED=True, MUL_WEIGHT=False, FP8_IN=fp8, FP8_OUT=fp8, ROUND_FIRST=INTERPRET, **launch,
     )
-    y = torch.empty((slots, d), dtype=hidden.dtype, device=hidden.device)
+    # Slots routed to other ranks get no row: their y rows stay zero (written nowhere else).
+    y = (torch.empty if expert_map is None else torch.zeros)((slots, d), dtype=hidden.dtype, device=hidden.device)
     _moe_gemm_kernel[(rows // bm * triton.cdiv(d, bn),)](
         h, w2, h_s, w2_scale if fp8 else dummy, y, dummy, sorted_ids, block_expert, tw,
         d, i, slots, rows, e, 1,
@@ -331,10 +344,13 @@ def _dequant_expert(w: torch.Tensor, scale: torch.Tensor | None, compute: torch.
 
 
 def moe_ref(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
-            w2: torch.Tensor, w13_scale: torch.Tensor | None = None,
-            w2_scale: torch.Tensor | None = None) -> torch.Tensor:
+            w2: torch.Tensor, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+            expert_map: torch.Tensor | None = None) -> torch.Tensor:
     """Per expert in >= fp32, the definition: fp8 quantizes x per token per 128 channels and h per slot per 128
-    channels exactly as the kernel does (quantize_fp8_ref), with dequantized block-scaled weights."""
+    channels exactly as the kernel does (quantize_fp8_ref), with dequantized block-scaled weights. Slots whose
+    expert_map entry is -1 add nothing."""
+    if expert_map is not None:
+        topk_ids = expert_map.to(topk_ids.device)[topk_ids.long()]
     compute = torch.promote_types(hidden.dtype, torch.float32)
     t, d = hidden.shape
     k = topk_ids.shape[1]
@@ -346,7 +362,7 @@ def moe_ref(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Te
         x = hidden.to(compute)
     flat = topk_ids.reshape(-1).long()
     y = torch.zeros((t * k, d), dtype=compute, device=hidden.device)
-    for e in torch.unique(flat).tolist():
+    for e in [x for x in torch.unique(flat).tolist() if x >= 0]:
         slots = (flat == e).nonzero().reshape(-1)
         xe = x[slots // k]
         gu = xe @ _dequant_expert(w13[e], w13_scale[e] if fp8 else None, compute).T
@@ -368,12 +384,13 @@ def _grouped_mm():
 
 
 def moe_baseline(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
-                 w2: torch.Tensor, w13_scale: torch.Tensor | None = None,
-                 w2_scale: torch.Tensor | None = None) -> torch.Tensor:
+                 w2: torch.Tensor, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+                 expert_map: torch.Tensor | None = None) -> torch.Tensor:
     """torch's grouped GEMM as transformers' `grouped_mm` experts path runs it: slots sorted by expert, offsets from
     a histogram, two grouped GEMMs (all E experts passed, the offsets select the touched ones), weights applied,
-    index_add back to tokens. No host sync. torch's kernel wants 16-byte row strides (it raises on odd widths);
-    e4m3 experts: torch has no grouped GEMM with block scales (raises)."""
+    index_add back to tokens. No host sync. An expert_map's non-local slots sort last as expert E, outside the
+    offsets, and are zeroed before the index_add (transformers' expert-parallel sentinel). torch's kernel wants
+    16-byte row strides (it raises on odd widths); e4m3 experts: torch has no grouped GEMM with block scales."""
     if w13_scale is not None:
         raise RuntimeError("moe: torch has no grouped GEMM with 128x128 block scales (e4m3 experts)")
     gmm = _grouped_mm()
@@ -381,6 +398,9 @@ def moe_baseline(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: tor
     k = topk_ids.shape[1]
     e = w13.shape[0]
     flat = topk_ids.reshape(-1)
+    if expert_map is not None:
+        flat = expert_map[flat.long()]
+        flat = torch.where(flat < 0, e, flat)
     ids_sorted, perm = torch.sort(flat)
     tok = perm // k
     x = hidden[tok]
@@ -390,21 +410,29 @@ def moe_baseline(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: tor
     gate, up = gu.chunk(2, dim=-1)
     y = gmm(F.silu(gate) * up, w2.transpose(-2, -1), offs=offs)
     y = y * topk_weights.reshape(-1)[perm, None]
+    if expert_map is not None:
+        y = y.masked_fill((ids_sorted >= e)[:, None], 0.0)  # rows past the offsets: never written by grouped_mm
     return torch.zeros_like(hidden).index_add_(0, tok, y.to(hidden.dtype))
 
 
 def moe_loop(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
-             w2: torch.Tensor, w13_scale: torch.Tensor | None = None,
-             w2_scale: torch.Tensor | None = None) -> torch.Tensor:
+             w2: torch.Tensor, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+             expert_map: torch.Tensor | None = None) -> torch.Tensor:
     """transformers' eager experts loop (DeepseekV3Experts / Qwen3MoeExperts.forward): one_hot mask, the experts hit
     (nonzero: a host sync), per expert two F.linear (e4m3: torch._scaled_mm with block scales, CUDA sm90+) and an
     index_add."""
     e = w13.shape[0]
     out = torch.zeros_like(hidden)
-    mask = F.one_hot(topk_ids.long(), num_classes=e).permute(2, 1, 0)  # [E, k, T]
+    ids = topk_ids.long()
+    if expert_map is not None:  # transformers' sentinel: non-local slots as expert E, skipped
+        ids = expert_map[ids].long()
+        ids = torch.where(ids < 0, e, ids)
+    mask = F.one_hot(ids, num_classes=e + 1).permute(2, 1, 0)  # [E + 1, k, T]
     hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
     for idx in hit:
         ex = int(idx[0])
+        if ex == e:
+            continue
         pos, tok = torch.where(mask[ex])
         x = hidden[tok]
         if w13_scale is not None:
@@ -436,7 +464,7 @@ def model_shapes(cfg, tokens=(), batch=(), context=()) -> list[dict]:
 
 
 MODEL_GRID = ("tokens",)
-SHAPE_FIELDS = ("tokens", "hidden", "inter", "experts", "topk")  # sizes make_inputs reads (+ routing)
+SHAPE_FIELDS = ("tokens", "hidden", "inter", "experts", "topk")  # sizes make_inputs reads (+ routing, ep, ep_rank)
 
 
 def parse_routing(routing: str) -> float | None:
@@ -453,26 +481,42 @@ def parse_routing(routing: str) -> float | None:
     return value
 
 
+def _ep(shape: dict) -> tuple[int, int]:
+    """(ranks, this rank) of an expert-parallel slice: shape `ep` (default 1: every expert here), `ep_rank` (0)."""
+    p, r = shape.get("ep", 1), shape.get("ep_rank", 0)
+    if shape["experts"] % p or not 0 <= r < p:
+        raise ValueError(f"moe: ep {p} must divide {shape['experts']} experts, 0 <= ep_rank {r} < ep")
+    return p, r
+
+
 def expected_touched(shape: dict) -> float:
-    """Experts a uniform routing of `tokens` touches on average: E (1 - (1 - k/E)^T) (each token picks k of E
-    distinct, independently)."""
+    """Experts (of this rank's E/ep) a uniform routing of `tokens` touches on average: E/ep (1 - (1 - k/E)^T)
+    (each token picks k of E distinct, independently)."""
     e, k, t = shape["experts"], shape["topk"], shape["tokens"]
-    return e * (1 - (1 - k / e) ** t)
+    return e / _ep(shape)[0] * (1 - (1 - k / e) ** t)
 
 
 def _touched(shape: dict) -> float:
     return shape["experts_touched"] if "experts_touched" in shape else expected_touched(shape)
 
 
+def _slots(shape: dict) -> float:
+    """(token, slot) pairs this rank computes: the draw's when tokens_per_expert is given, else T*k/ep."""
+    if "tokens_per_expert" in shape:
+        return sum(shape["tokens_per_expert"])
+    return shape["tokens"] * shape["topk"] / _ep(shape)[0]
+
+
 def flops(shape: dict) -> int:
-    # Per (token, slot): gate and up (2 * 2 * D * I), down (2 * I * D), silu*up (~5 I).
-    t, k, d, i = shape["tokens"], shape["topk"], shape["hidden"], shape["inter"]
-    return t * k * (6 * d * i + 5 * i)
+    # Per (token, slot) computed here: gate and up (2 * 2 * D * I), down (2 * I * D), silu*up (~5 I).
+    d, i = shape["hidden"], shape["inter"]
+    return int(_slots(shape) * (6 * d * i + 5 * i))
 
 
 def bytes_moved(shape: dict, dtype: torch.dtype) -> int:
     """Weights of the experts the batch touches (the point's drawn routing when `experts_touched` is given, else the
-    uniform expectation), activations in and out, the slots' intermediate written and read, ids and weights."""
+    uniform expectation), activations in and out, the computed slots' intermediate written and read, ids and
+    weights."""
     t, k, d, i = shape["tokens"], shape["topk"], shape["hidden"], shape["inter"]
     fp8 = dtype == FP8
     w_es = 1 if fp8 else dtype.itemsize
@@ -481,19 +525,22 @@ def bytes_moved(shape: dict, dtype: torch.dtype) -> int:
     if fp8:
         weights += _touched(shape) * 4 * (triton.cdiv(2 * i, 128) * triton.cdiv(d, 128)
                                           + triton.cdiv(d, 128) * triton.cdiv(i, 128))
-    acts = 2 * t * d * a_es + t * k * (2 * i * (1 if fp8 else a_es) + 2 * d * a_es)  # x, out; h and y round trips
+    acts = 2 * t * d * a_es + _slots(shape) * (2 * i * (1 if fp8 else a_es) + 2 * d * a_es)  # h and y round trips
     return int(weights + acts + t * k * 8)
 
 
 def make_inputs(shape: dict, dtype: torch.dtype, device, seed: int) -> tuple:
-    """(hidden, topk_ids int32, topk_weights fp32, w13, w2[, w13_scale, w2_scale]). dtype fp8: bf16 hidden states,
-    e4m3 experts with 128x128 block scales. The routing is drawn on the host from the seed (the same experts on
-    every device): each token picks k distinct experts, uniformly or by Zipf popularity (successive sampling without
-    replacement, Gumbel top-k over log-popularity; expert ranks in a seeded random order); its weights are a softmax
-    of random logits over its k (renormalized, as Qwen3-MoE's router gives them)."""
+    """(hidden, topk_ids int32, topk_weights fp32, w13, w2[, w13_scale, w2_scale][, expert_map]). dtype fp8: bf16
+    hidden states, e4m3 experts with 128x128 block scales. `ep: p` (and `ep_rank`) makes one rank's slice of an
+    expert-parallel pool: E/p experts held, the routing over all E, an expert_map (scales None when not fp8). The
+    routing is drawn on the host from the seed (the same experts on every device): each token picks k distinct
+    experts, uniformly or by Zipf popularity (successive sampling without replacement, Gumbel top-k over
+    log-popularity; expert ranks in a seeded random order); its weights are a softmax of random logits over its k
+    (renormalized, as Qwen3-MoE's router gives them)."""
     t, d, i, e, k = shape["tokens"], shape["hidden"], shape["inter"], shape["experts"], shape["topk"]
     if not 1 <= k <= e:
         raise ValueError(f"moe: topk {k} outside 1..{e} experts")
+    p, r = _ep(shape)
     s = parse_routing(shape.get("routing", "uniform"))
     host = torch.Generator().manual_seed(seed)
     keys = torch.rand((t, e), generator=host).clamp_min_(1e-20)
@@ -509,14 +556,21 @@ def make_inputs(shape: dict, dtype: torch.dtype, device, seed: int) -> tuple:
     g = torch.Generator(device=device).manual_seed(seed)
     act = torch.bfloat16 if dtype == FP8 else dtype
     hidden = torch.randn((t, d), generator=g, device=device, dtype=act)
+    held = e // p  # an EP slice holds experts [r * E/p, (r + 1) * E/p); the routing stays over all E
     if dtype != FP8:
         # Scaled so h and out stay O(1): w13 ~ N(0, 1/D), w2 ~ N(0, 1/I).
-        w13 = torch.randn((e, 2 * i, d), generator=g, device=device, dtype=dtype).mul_(d ** -0.5)
-        w2 = torch.randn((e, d, i), generator=g, device=device, dtype=dtype).mul_(i ** -0.5)
-        return hidden, topk_ids, topk_weights, w13, w2
-    w13, w13_s = _fp8_experts((e, 2 * i, d), g, device)
-    w2, w2_s = _fp8_experts((e, d, i), g, device)
-    return hidden, topk_ids, topk_weights, w13, w2, w13_s, w2_s
+        w13 = torch.randn((held, 2 * i, d), generator=g, device=device, dtype=dtype).mul_(d ** -0.5)
+        w2 = torch.randn((held, d, i), generator=g, device=device, dtype=dtype).mul_(i ** -0.5)
+        args = (hidden, topk_ids, topk_weights, w13, w2)
+    else:
+        w13, w13_s = _fp8_experts((held, 2 * i, d), g, device)
+        w2, w2_s = _fp8_experts((held, d, i), g, device)
+        args = (hidden, topk_ids, topk_weights, w13, w2, w13_s, w2_s)
+    if p == 1:
+        return args
+    expert_map = torch.full((e,), -1, dtype=torch.int32, device=device)
+    expert_map[r * held:(r + 1) * held] = torch.arange(held, dtype=torch.int32, device=device)
+    return (*args, *(None, None)[:7 - len(args)], expert_map)
 
 
 def _fp8_experts(size: tuple, g: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -531,8 +585,13 @@ def _fp8_experts(size: tuple, g: torch.Generator, device) -> tuple[torch.Tensor,
 
 
 def point_fields(shape: dict, inputs: tuple) -> dict:
-    """What the point's routing produced: experts touched and tokens (slots) per expert."""
-    counts = torch.bincount(inputs[1].reshape(-1).long().cpu(), minlength=shape["experts"]).tolist()
+    """What the point's routing produced: experts touched and tokens (slots) per expert, of the experts held."""
+    held = inputs[3].shape[0]
+    ids = inputs[1].reshape(-1).long().cpu()
+    if len(inputs) == 8:  # an EP slice: the held experts' slots, by local id
+        ids = inputs[7].cpu().long()[ids]
+        ids = ids[ids >= 0]
+    counts = torch.bincount(ids, minlength=held).tolist()
     out = {"experts_touched": sum(c > 0 for c in counts), "tokens_per_expert": counts}
     hidden, w13 = inputs[0], inputs[3]
     tuned = None if INTERPRET else tuned_config(inputs[1].numel(), w13.shape[0], hidden.shape[1], w13.shape[1] // 2,

@@ -292,3 +292,18 @@ def test_backends_and_routings_are_validated():
         part.OpCase(op="gemm", dtypes=["fp32"], shapes=[{"m": 1, "n": 8, "k": 8}], backends=["loop"])
     with pytest.raises(ValidationError, match="routing must be 'uniform' or 'zipf:<exponent > 0>'"):
         part.OpCase(op="moe", dtypes=["fp32"], models=["qwen3-30b-a3b"], tokens=[1], routing=["zipf:-1"])
+
+
+def test_an_expert_parallel_slice_counts_its_own_slots_and_experts(ctx):
+    shape = {"tokens": 6, "hidden": 32, "inter": 16, "experts": 8, "topk": 2, "ep": 2, "ep_rank": 1}
+    case = part.OpCase(op="moe", dtypes=["fp32"], shapes=[shape], backends=["triton", "torch", "loop"])
+    run = _interpreted(ctx)
+    points = [{**j.key, **j.run(run)} for j in part.plan(part.Spec(cases=[case]), run)]
+    op = kernels.REGISTRY["moe"]
+    for p in points:
+        assert "status" not in p and p["rel_error"] <= 2e-3, p
+        assert len(p["tokens_per_expert"]) == 4 and p["ep"] == 2  # the 4 experts this rank holds
+        drawn = {**shape, "routing": "uniform", "tokens_per_expert": p["tokens_per_expert"],
+                 "experts_touched": p["experts_touched"]}
+        assert p["flops"] == op.flops(drawn) <= op.flops({k: v for k, v in shape.items() if k not in ("ep", "ep_rank")})
+        assert p["bytes"] == op.bytes_moved(drawn, torch.float32)

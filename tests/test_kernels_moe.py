@@ -70,6 +70,31 @@ def test_moe_all_tokens_on_one_expert_and_empty_experts():
     assert rel_error(moe.moe(hidden, ids2, w2s, w13, w2), ref) <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, FP8])
+def test_moe_expert_parallel_slices_sum_to_the_whole_layer(dtype):
+    # Four ranks each hold E/4 experts and see the routing over all E (expert_map: -1 elsewhere); their outputs add
+    # up to the one-rank layer's. Each slice is checked against the reference and torch's two paths too.
+    shape = {"tokens": 6, "hidden": 128 if dtype == FP8 else 24, "inter": 128 if dtype == FP8 else 16,
+             "experts": 8, "topk": 3}
+    whole = moe.make_inputs(shape, dtype, "cpu", 5)
+    total = torch.zeros(whole[0].shape, dtype=torch.float64)
+    touched = 0
+    for r in range(4):
+        part = moe.make_inputs({**shape, "ep": 4, "ep_rank": r}, dtype, "cpu", 5)
+        assert part[3].shape[0] == 2 and part[7].tolist().count(-1) == 6 and torch.equal(part[1], whole[1])
+        # the slice's weights are the whole layer's experts 2r, 2r + 1 (drawn alike): take them from `whole`
+        held = slice(2 * r, 2 * r + 2)
+        args = (*whole[:3], whole[3][held], whole[4][held], *((whole[5][held], whole[6][held]) if dtype == FP8
+                                                               else (None, None)), part[7])
+        _check("moe", args, dtype, fns=("triton",) if dtype == FP8 else ("triton", "baseline", "loop"))
+        total += moe.moe(*args).double()
+        fields = moe.point_fields({**shape, "ep": 4, "ep_rank": r}, part)
+        assert len(fields["tokens_per_expert"]) == 2
+        touched += fields["experts_touched"]
+    assert rel_error(total, moe.moe_ref(*_f64(whole))) <= moe.tolerance(dtype)
+    assert touched == moe.point_fields(shape, whole)["experts_touched"]
+
+
 def test_align_tokens_pads_each_touched_expert_to_the_block():
     ids = torch.tensor([[2, 0], [2, 5], [2, 0]], dtype=torch.int32)  # expert 2: 3 slots, 0: 2, 5: 1; 1, 3, 4: none
     sorted_ids, block_expert = moe.align_tokens(ids, 6, 4)
@@ -79,6 +104,10 @@ def test_align_tokens_pads_each_touched_expert_to_the_block():
     assert block_expert.tolist()[:3] == [0, 2, 5] and all(x == 6 for x in block_expert.tolist()[3:])
     assert blocks[0] == [1, 5, n, n] and blocks[1] == [0, 2, 4, n] and blocks[2] == [3, n, n, n]
     assert all(v == n for row in blocks[3:] for v in row)
+    # Slots mapped to -1 (held by another rank) get no row: expert 0's two slots leave.
+    sorted_ids, block_expert = moe.align_tokens(torch.where(ids == 0, -1, ids), 6, 4)
+    assert sorted_ids.view(-1, 4).tolist()[:2] == [[0, 2, 4, n], [3, n, n, n]] and block_expert.tolist()[:2] == [2, 5]
+    assert all(x == 6 for x in block_expert.tolist()[2:]) and 1 not in sorted_ids.tolist()
 
 
 def test_moe_rejects_bad_inputs():

@@ -168,7 +168,8 @@ def _measure(ctx: RunContext, op: str, args_shape: dict, dtype: str, backend: st
         fn = compile_step(entry.baseline, ctx.torch_device)
     else:
         fn = {"triton": entry.triton, "torch": entry.baseline, **entry.baselines}[backend]
-    # What the drawn inputs are (moe: the experts its routing touched, tokens per expert): recorded, and counted.
+    # What the drawn inputs are (moe: the experts its routing touched, tokens per expert): recorded, and counted
+    # (flops and bytes of the slots and experts the draw gave).
     drawn = entry.point_fields(args_shape, inputs) if entry.point_fields else {}
     # Correct before fast: the reference runs in fp32 (fp64 on the CPU) on the same fresh random inputs, once per
     # point (its backends share it with the inputs), before this backend's output exists: the peak is the inputs,
@@ -188,7 +189,7 @@ def _measure(ctx: RunContext, op: str, args_shape: dict, dtype: str, backend: st
     t = ctx.measure(fn, args=inputs, flush_l2=flush_l2)
     if compiled_graphs() != graphs:
         raise RuntimeError("torch.compile compiled a graph during the samples")
-    return {**t.to_dict(), **first, **drawn, "rel_error": err, "flops": entry.flops(args_shape),
+    return {**t.to_dict(), **first, **drawn, "rel_error": err, "flops": entry.flops({**args_shape, **drawn}),
             "bytes": entry.bytes_moved({**args_shape, **drawn}, dt)}
 
 
