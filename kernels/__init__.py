@@ -13,13 +13,24 @@ This package (`tokenfleet.kernels`) never imports the rest of `tokenfleet` (the 
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 # Each op module imports Triton through kernels._triton, which picks the interpreter on a CPU-only box.
-from tokenfleet.kernels import attention_decode, attention_prefill, gemm, gemm_fp8, rmsnorm, rope, silu_mul
+from tokenfleet.kernels import (
+    attention_decode,
+    attention_mla,
+    attention_prefill,
+    gemm,
+    gemm_fp8,
+    moe,
+    rmsnorm,
+    rope,
+    router,
+    silu_mul,
+)
 
 
 @dataclass(frozen=True)
@@ -35,6 +46,11 @@ class KernelOp:
     model_shapes: Callable[..., list[dict]]  # (cfg, tokens=, batch=, context=) -> the shapes a model's layer gives
     model_grid: tuple[str, ...]  # which of tokens / batch / context model_shapes needs
     shape_fields: tuple[str, ...]  # the sizes a literal shape must give make_inputs
+    # Further vendor paths, each its own backend (moe: "loop", transformers' per-expert loop beside grouped GEMM).
+    baselines: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    # (shape, inputs) -> fields the point records about its drawn inputs (moe: experts touched, tokens per expert);
+    # flops and bytes_moved see them too (moe counts the slots computed and the touched experts' weights).
+    point_fields: Callable[[dict, tuple], dict] | None = None
 
     @staticmethod
     def outputs(result: Any) -> tuple[torch.Tensor, ...]:
@@ -58,6 +74,8 @@ def _op(name: str, module: Any) -> KernelOp:
         model_shapes=module.model_shapes,
         model_grid=module.MODEL_GRID,
         shape_fields=module.SHAPE_FIELDS,
+        baselines=dict(getattr(module, "BASELINES", {})),
+        point_fields=getattr(module, "point_fields", None),
     )
 
 
@@ -71,6 +89,9 @@ REGISTRY: dict[str, KernelOp] = {
         ("silu_mul", silu_mul),
         ("attention_prefill", attention_prefill),
         ("attention_decode", attention_decode),
+        ("attention_mla", attention_mla),
+        ("moe", moe),
+        ("router", router),
     ]
 }
 

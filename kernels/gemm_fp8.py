@@ -327,7 +327,7 @@ def gemm_fp8_baseline(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
     return y.reshape(*x.shape[:-1], w_q.shape[0])
 
 
-def point_fields(backend: str, device_type: str) -> dict:
+def timing_fields(backend: str, device_type: str) -> dict:
     """What a gemm_fp8 point records beside its time: the accumulation (the same on every backend) and how its
     activations were quantized inside the timed call."""
     quant = {"triton": "fused: one kernel (quantize_fp8)", "compile": baseline_quantization(device_type, True)}

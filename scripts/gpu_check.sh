@@ -24,7 +24,7 @@ OUT_DIR=${OUT_DIR:?set OUT_DIR to the folder the run is written to}
 PY=${PYTHON:-python3}
 TOTAL_S=${GPU_CHECK_TOTAL_S:-360}
 SETUP_S=${GPU_CHECK_SETUP_S:-20}
-TESTS_S=${GPU_CHECK_TESTS_S:-90}
+TESTS_S=${GPU_CHECK_TESTS_S:-80}
 GRACE_S=${GPU_CHECK_GRACE_S:-10}
 RESERVE_S=${GPU_CHECK_RESERVE_S:-30}
 TABLES_S=$((RESERVE_S - GRACE_S))
@@ -32,7 +32,7 @@ SUITE=${GPU_CHECK_SUITE:-gpu-check}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 # What has never run on a GPU first (a cut leaves the rest): FP8, CUDA-graph timing, compiled kernels; then the
 # kernels' and the model's tests (Triton's decode and prefill ran on the H200 before).
-read -r -a TESTS <<<"${GPU_CHECK_TESTS:-tests/test_fp8.py tests/test_timing.py tests/test_kernels_compile.py tests/test_kernels.py tests/test_model.py}"
+read -r -a TESTS <<<"${GPU_CHECK_TESTS:-tests/test_fp8.py tests/test_timing.py tests/test_kernels_compile.py tests/test_kernels_moe.py tests/test_kernels.py tests/test_model.py}"
 mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 # A fresh folder per check: an earlier check's run, logs and headline are never taken for this one's.

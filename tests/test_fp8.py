@@ -116,7 +116,7 @@ def test_both_sides_accumulate_alike(monkeypatch):
     assert seen["use_fast_accum"] is G8.FAST_ACCUM is False
     assert seen["acc_promote"] == G8.ACC_PROMOTE_K <= min(c.kwargs["BLOCK_K"] for c in G8._fp8_configs(False))
     # ... and every point of the op records the one mode, whatever its backend or device.
-    modes = {G8.point_fields(b, d)["fp8_accum"] for b in ("triton", "torch", "compile") for d in ("cpu", "cuda")}
+    modes = {G8.timing_fields(b, d)["fp8_accum"] for b in ("triton", "torch", "compile") for d in ("cpu", "cuda")}
     assert modes == {G8.ACCUMULATION} == {"fp32"}
 
 
@@ -126,8 +126,8 @@ def test_baseline_quantizes_in_one_fused_kernel_on_a_gpu(monkeypatch):
     assert G8.baseline_quantization("cuda") == ("eager torch ops" if INTERPRET else "fused: one kernel (quantize_fp8)")
     assert G8.baseline_quantization("cpu") == "eager torch ops"
     assert G8.baseline_quantization("cuda", compiling=True) == "torch ops fused by Inductor"
-    assert G8.point_fields("triton", "cuda")["quantization"] == "fused: one kernel (quantize_fp8)"
-    assert G8.point_fields("compile", "cuda")["quantization"] == "torch ops fused by Inductor"
+    assert G8.timing_fields("triton", "cuda")["quantization"] == "fused: one kernel (quantize_fp8)"
+    assert G8.timing_fields("compile", "cuda")["quantization"] == "torch ops fused by Inductor"
     op = REGISTRY["gemm_fp8"]
     args = op.make_inputs({"m": 5, "n": 64, "k": 300, "scale": "tensor"}, FP8, DEVICE, seed=6)
     monkeypatch.setattr(G8, "baseline_quantization", lambda *a, **k: "eager torch ops")

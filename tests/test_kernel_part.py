@@ -5,6 +5,7 @@ first_call_ms."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import weakref
 
 import pytest
@@ -33,13 +34,20 @@ def test_an_op_brings_its_own_model_shapes(monkeypatch):
         part.OpCase(op="fake", dtypes=["fp32"], models=["tiny"], tokens=[2])
 
 
+# The model each op's shapes come from: MoE ops from an MoE model, MLA from DeepSeek-V3 (a dense model gives them none).
+_MODEL_OF = {"moe": "qwen3-30b-a3b", "router": "deepseek-v3", "attention_mla": "deepseek-v3"}
+
+
 @pytest.mark.parametrize("name", list(kernels.REGISTRY))
 def test_model_shapes_are_runnable_shapes(name):
     # Every op's model shapes at a real model are shapes its own make_inputs and counts accept.
     op = kernels.REGISTRY[name]
-    cfg = load_model_config("qwen3-0.6b")
+    model = _MODEL_OF.get(name, "qwen3-0.6b")
+    cfg = load_model_config(model)
     shapes = op.model_shapes(cfg, tokens=[1, 16], batch=[2], context=[32])
-    assert shapes and all(s["source"].startswith("qwen3-0.6b") for s in shapes)
+    assert shapes and all(s["source"].startswith(model) for s in shapes)
+    if name in _MODEL_OF:
+        assert op.model_shapes(load_model_config("qwen3-0.6b"), tokens=[1], batch=[1], context=[8]) == []
     for shape in shapes:
         args = {k: v for k, v in shape.items() if k != "source"}
         assert op.flops(args) > 0 and op.bytes_moved(args, torch.float32) > 0
@@ -51,7 +59,7 @@ def test_model_grid_is_validated():
     with pytest.raises(ValidationError, match="give `shapes` or `models`"):
         part.OpCase(op="gemm", dtypes=["fp32"])
     # Inputs are drawn in the point's dtype: e4m3 only where the op makes it (scaled), one clear line elsewhere.
-    with pytest.raises(ValidationError, match="dtype fp8 is for gemm_fp8 and attention_decode; gemm takes"):
+    with pytest.raises(ValidationError, match="dtype fp8 is for gemm_fp8, attention_decode, attention_mla, moe; gemm"):
         part.OpCase(op="gemm", dtypes=["bf16", "fp8"], shapes=[{"m": 1, "n": 8, "k": 8}])
     assert all(part.OpCase(op=op, dtypes=["fp8"], shapes=[SMALL[op][0]]) for op in part.FP8_OPS)
 
@@ -79,6 +87,11 @@ SMALL = {
     "attention_prefill": ({"batch": 1, "q_heads": 2, "kv_heads": 1, "seq": 19, "head_dim": 16}, "fp32"),
     "attention_decode": ({"batch": 2, "q_heads": 4, "kv_heads": 2, "context": [5, 19], "max_context": 19,
                           "head_dim": 16, "kv_dtype": "fp8"}, "fp32"),
+    "attention_mla": ({"batch": 2, "heads": 3, "context": [5, 19], "max_context": 19, "kv_lora_rank": 16,
+                       "rope_dim": 16, "nope_dim": 8, "v_dim": 8, "kv_dtype": "fp8"}, "fp32"),
+    "moe": ({"tokens": 5, "hidden": 24, "inter": 16, "experts": 4, "topk": 2}, "fp32"),
+    "router": ({"tokens": 3, "experts": 16, "topk": 4, "scoring": "sigmoid", "n_group": 4, "topk_group": 2,
+                "scaling": 2.5}, "fp32"),
 }
 
 
@@ -96,7 +109,7 @@ def test_no_backend_writes_into_its_inputs(name):
     shape, dtype = SMALL[name]
     args = op.make_inputs(shape, to_dtype(dtype), "cpu", 0)
     drawn = [_bits(a).clone() if isinstance(a, torch.Tensor) else a for a in args]
-    for fn in (op.triton, op.baseline, op.reference):
+    for fn in (op.triton, op.baseline, op.reference, *op.baselines.values()):
         fn(*args)
         for a, d in zip(args, drawn, strict=True):
             assert torch.equal(_bits(a), d) if isinstance(a, torch.Tensor) else a == d, f"{fn.__name__} wrote"
@@ -249,3 +262,48 @@ def test_a_points_backends_are_consecutive_in_the_run_order(suite_name):
 
 
 _NOT_SHAPE = ("kind", "op", "backend", "dtype", "source")
+
+
+# ---- moe: routing as a condition, what it produced recorded -------------------------------------------------------
+
+def test_moe_points_record_routing_experts_touched_and_bytes(ctx):
+    from tokenfleet.results import point_key
+
+    shape = {"tokens": 6, "hidden": 32, "inter": 16, "experts": 8, "topk": 2}
+    case = part.OpCase(op="moe", dtypes=["fp32"], shapes=[shape, {**shape, "routing": "zipf:2"}],
+                       backends=["triton", "torch", "loop"], routing=["uniform", "zipf:1.1"])
+    assert [s["routing"] for s in part.case_shapes(case)] == ["uniform", "zipf:1.1", "zipf:2"]
+    run = _interpreted(ctx)
+    points = [{**j.key, **j.run(run)} for j in part.plan(part.Spec(cases=[case]), run)]
+    assert [p["backend"] for p in points[:3]] == ["triton", "torch", "loop"]
+    for p in points:
+        assert "status" not in p and p["rel_error"] <= 2e-3, p
+        assert sum(p["tokens_per_expert"]) == 12 and p["experts_touched"] == sum(c > 0 for c in p["tokens_per_expert"])
+        args = {k: p[k] for k in (*shape, "routing")}
+        assert p["bytes"] == kernels.REGISTRY["moe"].bytes_moved({**args, "experts_touched": p["experts_touched"]},
+                                                                 torch.float32)
+        assert "tokens_per_expert" not in point_key(p) and '"routing"' in point_key(p)
+    # One draw per point: its backends saw the same routing.
+    assert len({json.dumps(p["tokens_per_expert"]) for p in points[:3]}) == 1
+
+
+def test_backends_and_routings_are_validated():
+    with pytest.raises(ValidationError, match="backend 'loop': gemm runs triton, torch, compile"):
+        part.OpCase(op="gemm", dtypes=["fp32"], shapes=[{"m": 1, "n": 8, "k": 8}], backends=["loop"])
+    with pytest.raises(ValidationError, match="routing must be 'uniform' or 'zipf:<exponent > 0>'"):
+        part.OpCase(op="moe", dtypes=["fp32"], models=["qwen3-30b-a3b"], tokens=[1], routing=["zipf:-1"])
+
+
+def test_an_expert_parallel_slice_counts_its_own_slots_and_experts(ctx):
+    shape = {"tokens": 6, "hidden": 32, "inter": 16, "experts": 8, "topk": 2, "ep": 2, "ep_rank": 1}
+    case = part.OpCase(op="moe", dtypes=["fp32"], shapes=[shape], backends=["triton", "torch", "loop"])
+    run = _interpreted(ctx)
+    points = [{**j.key, **j.run(run)} for j in part.plan(part.Spec(cases=[case]), run)]
+    op = kernels.REGISTRY["moe"]
+    for p in points:
+        assert "status" not in p and p["rel_error"] <= 2e-3, p
+        assert len(p["tokens_per_expert"]) == 4 and p["ep"] == 2  # the 4 experts this rank holds
+        drawn = {**shape, "routing": "uniform", "tokens_per_expert": p["tokens_per_expert"],
+                 "experts_touched": p["experts_touched"]}
+        assert p["flops"] == op.flops(drawn) <= op.flops({k: v for k, v in shape.items() if k not in ("ep", "ep_rank")})
+        assert p["bytes"] == op.bytes_moved(drawn, torch.float32)

@@ -22,6 +22,7 @@ from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 from tokenfleet.kernels import attention_decode as ad, attention_prefill as ap, gemm as gm
 from tokenfleet.kernels import rmsnorm as rn, rope as rp, silu_mul as sm, gemm_fp8 as g8
+from tokenfleet.kernels import moe as mo, router as rt, attention_mla as ml
 
 def jitfn(k):
     while not isinstance(k, triton.runtime.jit.JITFunction):
@@ -84,6 +85,44 @@ def compile_all(dt):
     res["attention_decode_reduce"] = build(
         ad._attention_decode_reduce_kernel, dict(m_ptr=ws, l_ptr=ws, acc_ptr=ws, lens_ptr="*i32", o_ptr=f),
         dict(HEAD_D=128, BLOCK_S=64), num_warps=8, num_stages=1)
+    # MoE experts: gate/up (silu*up fused) and down, at a decode and a prefill slot count, and e4m3 with block scales.
+    i32 = "*i32"
+    for slots in (8, 4096):
+        c = mo.default_config(slots, 128, False)
+        for gated in (True, False):
+            res[f"moe_{slots}_gated={gated}"] = build(
+                mo._moe_gemm_kernel, dict(a_ptr=f, w_ptr=f, as_ptr=ws, ws_ptr=ws, c_ptr=f, cs_ptr=ws, sorted_ptr=i32,
+                                          bexp_ptr=i32, tw_ptr=ws),
+                dict(GATED=gated, MUL_WEIGHT=not gated, FP8_IN=False, FP8_OUT=False, ROUND_FIRST=False,
+                     ACC_PROMOTE=None, **{k: c[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}),
+                ("stride_ak", "stride_wk", "stride_cn"), c["num_warps"], c["num_stages"])
+    c = mo.default_config(64, 32, True)
+    for gated in (True, False):
+        res[f"moe_fp8_gated={gated}"] = build(
+            mo._moe_gemm_kernel, dict(a_ptr="*fp8e4nv", w_ptr="*fp8e4nv", as_ptr=ws, ws_ptr=ws,
+                                      c_ptr="*fp8e4nv" if gated else "*bf16", cs_ptr=ws, sorted_ptr=i32, bexp_ptr=i32,
+                                      tw_ptr=ws),
+            dict(GATED=gated, MUL_WEIGHT=not gated, FP8_IN=True, FP8_OUT=gated, ROUND_FIRST=False,
+                 ACC_PROMOTE=None if g8.FAST_ACCUM else g8.ACC_PROMOTE_K,
+                 **{k: c[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}),
+            ("stride_ak", "stride_wk", "stride_cn"), c["num_warps"], c["num_stages"])
+    # Routers: Qwen3-MoE's softmax over 128 experts, DeepSeek-V3's grouped sigmoid over 256.
+    for name, g, pg, tg, sig in (("softmax", 1, 128, 1, False), ("sigmoid", 8, 32, 4, True)):
+        res[f"router_{name}"] = build(rt._router_kernel, dict(x_ptr=f, bias_ptr=ws, w_ptr=ws, ids_ptr=i32,
+                                                              scaling="fp32"),
+                                      dict(E=g * pg, GROUPS=g, PER_GROUP=pg, TOPK_GROUP=tg, TOPK=8, BLOCK_T=16,
+                                           BLOCK_G=g, BLOCK_PG=pg, TOPK_P2=8, SIGMOID=sig, HAS_BIAS=sig, RENORM=True),
+                                      num_stages=1)
+    # MLA decode over the 512 + 64 latent cache (q's dtype and e4m3), the smallest and the widest head block.
+    mla_space = ml._prune_configs(ml._mla_configs(interpret=False), {"ql_ptr": t}, R=512, DR=64)
+    for c in (mla_space[0], mla_space[-1]):
+        for kv in ("", "fp8e4nv"):
+            res[f"attention_mla_h{c.kwargs['BLOCK_H']}" + ("fp8" if kv else "")] = build(
+                ml._mla_decode_kernel, dict(ql_ptr=f, qp_ptr=f, kv_ptr=f"*{kv or dt}", lens_ptr=i32, m_ptr=ws,
+                                            l_ptr=ws, acc_ptr=ws, sc_ptr=ws, qk_scale="fp32"),
+                dict(R=512, DR=64, KV_FP8=bool(kv), **c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages)
+    res["mla_head_bmm"] = build(ml._head_bmm_kernel, dict(a_ptr=f, w_ptr=f, c_ptr=f),
+                                dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64), ("stride_ak",))
     return res
 
 for dt in sys.argv[1:]:
@@ -138,7 +177,10 @@ def test_kernels_compile_for_sm90(compiled, dtype):
 
     for name in (n for n in res if n.startswith("gemm_fp8")):
         assert res[name]["imprecise_acc"] == [gemm_fp8.ACC_PROMOTE_K] and not gemm_fp8.FAST_ACCUM, name
+    # The fused MoE's fp8 experts accumulate the same way (issue 23: one mode wherever fp8 is compared).
+    assert res["moe_fp8_gated=True"]["imprecise_acc"] == [gemm_fp8.ACC_PROMOTE_K]
     # The memory-bound loops must be software-pipelined (async copies), or decode cannot reach bandwidth.
     for name in ("gemm", "attention_prefill_causal=True", "attention_decode", "attention_decodefp8",
-                 "gemm_fp8_m4096_block=True", "gemm_fp8_m1_block=False"):
+                 "gemm_fp8_m4096_block=True", "gemm_fp8_m1_block=False", "moe_8_gated=True", "moe_4096_gated=False",
+                 "moe_fp8_gated=True", "attention_mla_h16", "attention_mla_h16fp8"):
         assert res[name]["pipelined"], f"{name} main loop is not pipelined"

@@ -27,14 +27,18 @@ from tokenfleet.measure.context import CPU_TRITON_NOTE, Job, RunContext
 from tokenfleet.model.decoder import compile_step, compiled_graphs, first_call
 from tokenfleet.model.spec import load_model_config
 
-FP8_OPS = ("gemm_fp8", "attention_decode")  # the ops whose make_inputs take dtype fp8 (e4m3 operands, KV cache)
+# The ops whose make_inputs take dtype fp8 (e4m3 operands, KV cache, experts).
+FP8_OPS = ("gemm_fp8", "attention_decode", "attention_mla", "moe")
+BACKENDS = ("triton", "torch", "compile")  # every op's; an op may add vendor paths of its own (KernelOp.baselines)
 
 
 class OpCase(Strict):
     op: str
-    # fp8: gemm_fp8 (e4m3 operands, bf16 activations in and out) or attention_decode over an e4m3 KV cache.
+    # fp8: gemm_fp8 (e4m3 operands, bf16 activations in and out), attention_decode / attention_mla over an e4m3
+    # cache, moe with e4m3 experts (128x128 block scales).
     dtypes: list[Literal["fp32", "bf16", "fp16", "fp8"]] = Field(min_length=1)
-    backends: list[Literal["triton", "torch", "compile"]] = ["triton", "torch"]
+    backends: list[str] = Field(["triton", "torch"], description="triton, torch, compile, or an op's own vendor "
+                                                                 "path (moe: loop)")
     shapes: list[dict[str, Any]] = Field(default_factory=list, description="literal shape dicts")
     models: list[str] = Field(default_factory=list, description="derive shapes from these model configs")
     tokens: list[PositiveInt] = Field(default_factory=list, description="model shapes: tokens of a step (rows, M, "
@@ -42,6 +46,8 @@ class OpCase(Strict):
     batch: list[PositiveInt] = Field(default_factory=list, description="model shapes: sequences (decode attention)")
     context: list[PositiveInt] = Field(default_factory=list, description="model shapes: context (decode attention)")
     scales: list[Literal["tensor", "block"]] = Field(["tensor"], description="gemm_fp8: scale layouts")
+    routing: list[str] = Field(["uniform"], description="moe at model shapes: routings, 'uniform' or "
+                                                        "'zipf:<exponent>' (experts by popularity 1/rank^s)")
 
     @field_validator("op")
     @classmethod
@@ -82,7 +88,16 @@ class OpCase(Strict):
         if missing:
             raise ValueError(f"{self.op} at model shapes needs `{missing[0]}`")
         if "fp8" in self.dtypes and self.op not in FP8_OPS:
-            raise ValueError(f"dtype fp8 is for {' and '.join(FP8_OPS)}; {self.op} takes fp32, bf16, fp16")
+            raise ValueError(f"dtype fp8 is for {', '.join(FP8_OPS)}; {self.op} takes fp32, bf16, fp16")
+        known = BACKENDS + tuple(REGISTRY[self.op].baselines)
+        unknown = [b for b in self.backends if b not in known]
+        if unknown:
+            raise ValueError(f"backend {unknown[0]!r}: {self.op} runs {', '.join(known)}")
+        if self.op == "moe":
+            from tokenfleet.kernels.moe import parse_routing
+
+            for r in [*self.routing, *(s["routing"] for s in self.shapes if "routing" in s)]:
+                parse_routing(r)
         return self
 
 
@@ -100,6 +115,9 @@ def case_shapes(case: OpCase) -> list[dict]:
         shapes += make(load_model_config(name), tokens=case.tokens, batch=case.batch, context=case.context)
     if case.op == "gemm_fp8":  # one point per scale layout (a literal shape may name its own)
         shapes = [{**s, "scale": sc} for s in shapes for sc in ([s["scale"]] if "scale" in s else case.scales)]
+    if case.op == "moe":  # one point per routing (a literal shape may name its own)
+        shapes = [{**s, "routing": r} for s in shapes
+                  for r in ([s["routing"]] if "routing" in s else case.routing)]
     return shapes
 
 
@@ -149,7 +167,10 @@ def _measure(ctx: RunContext, op: str, args_shape: dict, dtype: str, backend: st
     if backend == "compile":
         fn = compile_step(entry.baseline, ctx.torch_device)
     else:
-        fn = entry.triton if backend == "triton" else entry.baseline
+        fn = {"triton": entry.triton, "torch": entry.baseline, **entry.baselines}[backend]
+    # What the drawn inputs are (moe: the experts its routing touched, tokens per expert): recorded, and counted
+    # (flops and bytes of the slots and experts the draw gave).
+    drawn = entry.point_fields(args_shape, inputs) if entry.point_fields else {}
     # Correct before fast: the reference runs in fp32 (fp64 on the CPU) on the same fresh random inputs, once per
     # point (its backends share it with the inputs), before this backend's output exists: the peak is the inputs,
     # their upcast copies and the reference's own temporaries, not those and an output too. The checked call is the
@@ -168,16 +189,18 @@ def _measure(ctx: RunContext, op: str, args_shape: dict, dtype: str, backend: st
     t = ctx.measure(fn, args=inputs, flush_l2=flush_l2)
     if compiled_graphs() != graphs:
         raise RuntimeError("torch.compile compiled a graph during the samples")
-    return {**t.to_dict(), **first, "rel_error": err, "flops": entry.flops(args_shape),
-            "bytes": entry.bytes_moved(args_shape, dt), **_op_fields(op, backend, ctx)}
+    return {**t.to_dict(), **first, **drawn, "rel_error": err, "flops": entry.flops({**args_shape, **drawn}),
+            "bytes": entry.bytes_moved({**args_shape, **drawn}, dt), **_op_fields(op, backend, dtype, ctx)}
 
 
-def _op_fields(op: str, backend: str, ctx: RunContext) -> dict:
+def _op_fields(op: str, backend: str, dtype: str, ctx: RunContext) -> dict:
     """What an op records about how it was timed: gemm_fp8's accumulation (the same on every backend) and how each
-    backend quantized its activations."""
+    backend quantized its activations; the fused MoE's e4m3 experts accumulate in gemm_fp8's mode."""
     from tokenfleet.kernels import gemm_fp8
 
-    return gemm_fp8.point_fields(backend, ctx.device.kind) if op == "gemm_fp8" else {}
+    if op == "gemm_fp8":
+        return gemm_fp8.timing_fields(backend, ctx.device.kind)
+    return {"fp8_accum": gemm_fp8.ACCUMULATION} if op == "moe" and dtype == "fp8" else {}
 
 
 def plan(spec: Spec, ctx: RunContext) -> list[Job]:
