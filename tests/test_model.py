@@ -279,11 +279,11 @@ def test_layer_subset_and_head_only_share_weights():
 
 
 def test_from_pretrained_rejects_unsupported(tmp_path):
-    (tmp_path / "config.json").write_text('{"model_type": "deepseek_v3"}')
+    (tmp_path / "config.json").write_text('{"model_type": "mixtral"}')
     with pytest.raises(FileNotFoundError):
         HF.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="not supported"):
-        HF.config_from_hf({"model_type": "deepseek_v3"})
+        HF.config_from_hf({"model_type": "mixtral"})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -8,6 +8,11 @@ own (`first_call_ms`, never in the samples), the decode step in a CUDA graph on 
 n of its layers is timed as built and scaled to the full depth (`_scaled`), with the embedding, final norm and LM
 head timed alone once; `flops` and `bytes` are the full model's. This module sees the session only through that
 object and imports nothing from `parts.model` (which plans the points and imports this).
+
+An MoE model's point also says how it routed (`_routing`): its routing condition, and, from one eager forward of
+the timed inputs after the samples, the distinct experts each MoE layer touched and the tokens each expert got; its
+`bytes` count the experts touched (scaled to the full depth), not all of them. A triton point of an MoE / MLA model
+names the ops that ran on the torch path in its note (`backends.TRITON_ON_TORCH`).
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ from typing import TYPE_CHECKING
 import torch
 from tokenfleet.dtypes import dtype_bytes
 from tokenfleet.measure.context import RunContext
+from tokenfleet.model import backends as B
 from tokenfleet.model import decoder as M
 from tokenfleet.model import fp8 as F8
+from tokenfleet.model import moe as E
 
 if TYPE_CHECKING:  # the session and the sections, for annotations only: parts.model imports this module
     from tokenfleet.measure.parts.model import DecodeSpec, PrefillSpec, _Built, _ModelSpec, _Session
@@ -102,6 +109,31 @@ def _point(built: _Built, m: M.Transformer, backend: str, t, first: dict, time_h
     }
 
 
+def _routing(spec: _ModelSpec, built: _Built, m: M.Transformer, backend: str, run) -> tuple[dict, float | None,
+                                                                                       str | None]:
+    """An MoE point's routing fields, the distinct routed experts touched summed over the full depth's MoE layers
+    (the built layers' mean scaled), and its note; ({}, None, note) for a dense model (the note: MLA's ops on the
+    triton backend)."""
+    cfg = m.cfg
+    triton = None
+    if backend == "triton" and not cfg.is_dense:
+        ops = [op for op in B.TRITON_ON_TORCH if ("MLA" in op and cfg.mla) or ("moe" in op and cfg.moe)]
+        triton = f"triton backend: {', '.join(ops)} on the torch path (no Triton kernel plugged in yet)" if ops \
+            else None
+    if not cfg.moe:
+        return {}, None, triton
+    counts = M.expert_counts(m, run)  # [MoE layers built, E]
+    touched = (counts > 0).sum(1)
+    full_moe = M.with_layers(cfg, built.full_layers).num_moe_layers
+    mw = next(lw.moe for lw in m.weights.layers if lw.moe is not None)
+    impl = E.experts_impl(backend, m.dtype, m.device, (*mw.w13.shape[1:], *mw.w2.shape[1:]))
+    fields = {"routing": {"condition": spec.routing.label, **spec.routing.model_dump()},
+              "experts_touched": touched.tolist(), "tokens_per_expert": counts.sum(0).tolist(),
+              "tokens_per_expert_max": counts.max(1).values.tolist()}
+    return fields, float(touched.double().mean()) * full_moe, "; ".join(
+        x for x in (f"experts: {impl}", f"routing: {spec.routing.label}", triton) if x)
+
+
 def _prefill_point(ctx: RunContext, session: _Session, spec: PrefillSpec, built: _Built, m: M.Transformer, dtype: str,
                    backend: str, batch: int, prompt_len: int) -> dict:
     cfg, full_cfg = m.cfg, M.with_layers(m.cfg, built.full_layers)
@@ -120,11 +152,12 @@ def _prefill_point(ctx: RunContext, session: _Session, spec: PrefillSpec, built:
             return m.forward_prefill(tokens, cache)
 
     t, first = _timed(ctx, fn, ctx.measure)
-    return _point(built, m, backend, t, first, lambda h: ctx.measure(lambda: h.forward_prefill(tokens, None)),
-                  lambda ms: {"ttft_ms": ms, "tokens_per_s": tokens_n / (ms / 1e3)},
-                  flops=M.prefill_flops(full_cfg, batch, prompt_len),
-                  bytes_=F8.prefill_bytes(full_cfg, batch, prompt_len, kvb) if dtype == "fp8"
-                  else M.prefill_bytes(full_cfg, batch, prompt_len, db))
+    routed, touched, note = _routing(spec, built, m, backend, lambda mm: mm.forward_prefill(tokens, cache))
+    return {**_point(built, m, backend, t, first, lambda h: ctx.measure(lambda: h.forward_prefill(tokens, None)),
+                     lambda ms: {"ttft_ms": ms, "tokens_per_s": tokens_n / (ms / 1e3)},
+                     flops=M.prefill_flops(full_cfg, batch, prompt_len),
+                     bytes_=F8.prefill_bytes(full_cfg, batch, prompt_len, kvb) if dtype == "fp8"
+                     else M.prefill_bytes(full_cfg, batch, prompt_len, db, touched), note=note), **routed}
 
 
 def _decode_point(ctx: RunContext, session: _Session, spec: DecodeSpec, built: _Built, m: M.Transformer, dtype: str,
@@ -148,8 +181,10 @@ def _decode_point(ctx: RunContext, session: _Session, spec: DecodeSpec, built: _
     def time_head(h):  # as the step was timed: in a CUDA graph if it was
         return _measure_step(ctx, lambda: h.forward_decode(tokens, pos, cache), t.cuda_graph)[0]
 
-    return _point(built, m, backend, t, first, time_head,
-                  lambda ms: {"tpot_ms": ms, "tokens_per_s": batch / (ms / 1e3), "tokens_per_s_per_seq": 1e3 / ms},
-                  flops=M.decode_flops(full_cfg, batch, context),
-                  bytes_=F8.decode_bytes(full_cfg, batch, context, kvb) if dtype == "fp8"
-                  else M.decode_bytes(full_cfg, batch, context, db), note=graph_note)
+    routed, touched, note = _routing(spec, built, m, backend, lambda mm: mm.forward_decode(tokens, pos, cache))
+    return {**_point(built, m, backend, t, first, time_head,
+                     lambda ms: {"tpot_ms": ms, "tokens_per_s": batch / (ms / 1e3), "tokens_per_s_per_seq": 1e3 / ms},
+                     flops=M.decode_flops(full_cfg, batch, context),
+                     bytes_=F8.decode_bytes(full_cfg, batch, context, kvb) if dtype == "fp8"
+                     else M.decode_bytes(full_cfg, batch, context, db, touched),
+                     note="; ".join(x for x in (graph_note, note) if x) or None), **routed}

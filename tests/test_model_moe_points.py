@@ -1,0 +1,74 @@
+"""MoE decode and prefill points (measure.parts.model) on the CPU: tiny Qwen3-MoE and DeepSeek-V3 points are timed and
+checked, say which routing they ran and what it produced (experts touched per layer, tokens per expert), count the
+bytes of the experts touched, and name what the triton backend ran on the torch path; `more` grids; refusals."""
+
+from __future__ import annotations
+
+import pytest
+from tokenfleet.measure.parts import model as part
+from tokenfleet.measure.runner import execute
+from tokenfleet.model import decoder as M
+from tokenfleet.model.spec import load_model_config
+from tokenfleet.results import USABLE
+
+
+def test_moe_decode_points_report_their_routing(ctx):
+    spec = part.DecodeSpec(models=["tiny"], backends=["torch"], dtypes=["fp32"], batch=[1], context=[4],
+                           more=[{"models": ["tiny-qwen3-moe", "tiny-deepseek-v3"], "batch": [1, 6], "context": [9]}])
+    jobs = part.plan_decode(spec, ctx)
+    assert [(j.key["model"], j.key["batch"]) for j in jobs] == [
+        ("tiny", 1), ("tiny-qwen3-moe", 1), ("tiny-qwen3-moe", 6), ("tiny-deepseek-v3", 1), ("tiny-deepseek-v3", 6)]
+    assert "routing" not in jobs[0].key and jobs[1].key["routing"] == "router"  # dense keys are unchanged
+    points = [execute(j, ctx) for j in jobs]
+    assert all(p["status"] in USABLE for p in points), [p.get("error") for p in points]
+    for p in points[1:]:
+        cfg = load_model_config(p["model"])
+        k, e = cfg.moe.experts_per_token, cfg.moe.num_experts
+        assert p["routing"]["condition"] == "router" and p["rel_error"] < 1e-4
+        assert len(p["experts_touched"]) == cfg.num_moe_layers and len(p["tokens_per_expert"]) == e
+        assert sum(p["tokens_per_expert"]) == p["batch"] * k * cfg.num_moe_layers
+        assert all(k <= t <= min(e, p["batch"] * k) for t in p["experts_touched"])
+        assert p["bytes"] == M.decode_bytes(cfg, p["batch"], 9, 4, experts_touched=sum(p["experts_touched"]))
+        assert p["flops"] == M.decode_flops(cfg, p["batch"], 9)
+        assert "experts: per-expert F.linear loop" in p["note"] or "experts: torch._grouped_mm" in p["note"]
+    one = points[1]  # batch 1 touches exactly k experts per layer
+    assert one["experts_touched"] == [2, 2]
+
+
+def test_zipf_routing_is_a_stated_condition(ctx):
+    spec = part.PrefillSpec(models=["tiny-qwen3-moe"], backends=["torch", "compile"], dtypes=["fp32"], batch=[2],
+                            prompt_len=[32], routing={"kind": "zipf", "exponent": 3.0})
+    points = [execute(j, ctx) for j in part.plan_prefill(spec, ctx)]
+    assert all(p["status"] in USABLE for p in points), [p.get("error") for p in points]
+    p = points[0]
+    assert p["routing"] == {"condition": "zipf-3", "kind": "zipf", "exponent": 3.0}
+    assert max(p["tokens_per_expert"]) > 3 * sum(p["tokens_per_expert"]) / 8  # far from uniform
+    assert points[1]["tokens_per_expert"] == p["tokens_per_expert"]  # compile: counted on its eager twin
+    assert "gathered expert weights under torch.compile" in points[1]["note"]
+
+
+def test_triton_points_say_what_runs_on_torch(ctx):
+    spec = part.DecodeSpec(models=["tiny-deepseek-v3"], backends=["triton"], dtypes=["fp32"], context=[4])
+    (job,) = part.plan_decode(spec, ctx)
+    session = part._Session()
+    from tokenfleet.measure.parts.model_points import _routing
+    built = session.get(ctx, "tiny-deepseek-v3", "fp32", spec)
+    m = built.model.with_backend("triton")
+    cache = m.new_cache(1, 5)
+    import torch
+    fields, touched, note = _routing(spec, built, m, "triton",
+                                     lambda mm: mm.forward_decode(torch.zeros(1, dtype=torch.long),
+                                                                  torch.full((1,), 4, dtype=torch.int32), cache))
+    assert "moe experts, MLA decode attention, MLA prefill attention on the torch path" in note
+    assert touched == pytest.approx(2 * 2) and fields["experts_touched"] == [2, 2]
+
+
+def test_refusals():
+    cfg = load_model_config("deepseek-v3")
+    assert "tensor-parallel" in part.not_buildable(cfg, 8, "bf16")
+    assert "fp8" in part.not_buildable(cfg, 1, "fp8")
+    assert "would not scale" in part.not_buildable(cfg, 1, "bf16", layers=4)
+    assert part.not_buildable(load_model_config("qwen3-30b-a3b"), 1, "bf16", layers=4) is None
+    with pytest.raises(ValueError, match="would not scale"):
+        part.layers_to_build(cfg, 2, 80e9, None)
+    assert part.layers_to_build(load_model_config("qwen3-30b-a3b"), 2, 80e9, None) < 48  # 61 GB of bf16 weights
