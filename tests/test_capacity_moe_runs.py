@@ -31,7 +31,7 @@ def moe_run(dst: Path, routing: str = "router") -> Path:
         p = json.loads(ln)
         if p.get("kind") == "decode":
             touched = [min(128, 8 * p["batch"])] * cfg.num_moe_layers
-            p.update(model=MOE, routing={"condition": routing, "kind": routing.split("-")[0]},
+            p.update(model=MOE, routing=routing,
                      experts_touched=touched, tokens_per_expert=[p["batch"] * 8 * 48 // 128] * 128,
                      bytes=M.decode_bytes(cfg, p["batch"], p["context"], 2, experts_touched=sum(touched)))
         elif p.get("kind") == "prefill":

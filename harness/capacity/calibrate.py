@@ -141,11 +141,10 @@ class Group:
 
 
 def _default_routing(p: dict) -> bool:
-    """An MoE point routed by the model's own routers (`routing.condition` router; dense points have none): the
-    condition the capacity model's expected experts touched assumes (uniform). A skewed-routing point (zipf) is a
-    what-if beside it, not the measurement of the grid."""
-    routing = p.get("routing")
-    return not isinstance(routing, dict) or routing.get("condition", "router") == "router"
+    """An MoE point routed by the model's own routers (`routing` router; dense points have none): the condition the
+    capacity model's expected experts touched assumes (uniform). A skewed-routing point (zipf-s) is a what-if beside
+    it, not the measurement of the grid."""
+    return p.get("routing", "router") == "router"
 
 
 def groups(runs: list[Run]) -> dict[tuple, Group]:

@@ -27,6 +27,7 @@ up-projection. Prefill runs as ordinary attention after up-projecting keys and v
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -156,6 +157,7 @@ def experts_gathered(x, w13, w2, ids, weights):
     return (h * weights[..., None].to(h.dtype)).sum(1)
 
 
+@functools.cache
 def grouped_mm_runs(dtype: torch.dtype, device: torch.device, compiled: bool = False, widths: tuple = ()) -> bool:
     """Whether torch's grouped GEMM takes this dtype on this device (eager: any on the CPU, bf16 on a GPU of sm80+,
     as transformers' `_can_use_grouped_mm` decides; under torch.compile bf16 only) and rows of these `widths`
