@@ -62,6 +62,7 @@ MEASURED_FIELDS = {
     "samples_ms", "launch_us", "graph_calls", "l2_copies", "timing_note", "mbu_read", "ceiling_ratio", "ceiling_name",
     "reduction", "reductions_gbps",  # the read-only probe (parts/ceilings.py)
     "graphs_compiled",  # torch.compile graphs built in a first call (tokenfleet.model.backends.first_call)
+    "experts_touched", "tokens_per_expert", "tokens_per_expert_max",  # MoE model points (parts/model_points.py)
 }
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 from tokenfleet.measure.parts import model as part
-from tokenfleet.measure.runner import execute
+from tokenfleet.measure.runner import execute, job_key
 from tokenfleet.model import decoder as M
 from tokenfleet.model.spec import load_model_config
-from tokenfleet.results import USABLE
+from tokenfleet.results import USABLE, point_key
 
 
 def test_moe_decode_points_report_their_routing(ctx):
@@ -20,6 +20,7 @@ def test_moe_decode_points_report_their_routing(ctx):
         ("tiny", 1), ("tiny-qwen3-moe", 1), ("tiny-qwen3-moe", 6), ("tiny-deepseek-v3", 1), ("tiny-deepseek-v3", 6)]
     assert "routing" not in jobs[0].key and jobs[1].key["routing"] == "router"  # dense keys are unchanged
     points = [execute(j, ctx) for j in jobs]
+    assert [point_key(p) for p in points] == [job_key(j) for j in jobs]  # the MoE fields are measurements
     assert all(p["status"] in USABLE for p in points), [p.get("error") for p in points]
     for p in points[1:]:
         cfg = load_model_config(p["model"])
