@@ -5,6 +5,7 @@ bytes of the experts touched, and name what the triton backend ran on the torch 
 from __future__ import annotations
 
 import pytest
+import torch
 from tokenfleet.measure.parts import model as part
 from tokenfleet.measure.runner import execute, job_key
 from tokenfleet.model import decoder as M
@@ -56,7 +57,6 @@ def test_triton_points_say_what_runs_on_torch(ctx):
     built = session.get(ctx, "tiny-deepseek-v3", "fp32", spec)
     m = built.model.with_backend("triton")
     cache = m.new_cache(1, 5)
-    import torch
     fields, touched, note = _routing(spec, built, m, "triton",
                                      lambda mm: mm.forward_decode(torch.zeros(1, dtype=torch.long),
                                                                   torch.full((1,), 4, dtype=torch.int32), cache))
@@ -64,12 +64,45 @@ def test_triton_points_say_what_runs_on_torch(ctx):
     assert touched == pytest.approx(2 * 2) and fields["experts_touched"] == [2, 2]
 
 
-def test_refusals():
+def test_refusals_and_layer_subsets():
     cfg = load_model_config("deepseek-v3")
     assert "tensor-parallel" in part.not_buildable(cfg, 8, "bf16")
     assert "fp8" in part.not_buildable(cfg, 1, "fp8")
-    assert "would not scale" in part.not_buildable(cfg, 1, "bf16", layers=4)
+    assert "holds no MoE layer" in part.not_buildable(cfg, 1, "bf16", layers=3)
+    assert part.not_buildable(cfg, 1, "bf16", layers=5) is None  # 3 dense + 2 MoE
     assert part.not_buildable(load_model_config("qwen3-30b-a3b"), 1, "bf16", layers=4) is None
-    with pytest.raises(ValueError, match="would not scale"):
-        part.layers_to_build(cfg, 2, 80e9, None)
+    # 141 GB free (an H200): 3 dense layers and 2 MoE layers of 22.5 GB fit the weight budget
+    assert part.layers_to_build(cfg, 2, 141e9, None) == 5
+    with pytest.raises(torch.OutOfMemoryError, match="holds no MoE layer"):
+        part.layers_to_build(cfg, 2, 40e9, None)
     assert part.layers_to_build(load_model_config("qwen3-30b-a3b"), 2, 80e9, None) < 48  # 61 GB of bf16 weights
+    assert part.layers_to_build(load_model_config("qwen3-30b-a3b"), 2, 141e9, None) == 48
+    interleaved = load_model_config("tiny-qwen3-moe").model_copy(
+        update={"moe": load_model_config("tiny-qwen3-moe").moe.model_copy(update={"sparse_step": 2})})
+    with pytest.raises(ValueError, match="interleave"):
+        part.layers_to_build(interleaved, 4, 80e9, 1)
+
+
+def test_deepseek_subset_scales_each_kind(ctx):
+    """tiny-deepseek-v3 (1 dense + 2 MoE layers) built with 2: the dense layer timed apart and each kind scaled."""
+    spec = part.DecodeSpec(models=["tiny-deepseek-v3"], backends=["torch"], dtypes=["fp32"], batch=[2], context=[8],
+                           layers=2)
+    (p,) = [execute(j, ctx) for j in part.plan_decode(spec, ctx)]
+    assert p["status"] in USABLE, p.get("error")
+    assert p["scaled_from_layers"] == 2 and "(1 dense + 1 MoE, scaled to 1 + 2)" in p["note"]
+    assert len(p["experts_touched"]) == 1  # the MoE layer built
+    cfg = load_model_config("tiny-deepseek-v3")  # bytes of the full depth: the built layer's touched count x 2
+    assert p["bytes"] == M.decode_bytes(cfg, 2, 8, 4, experts_touched=2 * p["experts_touched"][0])
+
+
+def test_two_kind_scaling():
+    from tokenfleet.measure.parts.model_points import _scaled
+    from tokenfleet.measure.timing import Timing, summarize
+
+    def timing(ms):
+        return Timing(**summarize([ms] * 5, 0.1), first_call_ms=0.0)
+
+    head, prefix, t = timing(1.0), timing(4.0), timing(10.0)  # head 1, + 3 dense layers 3, + 2 MoE layers 6
+    out = _scaled(t, head, 5, 61, (prefix, 3, 3))
+    assert out["median_ms"] == pytest.approx(1.0 + 3.0 + 6.0 / 2 * 58) and not out["noisy"]
+    assert _scaled(t, head, 5, 61)["median_ms"] == pytest.approx(1.0 + 9.0 / 5 * 61)  # one kind: as before

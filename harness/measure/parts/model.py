@@ -13,8 +13,9 @@ all-reduces are not in the time. On CPU triton points are `skipped` (Triton's in
 This module holds the sections (`PrefillSpec`, `DecodeSpec`, their fp8 grid), the session (building a model,
 checking its backends, the device's memory) and the plans; the timed points are `tokenfleet.measure.parts.model_points`.
 
-MoE models (`qwen3_moe`, `deepseek_v3`): built whole or by a layer subset when every layer is alike (a subset of a
-model whose first layers are dense would not scale to the full depth: refused), bf16/fp32/fp16 (fp8 experts are not
+MoE models (`qwen3_moe`, `deepseek_v3`): built whole or by a layer subset (every layer alike; or DeepSeek-V3's dense
+layers first, then MoE: the subset holds every dense layer and at least one MoE layer, the dense layers timed apart
+and each kind scaled to its own count; interleaved layouts are refused), bf16/fp32/fp16 (fp8 experts are not
 built), one GPU (tp 1). A point states its routing condition (`routing`: the model's own router on its random
 weights, nearly uniform, or `zipf`: a stated skew on the routers' choice) and what it produced: the experts touched
 per MoE layer and tokens per expert (`model_points`). `more` lists further grids of a section (other models, other
@@ -247,28 +248,46 @@ class _Session:
 
 def layers_to_build(cfg: ModelConfig, dtype_bytes_: int, available: int, requested: int | None) -> int:
     """`requested` (capped at the model's count), else as many layers as fit in WEIGHT_FRACTION of the free
-    memory beside embedding and LM head (at least 1). Raises OutOfMemoryError when not even that fits."""
+    memory beside embedding and LM head (at least 1; the first n layers' own sizes: DeepSeek-V3's dense layers are
+    smaller than its MoE ones). Raises OutOfMemoryError when not even that fits."""
     counts = M.param_counts(cfg)
     head = (counts["embedding"] + counts["lm_head"] + counts["norm"]) * dtype_bytes_
-    per_layer = counts["layer"] * dtype_bytes_
+
+    def weights(n: int) -> float:  # the first n layers
+        return head + (M.param_counts(M.with_layers(cfg, n))["layers"] if n else 0) * dtype_bytes_
+
     budget = available * MEMORY_FRACTION
     if requested is not None:
         n = min(requested, cfg.num_layers)
+    elif cfg.is_dense:
+        n = max(1, min(cfg.num_layers, int((budget * WEIGHT_FRACTION - head) // (counts["layer"] * dtype_bytes_))))
     else:
-        n = max(1, min(cfg.num_layers, int((budget * WEIGHT_FRACTION - head) // per_layer)))
-    if n < cfg.num_layers and not uniform_layers(cfg):
-        raise ValueError(f"{cfg.id}: its layers differ (dense and MoE MLPs), so {n} of its {cfg.num_layers} layers "
-                         "would not scale to the full depth; a layer subset is not built")
-    need = head + n * per_layer
+        n = max([1] + [k for k in range(1, cfg.num_layers + 1) if weights(k) <= budget * WEIGHT_FRACTION])
+    if n < cfg.num_layers:
+        why = subset_problem(cfg, n)
+        if why and requested is None:  # memory chose n: too few layers to hold one of each kind
+            raise torch.OutOfMemoryError(f"{why} ({available / 1e9:.1f} GB free)")
+        if why:
+            raise ValueError(why)
+    need = weights(n)
     if need > budget:
         raise torch.OutOfMemoryError(f"{cfg.id}: {n} layers + embedding/head need {need / 1e9:.1f} GB of weights; "
                                      f"{available / 1e9:.1f} GB free")
     return n
 
 
-def uniform_layers(cfg: ModelConfig) -> bool:
-    """Whether every layer of cfg is alike (so n of them scale to the full depth)."""
-    return cfg.moe is None or cfg.num_moe_layers in (0, cfg.num_layers)
+def subset_problem(cfg: ModelConfig, n: int) -> str | None:
+    """Why the first n layers of cfg would not scale to its full depth (None when they do): every layer alike, or
+    DeepSeek-V3's layout (dense layers first, MoE after), whose subset must hold all the dense ones and an MoE one
+    (each kind is scaled to its own count: model_points._scaled)."""
+    if cfg.moe is None or cfg.num_moe_layers in (0, cfg.num_layers):
+        return None
+    m = cfg.moe
+    if m.mlp_only_layers or m.sparse_step != 1:
+        return f"{cfg.id}: its dense and MoE layers interleave, so a {n}-layer subset would not scale"
+    if n <= m.dense_layers:
+        return f"{cfg.id}: a {n}-layer subset holds no MoE layer (the first {m.dense_layers} are dense)"
+    return None
 
 
 def _check_tokens(model: M.Transformer, seed: int, batch: int, prompt_len: int) -> torch.Tensor:
@@ -352,8 +371,8 @@ def not_buildable(cfg: ModelConfig, tp: int, dtype: str, layers: int | None = No
             return f"{cfg.id}: tensor-parallel shards of MoE / MLA models are not built (tp {tp})"
         if dtype == "fp8":
             return f"{cfg.id}: fp8 MoE experts / MLA are not built (the fp8 model quantizes dense projections only)"
-        if layers is not None and layers < cfg.num_layers and not uniform_layers(cfg):
-            return f"{cfg.id}: a {layers}-layer subset of layers that differ (dense and MoE) would not scale"
+        if layers is not None and layers < cfg.num_layers and subset_problem(cfg, layers):
+            return subset_problem(cfg, layers)
     return tp_problem(cfg, tp)
 
 

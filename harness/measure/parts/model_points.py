@@ -32,23 +32,30 @@ if TYPE_CHECKING:  # the session and the sections, for annotations only: parts.m
     from tokenfleet.measure.parts.model import DecodeSpec, PrefillSpec, _Built, _ModelSpec, _Session
 
 
-def _scaled(t, head, n: int, full: int) -> dict:
+def _scaled(t, head, n: int, full: int, prefix: tuple | None = None) -> dict:
     """Timing of n layers (+ embedding/head) scaled to `full` layers: head + (t - head)·full/n, never below t (the
     full depth is no faster than n of its layers). When noise puts the head alone above the n layers, the point is
-    `noisy`: its layers were not resolved."""
+    `noisy`: its layers were not resolved.
+
+    `prefix` (timing p of the head + the first d layers, d, D): layers of two kinds (DeepSeek-V3: d dense layers,
+    then MoE ones), each scaled to its own count: head + (p - head)·D/d + (t - p)·(full - D)/(n - d)."""
     out = t.to_dict()
     if head is None or n == full:
         return out
     h = head.to_dict()
+    p, d, dense = (prefix[0].to_dict(), prefix[1], prefix[2]) if prefix else (h, 0, 0)
+
+    def scale(x: float, hx: float, px: float) -> float:
+        return max(x, hx + (px - hx) * (dense / d if d else 0.0) + (x - px) * (full - dense) / (n - d))
+
     unresolved = False
     for k in ("median_ms", "p20_ms", "p80_ms"):
-        unresolved |= out[k] <= h[k]
-        out[k] = max(out[k], h[k] + (out[k] - h[k]) * full / n)
+        unresolved |= out[k] <= p[k] or (prefix is not None and p[k] <= h[k])
+        out[k] = scale(out[k], h[k], p[k])
     if out.get("samples_ms"):  # scaled alike (about the head's median), so compare's interval matches the median
-        hm = h["median_ms"]
-        out["samples_ms"] = [max(x, hm + (x - hm) * full / n) for x in out["samples_ms"]]
+        out["samples_ms"] = [scale(x, h["median_ms"], p["median_ms"]) for x in out["samples_ms"]]
     out["spread"] = (out["p80_ms"] - out["p20_ms"]) / out["median_ms"] if out["median_ms"] > 0 else math.inf
-    out["noisy"] = bool(t.noisy or head.noisy or unresolved)
+    out["noisy"] = bool(t.noisy or head.noisy or (prefix is not None and prefix[0].noisy) or unresolved)
     return out
 
 
@@ -102,11 +109,23 @@ def _point(built: _Built, m: M.Transformer, backend: str, t, first: dict, time_h
     `flops` and `bytes`; the check's relative error; notes."""
     n, full = m.cfg.num_layers, built.full_layers
     head = time_head(m.with_layers(0)) if n < full else None
-    timing = {**_scaled(t, head, n, full), **first}
+    d = dense_prefix(m.cfg)  # layers of two kinds: the leading dense ones timed apart, each kind scaled to its count
+    prefix = (time_head(m.with_layers(d)), d, dense_prefix(M.with_layers(m.cfg, full))) if head and d else None
+    timing = {**_scaled(t, head, n, full, prefix), **first}
+    kinds = f" ({d} dense + {n - d} MoE, scaled to {prefix[2]} + {full - prefix[2]})" if prefix else ""
     return {
         **timing, **rates(timing["median_ms"]), "flops": flops, "bytes": bytes_, **_common(built, n, backend),
-        **_notes(note, f"{n} of {full} layers timed, embedding+head {head.median_ms:.3f} ms" if head else None),
+        **_notes(note, f"{n} of {full} layers timed{kinds}, embedding+head {head.median_ms:.3f} ms" if head
+                 else None),
     }
+
+
+def dense_prefix(cfg) -> int:
+    """The leading dense layers of an MoE config whose other layers are all MoE (DeepSeek-V3's first_k_dense_replace),
+    else 0 (every layer alike)."""
+    if not cfg.moe or cfg.num_moe_layers in (0, cfg.num_layers):
+        return 0
+    return cfg.moe.dense_layers
 
 
 def _routing(spec: _ModelSpec, built: _Built, m: M.Transformer, backend: str, run) -> tuple[dict, float | None,
