@@ -106,3 +106,15 @@ def test_two_kind_scaling():
     out = _scaled(t, head, 5, 61, (prefix, 3, 3))
     assert out["median_ms"] == pytest.approx(1.0 + 3.0 + 6.0 / 2 * 58) and not out["noisy"]
     assert _scaled(t, head, 5, 61)["median_ms"] == pytest.approx(1.0 + 9.0 / 5 * 61)  # one kind: as before
+
+
+def test_moe_16bit_check_tolerance(ctx, monkeypatch):
+    """A bf16 MoE model is held to MOE_TOLERANCE (near-tied routers flip experts against the fp32 reference), a dense
+    one to the bf16 tolerance."""
+    monkeypatch.setattr(part, "check_logits", lambda *a, **k: 0.08)
+    for name, bad in (("tiny-qwen3-moe", False), ("tiny-qwen3", True)):
+        spec = part.DecodeSpec(models=[name], backends=["torch"], dtypes=["bf16"], context=[4])
+        session = part._Session()
+        built = session.get(ctx, name, "bf16", spec)
+        built.backends["torch"] = built.model
+        assert (session.check(ctx, built, "torch", "bf16", True) is not None) == bad, name

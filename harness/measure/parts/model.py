@@ -50,6 +50,13 @@ from tokenfleet.model.spec import ModelConfig, load_model_config, tp_problem
 # fp8: every backend's fp8 model against the bf16 model's reference logits (same seed, before quantizing), with
 # tokenfleet.model.fp8.TOLERANCE: e4m3 rounding, not a backend's error, dominates it.
 TOLERANCE = {"fp32": 1e-2, "bf16": 6e-2, "fp16": 2e-2, "fp8": F8.TOLERANCE}
+# MoE models in 16-bit: a token whose k-th and (k+1)-th router scores nearly tie picks another expert in bf16 than
+# in the fp32 reference, which moves its logits more than rounding does, and more so with depth and expert count.
+# Measured on the CPU (torch backend, bf16, seed 0, vocab cut to 4096): qwen3-30b-a3b 4 layers 0.018; 16 layers with
+# 32 experts 0.039; 48 layers with 16 experts 0.027 (48 layers of 128 experts did not fit the CPU: expected above
+# 0.04). A broken expert path on the tiny fp32 models: equal routing weights 0.12 (tiny-qwen3-moe) / 0.40
+# (tiny-deepseek-v3), another token's experts 0.56 / 0.84.
+MOE_TOLERANCE = {"bf16": 0.1, "fp16": 0.1}
 MEMORY_FRACTION = 0.85  # of the free memory the points may plan for
 WEIGHT_FRACTION = 0.6  # of that, for weights, when choosing how many layers fit
 CHECK_BATCH, CHECK_LEN = 2, 8
@@ -233,12 +240,12 @@ class _Session:
             return built.failed.get(backend)
         err = check_logits(built.backends[backend], seed=ctx.seed + 1, want=built.want)
         built.rel_error[backend] = err
-        if not math.isfinite(err) or err > TOLERANCE[dtype]:
+        tol = MOE_TOLERANCE.get(dtype, TOLERANCE[dtype]) if built.model.cfg.moe else TOLERANCE[dtype]
+        if not math.isfinite(err) or err > tol:
             what = "the bf16 model's reference" if built.want is not None else "the reference"
             built.failed[backend] = {
                 "status": "incorrect", "rel_error": err if math.isfinite(err) else None,
-                "error": f"logits vs {what} (fp32 math, full recompute): relative error {err:.3g} > "
-                         f"{TOLERANCE[dtype]}"}
+                "error": f"logits vs {what} (fp32 math, full recompute): relative error {err:.3g} > {tol}"}
         return built.failed.get(backend)
 
     def check_memory(self, ctx: RunContext, need: float, what: str) -> None:
