@@ -51,7 +51,9 @@ class Ops:
     attention_prefill: Callable
     attention_decode: Callable
     rotary: Callable  # (Rotary, positions [T], n positions covered) -> rope's trailing arguments, once per forward
-    experts: Callable = moe.experts_torch  # (x, w13, w2, ids, weights) -> [T, D]: the routed expert layer
+    # (dtype, device, expert weight widths) -> the routed expert layer (x, w13, w2, ids, weights) -> [T, D], picked
+    # once per model (outside any trace)
+    experts: Callable = moe.torch_experts
     mla_decode: Callable = moe.mla_decode_torch  # (q_nope, q_rope, kv_cache, context_lens, wkv_b, scale) -> [B, H, v]
     mla_prefill: Callable = moe.mla_prefill_torch  # (q, k, v, scale) -> [B, H, S, v], causal
     compiled: bool = False  # run prefill and the decode step through torch.compile
@@ -86,6 +88,10 @@ def triton_experts(x, w13, w2, ids, weights):
     return moe.experts_torch(x, w13, w2, ids, weights)
 
 
+def _fixed(fn: Callable) -> Callable:
+    return lambda dtype, device, widths: fn
+
+
 def triton_mla_decode(q_nope, q_rope, kv_cache, context_lens, wkv_b, scale: float):
     """Absorbed MLA decode (`moe.mla_decode_torch` for the shapes) over the latent cache [B, 1, S, r+rope]."""
     return moe.mla_decode_torch(q_nope, q_rope, kv_cache, context_lens, wkv_b, scale)
@@ -105,18 +111,18 @@ def load_ops(backend: str) -> Ops:
     from tokenfleet.kernels.rope import rope_rotate
 
     if backend == "triton":
-        return Ops(**{op: REGISTRY[op].triton for op in OPS}, rotary=_kernel_angles, experts=triton_experts,
+        return Ops(**{op: REGISTRY[op].triton for op in OPS}, rotary=_kernel_angles, experts=_fixed(triton_experts),
                    mla_decode=triton_mla_decode, mla_prefill=triton_mla_prefill)
     if backend == "reference":
         return Ops(**{op: REGISTRY[op].reference for op in OPS}, rotary=_kernel_angles,
-                   experts=moe.experts_reference, mla_decode=moe.mla_decode_reference,
+                   experts=_fixed(moe.experts_reference), mla_decode=moe.mla_decode_reference,
                    mla_prefill=moe.mla_prefill_reference)
     vendor = {op: REGISTRY[op].baseline for op in OPS}
     # The rope baseline computes cos/sin and rotates; a model computes cos/sin once (rotary) and rotates per layer.
     vendor["rope"] = rope_rotate
     if backend == "compile":
-        return Ops(**{**vendor, "gemm": compiled_gemm}, rotary=_table_angles, experts=moe.experts_compiled,
-                   compiled=True)
+        return Ops(**{**vendor, "gemm": compiled_gemm}, rotary=_table_angles,
+                   experts=functools.partial(moe.torch_experts, compiled=True), compiled=True)
     return Ops(**vendor, rotary=_table_angles)
 
 

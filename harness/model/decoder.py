@@ -21,7 +21,7 @@ router, experts, DeepSeek's shared experts) as the config places them (`MoE.is_m
 is MLA (`Layer.mla`), its cache the compressed latent + rope key per token (`KVCache` with one "head" of
 kv_lora_rank + qk_rope_head_dim channels, the values being its first kv_lora_rank), decode in the absorbed form.
 `routing_skew` sets the routing condition (None: the router's own choice), `route_log` collects each MoE layer's
-chosen experts in an eager forward (`routing_stats`).
+chosen experts in an eager forward (`expert_counts`).
 
 Generation, as in gpt-fast: `prefill`, `decode_one_token`, `decode_n_tokens` (and `generate` around them).
 Weights are seeded random (`build_model`) or read from a local Hugging Face folder (`tokenfleet.model.hf`).
@@ -199,6 +199,10 @@ class Transformer:
             raise ValueError(f"{cfg.id}: the MLA latent cache is built in the activations' dtype only")
         self.routing_skew = routing_skew  # [E] bias on the routers' choice scores (moe.routing_skew), or None
         self.route_log: list | None = None  # set to a list: each MoE layer appends its chosen experts (eager only)
+        mw = next((lw.moe for lw in weights.layers if lw.moe is not None), None)
+        # the expert layer this backend runs for these weights, picked here (outside any trace)
+        self.experts = self.ops.experts(self.dtype, self.device, (*mw.w13.shape[1:], *mw.w2.shape[1:])) \
+            if mw is not None else None
         self._prefill_block, self._decode_block = self._prefill_layer, self._decode_layer
         self._head = self.ops.gemm
         if self.ops.compiled:
@@ -281,7 +285,7 @@ class Transformer:
                                            m.routed_scaling_factor, self.routing_skew)
         if self.route_log is not None:
             self.route_log.append(ids)
-        out = self.ops.experts(y, mw.w13, mw.w2, ids, weights)
+        out = self.experts(y, mw.w13, mw.w2, ids, weights)
         if mw.shared_w13 is not None:
             out = out + self._dense_mlp(y, mw.shared_w13, mw.shared_w2)
         return out

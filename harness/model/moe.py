@@ -17,6 +17,7 @@ Expert layers, x [T, D], w13 [E, 2·I, D] (gate rows, then up), w2 [E, D, I], id
   two torch._grouped_mm calls over the per-expert offsets; static shapes, no host sync.
 - `experts_gathered`: gpt-fast's Mixtral form: each token's k experts' weights gathered and multiplied; static
   shapes. The `compile` backend's form where torch.compile cannot trace _grouped_mm (it takes bf16 only).
+A backend picks one per model when it is built (`backends.Ops.experts`, `torch_experts`), never inside a trace.
 
 MLA (transformers' DeepseekV3Attention): the cache holds per token the normed latent (kv_lora_rank) and the
 roped shared key (qk_rope_head_dim), FlashMLA's 512 + 64 layout, as one [B, 1, S, r + rope] tensor whose first r
@@ -177,24 +178,23 @@ def _widths(w13: torch.Tensor, w2: torch.Tensor) -> tuple:
 
 def experts_torch(x, w13, w2, ids, weights):
     """The `torch` backend's experts: transformers' default (grouped_mm) where torch runs it, else its eager loop."""
-    fn = experts_grouped_mm if grouped_mm_runs(x.dtype, x.device, widths=_widths(w13, w2)) else experts_loop
-    return fn(x, w13, w2, ids, weights)
+    return torch_experts(x.dtype, x.device, _widths(w13, w2))(x, w13, w2, ids, weights)
 
 
-def experts_compiled(x, w13, w2, ids, weights):
-    """The `compile` backend's experts (traced, never run eager): grouped_mm in bf16, else the gathered form."""
-    grouped = grouped_mm_runs(x.dtype, x.device, compiled=True, widths=_widths(w13, w2))
-    return (experts_grouped_mm if grouped else experts_gathered)(x, w13, w2, ids, weights)
-
-
-def experts_impl(backend: str, dtype: torch.dtype, device: torch.device, widths: tuple = ()) -> str:
-    """In words, what a backend's expert layer runs (a point's note); widths: the expert weights' row widths."""
-    if backend == "reference":
-        return "fp32 per-expert loop"
-    compiled = backend == "compile"
+def torch_experts(dtype: torch.dtype, device: torch.device, widths: tuple, compiled: bool = False):
+    """The expert layer the `torch` backend runs for this dtype, device and weight widths (grouped_mm where torch
+    takes them, else transformers' eager loop); `compiled`: the `compile` backend's (grouped_mm in bf16, else the
+    gathered form, the one torch.compile traces). Chosen when a model is built, outside any trace."""
     if grouped_mm_runs(dtype, device, compiled, widths):
-        return "torch._grouped_mm" + (" under torch.compile" if compiled else "")
-    return "gathered expert weights under torch.compile" if compiled else "per-expert F.linear loop"
+        return experts_grouped_mm
+    return experts_gathered if compiled else experts_loop
+
+
+def experts_impl(fn) -> str:
+    """In words, what an expert layer runs (a point's note)."""
+    return {experts_reference: "fp32 per-expert loop", experts_loop: "per-expert F.linear loop (transformers' eager)",
+            experts_grouped_mm: "torch._grouped_mm (transformers' grouped_mm)",
+            experts_gathered: "gathered expert weights (gpt-fast's form)"}.get(fn, getattr(fn, "__name__", str(fn)))
 
 
 # --- MLA attention ----------------------------------------------------------------------------------------------

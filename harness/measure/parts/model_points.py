@@ -144,8 +144,7 @@ def _routing(spec: _ModelSpec, built: _Built, m: M.Transformer, backend: str, ru
     counts = M.expert_counts(m, run)  # [MoE layers built, E]
     touched = (counts > 0).sum(1)
     full_moe = M.with_layers(cfg, built.full_layers).num_moe_layers
-    mw = next(lw.moe for lw in m.weights.layers if lw.moe is not None)
-    impl = E.experts_impl(backend, m.dtype, m.device, (*mw.w13.shape[1:], *mw.w2.shape[1:]))
+    impl = E.experts_impl(m.experts) + (" under torch.compile" if m.ops.compiled else "")
     # (the routing condition itself is the point's key field `routing`: spec.routing.label)
     fields = {"experts_touched": touched.tolist(), "tokens_per_expert": counts.sum(0).tolist(),
               "tokens_per_expert_max": counts.max(1).values.tolist()}
