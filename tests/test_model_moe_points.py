@@ -34,7 +34,7 @@ def test_moe_decode_points_report_their_routing(ctx):
         assert p["flops"] == M.decode_flops(cfg, p["batch"], 9)
         assert "experts: torch._grouped_mm (transformers' grouped_mm)" in p["note"]  # fp32 rows of 16-byte multiples
     one = points[1]  # batch 1 touches exactly k experts per layer
-    assert one["experts_touched"] == [2, 2]
+    assert one["experts_touched"] == [2, 2] and "routing: router, 2.0 of 8 experts touched per layer" in one["note"]
 
 
 def test_zipf_routing_is_a_stated_condition(ctx):

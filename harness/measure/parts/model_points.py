@@ -148,8 +148,9 @@ def _routing(spec: _ModelSpec, built: _Built, m: M.Transformer, backend: str, ru
     # (the routing condition itself is the point's key field `routing`: spec.routing.label)
     fields = {"experts_touched": touched.tolist(), "tokens_per_expert": counts.sum(0).tolist(),
               "tokens_per_expert_max": counts.max(1).values.tolist()}
-    return fields, float(touched.double().mean()) * full_moe, "; ".join(
-        x for x in (f"experts: {impl}", f"routing: {spec.routing.label}", triton) if x)
+    mean = float(touched.double().mean())
+    seen = f"routing: {spec.routing.label}, {mean:.1f} of {cfg.moe.num_experts} experts touched per layer"
+    return fields, mean * full_moe, "; ".join(x for x in (f"experts: {impl}", seen, triton) if x)
 
 
 def _prefill_point(ctx: RunContext, session: _Session, spec: PrefillSpec, built: _Built, m: M.Transformer, dtype: str,
