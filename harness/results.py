@@ -69,7 +69,8 @@ MEASURED_FIELDS = {
     "fp8_accum", "quantization",  # how an fp8 GEMM accumulated and quantized its input (kernels/gemm_fp8.py)
     "energy_j", "energy_s", "power_w_measured", "joules_per_token",  # NVML's energy counter over the samples
     "burst_ms", "ceiling_basis",  # a probe's burst rate; which roof a point's fractions are of (measure.context)
-    "experts_touched", "tokens_per_expert",  # what a moe kernel point's drawn routing produced (kernels.moe)
+    "experts_touched", "tokens_per_expert",  # what a moe kernel or model point's routing produced
+    "tokens_per_expert_max",  # MoE model points (parts/model_points.py)
     "tuned_config",  # the tuned block-size file a Triton kernel point ran (configs/tuned/<device>.json)
 }
 

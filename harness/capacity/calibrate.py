@@ -10,6 +10,8 @@ curves (this device, world size), and efficiencies (e_c, e_m) to calibrate devic
   any `incorrect` point is not correct. Only the deployable backend's points enter numbers.
 - All given runs are merged: each cell (decode: batch × context; prefill: batch × prompt_len) takes the point
   with the smallest spread, whichever run it came from.
+- MoE points count only under their default routing (`_default_routing`: the model's own routers; skewed-routing
+  points are left out of grids and efficiencies).
 - Collectives: a run of this device with `all_reduce` points at world size tp gives the curve TP projections use
   (`measured_allreduce`); nccl points before gloo ones.
 - Efficiencies for other devices (from tp=1 and shard groups; replica groups only when nothing else was run,
@@ -138,13 +140,20 @@ class Group:
         return best
 
 
+def _default_routing(p: dict) -> bool:
+    """An MoE point routed by the model's own routers (`routing` router; dense points have none): the condition the
+    capacity model's expected experts touched assumes (uniform). A skewed-routing point (zipf-s) is a what-if beside
+    it, not the measurement of the grid."""
+    return p.get("routing", "router") == "router"
+
+
 def groups(runs: list[Run]) -> dict[tuple, Group]:
     """(hardware_id, model, dtype, tp, shard) -> Group over every run given."""
     out: dict[tuple, Group] = {}
     for r in runs:
         hw = r.hardware_id
         for p in r.points:
-            if p.get("kind") not in ("decode", "prefill") or not hw or not p.get("model"):
+            if p.get("kind") not in ("decode", "prefill") or not hw or not p.get("model") or not _default_routing(p):
                 continue
             key = (hw, p["model"], p.get("dtype"), *_tp(p))
             g = out.setdefault(key, Group(*key, points=defaultdict(list)))

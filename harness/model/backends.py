@@ -11,6 +11,13 @@ backend uses it (`compile_step`, with the first-call accounting that keeps compi
   MKL sgemv keeps to one core for a single row (2-core CI machine: 15-16 GB/s through F.linear, 21-25 GB/s as the
   reduction, on the decode projections of qwen3-0.6b).
 - `reference`: the kernels' fp32-math references: the correctness oracle, never timed.
+
+The MoE families add three ops (`tokenfleet.model.moe`): the routed expert layer (`experts`), MLA decode in the absorbed
+form over the latent cache (`mla_decode`) and MLA prefill attention (`mla_prefill`). torch: transformers' default
+grouped_mm experts (its eager loop where torch's grouped GEMM does not take the dtype) and SDPA; compile: the same
+traced; reference: fp32 math. triton: `triton_experts`, `triton_mla_decode` and `triton_mla_prefill` below, the
+plug points of the Triton MoE / MLA kernels; until those land they run the torch path, and `TRITON_ON_TORCH` names
+them so a point says so.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from tokenfleet.model import moe
 
 if TYPE_CHECKING:
     from tokenfleet.model.cache import Rotary
@@ -43,6 +51,11 @@ class Ops:
     attention_prefill: Callable
     attention_decode: Callable
     rotary: Callable  # (Rotary, positions [T], n positions covered) -> rope's trailing arguments, once per forward
+    # (dtype, device, expert weight widths) -> the routed expert layer (x, w13, w2, ids, weights) -> [T, D], picked
+    # once per model (outside any trace)
+    experts: Callable = moe.torch_experts
+    mla_decode: Callable = moe.mla_decode_torch  # (q_nope, q_rope, kv_cache, context_lens, wkv_b, scale) -> [B, H, v]
+    mla_prefill: Callable = moe.mla_prefill_torch  # (q, k, v, scale) -> [B, H, S, v], causal
     compiled: bool = False  # run prefill and the decode step through torch.compile
 
 
@@ -63,6 +76,32 @@ def compiled_gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(x, w)
 
 
+# --- plug points of the Triton MoE / MLA kernels (kernels/moe.py, kernels/attention_mla.py) -------------------------
+# The triton backend calls these three. Until a Triton kernel is plugged in, each runs the torch path and is named in
+# TRITON_ON_TORCH, which a model point on the triton backend reports in its note; plugging a kernel in means calling
+# it here and removing its name from TRITON_ON_TORCH.
+TRITON_ON_TORCH = ("moe experts", "MLA decode attention", "MLA prefill attention")
+
+
+def triton_experts(x, w13, w2, ids, weights):
+    """x [T, D], w13 [E, 2·I, D], w2 [E, D, I], ids / weights [T, k] -> [T, D]: the fused MoE expert layer."""
+    return moe.experts_torch(x, w13, w2, ids, weights)
+
+
+def _fixed(fn: Callable) -> Callable:
+    return lambda dtype, device, widths: fn
+
+
+def triton_mla_decode(q_nope, q_rope, kv_cache, context_lens, wkv_b, scale: float):
+    """Absorbed MLA decode (`moe.mla_decode_torch` for the shapes) over the latent cache [B, 1, S, r+rope]."""
+    return moe.mla_decode_torch(q_nope, q_rope, kv_cache, context_lens, wkv_b, scale)
+
+
+def triton_mla_prefill(q, k, v, scale: float):
+    """Causal MLA prefill attention on up-projected keys [B, H, S, nope+rope] and values [B, H, S, v]."""
+    return moe.mla_prefill_torch(q, k, v, scale)
+
+
 @functools.cache
 def load_ops(backend: str) -> Ops:
     """The ops of a backend (see the module docstring)."""
@@ -71,13 +110,19 @@ def load_ops(backend: str) -> Ops:
     from tokenfleet.kernels import REGISTRY
     from tokenfleet.kernels.rope import rope_rotate
 
-    if backend in ("triton", "reference"):
-        return Ops(**{op: getattr(REGISTRY[op], backend) for op in OPS}, rotary=_kernel_angles)
+    if backend == "triton":
+        return Ops(**{op: REGISTRY[op].triton for op in OPS}, rotary=_kernel_angles, experts=_fixed(triton_experts),
+                   mla_decode=triton_mla_decode, mla_prefill=triton_mla_prefill)
+    if backend == "reference":
+        return Ops(**{op: REGISTRY[op].reference for op in OPS}, rotary=_kernel_angles,
+                   experts=_fixed(moe.experts_reference), mla_decode=moe.mla_decode_reference,
+                   mla_prefill=moe.mla_prefill_reference)
     vendor = {op: REGISTRY[op].baseline for op in OPS}
     # The rope baseline computes cos/sin and rotates; a model computes cos/sin once (rotary) and rotates per layer.
     vendor["rope"] = rope_rotate
     if backend == "compile":
-        return Ops(**{**vendor, "gemm": compiled_gemm}, rotary=_table_angles, compiled=True)
+        return Ops(**{**vendor, "gemm": compiled_gemm}, rotary=_table_angles,
+                   experts=functools.partial(moe.torch_experts, compiled=True), compiled=True)
     return Ops(**vendor, rotary=_table_angles)
 
 

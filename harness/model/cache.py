@@ -37,6 +37,9 @@ class KVCache:
     the attention's batched matmuls unaligned); `lengths` [B] int32 counts the tokens stored per sequence (the next
     token of sequence b goes to position lengths[b]). Positions past a sequence's length are masked out.
 
+    MLA (DeepSeek-V3): k [L, B, 1, S_alloc, kv_lora_rank + qk_rope_head_dim], the normed latent then the roped
+    shared key per token; v is k's first kv_lora_rank channels (a view: the latent is the values).
+
     dtype fp8: k, v in e4m3 with fp32 scales k_scale, v_scale [L, Hkv] (1.0: vLLM's default when a checkpoint
     ships none; e4m3 spans +-448, far beyond K/V values); a layer stores through `to_cache(t, scale)`."""
 
@@ -44,23 +47,29 @@ class KVCache:
                  device: str | torch.device = "cpu"):
         dt, dev = to_dtype(dtype), torch.device(device)
         max_len = -(-max_len // KV_ALIGN) * KV_ALIGN
-        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.fp8 = dt == FP8
+        self.mla = cfg.mla is not None
+        if self.mla and self.fp8:
+            raise ValueError(f"{cfg.id}: an e4m3 MLA latent cache is not built")
+        # MLA: one shared "head" of latent + roped key channels; the values are the latent (a view, no copy).
+        heads, width = (1, cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim) if self.mla else \
+            (cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, batch, heads, max_len, width)
         # Zeros, not empty: masked-out positions are multiplied by 0 in attention, and 0·NaN would be NaN.
         self.k = torch.zeros(shape, dtype=dt, device=dev)
-        self.v = torch.zeros(shape, dtype=dt, device=dev)
-        self.fp8 = dt == FP8
+        self.v = self.k[..., :cfg.mla.kv_lora_rank] if self.mla else torch.zeros(shape, dtype=dt, device=dev)
         self.k_scale = torch.ones((cfg.num_layers, cfg.num_kv_heads), device=dev) if self.fp8 else None
         self.v_scale = torch.ones_like(self.k_scale) if self.fp8 else None
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=dev)
         # A decode step writes k[i][b, h, pos[b]] for every (b, h): one index_put per layer and tensor, no host sync
         # (and one torch.compile reinplaces, where a write through a flattened view made it copy the cache).
         self.batch_index = torch.arange(batch, device=dev)[:, None]  # [B, 1]
-        self.head_index = torch.arange(cfg.num_kv_heads, device=dev)[None, :]  # [1, Hkv]
+        self.head_index = torch.arange(heads, device=dev)[None, :]  # [1, Hkv]
         self.batch, self.max_len = batch, max_len
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return self.k.nbytes + (0 if self.mla else self.v.nbytes)
 
     def reset(self) -> None:
         self.lengths.zero_()
@@ -68,7 +77,7 @@ class KVCache:
     def fill_random(self, seed: int = 0) -> KVCache:
         """Unit-scale random keys and values (timing inputs are never zeros)."""
         gen = torch.Generator(device=self.k.device).manual_seed(seed)
-        for t in (self.k, self.v):
+        for t in (self.k,) if self.mla else (self.k, self.v):
             if not self.fp8:
                 t.uniform_(-1.7, 1.7, generator=gen)
                 continue

@@ -1,4 +1,4 @@
-"""A decoder-only transformer (Llama, Qwen2, Qwen3 dense) over the kernels, gpt-fast style.
+"""A decoder-only transformer (Llama, Qwen2, Qwen3 dense; Qwen3-MoE and DeepSeek-V3) over the kernels, gpt-fast style.
 
 One set of weights, four backends (`tokenfleet.model.backends`), each honest about what it is:
 - `triton`: the Triton kernels of `kernels/`.
@@ -16,6 +16,13 @@ QKV is one fused weight and gate/up another (one gemm each instead of three and 
 allocated up front with per-sequence lengths, so a decode step allocates nothing from the host and has no host sync:
 it can be captured in a CUDA graph (`DecodeGraph`).
 
+The MoE families (`tokenfleet.model.moe`): a layer's MLP is dense (`w13`, `w2`) or a routed expert layer (`Layer.moe`:
+router, experts, DeepSeek's shared experts) as the config places them (`MoE.is_moe_layer`); DeepSeek-V3's attention
+is MLA (`Layer.mla`), its cache the compressed latent + rope key per token (`KVCache` with one "head" of
+kv_lora_rank + qk_rope_head_dim channels, the values being its first kv_lora_rank), decode in the absorbed form.
+`routing_skew` sets the routing condition (None: the router's own choice), `route_log` collects each MoE layer's
+chosen experts in an eager forward (`expert_counts`).
+
 Generation, as in gpt-fast: `prefill`, `decode_one_token`, `decode_n_tokens` (and `generate` around them).
 Weights are seeded random (`build_model`) or read from a local Hugging Face folder (`tokenfleet.model.hf`).
 """
@@ -29,6 +36,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from tokenfleet.dtypes import to_dtype
+from tokenfleet.model import moe as E
 from tokenfleet.model.backends import (  # noqa: F401  (re-exported: the model's callers name backends through it)
     BACKENDS,
     OPS,
@@ -62,6 +70,8 @@ def shard_config(cfg: ModelConfig, tp: int) -> ModelConfig:
     kv_heads < p), intermediate/p, vocab/p (vocab-parallel embedding and LM head). Hidden size is unchanged."""
     if tp == 1:
         return cfg
+    if not cfg.is_dense:
+        raise ValueError(f"{cfg.id}: tensor-parallel shards of MoE / MLA models are not built")
     problem = tp_problem(cfg, tp)
     if problem:
         raise ValueError(problem)
@@ -72,6 +82,7 @@ def shard_config(cfg: ModelConfig, tp: int) -> ModelConfig:
 
 
 def with_layers(cfg: ModelConfig, n: int) -> ModelConfig:
+    """The first n layers of cfg (an MoE model's dense and MoE layers where the full model has them)."""
     return cfg if n == cfg.num_layers else cfg.model_copy(update=dict(num_layers=n))
 
 
@@ -82,14 +93,16 @@ def with_layers(cfg: ModelConfig, n: int) -> ModelConfig:
 @dataclass
 class Layer:
     attn_norm: torch.Tensor  # [D]
-    wqkv: torch.Tensor  # [(Hq + 2·Hkv)·hd, D]: q rows, then k, then v
+    wqkv: torch.Tensor | None  # [(Hq + 2·Hkv)·hd, D]: q rows, then k, then v (None: MLA)
     bqkv: torch.Tensor | None  # [(Hq + 2·Hkv)·hd] (Qwen2)
     q_norm: torch.Tensor | None  # [hd] (Qwen3)
     k_norm: torch.Tensor | None  # [hd]
-    wo: torch.Tensor  # [D, Hq·hd]
+    wo: torch.Tensor  # [D, Hq·hd] (MLA: [D, H·v_head_dim])
     mlp_norm: torch.Tensor  # [D]
-    w13: torch.Tensor  # [2·I, D]: gate rows, then up rows
-    w2: torch.Tensor  # [D, I]
+    w13: torch.Tensor | None  # [2·I, D]: gate rows, then up rows (None: an MoE layer)
+    w2: torch.Tensor | None  # [D, I]
+    moe: E.MoEWeights | None = None  # the MoE MLP in place of w13/w2
+    mla: E.MLAWeights | None = None  # MLA in place of wqkv
 
 
 @dataclass
@@ -117,15 +130,43 @@ def random_weights(cfg: ModelConfig, dtype: str | torch.dtype = "bf16", device: 
         return torch.empty(n, dtype=dt, device=dev).uniform_(0.9, 1.1, generator=gen)
 
     qkv = (hq + 2 * hkv) * hd
-    layers = [
-        Layer(
-            attn_norm=norm(d), wqkv=u((qkv, d), d**-0.5), bqkv=u(qkv, 0.1) if cfg.attention_bias else None,
+
+    def moe_mlp():  # routed experts draw like dense MLPs of moe_intermediate_size; router logits of unit scale
+        m = cfg.moe
+        ie, shared = m.moe_intermediate_size, m.moe_intermediate_size * m.shared_experts
+        sigmoid = m.scoring == "sigmoid"  # DeepSeek-V3: fp32 router and correction bias (as transformers keeps them)
+        router = u((m.num_experts, d), d**-0.5)
+        return E.MoEWeights(
+            router=router.float() if sigmoid else router,
+            score_bias=torch.zeros(m.num_experts, device=dev) if sigmoid else None,
+            w13=u((m.num_experts, 2 * ie, d), d**-0.5), w2=u((m.num_experts, d, ie), ie**-0.5),
+            shared_w13=u((2 * shared, d), d**-0.5) if shared else None,
+            shared_w2=u((d, shared), shared**-0.5) if shared else None)
+
+    def mla():
+        a = cfg.mla
+        qk = a.qk_nope_head_dim + a.qk_rope_head_dim
+        nq = a.q_lora_rank or hq * qk
+        return E.MLAWeights(
+            wa=u((nq + a.kv_lora_rank + a.qk_rope_head_dim, d), d**-0.5),
+            q_norm=norm(a.q_lora_rank) if a.q_lora_rank else None,
+            wq_b=u((hq * qk, a.q_lora_rank), a.q_lora_rank**-0.5) if a.q_lora_rank else None,
+            kv_norm=norm(a.kv_lora_rank),
+            wkv_b=u((hq * (a.qk_nope_head_dim + a.v_head_dim), a.kv_lora_rank), a.kv_lora_rank**-0.5))
+
+    def layer(i: int) -> Layer:
+        sparse = cfg.moe is not None and cfg.moe.is_moe_layer(i)
+        attn_out = hq * (cfg.mla.v_head_dim if cfg.mla else hd)
+        return Layer(
+            attn_norm=norm(d), wqkv=None if cfg.mla else u((qkv, d), d**-0.5),
+            bqkv=u(qkv, 0.1) if cfg.attention_bias and not cfg.mla else None,
             q_norm=norm(hd) if cfg.qk_norm else None, k_norm=norm(hd) if cfg.qk_norm else None,
-            wo=u((d, hq * hd), (hq * hd) ** -0.5), mlp_norm=norm(d), w13=u((2 * inter, d), d**-0.5),
-            w2=u((d, inter), inter**-0.5),
+            wo=u((d, attn_out), attn_out**-0.5), mlp_norm=norm(d),
+            w13=None if sparse else u((2 * inter, d), d**-0.5), w2=None if sparse else u((d, inter), inter**-0.5),
+            moe=moe_mlp() if sparse else None, mla=mla() if cfg.mla else None,
         )
-        for _ in range(cfg.num_layers)
-    ]
+
+    layers = [layer(i) for i in range(cfg.num_layers)]
     embed = u((cfg.vocab_size, d), 1.0)
     lm_head = embed if cfg.tie_word_embeddings else u((cfg.vocab_size, d), d**-0.5)
     return Weights(embed=embed, layers=layers, norm=norm(d), lm_head=lm_head)
@@ -145,16 +186,23 @@ class Transformer:
     CPU). The embedding lookup is a single vendor op and runs eager; the LM head is compiled by itself (`_head`)."""
 
     def __init__(self, cfg: ModelConfig, weights: Weights, backend: str = "torch", rotary: Rotary | None = None,
-                 kv_dtype: str | torch.dtype | None = None):
-        if not cfg.is_dense:
-            raise ValueError(f"{cfg.id}: only dense models are built (MoE / MLA are not)")
+                 kv_dtype: str | torch.dtype | None = None, routing_skew: torch.Tensor | None = None):
         if len(weights.layers) != cfg.num_layers:
             raise ValueError(f"{cfg.id}: {len(weights.layers)} layers of weights for num_layers {cfg.num_layers}")
         self.cfg, self.weights, self.backend, self.ops = cfg, weights, backend, load_ops(backend)
         self.n_q, self.n_kv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.eps = cfg.rms_norm_eps
-        self.rotary = rotary or Rotary(rope_frequencies(cfg, self.device), self.hd, self.dtype, self.device)
+        rot_dim = cfg.mla.qk_rope_head_dim if cfg.mla else self.hd
+        self.rotary = rotary or Rotary(rope_frequencies(cfg, self.device), rot_dim, self.dtype, self.device)
         self.kv_dtype = None if kv_dtype is None else to_dtype(kv_dtype)  # None: the activations' dtype
+        if cfg.mla and self.kv_dtype not in (None, self.dtype):
+            raise ValueError(f"{cfg.id}: the MLA latent cache is built in the activations' dtype only")
+        self.routing_skew = routing_skew  # [E] bias on the routers' choice scores (moe.routing_skew), or None
+        self.route_log: list | None = None  # set to a list: each MoE layer appends its chosen experts (eager only)
+        mw = next((lw.moe for lw in weights.layers if lw.moe is not None), None)
+        # the expert layer this backend runs for these weights, picked here (outside any trace)
+        self.experts = self.ops.experts(self.dtype, self.device, (*mw.w13.shape[1:], *mw.w2.shape[1:])) \
+            if mw is not None else None
         self._prefill_block, self._decode_block = self._prefill_layer, self._decode_layer
         self._head = self.ops.gemm
         if self.ops.compiled:
@@ -163,12 +211,16 @@ class Transformer:
             self._head = compile_step(self.ops.gemm, self.device)
 
     def with_backend(self, backend: str) -> Transformer:
-        return Transformer(self.cfg, self.weights, backend, self.rotary, self.kv_dtype)
+        return Transformer(self.cfg, self.weights, backend, self.rotary, self.kv_dtype, self.routing_skew)
 
     def with_layers(self, n: int) -> Transformer:
         """The first n layers with the same embedding, final norm and LM head (n=0: only those)."""
         return Transformer(with_layers(self.cfg, n), replace(self.weights, layers=self.weights.layers[:n]),
-                           self.backend, self.rotary, self.kv_dtype)
+                           self.backend, self.rotary, self.kv_dtype, self.routing_skew)
+
+    def with_routing(self, skew: torch.Tensor | None) -> Transformer:
+        """The same model routing with `skew` added to its routers' choice scores (None: their own choice)."""
+        return Transformer(self.cfg, self.weights, self.backend, self.rotary, self.kv_dtype, skew)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -216,14 +268,70 @@ class Transformer:
         q, k = ops.rope(q, k, *rot)
         return q, k, v
 
+    def _dense_mlp(self, y: torch.Tensor, w13, w2) -> torch.Tensor:
+        inter = w2.shape[1]
+        gu = self._linear(y, w13)  # [T, 2·I]
+        return self._linear(self.ops.silu_mul(gu[:, :inter], gu[:, inter:]), w2)  # [T, D]
+
+    def _moe_mlp(self, mw: E.MoEWeights, y: torch.Tensor) -> torch.Tensor:
+        """An MoE layer's MLP on the normed y [T, D]: route, the routed experts, + the shared experts."""
+        m = self.cfg.moe
+        if m.scoring == "softmax":
+            weights, ids = E.route_softmax(self.ops.gemm(y, mw.router), m.experts_per_token, m.norm_topk_prob,
+                                           self.routing_skew)
+        else:
+            weights, ids = E.route_sigmoid(self.ops.gemm(y.float(), mw.router), m.experts_per_token,
+                                           m.norm_topk_prob, mw.score_bias, m.n_group, m.topk_group,
+                                           m.routed_scaling_factor, self.routing_skew)
+        if self.route_log is not None:
+            self.route_log.append(ids)
+        out = self.experts(y, mw.w13, mw.w2, ids, weights)
+        if mw.shared_w13 is not None:
+            out = out + self._dense_mlp(y, mw.shared_w13, mw.shared_w2)
+        return out
+
     def _mlp_block(self, lw: Layer, next_norm: torch.Tensor, h: torch.Tensor, residual: torch.Tensor):
-        """The rest of a layer after attention's output projection h [T, D]: add + norm, gate/up, SiLU·mul, down,
-        add + the next norm. Returns (y, residual): the next layer's normed input and the stream."""
-        ops, eps, inter = self.ops, self.eps, lw.w2.shape[1]
+        """The rest of a layer after attention's output projection h [T, D]: add + norm, gate/up, SiLU·mul, down
+        (or the MoE MLP), add + the next norm. Returns (y, residual): the next layer's normed input and the stream."""
+        ops, eps = self.ops, self.eps
         y, residual = ops.rmsnorm(h, lw.mlp_norm, eps, residual)
-        gu = self._linear(y, lw.w13)  # [T, 2·I]
-        h = self._reduce(self._linear(ops.silu_mul(gu[:, :inter], gu[:, inter:]), lw.w2))  # [T, D]
-        return ops.rmsnorm(h, next_norm, eps, residual)
+        h = self._moe_mlp(lw.moe, y) if lw.moe is not None else self._dense_mlp(y, lw.w13, lw.w2)
+        return ops.rmsnorm(self._reduce(h), next_norm, eps, residual)
+
+    # --- MLA (DeepSeek-V3) ---
+
+    def _mla_qkv(self, a: E.MLAWeights, x: torch.Tensor, rot: tuple):
+        """x [T, D] (normed) -> q_nope [T, H, nope], q_rope [T, H, rope] (roped), the normed latent c [T, r] and
+        the roped shared key k_rope [T, 1, rope]."""
+        ops, m, t = self.ops, self.cfg.mla, x.shape[0]
+        r, rope, nope = m.kv_lora_rank, m.qk_rope_head_dim, m.qk_nope_head_dim
+        qa = self._linear(x, a.wa)  # [T, Q + r + rope]: the q down- (or full) projection and kv_a in one gemm
+        nq = qa.shape[1] - r - rope
+        q = qa[:, :nq]
+        if a.wq_b is not None:
+            q = self._linear(ops.rmsnorm(q.contiguous(), a.q_norm, self.eps), a.wq_b)
+        q = q.reshape(t, self.n_q, nope + rope)
+        c = ops.rmsnorm(qa[:, nq:nq + r].contiguous(), a.kv_norm, self.eps)
+        q_rope, k_rope = ops.rope(q[..., nope:].contiguous(), qa[:, nq + r:].reshape(t, 1, rope), *rot)
+        return q[..., :nope], q_rope, c, k_rope
+
+    def _mla_prefill(self, lw: Layer, y: torch.Tensor, k_cache: torch.Tensor | None, rot: tuple, b: int):
+        """MLA over a prompt as ordinary attention after up-projecting keys and values; the latent and the roped
+        key go to the cache [B, 1, S_alloc, r + rope]. Returns the heads' output [T, H·v]."""
+        m, t, h = self.cfg.mla, y.shape[0], self.n_q
+        nope, s = m.qk_nope_head_dim, t // b
+        q_nope, q_rope, c, k_rope = self._mla_qkv(lw.mla, y, rot)
+        if k_cache is not None:
+            k_cache[:, 0, :s] = torch.cat([c, k_rope[:, 0]], -1).view(b, s, -1)
+        kv = self._linear(c, lw.mla.wkv_b).view(t, h, nope + m.v_head_dim)  # per head: nope key, then value
+        k = torch.cat([kv[..., :nope], k_rope.expand(t, h, m.qk_rope_head_dim)], -1)
+        q = torch.cat([q_nope, q_rope], -1)
+
+        def heads(x):  # [T, H, d] -> [B, H, S, d]
+            return x.reshape(b, s, h, x.shape[-1]).transpose(1, 2)
+
+        o = self.ops.mla_prefill(heads(q), heads(k), heads(kv[..., nope:]), E.mla_scale(q.shape[-1]))
+        return o.transpose(1, 2).reshape(t, h * m.v_head_dim)
 
     def _stack(self, h: torch.Tensor, block) -> torch.Tensor:
         """Embeddings h [T, D] -> the final-normed stream [T, D]: block(i, lw, next_norm, y, residual) per
@@ -268,6 +376,9 @@ class Transformer:
                        b: int):
         # y, residual: [T, D], T = B·S; k_cache/v_cache: this layer's [B, Hkv, S_alloc, hd], or None; kv_scales:
         # their e4m3 scales (k [Hkv], v [Hkv]), () unless the cache is fp8
+        if lw.mla is not None:
+            h = self._reduce(self._linear(self._mla_prefill(lw, y, k_cache, rot, b), lw.wo))  # [T, D]
+            return self._mlp_block(lw, next_norm, h, residual)
         t, hd = y.shape[0], self.hd
         s = t // b
         q, k, v = self._qkv(lw, y, rot)  # q: [T, Hq, hd], k/v: [T, Hkv, hd]
@@ -306,6 +417,13 @@ class Transformer:
                       k_cache: torch.Tensor, v_cache: torch.Tensor, kv_scales: tuple, rot: tuple, where: tuple,
                       context_lens: torch.Tensor):
         # y, residual: [B, D]; k_cache/v_cache: this layer's [B, Hkv, S_alloc, hd]; kv_scales as in _prefill_layer
+        if lw.mla is not None:  # the latent + roped key at pos, then absorbed attention over the latent cache
+            q_nope, q_rope, c, k_rope = self._mla_qkv(lw.mla, y, rot)
+            store_kv(k_cache, where, torch.cat([c, k_rope[:, 0]], -1)[:, None], None)
+            o = self.ops.mla_decode(q_nope, q_rope, k_cache, context_lens, lw.mla.wkv_b,
+                                    E.mla_scale(q_nope.shape[-1] + q_rope.shape[-1]))  # [B, H, v]
+            h = self._reduce(self._linear(o.reshape(y.shape[0], -1), lw.wo))
+            return self._mlp_block(lw, next_norm, h, residual)
         q, k, v = self._qkv(lw, y, rot)  # q: [B, Hq, hd], k/v: [B, Hkv, hd]
         ks, vs = kv_scales or (None, None)
         store_kv(k_cache, where, k, ks)
@@ -349,6 +467,17 @@ def build_model(cfg: ModelConfig | str, backend: str = "torch", dtype: str | tor
     if layers is not None:
         cfg = with_layers(cfg, min(layers, cfg.num_layers))
     return Transformer(cfg, random_weights(cfg, dtype, device, seed), backend)
+
+
+@torch.no_grad()
+def expert_counts(model: Transformer, run) -> torch.Tensor:
+    """Tokens routed to each expert, [MoE layers, E] int64 on the host, in `run(m)` (a forward of m): m is the model
+    on its own backend, eager (the torch backend in place of `compile`), with its routing condition."""
+    m = model.with_backend("torch") if model.ops.compiled else model.with_backend(model.backend)
+    m.route_log = []
+    run(m)
+    e = model.cfg.moe.num_experts
+    return torch.stack([torch.bincount(ids.reshape(-1), minlength=e) for ids in m.route_log]).cpu()
 
 
 # ---------------------------------------------------------------------------------------------------------------

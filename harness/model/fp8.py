@@ -64,6 +64,8 @@ def quantize(model: M.Transformer, layout: str = "tensor", kv_dtype: str = "bf16
     """The same model with e4m3 layer projections (the bf16 ones are dropped) and its cache in `kv_dtype`."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown fp8 scale layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    if not model.cfg.is_dense:
+        raise ValueError(f"{model.cfg.id}: fp8 MoE experts / MLA are not built (dense projections only)")
     layers = []
     for lw in model.weights.layers:
         layers.append(replace(lw, **{n: Fp8Weight.quantize(getattr(lw, n), layout) for n in LINEARS}))

@@ -13,11 +13,40 @@ from tokenfleet.config import Strict, load_all, load_named
 
 
 class MoE(Strict):
-    num_experts: int = Field(gt=0, description="routed experts per MoE layer")
-    experts_per_token: int = Field(gt=0)
+    """A mixture-of-experts MLP and its router, with config.json's names in the descriptions (Qwen3-MoE,
+    DeepSeek-V3). The routing defaults are transformers' Qwen3MoeConfig / DeepseekV3Config defaults except
+    `norm_topk_prob`, True as every released Qwen3-MoE and DeepSeek-V3 config.json sets it."""
+
+    num_experts: int = Field(gt=0, description="routed experts per MoE layer (num_experts / n_routed_experts)")
+    experts_per_token: int = Field(gt=0, description="num_experts_per_tok")
     moe_intermediate_size: int = Field(gt=0)
-    shared_experts: int = Field(0, ge=0)
-    dense_layers: int = Field(0, ge=0, description="the first k layers use a dense MLP of intermediate_size")
+    shared_experts: int = Field(0, ge=0, description="n_shared_experts: one MLP of moe_intermediate_size x this")
+    dense_layers: int = Field(0, ge=0, description="first_k_dense_replace: the first k layers use a dense MLP of "
+                                                  "intermediate_size")
+    sparse_step: int = Field(1, gt=0, description="decoder_sparse_step: layer i is MoE when (i+1) % step == 0")
+    mlp_only_layers: list[int] = Field(default_factory=list, description="mlp_only_layers: dense-MLP layers")
+    scoring: Literal["softmax", "sigmoid"] = Field(
+        "softmax", description="softmax over the router logits (Qwen3-MoE) or sigmoid per expert (DeepSeek-V3, with "
+                               "its e_score_correction_bias added for the choice only)")
+    norm_topk_prob: bool = Field(True, description="renormalise the k chosen weights to sum to 1")
+    n_group: int = Field(1, gt=0, description="DeepSeek-V3 group-limited routing: expert groups")
+    topk_group: int = Field(1, gt=0, description="groups a token may route to (by the sum of each group's top 2)")
+    routed_scaling_factor: float = Field(1.0, gt=0, description="the routed experts' weights are scaled by this")
+
+    @model_validator(mode="after")
+    def _routing(self) -> MoE:
+        if self.experts_per_token > self.num_experts or self.num_experts % self.n_group \
+                or self.topk_group > self.n_group:
+            raise ValueError(f"routing: top-{self.experts_per_token} of {self.num_experts} experts in "
+                             f"{self.topk_group} of {self.n_group} groups is not possible")
+        if self.n_group > 1 and self.num_experts // self.n_group < 2:
+            raise ValueError("routing: group-limited routing scores each group by its top 2: >= 2 experts a group")
+        return self
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether layer i has the MoE MLP (transformers' rule: Qwen3-MoE's mlp_only_layers and sparse step,
+        DeepSeek-V3's first_k_dense_replace)."""
+        return i >= self.dense_layers and i not in self.mlp_only_layers and (i + 1) % self.sparse_step == 0
 
 
 class MLA(Strict):
@@ -26,6 +55,8 @@ class MLA(Strict):
     qk_nope_head_dim: int = Field(gt=0)
     qk_rope_head_dim: int = Field(gt=0)
     v_head_dim: int = Field(gt=0)
+    rope_interleave: bool = Field(True, description="rope on interleaved pairs (DeepSeek-V3's config.json and "
+                                                    "transformers' DeepseekV3Config default)")
 
 
 class RopeScaling(Strict):
@@ -123,7 +154,7 @@ class ModelConfig(Strict):
 
     @property
     def num_moe_layers(self) -> int:
-        return self.num_layers - self.moe.dense_layers if self.moe else 0
+        return sum(self.moe.is_moe_layer(i) for i in range(self.num_layers)) if self.moe else 0
 
     def router_params(self) -> int:
         if not self.moe:
@@ -138,7 +169,7 @@ class ModelConfig(Strict):
         if not self.moe:
             return n + self.num_layers * self.dense_mlp_params
         m = self.moe
-        n += m.dense_layers * self.dense_mlp_params
+        n += (self.num_layers - self.num_moe_layers) * self.dense_mlp_params
         n += self.num_moe_layers * (self.router_params() + (experts + m.shared_experts) * self.expert_params)
         return n
 
@@ -275,7 +306,7 @@ class ModelConfig(Strict):
         yield "attn_proj", 2 * tokens * attn_w, attn_w * weight_bytes
         core = (1 - absorbed) * self.attention_flops(attn_ctx) + absorbed * self.attention_flops(attn_ctx, True)
         yield "attn_core", tokens * core, kv_read_tokens * kv_bytes_per_token
-        n_dense = self.moe.dense_layers if self.moe else L
+        n_dense = L - self.num_moe_layers
         if n_dense:
             w = n_dense * self.dense_mlp_params
             yield "mlp", 2 * tokens * w, w * weight_bytes
@@ -303,52 +334,94 @@ def tp_problem(cfg: ModelConfig, tp: int) -> str | None:
     return None
 
 
-# ---- counts of the dense decoder as built (`tokenfleet.model.decoder`; of the config given: a tp shard or a layer
-# subset counts what is measured). Fused QKV and gate/up; the embedding and LM head as separate tables.
+# ---- counts of the decoder as built (`tokenfleet.model.decoder`; of the config given: a tp shard or a layer subset
+# counts what is measured). Fused QKV and gate/up; the embedding and LM head as separate tables. A dense config counts
+# every layer alike; an MoE / MLA config counts through `ModelConfig`'s per-part counts above (every routed expert
+# held; a decode step reads the experts its batch touched).
 def layer_params(cfg: ModelConfig) -> int:
-    """Parameters of one decoder layer: 2 norms, fused QKV (+bias), q/k norms, O, gate+up, down."""
+    """Parameters of one decoder layer: 2 norms, fused QKV (+bias), q/k norms, O, gate+up, down. MoE: the largest
+    layer (an MoE layer's attention, norms, router and all of its experts)."""
+    if not cfg.is_dense:
+        mlp = cfg.dense_mlp_params if cfg.num_moe_layers < cfg.num_layers else 0
+        if cfg.moe:
+            mlp = max(mlp, cfg.router_params() + (cfg.moe.num_experts + cfg.moe.shared_experts) * cfg.expert_params)
+        return cfg.attention_params() + 2 * cfg.hidden_size + mlp
     d, hd, hq, hkv, inter = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size
     qkv = (hq + 2 * hkv) * hd
     return (2 * d + qkv * d + (qkv if cfg.attention_bias else 0) + (2 * hd if cfg.qk_norm else 0)
             + hq * hd * d + 3 * d * inter)
 
 
+def _layers_params(cfg: ModelConfig) -> int:
+    """All layers' parameters (every routed expert of an MoE model)."""
+    if cfg.is_dense:
+        return cfg.num_layers * layer_params(cfg)
+    return int(cfg._layer_params(cfg.moe.num_experts if cfg.moe else 0))
+
+
+def _active_layer_params(cfg: ModelConfig) -> float:
+    """Layer parameters one token multiplies by (top-k routed + shared experts; all of a dense model)."""
+    return _layers_params(cfg) if cfg.is_dense else cfg._layer_params(cfg.moe.experts_per_token if cfg.moe else 0)
+
+
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
-    """Parameter counts; `lm_head` is 0 when tied (the embedding is the LM head)."""
+    """Parameter counts; `lm_head` is 0 when tied (the embedding is the LM head). `layer`: `layer_params`."""
     emb = cfg.vocab_size * cfg.hidden_size
-    layers = cfg.num_layers * layer_params(cfg)
+    layers = _layers_params(cfg)
     head = 0 if cfg.tie_word_embeddings else emb
     return {"layer": layer_params(cfg), "layers": layers, "embedding": emb, "lm_head": head,
             "norm": cfg.hidden_size, "total": layers + emb + head + cfg.hidden_size}
 
 
+def _attention_pairs_flops(cfg: ModelConfig, pairs: float) -> float:
+    """QK^T and PV over `pairs` (query, key) pairs summed over the sequences, all layers."""
+    dqk, dv = cfg.attn_dims
+    return 2 * (dqk + dv) * cfg.num_heads * cfg.num_layers * pairs
+
+
 def prefill_flops(cfg: ModelConfig, batch: int, prompt_len: int) -> float:
-    """2·(layer params)·tokens + causal attention (QKᵀ and PV over S(S+1)/2 pairs) + LM head on the last token."""
+    """2·(active layer params)·tokens + causal attention (QKᵀ and PV over S(S+1)/2 pairs) + LM head on the last
+    token. (MLA: attention as prefill runs it, on up-projected 192-wide keys and 128-wide values.)"""
     tokens = batch * prompt_len
-    attn = 4 * cfg.head_dim * cfg.num_heads * cfg.num_layers * batch * prompt_len * (prompt_len + 1) / 2
-    return 2 * cfg.num_layers * layer_params(cfg) * tokens + attn + 2 * cfg.hidden_size * cfg.vocab_size * batch
+    attn = _attention_pairs_flops(cfg, batch * prompt_len * (prompt_len + 1) / 2)
+    return 2 * _active_layer_params(cfg) * tokens + attn + 2 * cfg.hidden_size * cfg.vocab_size * batch
 
 
-def prefill_bytes(cfg: ModelConfig, batch: int, prompt_len: int, dtype_bytes: int) -> float:
-    """Minimum bytes: every weight once (the embedding only for the rows looked up), KV written, logits out."""
+def _read_layer_params(cfg: ModelConfig, experts_touched: float | None, tokens: float) -> float:
+    """Layer parameters a forward over `tokens` tokens reads: all but the routed experts, plus the routed experts
+    touched (`experts_touched`: distinct experts summed over the MoE layers, as measured; None: the expectation under
+    uniform routing, `expected_experts_touched`)."""
+    if not cfg.moe:
+        return _layers_params(cfg)
+    routed = cfg.num_moe_layers * cfg.moe.num_experts * cfg.expert_params
+    if experts_touched is None:
+        experts_touched = cfg.num_moe_layers * cfg.expected_experts_touched(tokens)
+    return _layers_params(cfg) - routed + experts_touched * cfg.expert_params
+
+
+def prefill_bytes(cfg: ModelConfig, batch: int, prompt_len: int, dtype_bytes: int,
+                  experts_touched: float | None = None) -> float:
+    """Minimum bytes: every weight once (the embedding only for the rows looked up; MoE: the routed experts
+    touched), KV written, logits out."""
     tokens = batch * prompt_len
-    layers = cfg.num_layers * layer_params(cfg) + cfg.hidden_size
+    layers = _read_layer_params(cfg, experts_touched, tokens) + cfg.hidden_size
     head = cfg.vocab_size * cfg.hidden_size
     return dtype_bytes * (layers + head + tokens * cfg.hidden_size + batch * cfg.vocab_size) \
         + tokens * cfg.kv_bytes_per_token(dtype_bytes)
 
 
 def decode_flops(cfg: ModelConfig, batch: int, context: int) -> float:
-    """One step, B new tokens each attending to context+1 positions."""
-    attn = 4 * cfg.head_dim * cfg.num_heads * cfg.num_layers * batch * (context + 1)
-    return 2 * batch * (cfg.num_layers * layer_params(cfg) + cfg.hidden_size * cfg.vocab_size) + attn
+    """One step, B new tokens each attending to context+1 positions (MoE: top-k + shared experts per token)."""
+    attn = _attention_pairs_flops(cfg, batch * (context + 1))
+    return 2 * batch * (_active_layer_params(cfg) + cfg.hidden_size * cfg.vocab_size) + attn
 
 
-def decode_bytes(cfg: ModelConfig, batch: int, context: int, dtype_bytes: int) -> float:
-    """One step: layer weights + LM head once, B embedding rows, KV of context+1 positions read per sequence
-    (the new one written first), B logit rows written."""
+def decode_bytes(cfg: ModelConfig, batch: int, context: int, dtype_bytes: int,
+                 experts_touched: float | None = None) -> float:
+    """One step: layer weights (MoE: the routed experts touched, see `_read_layer_params`) + LM head once, B
+    embedding rows, KV of context+1 positions read per sequence (the new one written first), B logit rows written."""
     kv = cfg.kv_bytes_per_token(dtype_bytes)
-    weights = cfg.num_layers * layer_params(cfg) + cfg.hidden_size + cfg.vocab_size * cfg.hidden_size
+    weights = _read_layer_params(cfg, experts_touched, batch) + cfg.hidden_size + cfg.vocab_size * cfg.hidden_size
     return dtype_bytes * (weights + batch * cfg.hidden_size + batch * cfg.vocab_size) + batch * (context + 2) * kv
 
 

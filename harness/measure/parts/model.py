@@ -12,6 +12,14 @@ all-reduces are not in the time. On CPU triton points are `skipped` (Triton's in
 
 This module holds the sections (`PrefillSpec`, `DecodeSpec`, their fp8 grid), the session (building a model,
 checking its backends, the device's memory) and the plans; the timed points are `tokenfleet.measure.parts.model_points`.
+
+MoE models (`qwen3_moe`, `deepseek_v3`): built whole or by a layer subset (every layer alike; or DeepSeek-V3's dense
+layers first, then MoE: the subset holds every dense layer and at least one MoE layer, the dense layers timed apart
+and each kind scaled to its own count; interleaved layouts are refused), bf16/fp32/fp16 (fp8 experts are not
+built), one GPU (tp 1). A point states its routing condition (`routing`: the model's own router on its random
+weights, nearly uniform, or `zipf`: a stated skew on the routers' choice) and what it produced: the experts touched
+per MoE layer and tokens per expert (`model_points`). `more` lists further grids of a section (other models, other
+batches) beside its main one, e.g. a tiny MoE decode next to a dense grid.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from tokenfleet.measure.device import meminfo
 from tokenfleet.measure.parts.model_points import _decode_point, _prefill_point
 from tokenfleet.model import decoder as M
 from tokenfleet.model import fp8 as F8
+from tokenfleet.model import moe as E
 from tokenfleet.model.spec import ModelConfig, load_model_config, tp_problem
 
 # Relative L2 error of logits allowed against the reference. The check runs the full stack of real-shaped layers, so
@@ -41,6 +50,13 @@ from tokenfleet.model.spec import ModelConfig, load_model_config, tp_problem
 # fp8: every backend's fp8 model against the bf16 model's reference logits (same seed, before quantizing), with
 # tokenfleet.model.fp8.TOLERANCE: e4m3 rounding, not a backend's error, dominates it.
 TOLERANCE = {"fp32": 1e-2, "bf16": 6e-2, "fp16": 2e-2, "fp8": F8.TOLERANCE}
+# MoE models in 16-bit: a token whose k-th and (k+1)-th router scores nearly tie picks another expert in bf16 than
+# in the fp32 reference, which moves its logits more than rounding does, and more so with depth and expert count.
+# Measured on the CPU (torch backend, bf16, seed 0, vocab cut to 4096): qwen3-30b-a3b 4 layers 0.018; 16 layers with
+# 32 experts 0.039; 48 layers with 16 experts 0.027 (48 layers of 128 experts did not fit the CPU: expected above
+# 0.04). A broken expert path on the tiny fp32 models: equal routing weights 0.12 (tiny-qwen3-moe) / 0.40
+# (tiny-deepseek-v3), another token's experts 0.56 / 0.84.
+MOE_TOLERANCE = {"bf16": 0.1, "fp16": 0.1}
 MEMORY_FRACTION = 0.85  # of the free memory the points may plan for
 WEIGHT_FRACTION = 0.6  # of that, for weights, when choosing how many layers fit
 CHECK_BATCH, CHECK_LEN = 2, 8
@@ -69,6 +85,34 @@ class Fp8Grid(Strict):
     _models = field_validator("models")(classmethod(lambda cls, v: _known_models(v)))
 
 
+class Routing(Strict):
+    """The routing an MoE point runs: `router`, the model's own routers on its seeded random weights (random weights
+    route almost uniformly); `zipf`, a bias -exponent·ln(rank) on each expert's choice score (`moe.routing_skew`;
+    ranks a seeded permutation), which skews the choice as real routers' is skewed. Dense models ignore it."""
+
+    kind: Literal["router", "zipf"] = "router"
+    exponent: float = Field(1.0, gt=0, description="zipf")
+
+    @property
+    def label(self) -> str:
+        return "router" if self.kind == "router" else f"zipf-{self.exponent:g}"
+
+
+class MoreGrid(Strict):
+    """A further grid beside a section's own, in its settings but for the fields given (unset: the section's)."""
+
+    models: list[str] = Field(min_length=1)
+    backends: list[Backend] | None = None
+    dtypes: list[Literal["fp32", "bf16", "fp16"]] | None = None
+    batch: list[PositiveInt] | None = None
+    context: list[PositiveInt] | None = Field(None, description="decode")
+    prompt_len: list[PositiveInt] | None = Field(None, description="prefill")
+    layers: PositiveInt | None = None
+    routing: Routing | None = None
+
+    _models = field_validator("models")(classmethod(lambda cls, v: _known_models(v)))
+
+
 class _ModelSpec(Strict):
     models: list[str] = Field(min_length=1)
     backends: list[Backend] = Field(default_factory=lambda: list(M.TIMED_BACKENDS), min_length=1)
@@ -81,6 +125,8 @@ class _ModelSpec(Strict):
     layers: PositiveInt | None = Field(None, description="build this many real layers and scale to the full count")
     tp: PositiveInt = Field(1, description="tensor-parallel degree: time one GPU's shard of every projection")
     check: bool = Field(True, description="check logits before timing (off only for debugging)")
+    routing: Routing = Field(default_factory=Routing, description="MoE models: the routing condition")
+    more: list[MoreGrid] = Field(default_factory=list, description="further grids beside this one")
 
     _models = field_validator("models")(classmethod(lambda cls, v: _known_models(v)))
 
@@ -92,6 +138,16 @@ class _ModelSpec(Strict):
         if getattr(g, length_key):
             upd[length_key] = getattr(g, length_key)
         return self.model_copy(update=upd)
+
+    def more_specs(self, length_key: str) -> list:
+        """This section narrowed to each of its `more` grids (without fp8 or further grids of their own)."""
+        out = []
+        for g in self.more:
+            upd = {k: v for k, v in g.model_dump(exclude_none=True).items() if k in ("models", "backends", "dtypes",
+                                                                               "batch", length_key, "layers")}
+            upd.update(fp8=None, more=[], routing=g.routing or self.routing)
+            out.append(self.model_copy(update=upd))
+        return out
 
 
 class PrefillSpec(_ModelSpec):
@@ -149,7 +205,7 @@ class _Session:
         _free(device)
 
     def get(self, ctx: RunContext, name: str, dtype: str, spec: _ModelSpec) -> _Built:
-        key = (name, dtype, spec.tp, spec.layers, ctx.seed, spec.kv_dtype, spec.fp8_scale)
+        key = (name, dtype, spec.tp, spec.layers, ctx.seed, spec.kv_dtype, spec.fp8_scale, spec.routing.label)
         if key == self.key:
             return self.built
         self.drop(ctx.torch_device)
@@ -157,6 +213,9 @@ class _Session:
         wdt = "bf16" if dtype == "fp8" else dtype  # fp8 is built in bf16 and quantized: sized at 2 bytes
         n = layers_to_build(cfg, dtype_bytes(wdt), _available_bytes(ctx.torch_device), spec.layers)
         model = M.build_model(cfg, "torch", wdt, ctx.torch_device, seed=ctx.seed, layers=n)
+        if cfg.moe and spec.routing.kind == "zipf":
+            model = model.with_routing(E.routing_skew(cfg.moe.num_experts, spec.routing.exponent, ctx.seed,
+                                                      ctx.torch_device))
         want = None
         if dtype == "fp8":
             want = reference_logits(model, seed=ctx.seed + 1) if spec.check else None
@@ -181,12 +240,12 @@ class _Session:
             return built.failed.get(backend)
         err = check_logits(built.backends[backend], seed=ctx.seed + 1, want=built.want)
         built.rel_error[backend] = err
-        if not math.isfinite(err) or err > TOLERANCE[dtype]:
+        tol = MOE_TOLERANCE.get(dtype, TOLERANCE[dtype]) if built.model.cfg.moe else TOLERANCE[dtype]
+        if not math.isfinite(err) or err > tol:
             what = "the bf16 model's reference" if built.want is not None else "the reference"
             built.failed[backend] = {
                 "status": "incorrect", "rel_error": err if math.isfinite(err) else None,
-                "error": f"logits vs {what} (fp32 math, full recompute): relative error {err:.3g} > "
-                         f"{TOLERANCE[dtype]}"}
+                "error": f"logits vs {what} (fp32 math, full recompute): relative error {err:.3g} > {tol}"}
         return built.failed.get(backend)
 
     def check_memory(self, ctx: RunContext, need: float, what: str) -> None:
@@ -196,20 +255,46 @@ class _Session:
 
 def layers_to_build(cfg: ModelConfig, dtype_bytes_: int, available: int, requested: int | None) -> int:
     """`requested` (capped at the model's count), else as many layers as fit in WEIGHT_FRACTION of the free
-    memory beside embedding and LM head (at least 1). Raises OutOfMemoryError when not even that fits."""
+    memory beside embedding and LM head (at least 1; the first n layers' own sizes: DeepSeek-V3's dense layers are
+    smaller than its MoE ones). Raises OutOfMemoryError when not even that fits."""
     counts = M.param_counts(cfg)
     head = (counts["embedding"] + counts["lm_head"] + counts["norm"]) * dtype_bytes_
-    per_layer = counts["layer"] * dtype_bytes_
+
+    def weights(n: int) -> float:  # the first n layers
+        return head + (M.param_counts(M.with_layers(cfg, n))["layers"] if n else 0) * dtype_bytes_
+
     budget = available * MEMORY_FRACTION
     if requested is not None:
         n = min(requested, cfg.num_layers)
+    elif cfg.is_dense:
+        n = max(1, min(cfg.num_layers, int((budget * WEIGHT_FRACTION - head) // (counts["layer"] * dtype_bytes_))))
     else:
-        n = max(1, min(cfg.num_layers, int((budget * WEIGHT_FRACTION - head) // per_layer)))
-    need = head + n * per_layer
+        n = max([1] + [k for k in range(1, cfg.num_layers + 1) if weights(k) <= budget * WEIGHT_FRACTION])
+    if n < cfg.num_layers:
+        why = subset_problem(cfg, n)
+        if why and requested is None:  # memory chose n: too few layers to hold one of each kind
+            raise torch.OutOfMemoryError(f"{why} ({available / 1e9:.1f} GB free)")
+        if why:
+            raise ValueError(why)
+    need = weights(n)
     if need > budget:
         raise torch.OutOfMemoryError(f"{cfg.id}: {n} layers + embedding/head need {need / 1e9:.1f} GB of weights; "
                                      f"{available / 1e9:.1f} GB free")
     return n
+
+
+def subset_problem(cfg: ModelConfig, n: int) -> str | None:
+    """Why the first n layers of cfg would not scale to its full depth (None when they do): every layer alike, or
+    DeepSeek-V3's layout (dense layers first, MoE after), whose subset must hold all the dense ones and an MoE one
+    (each kind is scaled to its own count: model_points._scaled)."""
+    if cfg.moe is None or cfg.num_moe_layers in (0, cfg.num_layers):
+        return None
+    m = cfg.moe
+    if m.mlp_only_layers or m.sparse_step != 1:
+        return f"{cfg.id}: its dense and MoE layers interleave, so a {n}-layer subset would not scale"
+    if n <= m.dense_layers:
+        return f"{cfg.id}: a {n}-layer subset holds no MoE layer (the first {m.dense_layers} are dense)"
+    return None
 
 
 def _check_tokens(model: M.Transformer, seed: int, batch: int, prompt_len: int) -> torch.Tensor:
@@ -281,19 +366,27 @@ def _run(session: _Session, point, spec: _ModelSpec, args: tuple, ctx: RunContex
     return _guard_oom(session, ctx, prepared_point)
 
 
-def _not_buildable(name: str, spec: _ModelSpec) -> str | None:
-    """Why the decoder cannot build `name` at spec.tp, or None."""
-    cfg = load_model_config(name)
+def _not_buildable(name: str, spec: _ModelSpec, dtype: str) -> str | None:
+    """Why the decoder cannot build `name` at spec.tp in `dtype`, or None."""
+    return not_buildable(load_model_config(name), spec.tp, dtype, spec.layers)
+
+
+def not_buildable(cfg: ModelConfig, tp: int, dtype: str, layers: int | None = None) -> str | None:
+    """Why tokenfleet.model cannot build cfg for a point (tp ranks, dtype, a requested layer subset), or None."""
     if not cfg.is_dense:
-        return f"{name}: MoE / MLA models are not built by tokenfleet.model.decoder (dense only)"
-    return tp_problem(cfg, spec.tp)
+        if tp > 1:
+            return f"{cfg.id}: tensor-parallel shards of MoE / MLA models are not built (tp {tp})"
+        if dtype == "fp8":
+            return f"{cfg.id}: fp8 MoE experts / MLA are not built (the fp8 model quantizes dense projections only)"
+        if layers is not None and layers < cfg.num_layers and subset_problem(cfg, layers):
+            return subset_problem(cfg, layers)
+    return tp_problem(cfg, tp)
 
 
 def _plan(kind: str, spec: _ModelSpec, ctx: RunContext, length_key: str, point, session: _Session) -> list[Job]:
     """One job per point of models × dtypes × backends × batch × lengths, in that order (a model's points
     together, so it is built once); all of them share one explicit session."""
     lengths = getattr(spec, length_key)
-    why_not = {name: _not_buildable(name, spec) for name in spec.models}
     jobs: list[Job] = []
     for name, dtype, backend, batch, length in itertools.product(spec.models, spec.dtypes, spec.backends,
                                                                  spec.batch, lengths):
@@ -301,8 +394,11 @@ def _plan(kind: str, spec: _ModelSpec, ctx: RunContext, length_key: str, point, 
                "tp": spec.tp, "layers": spec.layers}
         if dtype == "fp8":
             key.update(kv_dtype=spec.kv_dtype, fp8_scale=spec.fp8_scale)
+        if load_model_config(name).moe:
+            key["routing"] = spec.routing.label
         no_fp8 = dtype == "fp8" and ctx.datasheet and ctx.datasheet.fp8_refusal()
-        skip = why_not[name] or no_fp8 or (CPU_TRITON_NOTE if backend == "triton" and not ctx.on_gpu else None)
+        cpu_triton = CPU_TRITON_NOTE if backend == "triton" and not ctx.on_gpu else None
+        skip = _not_buildable(name, spec, dtype) or no_fp8 or cpu_triton
         run = _skipped(skip) if skip else functools.partial(_run, session, point, spec,
                                                             (name, dtype, backend, batch, length))
         jobs.append(Job(key=key, run=run, label=f"{kind} {name} {backend} {dtype} b{batch} {length_key}{length}"))
@@ -312,7 +408,9 @@ def _plan(kind: str, spec: _ModelSpec, ctx: RunContext, length_key: str, point, 
 def _plan_section(kind: str, spec: _ModelSpec, ctx: RunContext, length_key: str, point) -> list[Job]:
     session = _Session()  # one model on the device at a time, across the grid and its fp8 grid
     jobs = _plan(kind, spec, ctx, length_key, point, session)
-    if spec.fp8 is not None:
+    for more in spec.more_specs(length_key):
+        jobs += _plan(kind, more, ctx, length_key, point, session)
+    if spec.fp8 is not None:  # last: fp8 points follow every bf16 one
         jobs += _plan(kind, spec.fp8_spec(length_key), ctx, length_key, point, session)
     return _released_after(jobs, session)
 

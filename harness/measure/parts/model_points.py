@@ -8,6 +8,11 @@ own (`first_call_ms`, never in the samples), the decode step in a CUDA graph on 
 n of its layers is timed as built and scaled to the full depth (`_scaled`), with the embedding, final norm and LM
 head timed alone once; `flops` and `bytes` are the full model's. This module sees the session only through that
 object and imports nothing from `parts.model` (which plans the points and imports this).
+
+An MoE model's point also says how it routed (`_routing`): its routing condition, and, from one eager forward of
+the timed inputs after the samples, the distinct experts each MoE layer touched and the tokens each expert got; its
+`bytes` count the experts touched (scaled to the full depth), not all of them. A triton point of an MoE / MLA model
+names the ops that ran on the torch path in its note (`backends.TRITON_ON_TORCH`).
 """
 
 from __future__ import annotations
@@ -18,30 +23,39 @@ from typing import TYPE_CHECKING
 import torch
 from tokenfleet.dtypes import dtype_bytes
 from tokenfleet.measure.context import RunContext
+from tokenfleet.model import backends as B
 from tokenfleet.model import decoder as M
 from tokenfleet.model import fp8 as F8
+from tokenfleet.model import moe as E
 
 if TYPE_CHECKING:  # the session and the sections, for annotations only: parts.model imports this module
     from tokenfleet.measure.parts.model import DecodeSpec, PrefillSpec, _Built, _ModelSpec, _Session
 
 
-def _scaled(t, head, n: int, full: int) -> dict:
+def _scaled(t, head, n: int, full: int, prefix: tuple | None = None) -> dict:
     """Timing of n layers (+ embedding/head) scaled to `full` layers: head + (t - head)·full/n, never below t (the
     full depth is no faster than n of its layers). When noise puts the head alone above the n layers, the point is
-    `noisy`: its layers were not resolved."""
+    `noisy`: its layers were not resolved.
+
+    `prefix` (timing p of the head + the first d layers, d, D): layers of two kinds (DeepSeek-V3: d dense layers,
+    then MoE ones), each scaled to its own count: head + (p - head)·D/d + (t - p)·(full - D)/(n - d)."""
     out = t.to_dict()
     if head is None or n == full:
         return out
     h = head.to_dict()
+    p, d, dense = (prefix[0].to_dict(), prefix[1], prefix[2]) if prefix else (h, 0, 0)
+
+    def scale(x: float, hx: float, px: float) -> float:
+        return max(x, hx + (px - hx) * (dense / d if d else 0.0) + (x - px) * (full - dense) / (n - d))
+
     unresolved = False
     for k in ("median_ms", "p20_ms", "p80_ms"):
-        unresolved |= out[k] <= h[k]
-        out[k] = max(out[k], h[k] + (out[k] - h[k]) * full / n)
+        unresolved |= out[k] <= p[k] or (prefix is not None and p[k] <= h[k])
+        out[k] = scale(out[k], h[k], p[k])
     if out.get("samples_ms"):  # scaled alike (about the head's median), so compare's interval matches the median
-        hm = h["median_ms"]
-        out["samples_ms"] = [max(x, hm + (x - hm) * full / n) for x in out["samples_ms"]]
+        out["samples_ms"] = [scale(x, h["median_ms"], p["median_ms"]) for x in out["samples_ms"]]
     out["spread"] = (out["p80_ms"] - out["p20_ms"]) / out["median_ms"] if out["median_ms"] > 0 else math.inf
-    out["noisy"] = bool(t.noisy or head.noisy or unresolved)
+    out["noisy"] = bool(t.noisy or head.noisy or (prefix is not None and prefix[0].noisy) or unresolved)
     return out
 
 
@@ -95,11 +109,48 @@ def _point(built: _Built, m: M.Transformer, backend: str, t, first: dict, time_h
     `flops` and `bytes`; the check's relative error; notes."""
     n, full = m.cfg.num_layers, built.full_layers
     head = time_head(m.with_layers(0)) if n < full else None
-    timing = {**_scaled(t, head, n, full), **first}
+    d = dense_prefix(m.cfg)  # layers of two kinds: the leading dense ones timed apart, each kind scaled to its count
+    prefix = (time_head(m.with_layers(d)), d, dense_prefix(M.with_layers(m.cfg, full))) if head and d else None
+    timing = {**_scaled(t, head, n, full, prefix), **first}
+    kinds = f" ({d} dense + {n - d} MoE, scaled to {prefix[2]} + {full - prefix[2]})" if prefix else ""
     return {
         **timing, **rates(timing["median_ms"]), "flops": flops, "bytes": bytes_, **_common(built, n, backend),
-        **_notes(note, f"{n} of {full} layers timed, embedding+head {head.median_ms:.3f} ms" if head else None),
+        **_notes(note, f"{n} of {full} layers timed{kinds}, embedding+head {head.median_ms:.3f} ms" if head
+                 else None),
     }
+
+
+def dense_prefix(cfg) -> int:
+    """The leading dense layers of an MoE config whose other layers are all MoE (DeepSeek-V3's first_k_dense_replace),
+    else 0 (every layer alike)."""
+    if not cfg.moe or cfg.num_moe_layers in (0, cfg.num_layers):
+        return 0
+    return cfg.moe.dense_layers
+
+
+def _routing(spec: _ModelSpec, built: _Built, m: M.Transformer, backend: str, run) -> tuple[dict, float | None,
+                                                                                       str | None]:
+    """An MoE point's routing fields, the distinct routed experts touched summed over the full depth's MoE layers
+    (the built layers' mean scaled), and its note; ({}, None, note) for a dense model (the note: MLA's ops on the
+    triton backend)."""
+    cfg = m.cfg
+    triton = None
+    if backend == "triton" and not cfg.is_dense:
+        ops = [op for op in B.TRITON_ON_TORCH if ("MLA" in op and cfg.mla) or ("moe" in op and cfg.moe)]
+        triton = f"triton backend: {', '.join(ops)} on the torch path (no Triton kernel plugged in yet)" if ops \
+            else None
+    if not cfg.moe:
+        return {}, None, triton
+    counts = M.expert_counts(m, run)  # [MoE layers built, E]
+    touched = (counts > 0).sum(1)
+    full_moe = M.with_layers(cfg, built.full_layers).num_moe_layers
+    impl = E.experts_impl(m.experts) + (" under torch.compile" if m.ops.compiled else "")
+    # (the routing condition itself is the point's key field `routing`: spec.routing.label)
+    fields = {"experts_touched": touched.tolist(), "tokens_per_expert": counts.sum(0).tolist(),
+              "tokens_per_expert_max": counts.max(1).values.tolist()}
+    mean = float(touched.double().mean())
+    seen = f"routing: {spec.routing.label}, {mean:.1f} of {cfg.moe.num_experts} experts touched per layer"
+    return fields, mean * full_moe, "; ".join(x for x in (f"experts: {impl}", seen, triton) if x)
 
 
 def _prefill_point(ctx: RunContext, session: _Session, spec: PrefillSpec, built: _Built, m: M.Transformer, dtype: str,
@@ -120,11 +171,12 @@ def _prefill_point(ctx: RunContext, session: _Session, spec: PrefillSpec, built:
             return m.forward_prefill(tokens, cache)
 
     t, first = _timed(ctx, fn, ctx.measure)
-    return _point(built, m, backend, t, first, lambda h: ctx.measure(lambda: h.forward_prefill(tokens, None)),
-                  lambda ms: {"ttft_ms": ms, "tokens_per_s": tokens_n / (ms / 1e3)},
-                  flops=M.prefill_flops(full_cfg, batch, prompt_len),
-                  bytes_=F8.prefill_bytes(full_cfg, batch, prompt_len, kvb) if dtype == "fp8"
-                  else M.prefill_bytes(full_cfg, batch, prompt_len, db))
+    routed, touched, note = _routing(spec, built, m, backend, lambda mm: mm.forward_prefill(tokens, cache))
+    return {**_point(built, m, backend, t, first, lambda h: ctx.measure(lambda: h.forward_prefill(tokens, None)),
+                     lambda ms: {"ttft_ms": ms, "tokens_per_s": tokens_n / (ms / 1e3)},
+                     flops=M.prefill_flops(full_cfg, batch, prompt_len),
+                     bytes_=F8.prefill_bytes(full_cfg, batch, prompt_len, kvb) if dtype == "fp8"
+                     else M.prefill_bytes(full_cfg, batch, prompt_len, db, touched), note=note), **routed}
 
 
 def _decode_point(ctx: RunContext, session: _Session, spec: DecodeSpec, built: _Built, m: M.Transformer, dtype: str,
@@ -148,9 +200,11 @@ def _decode_point(ctx: RunContext, session: _Session, spec: DecodeSpec, built: _
     def time_head(h):  # as the step was timed: in a CUDA graph if it was
         return _measure_step(ctx, lambda: h.forward_decode(tokens, pos, cache), t.cuda_graph)[0]
 
-    return _point(built, m, backend, t, first, time_head,
-                  lambda ms: {"tpot_ms": ms, "tokens_per_s": batch / (ms / 1e3), "tokens_per_s_per_seq": 1e3 / ms},
-                  flops=M.decode_flops(full_cfg, batch, context),
-                  bytes_=(F8.decode_bytes(full_cfg, batch, context, kvb) if dtype == "fp8"
-                          else M.decode_bytes(full_cfg, batch, context, db))
-                  + M.padded_kv_bytes(full_cfg, batch, context, kvb, backend), note=graph_note)
+    routed, touched, note = _routing(spec, built, m, backend, lambda mm: mm.forward_decode(tokens, pos, cache))
+    return {**_point(built, m, backend, t, first, time_head,
+                     lambda ms: {"tpot_ms": ms, "tokens_per_s": batch / (ms / 1e3), "tokens_per_s_per_seq": 1e3 / ms},
+                     flops=M.decode_flops(full_cfg, batch, context),
+                     bytes_=(F8.decode_bytes(full_cfg, batch, context, kvb) if dtype == "fp8"
+                             else M.decode_bytes(full_cfg, batch, context, db, touched))
+                     + M.padded_kv_bytes(full_cfg, batch, context, kvb, backend),
+                     note="; ".join(x for x in (graph_note, note) if x) or None), **routed}

@@ -199,8 +199,8 @@ def _why_not(name: str, world: int, on_gpu: bool, backend: str) -> str | None:
     cfg = load_model_config(name)
     if world < 2:
         return "one process: tensor-parallel points need `tokenfleet bench --nproc N` (or torchrun)"
-    if not cfg.is_dense:
-        return f"{name}: MoE / MLA models are not built by tokenfleet.model.decoder (dense only)"
+    if not cfg.is_dense:  # the decode / prefill parts measure them on one GPU
+        return f"{name}: tensor-parallel shards of MoE / MLA models are not built (tokenfleet.model.tp: dense only)"
     if backend == "triton" and not on_gpu:
         return CPU_TRITON_NOTE
     if backend == "compile":  # its collectives would have to be traced into the compiled layer graph: not built yet
