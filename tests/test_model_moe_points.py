@@ -30,7 +30,8 @@ def test_moe_decode_points_report_their_routing(ctx):
         assert len(p["experts_touched"]) == cfg.num_moe_layers and len(p["tokens_per_expert"]) == e
         assert sum(p["tokens_per_expert"]) == p["batch"] * k * cfg.num_moe_layers
         assert all(k <= t <= min(e, p["batch"] * k) for t in p["experts_touched"])
-        assert p["bytes"] == M.decode_bytes(cfg, p["batch"], 9, 4, experts_touched=sum(p["experts_touched"]))
+        assert p["bytes"] == (M.decode_bytes(cfg, p["batch"], 9, 4, experts_touched=sum(p["experts_touched"]))
+                              + M.padded_kv_bytes(cfg, p["batch"], 9, 4, p["backend"]))  # the padded cache read
         assert p["flops"] == M.decode_flops(cfg, p["batch"], 9)
         assert "experts: torch._grouped_mm (transformers' grouped_mm)" in p["note"]  # fp32 rows of 16-byte multiples
     one = points[1]  # batch 1 touches exactly k experts per layer
@@ -92,7 +93,8 @@ def test_deepseek_subset_scales_each_kind(ctx):
     assert p["scaled_from_layers"] == 2 and "(1 dense + 1 MoE, scaled to 1 + 2)" in p["note"]
     assert len(p["experts_touched"]) == 1  # the MoE layer built
     cfg = load_model_config("tiny-deepseek-v3")  # bytes of the full depth: the built layer's touched count x 2
-    assert p["bytes"] == M.decode_bytes(cfg, 2, 8, 4, experts_touched=2 * p["experts_touched"][0])
+    assert p["bytes"] == (M.decode_bytes(cfg, 2, 8, 4, experts_touched=2 * p["experts_touched"][0])
+                          + M.padded_kv_bytes(cfg, 2, 8, 4, "torch"))
 
 
 def test_two_kind_scaling():
