@@ -95,28 +95,23 @@ def test_matvec_rotates_over_weights_beyond_the_cache(ctx, monkeypatch):
 
 
 def test_bandwidth_ceiling_above_the_copy_is_flagged(ctx):
-    """A read-only or mat-vec rate far above the copy ceiling came from a cache: `above_ceiling` (not usable, so no
-    ceiling), saying so; a little above it, `noisy` with a warning; below it, usable with the ratio kept."""
+    """A read-only or mat-vec rate above the copy ceiling by more than COPY_MARGIN is flagged: `noisy` (not ok) with
+    a note naming the ratio (the summary lists it); below it, usable as before with the ratio kept."""
     def against(copy_gbps: float) -> list[dict]:
         at = replace(ctx, ceilings={**results.empty_ceilings(), "copy_gbps": copy_gbps})
         return [execute(job, at) for job in (part.read_job(SPEC, at), part.matvec_job(SPEC, "fp32", at))]
 
     for p in against(1e-3):  # any real rate is far above it
-        assert p["status"] == "above_ceiling" and p["ceiling_name"] == "copy_gbps", p
-        assert p["ceiling_ratio"] > part.CACHE_RATIO and "read from a cache" in p["error"]
-        c = results.empty_ceilings()
-        results.add_ceiling(c, p)
-        assert c["read_gbps"] is None and c["matvec_gbps"] == {}  # not a ceiling
+        assert p["status"] == "noisy" and p["ceiling_name"] == "copy_gbps", p
+        assert p["ceiling_ratio"] > 1 + part.COPY_MARGIN and "x the copy ceiling" in p["note"]
     read, matvec = against(1e6)
-    assert read["status"] in results.USABLE and read["ceiling_ratio"] < 1 and "warning" not in read
-    # The thresholds, on fixed rates against a 10 GB/s copy: 1.66x (a loaded run's DRAM read) is usable but flagged;
-    # 2.22x (Sapphire Rapids' mat-vec in its LLC) is no ceiling.
+    assert read["status"] in results.USABLE and read["ceiling_ratio"] < 1 and "note" not in read
+    # The margin, on fixed rates against a 10 GB/s copy: 1.2x passes as it is; 2.22x (Sapphire Rapids' 64 MB mat-vec
+    # inside its LLC) is flagged, and its point says `ok` no more.
     at = replace(ctx, ceilings={**results.empty_ceilings(), "copy_gbps": 10.0})
     assert part._vs_copy(at, {"value": 12.0}) == {"value": 12.0, "ceiling_ratio": 1.2, "ceiling_name": "copy_gbps"}
-    mid = part._vs_copy(at, {"value": 16.6})
-    assert mid["status"] == "noisy" and "1.66x the copy ceiling" in mid["warning"] and "error" not in mid
-    high = part._vs_copy(at, {"value": 22.2})
-    assert high["status"] == "above_ceiling" and "2.22x the copy ceiling" in high["error"]
+    high = part._vs_copy(at, {"value": 22.2, "status": "ok"})
+    assert high["status"] == "noisy" and high["note"].startswith("2.22x the copy ceiling (10.0 GB/s)")
 
 
 def test_matmul_ceiling_is_the_best_shape_and_layout(ctx):
@@ -231,13 +226,8 @@ def test_run_reprobes_at_the_end(tmp_path: Path, tiny_suite: Path):
     start = [p for p in points if p["kind"] == "ceiling" and p.get("phase") is None]
     assert {p["op"] for p in end} == {p["op"] for p in start if results.usable(p)}
     assert len([p for p in end if p["op"] == "matmul"]) == len({p["dtype"] for p in start if p["op"] == "matmul"})
-    assert manifest["ceilings_end"]["copy_gbps"] > 0
-    # The tests' 1 MiB "cache" (conftest) leaves the tiny suite's probes in this machine's real cache, where a loaded
-    # machine can put the read far above the copy: then it is flagged and no ceiling, else it is one.
-    read = next(p for p in start if p["op"] == "read")
-    assert (manifest["ceilings"]["read_gbps"] or 0) > 0 or read["status"] == "above_ceiling"
+    assert manifest["ceilings"]["read_gbps"] > 0 and manifest["ceilings_end"]["copy_gbps"] > 0
     d = manifest["ceiling_drift"]
-    usable_end = {p["op"] for p in end if results.usable(p)}
-    assert set(d["ratios"]) >= {"copy_gbps", "matmul_tflops.fp32"} | ({"read_gbps"} & {f"{o}_gbps" for o in usable_end})
+    assert set(d["ratios"]) >= {"copy_gbps", "read_gbps", "matmul_tflops.fp32"}
     assert all(r > 0 for r in d["ratios"].values())
     assert json.loads(json.dumps(d)) == d

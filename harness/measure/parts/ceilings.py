@@ -4,9 +4,9 @@ Copy bandwidth (bytes read + written), read-only bandwidth (a sum over a tensor)
 a few sizes and layouts), and a matrix-vector bandwidth (the shape of a decode step). Every bandwidth probe touches
 at least CACHE_MULTIPLE x the cache the device reports (its L2; a CPU's last-level cache) per call, so it reads
 memory, not a cache: the copy's tensors grow to that, the read's tensor too, and the mat-vec rotates over copies of
-its weight, as a decode step reads each layer's weights once. A read-only or mat-vec rate above the copy ceiling is
-flagged: `noisy` beyond COPY_MARGIN, `above_ceiling` (not usable, no ceiling) beyond CACHE_RATIO. On a CPU the fp8
-matmul is checked at FP8_CPU_CHECK_SIZE and not timed (CPU_FP8_NOTE).
+its weight, as a decode step reads each layer's weights once. A read-only or mat-vec rate above the copy ceiling by
+more than COPY_MARGIN is flagged: `noisy`, with a `note` naming the ratio. On a CPU the fp8 matmul is checked at
+FP8_CPU_CHECK_SIZE and not timed (CPU_FP8_NOTE).
 
 Probes are sustained — on a GPU >= 1 s of warm-up and >= 1 s of samples, because a short probe lands in a power-cap
 transient — with clocks, power and clock-event reasons polled during the probe and stored with its point. At the
@@ -31,14 +31,14 @@ from tokenfleet.measure.timing import DEFAULT_L2_BYTES
 GPU_SUSTAIN_S = 1.0  # warm-up and sampling time of a GPU probe, each, unless the suite says otherwise
 DRIFT_LIMIT = 0.05  # start and end ceilings further apart than this are flagged in the manifest and summary
 CACHE_MULTIPLE = 8  # a bandwidth probe's bytes per call against the L2 (LLC on a CPU): each call reads from memory
-# A read-only or mat-vec rate above the copy ceiling. Some excess is memory's: a copy pays write turnarounds and, on a
-# CPU, reads each destination line for ownership without counting it (3 bytes moved per 2 counted: up to 1.5x), and
-# a neighbour's load may fall between two probes (the 2-core AMD EPYC reference run: read 0.5% and 4.4% above copy,
-# start and end; a loaded run of the tests: 1.66x, both probes 8x its 32 MiB LLC). Beyond COPY_MARGIN the ceiling is
-# `noisy` with a warning (usable, not ok); beyond CACHE_RATIO, more than those explain (Sapphire Rapids' 64 MB
-# mat-vec in its larger LLC: 2.2x), it is `above_ceiling`: a cache's rate, not usable, no ceiling.
+# A read-only or mat-vec rate above the copy ceiling by more than COPY_MARGIN is `noisy` with a note: not ok, and
+# said in the point and the summary, but still a ceiling. Some excess is memory's own: a copy pays write turnarounds
+# and, on a CPU, reads each destination line for ownership without counting it (3 bytes moved per 2 counted), and a
+# neighbour's load may fall between two probes (the 2-core AMD EPYC reference run: read 0.5% and 4.4% above copy,
+# start and end; a loaded run of the tests here: 1.66x, both probes 8x the 32 MiB LLC; under heavier load, tens of
+# times on probes of a few MB). No ratio tells a cache from that noise, so none discards the probe: the sizing above
+# is what keeps probes out of the cache (Sapphire Rapids' 2.2x came from a 64 MB mat-vec inside its LLC).
 COPY_MARGIN = 0.25
-CACHE_RATIO = 2.0
 FP8_CPU_CHECK_SIZE = 64  # the fp8 matmul's correctness check on a CPU, where it is not timed
 MAX_SAMPLES = 1_000_000  # probes are bounded by time, not by count (the point keeps at most 200 of them)
 READ_REDUCTIONS = ("sum", "amax")  # the read-only probe times each; the faster is the ceiling
@@ -119,19 +119,17 @@ def cache_bytes(ctx: RunContext) -> int:
 
 def _vs_copy(ctx: RunContext, out: dict) -> dict:
     """A read-only or mat-vec rate against this run's copy ceiling (`ceiling_ratio`, kept either way): beyond
-    COPY_MARGIN `noisy` with a warning, beyond CACHE_RATIO `above_ceiling` (a cache's rate: no ceiling)."""
+    COPY_MARGIN `noisy` with a `note` that names the ratio and the cache the probe was sized from."""
     copy = ctx.ceilings.get("copy_gbps")
     if not copy or not out.get("value"):
         return out
     ratio = out["value"] / copy
     out = {**out, "ceiling_ratio": ratio, "ceiling_name": "copy_gbps"}
-    said = (f"{ratio:.2f}x the copy ceiling ({copy:.1f} GB/s; cache reported: {cache_bytes(ctx) / 2**20:.0f} MiB, "
-            f"this probe {CACHE_MULTIPLE}x it)")
-    if ratio > CACHE_RATIO:
-        out.update(status="above_ceiling", error=f"{said}: read from a cache, not memory")
-    elif ratio > 1 + COPY_MARGIN:
-        out.update(status="noisy", warning=f"{said}: more than uncounted copy traffic explains; load may have moved "
-                   "between the probes")
+    if ratio > 1 + COPY_MARGIN:
+        out.update(status="noisy", note=(
+            f"{ratio:.2f}x the copy ceiling ({copy:.1f} GB/s): a cache's rate if the cache reported "
+            f"({cache_bytes(ctx) / 2**20:.0f} MiB; this probe {CACHE_MULTIPLE}x it) is smaller than the real one, "
+            "else load that moved between the probes"))
     return out
 
 
