@@ -109,9 +109,17 @@ def test_bandwidth_ceiling_above_the_copy_is_flagged(ctx):
     # The margin, on fixed rates against a 10 GB/s copy: 1.2x passes as it is; 2.22x (Sapphire Rapids' 64 MB mat-vec
     # inside its LLC) is flagged, and its point says `ok` no more.
     at = replace(ctx, ceilings={**results.empty_ceilings(), "copy_gbps": 10.0})
-    assert part._vs_copy(at, {"value": 12.0}) == {"value": 12.0, "ceiling_ratio": 1.2, "ceiling_name": "copy_gbps"}
-    high = part._vs_copy(at, {"value": 22.2, "status": "ok"})
+    assert part._vs_copy(at, {"value": 12.0}, {}) == {"value": 12.0, "ceiling_ratio": 1.2, "ceiling_name": "copy_gbps"}
+    high = part._vs_copy(at, {"value": 22.2, "status": "ok"}, {})
     assert high["status"] == "noisy" and high["note"].startswith("2.22x the copy ceiling (10.0 GB/s)")
+    # The copy probed in the same plan wins over the run's (start) ceiling: the end-of-run re-probe compares its read
+    # with the end's copy, not with a start copy a loaded machine may have measured at half the speed.
+    assert part._vs_copy(at, {"value": 22.2}, {"gbps": 20.0})["ceiling_ratio"] == pytest.approx(1.11)
+    stale = replace(ctx, ceilings={**results.empty_ceilings(), "copy_gbps": 1e-3})
+    copy, read = (j for j in part.plan(SPEC, stale) if j.key["op"] in ("copy", "read"))
+    c = execute(copy, stale)
+    r = execute(read, stale)
+    assert r["ceiling_ratio"] == pytest.approx(r["value"] / c["value"])  # against the plan's own copy
 
 
 def test_matmul_ceiling_is_the_best_shape_and_layout(ctx):

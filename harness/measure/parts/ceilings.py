@@ -117,10 +117,11 @@ def cache_bytes(ctx: RunContext) -> int:
     return ctx.device.l2_bytes or DEFAULT_L2_BYTES
 
 
-def _vs_copy(ctx: RunContext, out: dict) -> dict:
-    """A read-only or mat-vec rate against this run's copy ceiling (`ceiling_ratio`, kept either way): beyond
-    COPY_MARGIN `noisy` with a `note` that names the ratio and the cache the probe was sized from."""
-    copy = ctx.ceilings.get("copy_gbps")
+def _vs_copy(ctx: RunContext, out: dict, copied: dict) -> dict:
+    """A read-only or mat-vec rate against the copy ceiling (`ceiling_ratio`, kept either way): the copy probed in the
+    same plan (`copied`: the start's, or the end's for the end-of-run re-probe), else this run's. Beyond COPY_MARGIN
+    `noisy` with a `note` that names the ratio and the cache the probe was sized from."""
+    copy = copied.get("gbps") or ctx.ceilings.get("copy_gbps")
     if not copy or not out.get("value"):
         return out
     ratio = out["value"] / copy
@@ -139,8 +140,10 @@ def copy_mb(spec: Spec, ctx: RunContext) -> float | int:
     return _mb(max(float(spec.copy_mb), float(math.ceil(CACHE_MULTIPLE / 2 * cache_bytes(ctx) / 2**20))))
 
 
-def copy_job(spec: Spec, ctx: RunContext) -> Job:
+def copy_job(spec: Spec, ctx: RunContext, copied: dict | None = None) -> Job:
+    """The copy probe; its rate also goes into `copied`, which the plan's read and mat-vec probes compare against."""
     mb = copy_mb(spec, ctx)
+    copied = {} if copied is None else copied
 
     def run(ctx: RunContext) -> dict:
         n = int(mb * 2**20) // 4
@@ -150,7 +153,9 @@ def copy_job(spec: Spec, ctx: RunContext) -> Job:
         timed = _probe(ctx, spec, lambda: dst.copy_(src))
         if not torch.equal(dst, src):
             return {"status": "incorrect", "error": "copy produced different bytes"}
-        return _bandwidth(ctx, timed, 2 * n * 4)
+        out = _bandwidth(ctx, timed, 2 * n * 4)
+        copied["gbps"] = out["value"]
+        return out
 
     return Job({"kind": "ceiling", "op": "copy", "dtype": "fp32", "mb": mb}, run, "ceiling copy")
 
@@ -161,7 +166,7 @@ def read_mb(spec: Spec, ctx: RunContext) -> float:
     return max(float(math.ceil(CACHE_MULTIPLE * cache_bytes(ctx) / 2**20)), floor)
 
 
-def read_job(spec: Spec, ctx: RunContext) -> Job:
+def read_job(spec: Spec, ctx: RunContext, copied: dict | None = None) -> Job:
     """Read-only bandwidth: a reduction over a tensor far beyond the L2, so every byte comes from memory once per
     call; the faster of a sum and a max (on the 2-core CPU the max read 10-15% faster than torch's sum), both rates
     kept in `reductions_gbps`."""
@@ -179,7 +184,8 @@ def read_job(spec: Spec, ctx: RunContext) -> Job:
         probes = {r: _probe(ctx, spec, getattr(x, r)) for r in READ_REDUCTIONS}
         best = min(probes, key=lambda r: probes[r]["median_ms"])
         rates = {r: _gbps(n * 4, t) for r, t in probes.items()}
-        return _vs_copy(ctx, {**_bandwidth(ctx, probes[best], n * 4), "reduction": best, "reductions_gbps": rates})
+        out = {**_bandwidth(ctx, probes[best], n * 4), "reduction": best, "reductions_gbps": rates}
+        return _vs_copy(ctx, out, copied or {})
 
     return Job({"kind": "ceiling", "op": "read", "dtype": "fp32", "mb": mb}, run, "ceiling read")
 
@@ -246,7 +252,7 @@ def matvec_copies(spec: Spec, dtype: str, ctx: RunContext) -> int:
     return max(1, math.ceil(CACHE_MULTIPLE * cache_bytes(ctx) / weight))
 
 
-def matvec_job(spec: Spec, dtype: str, ctx: RunContext) -> Job:
+def matvec_job(spec: Spec, dtype: str, ctx: RunContext, copied: dict | None = None) -> Job:
     n, k = spec.matvec.n, spec.matvec.k
     copies = matvec_copies(spec, dtype, ctx)
 
@@ -265,19 +271,20 @@ def matvec_job(spec: Spec, dtype: str, ctx: RunContext) -> Job:
         # No L2 flush: each call reads the next weight, the others' bytes (>= CACHE_MULTIPLE x the cache) between.
         timed = _probe(ctx, spec, lambda: torch.nn.functional.linear(x, next(turn)))
         moved = (n * k + k + n) * dtype_bytes(dtype)
-        return _vs_copy(ctx, {**_bandwidth(ctx, timed, moved), "flops": 2 * n * k, "rel_error": err})
+        return _vs_copy(ctx, {**_bandwidth(ctx, timed, moved), "flops": 2 * n * k, "rel_error": err}, copied or {})
 
     return Job({"kind": "ceiling", "op": "matvec", "dtype": dtype, "m": 1, "n": n, "k": k, "copies": copies}, run,
                f"ceiling matvec {dtype}")
 
 
 def plan(spec: Spec, ctx: RunContext) -> list[Job]:
-    jobs = [copy_job(spec, ctx), read_job(spec, ctx)]
+    copied: dict = {}  # the copy's rate, for this plan's read and mat-vec (the end-of-run plan: the end's copy)
+    jobs = [copy_job(spec, ctx, copied), read_job(spec, ctx, copied)]
     for dt, sizes in spec.matmul.items():
         for size in ([sizes] if isinstance(sizes, int) else sizes):
             layouts = ["nt"] if dt == "fp8" else spec.matmul_layouts  # cuBLASLt's fp8 takes only nt
             jobs += [matmul_job(spec, dt, size, layout) for layout in layouts]
-    jobs += [matvec_job(spec, dt, ctx) for dt in spec.matvec.dtypes]
+    jobs += [matvec_job(spec, dt, ctx, copied) for dt in spec.matvec.dtypes]
     return jobs
 
 
