@@ -106,10 +106,10 @@ def test_bandwidth_ceiling_above_the_copy_is_flagged(ctx):
         assert p["ceiling_ratio"] > 1 + part.COPY_MARGIN and "x the copy ceiling" in p["note"]
     read, matvec = against(1e6)
     assert read["status"] in results.USABLE and read["ceiling_ratio"] < 1 and "note" not in read
-    # The margin, on fixed rates against a 10 GB/s copy: 1.2x passes as it is; 2.22x (Sapphire Rapids' 64 MB mat-vec
-    # inside its LLC) is flagged, and its point says `ok` no more.
+    # The margin, on fixed rates against a 10 GB/s copy: 1.41x (a DRAM read on the 2-core AMD EPYC) passes as it is;
+    # 2.22x (Sapphire Rapids' 64 MB mat-vec inside its LLC) is flagged, and its point says `ok` no more.
     at = replace(ctx, ceilings={**results.empty_ceilings(), "copy_gbps": 10.0})
-    assert part._vs_copy(at, {"value": 12.0}, {}) == {"value": 12.0, "ceiling_ratio": 1.2, "ceiling_name": "copy_gbps"}
+    assert part._vs_copy(at, {"value": 14.1}, {}) == {"value": 14.1, "ceiling_ratio": 1.41, "ceiling_name": "copy_gbps"}
     high = part._vs_copy(at, {"value": 22.2, "status": "ok"}, {})
     assert high["status"] == "noisy" and high["note"].startswith("2.22x the copy ceiling (10.0 GB/s)")
     # The copy probed in the same plan wins over the run's (start) ceiling: the end-of-run re-probe compares its read
