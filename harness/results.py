@@ -63,6 +63,7 @@ MEASURED_FIELDS = {
     "median_ms_no_comm", "rel_error_prefill", "rel_error_decode", "graph_iters",
     # timing (tokenfleet.measure.timing.Timing) and judging against the ceilings (tokenfleet.measure.context)
     "samples_ms", "launch_us", "graph_calls", "l2_copies", "timing_note", "mbu_read", "ceiling_ratio", "ceiling_name",
+    "flush_ms",  # CPU: one cache flush before each sample (timing)
     "reduction", "reductions_gbps",  # the read-only probe (parts/ceilings.py)
     "graphs_compiled",  # torch.compile graphs built in a first call (tokenfleet.model.backends.first_call)
     "load",  # what else used the machine while the point ran (tokenfleet.measure.load)

@@ -25,6 +25,9 @@ os.environ.setdefault("TOKENFLEET_IGNORE_LOAD", "1")
 # Triton runs under its interpreter on a machine without CUDA; this must be set before triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# A 1 MiB cache (tokenfleet.measure.device): the bandwidth probes grow to 8x the cache reported, and the tests' suites
+# keep theirs small (a 32 MiB LLC would make every test run's probes 128-256 MB). Tests that need a size set their own.
+os.environ.setdefault("TOKENFLEET_CACHE_BYTES", str(1 << 20))
 
 TINY_CEILINGS_SUITE = """
 id: {id}

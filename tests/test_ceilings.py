@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from tokenfleet import results
+from tokenfleet.config import ConfigError
+from tokenfleet.dtypes import dtype_bytes
 from tokenfleet.measure.context import RunContext
 from tokenfleet.measure.device import Poller, detect
 from tokenfleet.measure.parts import ceilings as part
 from tokenfleet.measure.runner import Job, execute, run_suite
-from tokenfleet.measure.suite import Suite, SuiteFile, TimingSpec
+from tokenfleet.measure.suite import Suite, SuiteFile, TimingSpec, load_suite
 from tokenfleet.report.tables import write_tables
 
 SPEC = part.Spec(copy_mb=4, read_mb=8, matmul={"fp32": [32, 64]}, matvec={"n": 64, "k": 64, "dtypes": ["fp32"]})
@@ -23,7 +27,8 @@ SPEC = part.Spec(copy_mb=4, read_mb=8, matmul={"fp32": [32, 64]}, matvec={"n": 6
 def ctx() -> RunContext:
     file = SuiteFile(id="t", description="t", noise_limit=10.0,
                      timing=TimingSpec(min_samples=3, min_time_s=0.005, warmup_s=0.0, max_samples=10))
-    return RunContext(device=detect("cpu"), suite=Suite(file, {}, "t"), datasheet=None)
+    # A 256 KiB "cache": the probes keep SPEC's small sizes whatever this machine's cache (they grow beyond it).
+    return RunContext(device=replace(detect("cpu"), l2_bytes=256 << 10), suite=Suite(file, {}, "t"), datasheet=None)
 
 
 def test_read_only_probe_runs_and_is_recorded(ctx):
@@ -42,8 +47,79 @@ def test_read_only_probe_runs_and_is_recorded(ctx):
 
 def test_read_default_is_8x_the_cache(ctx):
     spec = part.Spec(copy_mb=4, matmul={"fp32": 32}, matvec={"n": 64, "k": 64, "dtypes": ["fp32"]})
-    l2 = ctx.device.l2_bytes or part.DEFAULT_L2_BYTES
-    assert part.read_mb(spec, ctx) == max(8 * l2 // 2**20, 4)
+    for cache_mb in (1, 32):  # 8x the cache, at least the copy's size (4 MB)
+        sized = replace(ctx, device=replace(ctx.device, l2_bytes=cache_mb << 20))
+        assert part.read_mb(spec, sized) == max(8 * cache_mb, 4)
+        assert part.read_mb(spec.model_copy(update={"read_mb": 1000}), sized) == 1000  # the suite's, when larger
+
+
+@pytest.mark.parametrize("cache_mb", [32, 105, 320, 1152])  # this AMD EPYC's L3; Xeons' LLCs; a 3D V-Cache EPYC's
+def test_no_bandwidth_probe_fits_in_the_reported_cache(ctx, cache_mb, monkeypatch):
+    """ci-cpu's probes planned on a CPU that reports a large last-level cache (TOKENFLEET_CACHE_BYTES, as detect
+    reads it): every bandwidth probe's bytes per call exceed it CACHE_MULTIPLE times (the copy's source and
+    destination, the read's tensor, the mat-vec's rotated weights). Planned only: the keys say what each probe would
+    allocate."""
+    monkeypatch.setenv("TOKENFLEET_CACHE_BYTES", str(cache_mb << 20))
+    big = replace(ctx, device=detect("cpu"))
+    assert big.device.l2_bytes == cache_mb << 20
+    spec = load_suite("ci-cpu").parts["ceilings"]
+    need = part.CACHE_MULTIPLE * (cache_mb << 20)
+    keys = {(j.key["op"], j.key["dtype"]): j.key for j in part.plan(spec, big)}
+    assert 2 * keys["copy", "fp32"]["mb"] * 2**20 >= need  # read + written
+    assert keys["read", "fp32"]["mb"] * 2**20 >= need
+    for dt in spec.matvec.dtypes:
+        k = keys["matvec", dt]
+        weight = k["n"] * k["k"] * dtype_bytes(dt)
+        assert k["copies"] * weight >= need and (k["copies"] - 1) * weight < need  # enough copies, no more
+    assert keys["copy", "fp32"]["mb"] == max(spec.copy_mb, cache_mb * part.CACHE_MULTIPLE // 2)
+
+
+def test_cache_size_override_is_checked(monkeypatch):
+    for bad in ("32M", "-1", "0"):
+        monkeypatch.setenv("TOKENFLEET_CACHE_BYTES", bad)
+        with pytest.raises(ConfigError, match="TOKENFLEET_CACHE_BYTES: .* is not a size in bytes"):
+            detect("cpu")
+
+
+def test_matvec_rotates_over_weights_beyond_the_cache(ctx, monkeypatch):
+    small = replace(ctx, device=replace(ctx.device, l2_bytes=16 << 10))  # a 16 KiB "cache": 64x64 fp32 is 16 KiB
+    job = part.matvec_job(SPEC, "fp32", small)
+    assert job.key["copies"] == part.CACHE_MULTIPLE
+    read = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w: read.append(w.data_ptr()) or linear(x, w))
+    p = execute(job, small)
+    assert p["status"] in results.USABLE and p["copies"] == part.CACHE_MULTIPLE
+    assert len(set(read)) == part.CACHE_MULTIPLE  # every copy read, each at its own address
+    assert all(a != b for a, b in zip(read[1:], read[2:], strict=False))  # never the same weight twice in a row
+
+
+def test_bandwidth_ceiling_above_the_copy_is_flagged(ctx):
+    """A read-only or mat-vec rate above the copy ceiling by more than COPY_MARGIN is flagged: `noisy` (not ok) with
+    a note naming the ratio (the summary lists it); below it, usable as before with the ratio kept."""
+    def against(copy_gbps: float) -> list[dict]:
+        at = replace(ctx, ceilings={**results.empty_ceilings(), "copy_gbps": copy_gbps})
+        return [execute(job, at) for job in (part.read_job(SPEC, at), part.matvec_job(SPEC, "fp32", at))]
+
+    for p in against(1e-3):  # any real rate is far above it
+        assert p["status"] == "noisy" and p["ceiling_name"] == "copy_gbps", p
+        assert p["ceiling_ratio"] > 1 + part.COPY_MARGIN and "x the copy ceiling" in p["note"]
+    read, matvec = against(1e6)
+    assert read["status"] in results.USABLE and read["ceiling_ratio"] < 1 and "note" not in read
+    # The margin, on fixed rates against a 10 GB/s copy: 1.41x (a DRAM read on the 2-core AMD EPYC) passes as it is;
+    # 2.22x (Sapphire Rapids' 64 MB mat-vec inside its LLC) is flagged, and its point says `ok` no more.
+    at = replace(ctx, ceilings={**results.empty_ceilings(), "copy_gbps": 10.0})
+    assert part._vs_copy(at, {"value": 14.1}, {}) == {"value": 14.1, "ceiling_ratio": 1.41, "ceiling_name": "copy_gbps"}
+    high = part._vs_copy(at, {"value": 22.2, "status": "ok"}, {})
+    assert high["status"] == "noisy" and high["note"].startswith("2.22x the copy ceiling (10.0 GB/s)")
+    # The copy probed in the same plan wins over the run's (start) ceiling: the end-of-run re-probe compares its read
+    # with the end's copy, not with a start copy a loaded machine may have measured at half the speed.
+    assert part._vs_copy(at, {"value": 22.2}, {"gbps": 20.0})["ceiling_ratio"] == pytest.approx(1.11)
+    stale = replace(ctx, ceilings={**results.empty_ceilings(), "copy_gbps": 1e-3})
+    copy, read = (j for j in part.plan(SPEC, stale) if j.key["op"] in ("copy", "read"))
+    c = execute(copy, stale)
+    r = execute(read, stale)
+    assert r["ceiling_ratio"] == pytest.approx(r["value"] / c["value"])  # against the plan's own copy
 
 
 def test_matmul_ceiling_is_the_best_shape_and_layout(ctx):
@@ -64,7 +140,7 @@ def test_probe_stores_polled_telemetry(ctx, monkeypatch):
         return {"sm_clock_mhz": next(clocks), "power_w": 700.0, "clock_event_reasons": ["SwPowerCap"]}
 
     monkeypatch.setattr(RunContext, "poll", lambda self: Poller(read, interval_s=0.001))
-    p = execute(part.copy_job(SPEC), ctx)
+    p = execute(part.copy_job(SPEC, ctx), ctx)
     tel = p["telemetry"]
     assert tel["polls"] >= 1 and tel["clock_event_reasons"] == ["SwPowerCap"]
     assert tel["sm_clock_mhz"]["min"] <= tel["sm_clock_mhz"]["median"] <= tel["sm_clock_mhz"]["max"] == 1980

@@ -278,7 +278,12 @@ def test_fp8_points_on_cpu(ctx):
     pts = [execute(j, ctx) for j in kernels.plan(spec, ctx)]
     by = {(p["op"], p.get("scale"), p["backend"]): p for p in pts}
     timed = {"ok", "noisy"}  # a loaded CI machine may flag a timing noisy; it was checked and timed all the same
-    assert by[("gemm_fp8", "tensor", "torch")]["status"] in timed  # torch._scaled_mm
+    # torch._scaled_mm on a CPU: checked at a small shape, not timed, and the point says why (issue 20)
+    fp8_torch = by[("gemm_fp8", "tensor", "torch")]
+    assert fp8_torch["status"] == "skipped" and "not timed on a CPU" in fp8_torch["note"]
+    assert "median_ms" not in fp8_torch
+    assert fp8_torch["rel_error"] <= REGISTRY["gemm_fp8"].tolerance(torch.float8_e4m3fn) and "m=4 n=64 k=128" in (
+        fp8_torch["note"])  # the small shape: K capped at 128
     assert by[("gemm_fp8", "tensor", "triton")]["status"] == "skipped"
     assert by[("gemm_fp8", "block", "torch")]["status"] == "error"  # no CPU block-scaled _scaled_mm: a row
     torch_pt = by[("gemm_fp8", "tensor", "torch")]
@@ -290,7 +295,8 @@ def test_fp8_points_on_cpu(ctx):
     layouts = [(j.key["dtype"], j.key["layout"]) for j in ceilings.plan(cspec, ctx) if j.key["op"] == "matmul"]
     assert layouts == [("fp8", "nt"), ("fp32", "nn"), ("fp32", "nt")]  # cuBLASLt's fp8 takes nt only
     mm = execute(ceilings.matmul_job(cspec, "fp8", 128, "nt"), ctx)
-    assert mm["status"] in timed and mm["dtype"] == "fp8" and mm["value"] > 0
+    assert mm["status"] == "skipped" and mm["dtype"] == "fp8" and "value" not in mm  # checked, not timed, on a CPU
+    assert mm["rel_error"] < 0.02 and f"at {ceilings.FP8_CPU_CHECK_SIZE}x" in mm["note"]
     assert mm["fp8_accum"] == torch_pt["fp8_accum"]  # the ceiling accumulates as the points it bounds
 
     dec = model.DecodeSpec(models=["tiny"], backends=["torch", "triton"], dtypes=["fp32"], batch=[1], context=[8],

@@ -174,6 +174,22 @@ def test_estimate_draws_a_kernel_points_inputs_once():
     assert estimate_s([big], "cuda") == estimate_s([small], "cuda") == [GPU_COSTS[("kernel", "torch")].point]
 
 
+def test_ci_cpu_plan_fits_its_target_and_counts_fp8_as_checks():
+    """Issue 20: the ci-cpu bench within 90 s on a 2-core CPU by the estimate, the fp8 matmuls (ceiling, gemm_fp8)
+    priced as the small checks a CPU runs instead of timing them, and no fp8 re-probe at a CPU run's end."""
+    from tokenfleet.measure.plan import CPU_CHECK_S, end_probes
+
+    suite = load_suite("ci-cpu")
+    ctx = planning_context(suite, "cpu")
+    rows = plan_rows(suite, ctx)
+    assert part_totals(rows, "cpu")[-1]["est_s"] <= 90
+    fp8 = [r for r in rows if r["job"].startswith(("ceiling matmul fp8", "gemm_fp8 torch"))]
+    assert len(fp8) == 2 and all(r["est_s"] == CPU_CHECK_S for r in fp8)
+    big = _job(kind="kernel", op="gemm_fp8", backend="torch", dtype="fp8", m=4096, n=4096, k=4096, scale="tensor")
+    assert estimate_s([big], "cpu") == [CPU_CHECK_S] and estimate_s([big], "cuda")[0] != CPU_CHECK_S
+    assert "matmul fp8" not in end_probes(suite, "cpu") and "matmul fp8" in end_probes(suite, "cuda")
+
+
 def test_parts_run_in_value_order_whatever_the_file_order(tmp_path):
     f = tmp_path / "order.yaml"
     f.write_text("id: order\ndescription: d\n"

@@ -3,6 +3,7 @@ timed function advances, so machine load cannot change a result; the GPU path's 
 path itself by `make gpu-check` (and below, its control flow on fake CUDA objects)."""
 
 import contextlib
+import math
 import time
 
 import pytest
@@ -59,6 +60,40 @@ def test_sample_count_bounds(clock):
     assert t.n_samples == 40  # capped
     t = measure(lambda: clock.advance(50.0), device="cpu", min_samples=7, min_time_s=0.01, warmup_s=0.0)
     assert t.n_samples == 7  # at least min_samples however slow
+
+
+@pytest.mark.parametrize("flush_ms", [0.05, 2.0, 75.0, 2000.0])
+def test_cpu_flush_counts_in_the_points_wall_budget(clock, monkeypatch, flush_ms):
+    """The flush before each sample is paid in wall time, so it is counted when the samples are sized (as do_bench
+    counts its cache clearing): with a small cache the samples fill min_time_s; with a large one (75 ms: a 2x-LLC
+    flush measured on a Sapphire Rapids Xeon; 2 s: a far larger cache) the point takes min_samples of them, not
+    max_samples. The flush itself never enters a sample."""
+    flushes = []
+
+    def zero(buf):
+        flushes.append(buf.numel())
+        clock.advance(flush_ms)
+
+    monkeypatch.setattr(timing, "_zero", zero)
+    call_ms, min_samples, min_time_s, warmup_s = 0.5, 5, 0.1, 0.03
+    t = measure(lambda: clock.advance(call_ms), device="cpu", min_samples=min_samples, min_time_s=min_time_s,
+                warmup_s=warmup_s, max_samples=200, flush_l2=True, l2_bytes=1 << 20)  # a small buffer, a faked cost
+    wall_ms = clock.ns / 1e6
+    sample_ms = flush_ms + call_ms
+    # The budget: the first call, the warm-up (its last flush + call may cross warmup_s), then the samples' time or
+    # min_samples of them, each with its flush.
+    budget_ms = call_ms + (warmup_s * 1e3 + sample_ms) + max(min_time_s * 1e3, min_samples * sample_ms)
+    assert wall_ms <= budget_ms
+    assert t.median_ms == call_ms and t.samples_ms == [call_ms] * t.n_samples  # the flush is outside the samples
+    assert t.flush_ms == pytest.approx(flush_ms)
+    assert t.n_samples == max(min_samples, math.ceil(min_time_s * 1e3 / sample_ms - 1e-9))
+    assert len(flushes) >= t.n_samples + 1 and set(flushes) == {2 * (1 << 20) // 4}  # 2x the cache, before each
+    # Without a flush the budget is the call's alone: min_time_s of samples.
+    clock.ns = 0
+    warm = measure(lambda: clock.advance(call_ms), device="cpu", min_samples=min_samples, min_time_s=min_time_s,
+                   warmup_s=warmup_s, max_samples=200)
+    assert warm.n_samples == 200 and warm.flush_ms is None and clock.ns / 1e6 <= 2 * call_ms + 1e3 * (
+        warmup_s + min_time_s)
 
 
 def test_args_are_passed_and_quantiles_ordered(clock):

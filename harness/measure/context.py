@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
 # Why Triton points are `skipped` on a CPU, in every part that has them.
 CPU_TRITON_NOTE = "Triton's interpreter is a correctness tool, not a timing tool: CPU timings use the torch backend"
+# Why fp8 matmuls (torch._scaled_mm) are checked at a small shape and not timed on a CPU (the ceiling and gemm_fp8).
+CPU_FP8_NOTE = ("not timed on a CPU: torch._scaled_mm's e4m3 matmul has no fast CPU path on every CPU (a scalar one "
+                "took 2.2 s at 512^3 on a Sapphire Rapids Xeon), and its rate is no GPU's")
 # A point faster than this run's measured ceiling by more than this is `above_ceiling`: its byte or FLOP count, or
 # the ceiling, is wrong (a cached read, a probe during a clock drop), so its number must not be used.
 ABOVE_CEILING = 0.03

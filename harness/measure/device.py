@@ -2,6 +2,9 @@
 
 `TOKENFLEET_DEVICE=cpu|cuda` (or the CLI's `--device`) overrides. `DeviceInfo` records what the device is,
 read through NVML on NVIDIA; when NVML is missing or fails, the reason is recorded and the run goes on.
+`TOKENFLEET_CACHE_BYTES` replaces the cache size the device reports (`l2_bytes`: the L2, a CPU's last-level cache),
+which sizes the bandwidth probes and the kernels' flush: for a machine that misreports it, and for the tests, which
+keep the probes small with it.
 """
 
 from __future__ import annotations
@@ -322,6 +325,16 @@ def _cpu_llc_bytes() -> int | None:
     return max(sizes) if sizes else None
 
 
+def _cache_override() -> int | None:
+    """TOKENFLEET_CACHE_BYTES as a positive integer, None when unset; anything else is a user error."""
+    text = os.environ.get("TOKENFLEET_CACHE_BYTES", "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) <= 0:
+        raise ConfigError("TOKENFLEET_CACHE_BYTES", None, f"{text!r} is not a size in bytes (a positive integer)")
+    return int(text)
+
+
 def detect(override: str | None = None) -> DeviceInfo:
     """Describe the device this run uses (see `pick`)."""
     from tokenfleet.hardware import match_device
@@ -340,6 +353,7 @@ def detect(override: str | None = None) -> DeviceInfo:
         info = DeviceInfo(kind="cpu", name=_cpu_name(), memory_bytes=meminfo("MemTotal"), compute_units=os.cpu_count(),
                           threads=torch.get_num_threads(), l2_bytes=_cpu_llc_bytes(),
                           nvml_error="cpu run: NVML not read", **common)
+    info.l2_bytes = _cache_override() or info.l2_bytes
     hw = match_device(info.name)
     info.datasheet = hw.id if hw else None
     return info

@@ -27,6 +27,7 @@ from tokenfleet.kernels import REGISTRY
 from tokenfleet.measure.context import Job, RunContext
 from tokenfleet.measure.device import DeviceInfo, detect
 from tokenfleet.measure.parts.ceilings import GPU_SUSTAIN_S, READ_REDUCTIONS
+from tokenfleet.measure.parts.kernels import CPU_CHECK_ONLY
 from tokenfleet.measure.suite import Suite, part_api
 
 # Collectives are the interconnect's ceilings; tp holds the tensor-parallel decode and prefill points.
@@ -82,7 +83,10 @@ GPU_COSTS = {
 UNMEASURED = frozenset({("kernel", "compile"), ("decode", "compile"), ("prefill", "compile")})
 # CPU (2 cores, ci-cpu suite): ceilings 0.15-0.3 s as 0.1 + 0.2 s probes, 0.6-0.7 s as ci-cpu's 0.2 + 0.4 s now (the
 # read-only ceiling is two probes: READ_PROBES), kernel torch 0.25-0.55 s, decode torch 9.9 s first then
-# 1.7-6 s, prefill torch 7.9-10 s; triton points are `skipped` at once.
+# 1.7-6 s, prefill torch 7.9-10 s; triton points are `skipped` at once. The fp8 matmul ceiling and the CPU_CHECK_ONLY
+# kernel points (gemm_fp8) are a check at a small shape, not timed: CPU_CHECK_S. A kernel point's flush before each
+# sample counts in its sample count (timing.py), so its cost does not grow with the cache's size.
+CPU_CHECK_S = 0.1
 CPU_COSTS = {
     ("ceiling", None): Cost(0.7),
     ("kernel", "triton"): Cost(0.0),
@@ -209,6 +213,8 @@ def estimate_s(jobs: list[Job], device_kind: str, suite: Suite | None = None) ->
         s = cost.point * (READ_PROBES if kind == "ceiling" and k.get("op") == "read" else 1)
         if kind == "kernel" and backend == "triton" and device_kind != "cuda":
             pass  # skipped at once: no inputs drawn
+        elif device_kind != "cuda" and _cpu_check_only(k):
+            s = CPU_CHECK_S  # checked at a small shape, not timed: no draw at the suite's shape
         elif kind == "kernel":
             inputs, outputs = _kernel_elements(k)
             point = identity(k, ("backend", "source"))  # the draw its backends share
@@ -224,6 +230,13 @@ def estimate_s(jobs: list[Job], device_kind: str, suite: Suite | None = None) ->
             seen.update((model, shape))
         out.append(s)
     return out
+
+
+def _cpu_check_only(key: dict) -> bool:
+    """A point a CPU checks at a small shape and does not time: the fp8 matmul ceiling, a CPU_CHECK_ONLY kernel."""
+    if key.get("kind") == "ceiling":
+        return key.get("op") == "matmul" and key.get("dtype") == "fp8"
+    return key.get("kind") == "kernel" and key.get("op") in CPU_CHECK_ONLY
 
 
 def planning_context(suite: Suite, device: str | None = None) -> RunContext:
@@ -250,7 +263,7 @@ def plan_rows(suite: Suite, ctx: RunContext) -> list[dict]:
         rows.append({"n": i, "part": part, "kind": job.key.get("kind"), "job": job.label or identity(job.key),
                      "est_s": round(s, 1), "total_s": round(total, 1)})
     probe = probe_s(suite, ctx.device.kind)
-    for what in end_probes(suite):  # the winning probe of each ceiling again, after everything else
+    for what in end_probes(suite, ctx.device.kind):  # the winning probe of each ceiling again, after everything else
         s = probe * (READ_PROBES if what == "read" else 1)
         total += s
         rows.append({"n": len(rows) + 1, "part": "ceilings (end)", "kind": "ceiling", "job": what,
@@ -258,13 +271,14 @@ def plan_rows(suite: Suite, ctx: RunContext) -> list[dict]:
     return rows
 
 
-def end_probes(suite: Suite) -> list[str]:
-    """The ceilings the end-of-run re-probe measures again (one probe each: the start's best size and layout)."""
+def end_probes(suite: Suite, device_kind: str = "cuda") -> list[str]:
+    """The ceilings the end-of-run re-probe measures again (one probe each: the start's best size and layout); not
+    the fp8 matmul on a CPU, which is checked there, not timed."""
     spec = suite.parts.get("ceilings")
     if spec is None or not spec.end_probe:
         return []
-    return (["copy", "read"] + [f"matmul {dt}" for dt in spec.matmul]
-            + [f"matvec {dt}" for dt in spec.matvec.dtypes])
+    matmul = [dt for dt in spec.matmul if device_kind == "cuda" or dt != "fp8"]
+    return ["copy", "read"] + [f"matmul {dt}" for dt in matmul] + [f"matvec {dt}" for dt in spec.matvec.dtypes]
 
 
 def part_totals(rows: list[dict], device_kind: str) -> list[dict]:

@@ -1,7 +1,11 @@
 """The one timing function for everything the harness measures: `measure`.
 
 CPU: `time.perf_counter_ns` around each call; warm-up by time; the first call (compile/autotune) timed and reported
-apart; with `flush_l2`, a buffer of twice the last-level cache is written between samples.
+apart; with `flush_l2`, a buffer of twice the last-level cache is written before each sample (and each warm-up call).
+The flush is outside the samples but inside the budget, as `triton.testing.do_bench` counts its cache clearing: the
+sample count is sized from the time of one flush plus one call, so a point's wall time is its first call, about
+`warmup_s`, and about `max(min_time_s, min_samples x (flush + call))`, whatever the cache's size (a 2x-LLC flush
+took ~75 ms on a Sapphire Rapids Xeon, 100x a small kernel's call).
 
 GPU, three ways, all with the first call reported apart and never in the samples:
 - kernel points (`args=` given): the semantics of `triton.testing.do_bench_cudagraph` — many calls captured in one
@@ -15,6 +19,7 @@ GPU, three ways, all with the first call reported apart and never in the samples
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -54,6 +59,7 @@ class Timing:
     energy_j: float | None = None  # GPU: the device's energy counter over the samples (`energy=` given), joules
     energy_s: float | None = None  # ... over this many seconds of wall time (the samples, queued back to back)
     burst_ms: float | None = None  # GPU, a warm-up >= 2 BURST_S (a probe): ms per call over its first BURST_S
+    flush_ms: float | None = None  # CPU with flush_l2: one cache flush (warm-up's mean), paid before each sample
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,8 +82,10 @@ def summarize(samples_ms: Sequence[float], noise_limit: float) -> dict:
                 samples_ms=kept_samples(a))
 
 
-def _sample_count(per_call_s: float, min_samples: int, min_time_s: float, max_samples: int) -> int:
-    want = int(np.ceil(min_time_s / max(per_call_s, 1e-9)))
+def _sample_count(per_sample_s: float, min_samples: int, min_time_s: float, max_samples: int) -> int:
+    """Samples that fill `min_time_s`, within [min_samples, max_samples]. `per_sample_s`: the wall time one sample
+    costs, everything done for it included (on a CPU, the cache flush before it as well as the call)."""
+    want = int(np.ceil(min_time_s / max(per_sample_s, 1e-9)))
     return int(min(max(min_samples, want), max(max_samples, min_samples)))
 
 
@@ -115,26 +123,45 @@ def measure(
     return _measure_cuda(fn, counts, flush_l2, l2, cuda_graph, noise_limit, energy)
 
 
+def _zero(buf: torch.Tensor) -> None:
+    buf.zero_()  # the CPU flush; tests replace it to give the flush a cost on the fake clock
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flush_buffer(nbytes: int) -> torch.Tensor:
+    """The CPU flush buffer, kept between points: a fresh one would fault in its pages again at every point."""
+    return torch.zeros(nbytes // 4, dtype=torch.int32)  # zeros: its pages faulted in here, not in a sample
+
+
 def _measure_cpu(fn, min_samples, min_time_s, warmup_s, max_samples, noise_limit, flush_l2=False,
                  l2_bytes=None) -> Timing:
+    # On a CPU the last-level cache plays the L2's part: writing twice its size evicts the previous call's data.
+    flush = _cpu_flush_buffer(2 * (l2_bytes or DEFAULT_L2_BYTES)) if flush_l2 else None
+
+    def flushed() -> int:
+        """Flush (when asked), then return the clock: the flush's time is counted apart from the call's."""
+        if flush is not None:
+            _zero(flush)
+        return _now_ns()
+
     t0 = _now_ns()
     fn()
     first_ms = (_now_ns() - t0) / 1e6
-    calls, start = 0, _now_ns()
-    while calls == 0 or (_now_ns() - start) / 1e9 < warmup_s:
+    calls, call_ns, start = 0, 0, _now_ns()
+    while calls == 0 or (_now_ns() - start) / 1e9 < warmup_s:  # flushes included: the warm-up's wall time is bounded
+        t = flushed()
         fn()
+        call_ns += _now_ns() - t
         calls += 1
-    per_call = (_now_ns() - start) / 1e9 / calls
-    # On a CPU the last-level cache plays the L2's part: writing twice its size evicts the previous sample's data.
-    flush = torch.empty(2 * (l2_bytes or DEFAULT_L2_BYTES) // 4, dtype=torch.int32) if flush_l2 else None
+    per_sample = (_now_ns() - start) / 1e9 / calls  # a flush and a call
     samples = []
-    for _ in range(_sample_count(per_call, min_samples, min_time_s, max_samples)):
-        if flush is not None:
-            flush.zero_()
-        t = _now_ns()
+    for _ in range(_sample_count(per_sample, min_samples, min_time_s, max_samples)):
+        t = flushed()
         fn()
         samples.append((_now_ns() - t) / 1e6)
-    return Timing(first_call_ms=first_ms, threads=torch.get_num_threads(), **summarize(samples, noise_limit))
+    flush_ms = (per_sample - call_ns / 1e9 / calls) * 1e3 if flush is not None else None
+    return Timing(first_call_ms=first_ms, threads=torch.get_num_threads(), flush_ms=flush_ms,
+                  **summarize(samples, noise_limit))
 
 
 def tensor_bytes(args: Sequence) -> int:

@@ -3,7 +3,9 @@
 Backends: `triton` (ours), `torch` (the op's vendor `baseline` in the input dtype: cuBLAS through F.linear,
 FlashAttention through SDPA, F.rms_norm, ...) and `compile` (that baseline under torch.compile; its compile time is
 the point's `first_call_ms`). On the CPU Triton's interpreter runs one program at a time in numpy and is a correctness
-tool, so Triton points there are `skipped` with that reason. Shapes come from model configs (`models:` with the grid
+tool, so Triton points there are `skipped` with that reason; and torch._scaled_mm's e4m3 matmul has no fast path on
+every CPU, so gemm_fp8's torch and compile points there are checked at a small shape (CPU_CHECK_ONLY) and `skipped`
+with why (CPU_FP8_NOTE), never timed at the suite's shape. Shapes come from model configs (`models:` with the grid
 the op's `model_shapes` takes: `tokens`, or `batch` and `context`) or are given literally (`shapes:`).
 
 Inputs: the op's `make_inputs` draws them on the device, once per point: the backends of one (op, shape, dtype) are
@@ -23,13 +25,16 @@ import torch
 from pydantic import Field, PositiveInt, ValidationInfo, field_validator, model_validator
 from tokenfleet.config import Strict
 from tokenfleet.dtypes import to_dtype
-from tokenfleet.measure.context import CPU_TRITON_NOTE, Job, RunContext
+from tokenfleet.measure.context import CPU_FP8_NOTE, CPU_TRITON_NOTE, Job, RunContext
 from tokenfleet.model.decoder import compile_step, compiled_graphs, first_call
 from tokenfleet.model.spec import load_model_config
 
 # The ops whose make_inputs take dtype fp8 (e4m3 operands, KV cache, experts).
 FP8_OPS = ("gemm_fp8", "attention_decode", "attention_mla", "moe")
 BACKENDS = ("triton", "torch", "compile")  # every op's; an op may add vendor paths of its own (KernelOp.baselines)
+# On a CPU: ops checked, not timed, at their shape capped to these sizes (gemm_fp8's baseline is torch._scaled_mm;
+# attention_decode's fp8 baseline dequantizes its cache and runs at float speed, so it stays timed).
+CPU_CHECK_ONLY = {"gemm_fp8": {"m": 16, "n": 128, "k": 128}}
 
 
 class OpCase(Strict):
@@ -162,6 +167,8 @@ def _measure(ctx: RunContext, op: str, args_shape: dict, dtype: str, backend: st
     if (dtype == "fp8" or op == "gemm_fp8") and ctx.datasheet and not ctx.datasheet.has_fp8:
         return {"status": "skipped", "note": ctx.datasheet.fp8_refusal()}
     dt = to_dtype(dtype)
+    if not ctx.on_gpu and op in CPU_CHECK_ONLY:
+        return _check_only(ctx, op, args_shape, dt, backend)
     inputs = ctx.inputs.get(inputs_key(op, args_shape, dtype, ctx.seed),
                             lambda: entry.make_inputs(args_shape, dt, ctx.torch_device, ctx.seed))
     if backend == "compile":
@@ -201,6 +208,27 @@ def _op_fields(op: str, backend: str, dtype: str, ctx: RunContext) -> dict:
     if op == "gemm_fp8":
         return gemm_fp8.timing_fields(backend, ctx.device.kind)
     return {"fp8_accum": gemm_fp8.ACCUMULATION} if op == "moe" and dtype == "fp8" else {}
+
+
+def _check_only(ctx: RunContext, op: str, args_shape: dict, dt: torch.dtype, backend: str) -> dict:
+    """A CPU point of a CPU_CHECK_ONLY op: its backend checked against the fp64 reference at the shape capped to the
+    op's small sizes, on inputs drawn for that shape alone (never the suite's), and not timed."""
+    from tokenfleet.kernels import REGISTRY, rel_error
+
+    entry = REGISTRY[op]
+    small = {k: min(v, CPU_CHECK_ONLY[op].get(k, v)) if isinstance(v, int) else v for k, v in args_shape.items()}
+    inputs = entry.make_inputs(small, dt, ctx.torch_device, ctx.seed)
+    fn = compile_step(entry.baseline, ctx.torch_device) if backend == "compile" else entry.baseline
+    refs = _reference(entry, inputs, torch.float64)
+    err = max(rel_error(o, r) for o, r in zip(entry.outputs(fn(*inputs)), refs, strict=True))
+    tol = entry.tolerance(dt)
+    where = " ".join(f"{k}={v}" for k, v in small.items())
+    fields = _op_fields(op, backend, "fp8", ctx)
+    if not err <= tol:  # also catches NaN
+        return {"status": "incorrect", "rel_error": err, "error": f"relative error {err:.3g} > tolerance {tol:g} "
+                f"at {where}", **fields}
+    return {"status": "skipped", "rel_error": err, "note": f"{CPU_FP8_NOTE}; checked against fp64 at {where}",
+            **fields}
 
 
 def plan(spec: Spec, ctx: RunContext) -> list[Job]:
