@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 from conftest import REPO, invoke_cli
 from tokenfleet.measure.context import Job
 from tokenfleet.measure.plan import (
@@ -216,3 +217,19 @@ def test_bench_plan_measures_nothing(capsys):
     print_plan("ci-cpu", "cpu", "table")
     out = capsys.readouterr().out
     assert "Plan: suite ci-cpu" in out and "Estimated seconds per part" in out
+
+
+def test_cpu_model_points_cost_their_share_of_the_fitted_model():
+    """The CPU constants were fitted on qwen3-0.6b fp32: a tiny model's points cost the floor share of them, while
+    torch.compile's first call (Inductor compiling the graph) is kept whole; on a GPU nothing is scaled."""
+    def est(model, backend, device="cpu"):
+        job = _job(kind="decode", model=model, backend=backend, dtype="fp32", batch=4, context=128, tp=1)
+        return estimate_s([job], device)[0]
+
+    from tokenfleet.measure.plan import CPU_COSTS, CPU_SIZE_FLOOR
+
+    c = CPU_COSTS[("decode", None)]
+    assert est("qwen3-0.6b", "torch") == c.point + c.first
+    assert est("tiny-qwen3-moe", "torch") == pytest.approx((c.point + c.first) * CPU_SIZE_FLOOR)
+    assert est("tiny-qwen3-moe", "compile") == pytest.approx(c.point * CPU_SIZE_FLOOR + c.first)
+    assert est("tiny-qwen3-moe", "torch", "cuda") == est("qwen3-0.6b", "torch", "cuda")

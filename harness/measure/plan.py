@@ -87,6 +87,12 @@ UNMEASURED = frozenset({("kernel", "compile"), ("decode", "compile"), ("prefill"
 # kernel points (gemm_fp8) are a check at a small shape, not timed: CPU_CHECK_S. A kernel point's flush before each
 # sample counts in its sample count (timing.py), so its cost does not grow with the cache's size.
 CPU_CHECK_S = 0.1
+# The CPU model-point constants were fitted on qwen3-0.6b in fp32 (2.4 GB of weights). A smaller model's points cost
+# that share of them (its samples and its build read fewer bytes), at least CPU_SIZE_FLOOR; torch.compile's `first`
+# (Inductor compiling the graph) does not shrink with the weights and is kept whole. ci-cpu, 2026-12-04 (AMD EPYC,
+# 2 cores): tiny-qwen3-moe / tiny-deepseek-v3 torch points 0.4-0.7 s against qwen3-0.6b's 5.9-6.3 s; compile 4.6 s.
+CPU_REF_MODEL = "qwen3-0.6b"  # in fp32
+CPU_SIZE_FLOOR = 0.1
 CPU_COSTS = {
     ("ceiling", None): Cost(0.7),
     ("kernel", "triton"): Cost(0.0),
@@ -226,10 +232,28 @@ def estimate_s(jobs: list[Job], device_kind: str, suite: Suite | None = None) ->
         if kind in ("decode", "prefill"):
             model = (kind, k.get("model"), k.get("dtype"), backend, k.get("tp"), k.get("layers"))
             shape = (*model, k.get("batch"), k.get("prompt_len"))  # decode: a new batch; prefill: a new length
-            s += (cost.first if model not in seen else 0.0) + (cost.new_shape if shape not in seen else 0.0)
+            first = cost.first if model not in seen else 0.0
+            if device_kind != "cuda":
+                size = _cpu_size(k)
+                s *= size
+                first *= 1.0 if backend == "compile" else size
+            s += first + (cost.new_shape if shape not in seen else 0.0)
             seen.update((model, shape))
         out.append(s)
     return out
+
+
+def _cpu_size(key: dict) -> float:
+    """A CPU model point's share of the fitted constants: its weight bytes (the layers built) over qwen3-0.6b fp32's."""
+    from tokenfleet.model.spec import load_model_config
+
+    try:
+        cfg = load_model_config(key.get("model"))
+    except Exception:  # noqa: BLE001 - an unknown model fails at its point, not in the plan
+        return 1.0
+    share = (key.get("layers") or cfg.num_layers) / cfg.num_layers
+    wb = cfg.weight_bytes(4 if key.get("dtype") == "fp32" else 2) * share
+    return min(1.0, max(CPU_SIZE_FLOOR, wb / load_model_config(CPU_REF_MODEL).weight_bytes(4)))
 
 
 def _cpu_check_only(key: dict) -> bool:
