@@ -104,9 +104,25 @@ def test_matches_transformers(tmp_path, case):
 
 
 @pytest.mark.parametrize("name", TINY)
-def test_backends_agree_with_the_reference(name):
+def test_backends_agree_with_the_reference(name, monkeypatch):
     """prefill + decode with the cache on every backend against the reference's full recompute (fp32; triton runs
-    its dense kernels under the interpreter and the MoE / MLA ops on the torch path)."""
+    its kernels under the interpreter: the dense ops, the router, the fused MoE experts and MLA decode)."""
+    from tokenfleet.kernels import attention_mla, router
+    from tokenfleet.kernels import moe as kmoe
+
+    calls = {"router": 0, "moe": 0, "attention_mla": 0}
+
+    def spy(mod, fn):
+        real = getattr(mod, fn)
+
+        def counted(*a, **kw):
+            calls[fn] += 1
+            return real(*a, **kw)
+        monkeypatch.setattr(mod, fn, counted)
+
+    spy(router, "router")
+    spy(kmoe, "moe")
+    spy(attention_mla, "attention_mla")
     m = M.build_model(name, dtype="fp32", seed=2)
     x = tokens(3, 7, m.cfg.vocab_size, seed=4)
     want = m.with_backend("reference").forward(x)[:, 5:]
@@ -115,6 +131,59 @@ def test_backends_agree_with_the_reference(name):
         cache = mb.new_cache(3, 7)
         got = torch.stack([M.prefill(mb, x[:, :6], cache), M.decode_one_token(mb, x[:, 6], cache)], 1)
         assert rel_error(got, want) < 1e-4, backend
+        if backend != "triton":
+            assert calls == {"router": 0, "moe": 0, "attention_mla": 0}, backend
+    moe_layers = m.cfg.num_moe_layers
+    assert calls["router"] == calls["moe"] == 2 * moe_layers  # prefill and the decode step, each MoE layer
+    assert calls["attention_mla"] == (m.cfg.num_layers if m.cfg.mla else 0)  # the decode step, each layer
+
+
+def test_triton_routers_match_the_models_routers():
+    """The triton backend's routers (kernels/router.py) choose the experts moe.route_* choose, with their weights
+    (fp32 ids compared as sets per token: the kernel breaks ties to the lower id, torch.topk leaves them open)."""
+    from tokenfleet.model import backends as B
+
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(37, 16, generator=g)
+    bias = 0.1 * torch.randn(16, generator=g)
+    skew = E.routing_skew(16, 1.5, seed=1, device="cpu")
+    cases = [(B.triton_route_softmax(logits, 3, norm), E.route_softmax(logits, 3, norm)) for norm in (True, False)]
+    cases += [(B.triton_route_sigmoid(logits, 3, True, b, 4, 2, 2.5, s), E.route_sigmoid(logits, 3, True, b, 4, 2,
+                                                                                         2.5, s))
+              for b in (None, bias) for s in (None, skew)]
+    cases.append((B.triton_route_sigmoid(logits, 4, False, bias, 1, 1, 1.0), E.route_sigmoid(logits, 4, False, bias,
+                                                                                           1, 1, 1.0)))
+    for (w, ids), (want_w, want_ids) in cases:
+        assert ids.dtype == torch.int32 and w.dtype == torch.float32
+        torch.testing.assert_close(ids.long(), want_ids)  # both best first
+        torch.testing.assert_close(w, want_w, atol=1e-6, rtol=1e-5)
+    # Under a skew the softmax router keeps the model's own (no choice-only term in the kernel's softmax scoring).
+    w, ids = B.triton_route_softmax(logits, 3, True, skew)
+    want_w, want_ids = E.route_softmax(logits, 3, True, skew)
+    assert torch.equal(ids, want_ids) and torch.equal(w, want_w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_mla_decode_matches_the_reference(dtype):
+    """The triton backend's MLA decode (the attention_mla kernel on views of wkv_b) against moe's fp32 reference:
+    ragged context lengths in a longer cache, the latent cache as the model lays it out [B, 1, S, r + rope]."""
+    from tokenfleet.model import backends as B
+
+    g = torch.Generator().manual_seed(6)
+    b, h, nope, rope, v, r, s = 3, 5, 16, 16, 24, 32, 40
+
+    def rnd(*shape, std=1.0):
+        return (std * torch.randn(*shape, generator=g)).to(dtype)
+
+    q_nope = rnd(b, h, nope + rope)[..., :nope]  # a strided slice, as the model's q[..., :nope]
+    q_rope, kv = rnd(b, h, rope), rnd(b, 1, s, r + rope)
+    wkv_b = rnd(h * (nope + v), r, std=r**-0.5)
+    lens = torch.tensor([1, 17, 33], dtype=torch.int32)
+    scale = E.mla_scale(nope + rope)
+    got = B.triton_mla_decode(q_nope, q_rope, kv, lens, wkv_b, scale)
+    want = E.mla_decode_reference(q_nope.float(), q_rope.float(), kv.float(), lens, wkv_b.float(), scale)
+    assert got.shape == (b, h, v) and got.dtype == dtype
+    assert rel_error(got.float(), want) < (2e-3 if dtype == torch.float16 else 1e-5)
 
 
 def test_compile_bf16_runs_grouped_mm():
@@ -214,5 +283,5 @@ def test_published_counts_and_layer_rules():
 def test_mla_cache_holds_the_latent():
     cfg = load_model_config("tiny-deepseek-v3")
     cache = M.KVCache(cfg, 2, 10, "fp32")
-    assert cache.k.shape == (3, 2, 1, 64, 32 + 8) and cache.v.shape[-1] == 32
+    assert cache.k.shape == (3, 2, 1, 64, 32 + 16) and cache.v.shape[-1] == 32
     assert cache.v.data_ptr() == cache.k.data_ptr() and cache.nbytes == cache.k.nbytes

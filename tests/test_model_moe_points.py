@@ -61,7 +61,8 @@ def test_triton_points_say_what_runs_on_torch(ctx):
     fields, touched, note = _routing(spec, built, m, "triton",
                                      lambda mm: mm.forward_decode(torch.zeros(1, dtype=torch.long),
                                                                   torch.full((1,), 4, dtype=torch.int32), cache))
-    assert "moe experts, MLA decode attention, MLA prefill attention on the torch path" in note
+    assert "triton backend: MLA prefill attention on the torch path" in note  # the one op left on it
+    assert "experts: fused Triton MoE kernel (kernels/moe.py)" in note
     assert touched == pytest.approx(2 * 2) and fields["experts_touched"] == [2, 2]
 
 

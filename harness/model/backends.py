@@ -12,12 +12,15 @@ backend uses it (`compile_step`, with the first-call accounting that keeps compi
   reduction, on the decode projections of qwen3-0.6b).
 - `reference`: the kernels' fp32-math references: the correctness oracle, never timed.
 
-The MoE families add three ops (`tokenfleet.model.moe`): the routed expert layer (`experts`), MLA decode in the absorbed
-form over the latent cache (`mla_decode`) and MLA prefill attention (`mla_prefill`). torch: transformers' default
-grouped_mm experts (its eager loop where torch's grouped GEMM does not take the dtype) and SDPA; compile: the same
-traced; reference: fp32 math. triton: `triton_experts`, `triton_mla_decode` and `triton_mla_prefill` below, the
-plug points of the Triton MoE / MLA kernels; until those land they run the torch path, and `TRITON_ON_TORCH` names
-them so a point says so.
+The MoE families add their ops (`tokenfleet.model.moe`): the routers (`route_softmax`, `route_sigmoid`), the routed
+expert layer (`experts`), MLA decode in the absorbed form over the latent cache (`mla_decode`) and MLA prefill attention
+(`mla_prefill`). torch: transformers' routers, its default grouped_mm experts (its eager loop where torch's grouped GEMM
+does not take the dtype) and SDPA; compile: the same traced; reference: fp32 math. triton: the plug points below run
+our Triton kernels: `triton_route_*` (kernels/router.py), `triton_experts` (kernels/moe.py), `triton_mla_decode`
+(kernels/attention_mla.py). `triton_mla_prefill` stays on the torch path (attention_prefill takes one power-of-2 head
+dim for q, k and v and the scale 1/sqrt(d); MLA's keys are nope+rope wide, 192 in DeepSeek-V3, its values 128) and
+`TRITON_ON_TORCH` names it so a point says so. The softmax router under a routing skew runs `moe.route_softmax` (the
+kernel's softmax scoring has no choice-only bias for the skew).
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ class Ops:
     experts: Callable = moe.torch_experts
     mla_decode: Callable = moe.mla_decode_torch  # (q_nope, q_rope, kv_cache, context_lens, wkv_b, scale) -> [B, H, v]
     mla_prefill: Callable = moe.mla_prefill_torch  # (q, k, v, scale) -> [B, H, S, v], causal
+    route_softmax: Callable = moe.route_softmax  # (logits, k, norm, skew) -> (weights [T, k] fp32, ids [T, k])
+    route_sigmoid: Callable = moe.route_sigmoid  # (logits, k, norm, bias, n_group, topk_group, scale, skew) -> same
     compiled: bool = False  # run prefill and the decode step through torch.compile
 
 
@@ -76,16 +81,33 @@ def compiled_gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(x, w)
 
 
-# --- plug points of the Triton MoE / MLA kernels (kernels/moe.py, kernels/attention_mla.py) -------------------------
-# The triton backend calls these three. Until a Triton kernel is plugged in, each runs the torch path and is named in
-# TRITON_ON_TORCH, which a model point on the triton backend reports in its note; plugging a kernel in means calling
-# it here and removing its name from TRITON_ON_TORCH.
-TRITON_ON_TORCH = ("moe experts", "MLA decode attention", "MLA prefill attention")
+# --- plug points of the Triton MoE / MLA kernels (kernels/moe.py, kernels/router.py, kernels/attention_mla.py) -------
+# The triton backend calls these. An op still on the torch path is named in TRITON_ON_TORCH, which a model point on
+# the triton backend reports in its note; plugging a kernel in means calling it here and removing its name.
+TRITON_ON_TORCH = ("MLA prefill attention",)
 
 
-def triton_experts(x, w13, w2, ids, weights):
-    """x [T, D], w13 [E, 2·I, D], w2 [E, D, I], ids / weights [T, k] -> [T, D]: the fused MoE expert layer."""
-    return moe.experts_torch(x, w13, w2, ids, weights)
+def triton_route_softmax(logits, k: int, norm: bool, skew=None):
+    """`moe.route_softmax` as the router kernel (fp32 weights, int32 ids, best first); under a routing `skew` (added
+    to the choice only, which the kernel's softmax scoring has no term for) `moe.route_softmax` itself."""
+    if skew is not None:
+        return moe.route_softmax(logits, k, norm, skew)
+    from tokenfleet.kernels.router import router
+
+    return router(logits, None, k, scoring="softmax", renormalize=norm)
+
+
+def triton_route_sigmoid(logits, k: int, norm: bool, bias, n_group: int, topk_group: int, scale: float, skew=None):
+    """`moe.route_sigmoid` as the router kernel: the kernel's bias is added to the choice scores only, as
+    e_score_correction_bias and the routing skew both are, so it takes their sum."""
+    from tokenfleet.kernels.router import router
+
+    if skew is not None:
+        bias = skew if bias is None else bias + skew
+    return router(logits, bias, k, n_group, topk_group, "sigmoid", norm, scale)
+
+
+triton_experts = moe.experts_triton  # x [T, D], w13 [E, 2·I, D], w2 [E, D, I], ids / weights [T, k] -> [T, D]
 
 
 def _fixed(fn: Callable) -> Callable:
@@ -93,12 +115,19 @@ def _fixed(fn: Callable) -> Callable:
 
 
 def triton_mla_decode(q_nope, q_rope, kv_cache, context_lens, wkv_b, scale: float):
-    """Absorbed MLA decode (`moe.mla_decode_torch` for the shapes) over the latent cache [B, 1, S, r+rope]."""
-    return moe.mla_decode_torch(q_nope, q_rope, kv_cache, context_lens, wkv_b, scale)
+    """Absorbed MLA decode (`moe.mla_decode_torch` for the shapes) over the latent cache [B, 1, S, r+rope] as the
+    attention_mla kernel. W_UK [H, nope, r] and W_UV [H, v, r] are views of wkv_b (per head its nope key rows, then
+    its value rows), no copy: the kernel reads them through their strides, rows of r contiguous as in a copy."""
+    from tokenfleet.kernels.attention_mla import attention_mla
+
+    h, nope = q_nope.shape[1], q_nope.shape[2]
+    w = wkv_b.view(h, -1, wkv_b.shape[1])
+    return attention_mla(q_nope, q_rope, kv_cache[:, 0], context_lens, w[:, :nope], w[:, nope:], scale)
 
 
 def triton_mla_prefill(q, k, v, scale: float):
-    """Causal MLA prefill attention on up-projected keys [B, H, S, nope+rope] and values [B, H, S, v]."""
+    """Causal MLA prefill attention on up-projected keys [B, H, S, nope+rope] and values [B, H, S, v]: the torch
+    path (attention_prefill needs one power-of-2 head dim for q, k and v; see the module docstring)."""
     return moe.mla_prefill_torch(q, k, v, scale)
 
 
@@ -112,7 +141,8 @@ def load_ops(backend: str) -> Ops:
 
     if backend == "triton":
         return Ops(**{op: REGISTRY[op].triton for op in OPS}, rotary=_kernel_angles, experts=_fixed(triton_experts),
-                   mla_decode=triton_mla_decode, mla_prefill=triton_mla_prefill)
+                   mla_decode=triton_mla_decode, mla_prefill=triton_mla_prefill,
+                   route_softmax=triton_route_softmax, route_sigmoid=triton_route_sigmoid)
     if backend == "reference":
         return Ops(**{op: REGISTRY[op].reference for op in OPS}, rotary=_kernel_angles,
                    experts=_fixed(moe.experts_reference), mla_decode=moe.mla_decode_reference,

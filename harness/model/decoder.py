@@ -277,12 +277,12 @@ class Transformer:
         """An MoE layer's MLP on the normed y [T, D]: route, the routed experts, + the shared experts."""
         m = self.cfg.moe
         if m.scoring == "softmax":
-            weights, ids = E.route_softmax(self.ops.gemm(y, mw.router), m.experts_per_token, m.norm_topk_prob,
-                                           self.routing_skew)
+            weights, ids = self.ops.route_softmax(self.ops.gemm(y, mw.router), m.experts_per_token, m.norm_topk_prob,
+                                                  self.routing_skew)
         else:
-            weights, ids = E.route_sigmoid(self.ops.gemm(y.float(), mw.router), m.experts_per_token,
-                                           m.norm_topk_prob, mw.score_bias, m.n_group, m.topk_group,
-                                           m.routed_scaling_factor, self.routing_skew)
+            weights, ids = self.ops.route_sigmoid(self.ops.gemm(y.float(), mw.router), m.experts_per_token,
+                                                  m.norm_topk_prob, mw.score_bias, m.n_group, m.topk_group,
+                                                  m.routed_scaling_factor, self.routing_skew)
         if self.route_log is not None:
             self.route_log.append(ids)
         out = self.experts(y, mw.w13, mw.w2, ids, weights)

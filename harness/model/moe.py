@@ -17,6 +17,7 @@ Expert layers, x [T, D], w13 [E, 2·I, D] (gate rows, then up), w2 [E, D, I], id
   two torch._grouped_mm calls over the per-expert offsets; static shapes, no host sync.
 - `experts_gathered`: gpt-fast's Mixtral form: each token's k experts' weights gathered and multiplied; static
   shapes. The `compile` backend's form where torch.compile cannot trace _grouped_mm (it takes bf16 only).
+- `experts_triton`: the fused MoE Triton kernel (`tokenfleet.kernels.moe`), the `triton` backend's.
 A backend picks one per model when it is built (`backends.Ops.experts`, `torch_experts`), never inside a trace.
 
 MLA (transformers' DeepseekV3Attention): the cache holds per token the normed latent (kv_lora_rank) and the
@@ -190,11 +191,19 @@ def torch_experts(dtype: torch.dtype, device: torch.device, widths: tuple, compi
     return experts_gathered if compiled else experts_loop
 
 
+def experts_triton(x, w13, w2, ids, weights):
+    """The `triton` backend's experts: the fused MoE Triton kernel (`tokenfleet.kernels.moe.moe`, same layout)."""
+    from tokenfleet.kernels.moe import moe
+
+    return moe(x, ids, weights, w13, w2)
+
+
 def experts_impl(fn) -> str:
     """In words, what an expert layer runs (a point's note)."""
     return {experts_reference: "fp32 per-expert loop", experts_loop: "per-expert F.linear loop (transformers' eager)",
             experts_grouped_mm: "torch._grouped_mm (transformers' grouped_mm)",
-            experts_gathered: "gathered expert weights (gpt-fast's form)"}.get(fn, getattr(fn, "__name__", str(fn)))
+            experts_gathered: "gathered expert weights (gpt-fast's form)",
+            experts_triton: "fused Triton MoE kernel (kernels/moe.py)"}.get(fn, getattr(fn, "__name__", str(fn)))
 
 
 # --- MLA attention ----------------------------------------------------------------------------------------------
