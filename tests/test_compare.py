@@ -280,3 +280,17 @@ def test_a_contended_point_is_not_judged_and_does_not_pass_the_gate(tmp_path: Pa
     assert cmp.regressions(10) == [row]
     r = cli("compare", str(a), str(b), "--fail-over", "10")
     assert r.returncode == 1 and "not judged: measured on a shared machine" in r.stderr
+
+
+def test_a_ceiling_that_moved_alone_is_not_a_regression(tmp_path: Path):
+    """Two runs on one quiet VM (2026-12-04): B's copy and read probes read 1.44x A's, every point's raw time within
+    its noise. Against each run's own ceiling every point would read 1.44x slower; a change is claimed only where the
+    raw time agrees, so nothing is, and the gate passes (the machines are still said to differ)."""
+    pts = _roofed()
+    a = _run(tmp_path / "a", _on_machine(pts, 1.0, seed=1), 2900, "a")
+    b = _run(tmp_path / "b", _on_machine(pts, 1.0, ceiling_speed=1.44, seed=2), 2900 * 1.44, "b")
+    cmp = compare(a, b)
+    judged = [r for r in cmp.rows if r["rel_ratio"] is not None]
+    assert len(judged) >= 8 and all(r["rel_lo"] > 1.3 for r in judged)  # relative alone: 1.44x slower
+    assert all(r["changed_raw"] == "same" and r["changed"] == "same" for r in judged)
+    assert cmp.machines_differed and not cmp.regressions(10)
