@@ -139,11 +139,14 @@ def test_headline_of_a_fake_run_tolerates_missing_kinds(tmp_path):
                 "tokenfleet_version": "0.1.0", "environment": {"device": {"name": "Fake GPU", "kind": "cuda"}}}
     w = results.RunWriter(run, manifest)
     common = {"dtype": "bf16", "status": "ok", "device": "Fake GPU"}
-    w.append({"kind": "ceiling", "op": "copy", "value": 1000.0, "unit": "GB/s", **common})
+    # A probe's telemetry is polled ({min, median, max} of each number), a point's one reading.
+    polled = {"sm_clock_mhz": {"min": 1500.0, "median": 1900.0, "max": 1980.0}, "clock_event_reasons": ["SwPowerCap"]}
+    w.append({"kind": "ceiling", "op": "copy", "value": 1000.0, "unit": "GB/s", "telemetry": polled, **common})
     for backend, ms in (("triton", 5.0), ("torch", 10.0)):
         for batch in (1, 64):
             w.append({"kind": "decode", "model": "m", "backend": backend, "batch": batch, "context": 4096,
-                      "tokens_per_s": batch * 1000 / ms / (1 if batch == 1 else 2), "mbu": 0.5, **common})
+                      "tokens_per_s": batch * 1000 / ms / (1 if batch == 1 else 2), "mbu": 0.5,
+                      "telemetry": {"sm_clock_mhz": 1700}, **common})
     for backend, ms in (("triton", 1.0), ("torch", 2.0), ("compile", 0.5)):
         for m in (1, 16):
             w.append({"kind": "kernel", "op": "gemm", "backend": backend, "m": m, "n": 8, "k": 8, "median_ms": ms,
@@ -152,6 +155,7 @@ def test_headline_of_a_fake_run_tolerates_missing_kinds(tmp_path):
     w.close()
     text = screen(run, "Partial: cut short.")
     assert "Fake GPU" in text and "**Partial: cut short.**" in text
+    assert "SM clock 1500.0-1980.0 MHz" in text and "SwPowerCap" in text  # polled and single readings together
     assert "| m | triton | bf16 | 4096 |" in text  # batch 1 rows
     assert "| m | triton | bf16 | 64 | 4096 | 6,400.0 |" in text  # the best tokens/s per backend
     assert "| m | torch | bf16 | 64 | 4096 | 3,200.0 |" in text

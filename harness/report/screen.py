@@ -42,7 +42,9 @@ def device_lines(run: Run) -> list[str]:
         lines.append(f"- clocks: SM max {nvml.get('sm_clock_max_mhz')} MHz, memory max {nvml.get('mem_clock_max_mhz')}"
                      f" MHz, power limit {nvml.get('power_limit_w')} W")
     seen = [p["telemetry"] for p in run.points if isinstance(p.get("telemetry"), dict)]
-    sm = [t["sm_clock_mhz"] for t in seen if t.get("sm_clock_mhz")]
+    # A point's telemetry is one reading; a probe's is polled, {min, median, max} of each number.
+    sm = [v for t in seen for c in [t.get("sm_clock_mhz")] if c
+          for v in ((c.get("min"), c.get("max")) if isinstance(c, dict) else (c,)) if isinstance(v, (int, float))]
     if sm:
         reasons = sorted({r for t in seen for r in t.get("clock_event_reasons") or [] if r != "GpuIdle"})
         lines.append(f"- during the run: SM clock {min(sm)}-{max(sm)} MHz over {len(sm)} points; clock events: "
