@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+# The dense tests' pinned Triton config (an autouse fixture, active here once imported) and token draw.
+from test_model import _one_config, tokens  # noqa: F401
 from tokenfleet.kernels import rel_error
-from tokenfleet.kernels._triton import pinned_configs
 from tokenfleet.model import decoder as M
 from tokenfleet.model import hf as HF
 from tokenfleet.model import moe as E
@@ -17,14 +19,6 @@ from tokenfleet.model.spec import load_model_config, param_counts
 TINY = ["tiny-qwen3-moe", "tiny-deepseek-v3"]
 
 
-@pytest.fixture(autouse=True)
-def _one_config():
-    with pinned_configs():
-        yield
-
-
-def tokens(batch: int, length: int, vocab: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def _perturb(hf):
