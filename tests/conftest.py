@@ -13,10 +13,6 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
-# The checkout's root is not an import root: `tokenfleet` comes from its install (`pip install -e .` maps harness/
-# and kernels/ under it). `python -m pytest` puts the working folder first on sys.path, where the folder kernels/
-# would shadow Hugging Face's `kernels` package that transformers 5 imports.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
 
 # The tests share their machine with other jobs: points record its load but are not marked `contended` for it
 # (tests/test_load.py sets its own readings).

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tokenfleet import kernels
-from tokenfleet.kernels import REGISTRY, rel_error
+from tokenfleet.kernels import REGISTRY, registry, rel_error
 from tokenfleet.kernels._triton import INTERPRET, pinned_configs
 from tokenfleet.kernels.attention_decode import FP8, attention_decode, attention_decode_ref
 from tokenfleet.kernels.attention_prefill import attention_prefill, attention_prefill_ref
@@ -564,7 +564,7 @@ def test_rel_error():
 def test_rel_error_is_the_fp64_norm_ratio(monkeypatch, chunk):
     # Summed where the tensors are, a chunk at a time: the same value as the whole thing in fp64 on the host, for
     # outputs in any dtype against fp32/fp64 references, strided ones too, with NaN/inf anywhere failing (inf).
-    monkeypatch.setattr(kernels, "REL_ERROR_CHUNK", chunk)
+    monkeypatch.setattr(registry, "REL_ERROR_CHUNK", chunk)
     g = torch.Generator().manual_seed(3)
 
     def direct(o, r):
@@ -599,7 +599,7 @@ def test_rel_error_reads_the_device_once(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "item", lambda *a: pytest.fail("item: a host sync per sum"))
     monkeypatch.setattr(torch.Tensor, "cpu", lambda *a, **k: pytest.fail("cpu: a host copy"))
     monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.numel()) or real_tolist(t))
-    monkeypatch.setattr(kernels, "REL_ERROR_CHUNK", 16)
+    monkeypatch.setattr(registry, "REL_ERROR_CHUNK", 16)
     x = torch.randn(100)
     assert 0 < rel_error(x + 1e-3, x) < 1
     assert reads == [2]

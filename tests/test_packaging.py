@@ -32,12 +32,27 @@ def test_every_package_folder_is_installed_under_tokenfleet():
     assert all(p == "tokenfleet" or p.startswith("tokenfleet.") for p in SETUPTOOLS["packages"])
 
 
-def test_the_checkout_root_is_not_an_import_root():
-    """`python -m pytest` from the root puts it on sys.path; conftest takes it off, so kernels/ shadows nothing."""
-    assert all(Path(p or ".").resolve() != REPO for p in sys.path)
-    import tokenfleet.kernels
-
-    assert Path(tokenfleet.kernels.__file__).resolve().parent == REPO / "kernels"
+def test_the_checkout_root_shadows_no_kernels_package():
+    """From the checkout's root (on sys.path under `python -m`/`python -c`), the folder kernels/ hands the name
+    `kernels` to Hugging Face's package (transformers 5 imports it to build a model), and with none installed the
+    import fails as it would without the folder; the folder is always `tokenfleet.kernels`."""
+    code = ("import kernels, tokenfleet.kernels as ours\n"
+            "from transformers import LlamaConfig, LlamaForCausalLM\n"
+            "LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,\n"
+            "                             num_attention_heads=4, num_key_value_heads=2))\n"
+            "print(kernels.__file__)\nprint(ours.__file__)\nprint(len(ours.REGISTRY))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs, ours, ops = proc.stdout.splitlines()[-3:]
+    assert Path(theirs).parent.parent.name == "site-packages"  # Hugging Face's, installed
+    assert Path(ours).resolve() == REPO / "kernels" / "__init__.py"
+    assert int(ops) >= 10
+    # No site-packages (-S): no other `kernels` anywhere, and the import fails as if the folder were not there.
+    bare = subprocess.run([sys.executable, "-S", "-c", "import sys; sys.path.insert(0, '')\n"
+                           "try:\n    import kernels\nexcept ModuleNotFoundError as e:\n"
+                           "    print(e.name, 'kernels' in sys.modules)"],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert bare.returncode == 0 and bare.stdout.split() == ["kernels", "False"], bare.stdout + bare.stderr
 
 
 @pytest.fixture(scope="module")
