@@ -3,11 +3,16 @@ with its source's deployment (a tensor-parallel replica's engine settings, or a 
 data-parallel attention, prefill/decode pools) and its source's latency limit (none: offline), the row's metric per
 GPU (output tokens/s by default), and the ratio to the published figure.
 `python -m tokenfleet.capacity.validate [--run FOLDER ...]` prints the README's table (with runs: a second
-column calibrated from them)."""
+column calibrated from them); `--write FILE` (no runs) writes every row's ratio as JSON with the command, date and
+commit (the committed `results/validation/ratios.json`, which README's count and tests/test_validation_data.py
+read)."""
 
 from __future__ import annotations
 
+import datetime
+import json
 import sys
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -16,8 +21,10 @@ from tokenfleet.capacity.config import Workload
 from tokenfleet.capacity.pools import project_deployment
 from tokenfleet.capacity.project import project
 from tokenfleet.config import Strict, config_dir, load_yaml
+from tokenfleet.provenance import git_sha
 
 NO_LIMIT_MS = 1e9  # offline: requests at infinite rate, no TTFT/TPOT limit
+GOAL = 0.2  # the goal every row is reported against (README): projected within ±20% of the published figure
 
 
 class Deploy(Strict):
@@ -68,8 +75,9 @@ def command(r: Row, d: Deploy | None) -> str:
             f"--max-batched-tokens {d.max_batched_tokens} --kv-dtype {d.kv_dtype} -f json")
 
 
-def validation_rows(runs=None) -> list[dict]:
-    """One dict per published row: projected (defaults) and, with runs, calibrated output tokens/s per GPU."""
+def validation_rows(runs=None, kv_dtype: str | None = None) -> list[dict]:
+    """One dict per published row: projected (defaults) and, with runs, calibrated output tokens/s per GPU.
+    `kv_dtype` replaces the sources' KV dtype in the tensor-parallel rows (a sensitivity, never the table)."""
     pub, runs = load_published(), read_runs(runs)
     out = []
     for r in pub.rows:
@@ -80,7 +88,7 @@ def validation_rows(runs=None) -> list[dict]:
             out.append(_deployment_row(r, w, runs))
             continue
         d = pub.deployments[r.source]
-        kw = dict(tp=r.tp, batch_cap=d.batch, max_batched_tokens=d.max_batched_tokens, kv_dtype=d.kv_dtype)
+        kw = dict(tp=r.tp, batch_cap=d.batch, max_batched_tokens=d.max_batched_tokens, kv_dtype=kv_dtype or d.kv_dtype)
         proj = project(r.model, r.gpu, w, r.dtype, **kw)
         row = {"source": r.source, "model": r.model, "gpu": r.gpu, "dtype": r.dtype, "tp": r.tp,
                "isl_osl": f"{r.input_len}/{r.output_len}",
@@ -141,9 +149,65 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def ratio_record(r: dict) -> dict:
+    """One row of the ratio file: what identifies the row, the two figures per GPU, the ratio and how it stands."""
+    lo, hi = 1 - GOAL, 1 + GOAL
+    isl, osl = r["isl_osl"].split()[0].split("/")
+    return {"source": r["source"], "model": r["model"], "gpu": r["gpu"], "dtype": r["dtype"], "tp": r["tp"],
+            "input_len": int(isl), "output_len": int(osl), "metric": r["metric"],
+            "published_per_gpu": round(r["published_per_gpu"], 3),
+            "projected_per_gpu": round(r["projected_per_gpu"], 3),
+            "ratio": round(r["ratio"], 4), "within_20pct": lo <= r["ratio"] <= hi,
+            "tolerance": r["tolerance"], "within_tolerance": 1 - r["tolerance"] <= r["ratio"] <= 1 + r["tolerance"],
+            "expected_miss": bool(r["expected_miss"]), "batch": r["batch"], "batch_limit": r["batch_limit"],
+            "command": r["command"],
+            **({"calibrated_ratio": round(r["calibrated_ratio"], 4)} if "calibrated_ratio" in r else {})}
+
+
+def ratio_file(rows: list[dict], bf16_kv: list[dict] | None = None, runs=(), command: str = "") -> dict:
+    """The committed ratio file: every row (`ratio_record`), with `bf16_kv` (the same rows with a bf16 KV cache) the
+    ratio each FP8-KV row would have with bf16 KV (`ratio_kv_bf16`), with runs each row's calibrated ratio, and a
+    summary of the ±20% goal."""
+    recs = [ratio_record(r) for r in rows]
+    kv = {i: b["ratio"] for i, b in enumerate(bf16_kv or []) if not isinstance(b["tp"], str)}
+    pub = load_published()
+    for i, x in enumerate(recs):
+        if i in kv and pub.deployments[x["source"]].kv_dtype == "fp8":
+            x["ratio_kv_bf16"] = round(kv[i], 4)
+    bf = [x["ratio_kv_bf16"] for x in recs if "ratio_kv_bf16" in x]
+    out = [f"{x['source']} {x['model']} {x['gpu']} tp {x['tp']} {x['input_len']}/{x['output_len']} {x['metric']}: "
+           f"{x['ratio']:.2f}" for x in recs if not x["within_20pct"]]
+    cal = [x["calibrated_ratio"] for x in recs if "calibrated_ratio" in x]
+    return {"command": command, "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
+            "commit": git_sha()[:7], "commit_note": "the checkout's HEAD when written; the file is committed after it",
+            "device": "none: `ratio` projected from datasheets with the default efficiencies; `calibrated_ratio` "
+                      "with the efficiencies of the runs named in `runs`",
+            "runs": [str(r) for r in runs],
+            "published": "configs/validation/published.yaml",
+            "summary": {"rows": len(recs), "within_20pct": sum(x["within_20pct"] for x in recs),
+                        "within_tolerance": sum(x["within_tolerance"] for x in recs),
+                        "expected_miss": sum(x["expected_miss"] for x in recs),
+                        "dense_rows": sum(x["source"] in ("trtllm", "gptfast") for x in recs),
+                        "dense_within_20pct": sum(x["within_20pct"] for x in recs
+                                                  if x["source"] in ("trtllm", "gptfast")),
+                        "ratio_min": min(x["ratio"] for x in recs), "ratio_max": max(x["ratio"] for x in recs),
+                        "outside_20pct": out,
+                        "kv_bf16_ratio_min": min(bf, default=None), "kv_bf16_ratio_max": max(bf, default=None),
+                        "calibrated_within_20pct": sum(1 - GOAL <= c <= 1 + GOAL for c in cal)},
+            "rows": recs}
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
     runs = [args[i + 1] for i, a in enumerate(args) if a == "--run"]
+    if "--write" in args:
+        path = Path(args[args.index("--write") + 1])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = ratio_file(validation_rows(runs), validation_rows(kv_dtype="bf16"), runs,
+                          " ".join(["python -m tokenfleet.capacity.validate", *args]))
+        path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {path}")
+        sys.exit(0)
     rows = validation_rows(runs)
     print(markdown(rows))
     print()
