@@ -117,3 +117,23 @@ def test_h200_triton_grid_cells_are_the_runs():
                 cells.add((p["batch"], p["context"]))
     assert cells == {(1, 1024), (1, 4096), (8, 1024), (8, 4096), (32, 4096), (128, 4096)}
     assert "exact at its measured cells: batch 1 and 8 at 1k and 4k context, 32 and 128 at 4k" in _flat_doc("README.md")
+
+
+def test_node_plan_table_is_todays_plan():
+    """README's node plan table: `tokenfleet bench --suite node --plan`'s part totals (a code estimate, so recomputed
+    here rather than committed as a file)."""
+    from tokenfleet.measure.plan import part_totals, plan_rows, planning_context
+    from tokenfleet.measure.suite import load_suite
+
+    suite = load_suite("node")
+    ctx = planning_context(suite)
+    totals = part_totals(plan_rows(suite, ctx), ctx.device.kind)
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = text[text.index("| part | jobs | est. s |"):].split("\n\n")[0]
+    lines = table.splitlines()[2:]
+    assert len(lines) == len(totals)
+    names = {t["part"] for t in totals}
+    for t in totals:
+        row = [ln for ln in lines if (cell := ln.split(" | ")[0][2:]) == t["part"]
+               or (cell.startswith(f"{t['part']} (") and cell not in names)]
+        assert len(row) == 1 and row[0].endswith(f"| {t['jobs']} | {t['est_s']:g} |"), (t, row)
