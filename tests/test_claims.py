@@ -137,3 +137,30 @@ def test_node_plan_table_is_todays_plan():
         row = [ln for ln in lines if (cell := ln.split(" | ")[0][2:]) == t["part"]
                or (cell.startswith(f"{t['part']} (") and cell not in names)]
         assert len(row) == 1 and row[0].endswith(f"| {t['jobs']} | {t['est_s']:g} |"), (t, row)
+
+
+def test_cpu_run_time_and_drift_are_the_manifests():
+    """README: 'the bench took 65 s (the manifest's created → finished)' and start probes '26–30% below' the end's."""
+    import datetime as dt
+
+    m = json.loads((ROOT / "results/reference/cpu-amd-epyc-2core-2026-12-04/manifest.json").read_text())
+    took = dt.datetime.fromisoformat(m["finished"]) - dt.datetime.fromisoformat(m["created"])
+    below = sorted(1 - m["ceilings"][k] / m["ceilings_end"][k] for k in ("copy_gbps", "read_gbps"))
+    doc = _flat_doc("README.md")
+    assert f"bench took {took.total_seconds():.0f} s (the manifest's `created` → `finished`)" in doc
+    assert f"bandwidth {below[0]:.0%}–{below[1]:.0%} below its end probes".replace("%–", "–") in doc
+
+
+@pytest.mark.parametrize("name", ["project-llama-3.1-8b-h200-chat", "project-deepseek-v3-day6"])
+def test_readme_results_still_what_their_command_gives(name, monkeypatch):
+    """results/readme/ holds the outputs README quotes (scripts/readme_results.py); the project examples are rerun
+    here (a second each) and must give the committed numbers within 3%, or the file (and README) is stale."""
+    from conftest import invoke_cli
+
+    committed = json.loads((ROOT / "results" / "readme" / f"{name}.json").read_text(encoding="utf-8"))
+    monkeypatch.chdir(ROOT)  # the command's --run paths are the repository's
+    res = invoke_cli(*committed["command"].split()[1:])
+    assert res.exit_code == 0, res.stderr
+    now = json.loads(res.stdout)
+    for k in ("batch", "tpot_ms", "ttft_ms", "total_tokens_per_s_per_gpu", "output_tokens_per_s_per_gpu"):
+        assert now[k] == pytest.approx(committed["output"][k], rel=0.03), k
