@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from tokenfleet.capacity.validate import GOAL, load_published, ratio_file, validation_rows
+from tokenfleet.capacity.validate import GOAL, load_published, markdown, ratio_file, validation_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMITTED = json.loads((ROOT / "results" / "validation" / "ratios.json").read_text(encoding="utf-8"))
@@ -21,9 +21,18 @@ def _key(x: dict) -> tuple:
 
 
 @pytest.fixture(scope="module")
-def today():
-    runs = [str(ROOT / r) for r in COMMITTED["runs"]]
-    return ratio_file(validation_rows(runs), validation_rows(kv_dtype="bf16"), runs)
+def rows_today():
+    return validation_rows([str(ROOT / r) for r in COMMITTED["runs"]])
+
+
+@pytest.fixture(scope="module")
+def today(rows_today):
+    return ratio_file(rows_today, validation_rows(kv_dtype="bf16"), COMMITTED["runs"])
+
+
+def test_readme_table_is_the_commands(rows_today):
+    """README's validation table is `python -m tokenfleet.capacity.validate --run ...`'s, as it prints it today."""
+    assert markdown(rows_today) in (ROOT / "README.md").read_text(encoding="utf-8")
 
 
 def test_file_holds_every_published_row_once():
