@@ -164,3 +164,9 @@ def test_readme_results_still_what_their_command_gives(name, monkeypatch):
     now = json.loads(res.stdout)
     for k in ("batch", "tpot_ms", "ttft_ms", "total_tokens_per_s_per_gpu", "output_tokens_per_s_per_gpu"):
         assert now[k] == pytest.approx(committed["output"][k], rel=0.03), k
+
+
+def test_readme_headline_block_is_the_committed_headline():
+    """README's opening screen is `results/reference/cpu-amd-epyc-2core-2026-12-04/headline.txt`, line for line."""
+    head = (ROOT / "results/reference/cpu-amd-epyc-2core-2026-12-04/headline.txt").read_text(encoding="utf-8")
+    assert f"```\n{head.rstrip()}\n```" in (ROOT / "README.md").read_text(encoding="utf-8")
