@@ -67,7 +67,12 @@ def check(claims: list[dict], root: Path) -> list[str]:
     for c in claims:
         where = f"{c['doc']}: claim {c['text'][:60]!r}"
         if c["doc"] not in docs:
-            docs[c["doc"]] = _flat((root / c["doc"]).read_text(encoding="utf-8"))
+            try:
+                docs[c["doc"]] = _flat((root / c["doc"]).read_text(encoding="utf-8"))
+            except OSError as e:
+                docs[c["doc"]] = ""
+                errors.append(f"{where}: cannot read {c['doc']}: {e}")
+                continue
         if _flat(c["text"]) not in docs[c["doc"]]:
             errors.append(f"{where}: text not found in {c['doc']} (the doc changed: update the claim or the doc)")
             continue

@@ -170,3 +170,11 @@ def test_readme_headline_block_is_the_committed_headline():
     """README's opening screen is `results/reference/cpu-amd-epyc-2core-2026-12-04/headline.txt`, line for line."""
     head = (ROOT / "results/reference/cpu-amd-epyc-2core-2026-12-04/headline.txt").read_text(encoding="utf-8")
     assert f"```\n{head.rstrip()}\n```" in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_a_missing_doc_or_file_is_a_failing_claim_not_a_crash(tmp_path):
+    claims = [{"doc": "nope.md", "text": "x", "file": "a.json", "key": "k"},
+              {"doc": "README.md", "text": "tokenfleet", "file": "missing.json", "key": "k"}]
+    (tmp_path / "README.md").write_text("# tokenfleet\n", encoding="utf-8")
+    errs = cc.check(claims, tmp_path)
+    assert len(errs) == 2 and "cannot read nope.md" in errs[0] and "cannot read missing.json" in errs[1]
