@@ -60,6 +60,8 @@ def test_a_family_default_is_used_for_its_family():
     assert g["efficiency_source"] == "global default" and g["efficiency"]["memory"] == DEFAULT_E_M
     d = project_deployment("qwen3-30b-a3b", "ascend-910b", "chat", "qwen3-moe-dp-ep8", "bf16")
     assert d["efficiency_source"] == "family default" and d["efficiency"]["memory"] == pytest.approx(e.memory)
+    screen = invoke_cli("project", "-m", "qwen3-30b-a3b", "-g", "ascend-910b", "--deployment", "qwen3-moe-dp-ep8")
+    assert screen.exit_code == 0 and f"efficiency: family default, e_c {e.compute:.3g}" in screen.stdout
 
 
 def test_a_fleet_row_reports_which_efficiencies_it_used():
