@@ -95,6 +95,39 @@ def test_gpu_check_plan_reaches_every_gpu_path_inside_the_scripts_budget():
     assert ("matmul", "fp8") in ceilings and ("matmul", "bf16") in ceilings
 
 
+@pytest.mark.parametrize("name, model, dtype_bytes", [("node", "deepseek-v3", 2), ("ci-cpu-tp", "tiny-qwen3-moe", 4)])
+def test_multi_rank_suites_time_all_to_all_at_moe_dispatch_sizes(name, model, dtype_bytes):
+    # The suites that run on several ranks (node: 8 GPUs over NCCL; ci-cpu-tp: 2 gloo ranks) measure the all-to-all
+    # curve the capacity model reads for expert parallelism (calibrate.measured_alltoall), at a MoE model's
+    # dispatch sizes: its tokens' top-k copies of the hidden state.
+    from tokenfleet.model.spec import load_model_config
+
+    suite = load_suite(name)
+    spec = suite.parts["collectives"]
+    keys = [j.key for j in ordered_jobs(suite, planning_context(suite))
+            if j.key["kind"] == "collective" and j.key["op"] == "all_to_all"]
+    m = load_model_config(model)
+    want = {int(m.alltoall_bytes(n, dtype_bytes)) for n in [*spec.batch, *spec.tokens]}
+    assert want and want <= {k["size_bytes"] for k in keys}
+
+
+def test_one_process_skips_all_to_all_with_its_reason(tmp_path):
+    # A single-GPU (one-process) run of a suite listing all-to-all records the points as skipped, saying why.
+    from tokenfleet import results
+    from tokenfleet.measure.runner import run_suite
+
+    suite = tmp_path / "a2a.yaml"
+    suite.write_text("""
+id: a2a-one
+description: all-to-all in one process
+timing: {min_samples: 1, min_time_s: 0.001, warmup_s: 0.0, max_samples: 2}
+collectives: {ops: [all_to_all], dtypes: [fp32], min_bytes: 8, max_bytes: 8}
+""")
+    points = results.read_points(run_suite(str(suite), out=tmp_path / "run", progress=False))
+    assert [(p["op"], p["status"]) for p in points] == [("all_to_all", "skipped")]
+    assert "--nproc" in points[0]["note"]
+
+
 def test_compile_costs_are_explicit_and_marked_unmeasured():
     from tokenfleet.measure.plan import GPU_COSTS, UNMEASURED
 

@@ -53,9 +53,12 @@ class Efficiency:
     overhead_ms: float = DEFAULT_OVERHEAD_MS
     source: str = "defaults (e_c 0.5, e_m 0.7, 0.3 ms/forward: assumptions, see harness/capacity/calibrate.py)"
     run_id: str | None = None  # the run the efficiencies come from (None: defaults)
+    # calibrated (a run's), family default (capacity.families: published per-family measurements) or global default
+    kind: str = "global default"
 
     def to_dict(self) -> dict:
-        return {"compute": self.compute, "memory": self.memory, "overhead_ms": self.overhead_ms, "from": self.source}
+        return {"compute": self.compute, "memory": self.memory, "overhead_ms": self.overhead_ms, "from": self.source,
+                "kind": self.kind}
 
 
 def read_runs(paths: list[str | Path | Run] | None) -> list[Run]:
@@ -278,11 +281,16 @@ def measured_collective(runs: list[Run], hardware_id: str, tp: int, op: str) -> 
 
 
 # ---- efficiencies ----------------------------------------------------------------------------------------------
-def efficiency_from_runs(runs: list[Run], dtype: str | None = None, exclude: tuple | None = None) -> Efficiency:
+def efficiency_from_runs(runs: list[Run], dtype: str | None = None, exclude: tuple | None = None,
+                         base: Efficiency | None = None, scale=None) -> Efficiency:
     """Median datasheet MFU (prefill) and MBU (decode) of each group's deployable backend, from the projected
     dtype's points when any run has them; tp replica points (their times hold communication) only when no
     other group was measured. `exclude` (hardware_id, model, dtype, tp, shard) leaves out a measured group (its
-    own grid is used instead). A field no run measures keeps its default; `source` names the runs."""
+    own grid is used instead). A field no run measures keeps `base`'s (default: the global defaults; a family's:
+    `families.efficiency_for`); `source` names the runs. `scale(hardware_id, "compute"|"memory")` multiplies each
+    point's figure first (`families.efficiency_for`: from the measured device's family to the projected one's)."""
+    base = base or Efficiency()
+    scale = scale or (lambda hw, field: 1.0)
     picked = []
     for key, g in groups(runs).items():
         b = g.deployable()
@@ -293,20 +301,23 @@ def efficiency_from_runs(runs: list[Run], dtype: str | None = None, exclude: tup
     same = bool(dtype) and any(g.dtype == dtype for g, _, _ in picked)
     if same:
         picked = [(g, p, r) for g, p, r in picked if g.dtype == dtype]
-    mfu = [p["mfu_datasheet"] for _, p, _ in picked if p["kind"] == "prefill" and _pos(p.get("mfu_datasheet"))]
-    mbu = [p["mbu_datasheet"] for _, p, _ in picked if p["kind"] == "decode" and _pos(p.get("mbu_datasheet"))]
+    mfu = [p["mfu_datasheet"] * scale(g.hardware_id, "compute") for g, p, _ in picked
+           if p["kind"] == "prefill" and _pos(p.get("mfu_datasheet"))]
+    mbu = [p["mbu_datasheet"] * scale(g.hardware_id, "memory") for g, p, _ in picked
+           if p["kind"] == "decode" and _pos(p.get("mbu_datasheet"))]
     if not mfu and not mbu:
-        return Efficiency()
+        return base
     devices = sorted({f"{g.hardware_id} {g.model} {g.dtype} tp{g.tp}{' shard' if g.shard else ''} {g.deployable()}"
                       for g, _, _ in picked})
     ids = sorted({r for _, _, r in picked})
     # Clamp at 1: above-datasheet figures are byte-count bugs, not efficiencies to extrapolate from.
-    e_c = min(statistics.median(mfu), 1.0) if mfu else DEFAULT_E_C
-    e_m = min(statistics.median(mbu), 1.0) if mbu else DEFAULT_E_M
-    how_c = f"median prefill mfu_datasheet of {len(mfu)} points" if mfu else "default"
-    how_m = f"median decode mbu_datasheet of {len(mbu)} points (step overhead included)" if mbu else "default"
-    overhead = 0.0 if mbu else DEFAULT_OVERHEAD_MS
+    e_c = min(statistics.median(mfu), 1.0) if mfu else base.compute
+    e_m = min(statistics.median(mbu), 1.0) if mbu else base.memory
+    how_c = f"median prefill mfu_datasheet of {len(mfu)} points" if mfu else f"{base.kind} {base.compute:.3g}"
+    how_m = (f"median decode mbu_datasheet of {len(mbu)} points (step overhead included)" if mbu
+             else f"{base.kind} {base.memory:.3g}")
+    overhead = 0.0 if mbu else base.overhead_ms
     src = f"run {', '.join(ids)} ({'; '.join(devices)}): e_c {how_c}, e_m {how_m}"
     if dtype and not same:
         src += f" (no {dtype} points: efficiencies of the dtypes measured)"
-    return Efficiency(e_c, e_m, overhead, src, ", ".join(ids))
+    return Efficiency(e_c, e_m, overhead, src, ", ".join(ids), kind="calibrated")

@@ -212,6 +212,9 @@ def gpu_mix(gpu: str, fleet: Fleet, tp: int | None, runs: list[Run], dtype: str 
         "tpot_missed": sorted({f"{r['model']}/{r['workload']}" for _, r in ok if not r["tpot_ok"]}),
         "extrapolated": sorted({f"{r['model']}/{r['workload']}" for _, r in ok if r.get("extrapolated")}),
         "power_w": next((r["power_w_per_gpu"] for _, r in ok if r.get("power_w_per_gpu")), None),
+        # what the classes' step times rest on (measured, calibrated, family default, global default)
+        "efficiency_source": ", ".join(sorted({r["efficiency_source"] for _, r in ok if r.get("efficiency_source")})),
+        "efficiency": next((r["efficiency"] for _, r in ok if r.get("efficiency")), None),
     }
 
 
@@ -285,7 +288,9 @@ def _gpu_row(g, mix: dict, part: float, pue: float, u: float, need: float, cov) 
         "power_mw": mw, "energy_mwh_per_day": mw * 24 if mw is not None else None,
         # Board power at TDP all day (an upper bound) × PUE, per counted token.
         "joules_per_token": power * pue / (rate * u) if power and rate else None,
-        "source": mix["source"], "unservable": ", ".join(mix["unservable"]),
+        "source": mix["source"], "efficiency_source": mix["efficiency_source"],
+        "e_c": (mix["efficiency"] or {}).get("compute"), "e_m": (mix["efficiency"] or {}).get("memory"),
+        "unservable": ", ".join(mix["unservable"]),
         "ttft_missed": ", ".join(mix["ttft_missed"]), "tpot_missed": ", ".join(mix["tpot_missed"]),
         "extrapolated": ", ".join(mix["extrapolated"]),  # measured classes taken beyond the run's grid
     }

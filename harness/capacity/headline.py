@@ -86,6 +86,9 @@ def headline(rows: list[dict], summary: dict, runs: list[Run] | None = None, tod
         "utilization": s["utilization"], "peak_factor": s["peak_factor"],
         "measured_on": _measured_on(runs, eff),
         "efficiency": {"compute": eff.get("compute"), "memory": eff.get("memory"), "from": eff.get("from")},
+        # per type: what its step times rest on (measured, calibrated, family default, global default) and its e_c, e_m
+        "efficiencies": {r["gpu"]: {"kind": r.get("efficiency_source"), "compute": r.get("e_c"),
+                                    "memory": r.get("e_m")} for r in per_type},
         "demands": [_demand(rows, s, "china_reported", "reported", today),
                     _demand(rows, s, "china_nda", "primary", today)],
         "sources": sources,
@@ -128,8 +131,28 @@ def headline_lines(h: dict) -> list[str]:
     out.append("  GPUs needed do not depend on the fleet's counts (one type alone: its rate per GPU only; the mix "
                "scaled: only their proportions)")
     src = "; ".join(f"{k}: {', '.join(v) or 'none'}" for k, v in h["sources"].items())
-    out.append(f"  figures: {src} (e_c {eff['compute']:.2f}, e_m {eff['memory']:.2f})")
+    effs = h.get("efficiencies")
+    if not effs:  # a headline dict without per-type efficiencies: the summary's
+        out.append(f"  figures: {src} (e_c {eff['compute']:.2f}, e_m {eff['memory']:.2f})")
+        return out
+    out.append(f"  figures: {src} (e_c/e_m {'; '.join(_efficiency_items(effs))})")
     return out
+
+
+def _efficiency_items(effs: dict) -> list[str]:
+    """Per kind of efficiency (global default, family default, calibrated, measured), its e_c/e_m: once where its
+    types share them (`global default 0.50/0.70`), else per type (`family default ascend-910b 0.55/0.65, ...`)."""
+    by_kind: dict[str, list] = {}
+    for gpu, e in effs.items():
+        by_kind.setdefault(e["kind"] or "none", []).append((gpu, e["compute"], e["memory"]))
+    items = []
+    for kind, gs in by_kind.items():
+        vals = {(c, m) for _, c, m in gs}
+        if len(vals) == 1 and None not in (one := next(iter(vals))) and kind == "global default":
+            items.append(f"{kind} {one[0]:.2f}/{one[1]:.2f}")
+        else:
+            items.append(f"{kind} " + ", ".join(g if c is None else f"{g} {c:.2f}/{m:.2f}" for g, c, m in gs))
+    return items
 
 
 def _wrap(first: str, items: list[str], width: int = 110) -> list[str]:

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import math
 
-from tokenfleet.capacity.calibrate import Efficiency, efficiency_from_runs, measured_alltoall, read_runs
+from tokenfleet.capacity.calibrate import Efficiency, measured_alltoall, read_runs
 from tokenfleet.capacity.config import Workload
 from tokenfleet.capacity.deployment import DeploymentSpec, check_fits_model, load_deployment, with_overrides
 from tokenfleet.capacity.expert import PoolStep, emitted_per_step
+from tokenfleet.capacity.families import efficiency_for
 from tokenfleet.capacity.project import (
     F_MEM,
     RESERVE_BYTES_PER_GPU,
@@ -171,7 +172,7 @@ def project_deployment(model, gpu, workload, deployment: str | DeploymentSpec, d
     if not 0 < utilization <= 1:
         raise ConfigError("--utilization", None, f"must be in (0, 1], got {utilization}")
     runs = read_runs(runs)
-    eff = eff or efficiency_from_runs(runs, dtype)
+    eff = eff or efficiency_for(runs, hw.id, dtype)
     acc = dep.mtp.acceptance if dep.mtp else 0.0
     count = count or w.count
     pools, notes = {}, []
@@ -188,6 +189,7 @@ def project_deployment(model, gpu, workload, deployment: str | DeploymentSpec, d
            "workload": w.id, "input_len": w.input_len, "output_len": w.output_len,
            "prefix_cache_hit": w.prefix_cache_hit, "count": count, "utilization": utilization,
            "kv_dtype": dep.kv_dtype, "fits": fits, "pools": pools, "source": source, "efficiency": eff.to_dict(),
+           "efficiency_source": eff.kind,
            "power_w_per_gpu": hw.tdp_w, "power_source": "datasheet TDP" if hw.tdp_w else None,
            "mtp": dep.mtp.model_dump() if dep.mtp else None, "notes": notes, "sources": dict(dep.sources)}
     if not fits:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from tokenfleet.capacity.calibrate import Efficiency, efficiency_from_runs, measured_allreduce, measured_for, read_runs
 from tokenfleet.capacity.config import Workload, load_workload
+from tokenfleet.capacity.families import efficiency_for
 from tokenfleet.capacity.serving import Projector, Steps, serve
 from tokenfleet.config import ConfigError
 from tokenfleet.dtypes import dtype_bytes
@@ -139,6 +140,11 @@ def source_of(meas, eff: Efficiency) -> str:
     return "calibrated" if eff.run_id else "projected"
 
 
+def efficiency_source(meas, eff: Efficiency) -> str:
+    """What a row's step times rest on: measured (a grid of this device), calibrated, family or global default."""
+    return "measured" if meas and meas.decode else eff.kind
+
+
 def _base(m, hw, w, dtype, tp, count, utilization, proj, dep) -> dict:
     return {"model": m.id, "gpu": hw.id, "dtype": dtype, "tp": tp, "workload": w.id, "input_len": w.input_len,
             "output_len": w.output_len, "prefix_cache_hit": w.prefix_cache_hit, "count": count,
@@ -167,11 +173,12 @@ def project(model: str | ModelConfig, gpu: str | Hardware, workload: str | Workl
     dep = default_deployment(hw, batch_cap, max_batched_tokens, kv_dtype)
     runs = read_runs(runs)
     meas = measured_for(runs, hw.id, m.id, dtype, tp)
-    eff = eff or efficiency_from_runs(runs, dtype)
+    eff = eff or efficiency_for(runs, hw.id, dtype)
     proj = Projector(m, hw, dtype, tp, eff, dep.kv_dtype, allreduce=measured_allreduce(runs, hw.id, tp))
     count = count or w.count
     out = _base(m, hw, w, dtype, tp, count, utilization, proj, dep)
     source = source_of(meas, eff)
+    out["efficiency_source"] = efficiency_source(meas, eff)
     bm = b_mem(m, hw, dtype, tp, w.input_len + w.output_len, dep.kv_dtype)
     too_long = w.input_len + w.output_len > m.max_position_embeddings
     if bm < 1 or too_long:
@@ -256,4 +263,5 @@ def auto_tp(model: str | ModelConfig, gpu: str | Hardware, workload: str | Workl
 
 
 __all__ = ["Deployment", "Efficiency", "Projector", "Run", "auto_tp", "b_mem", "check_context", "check_tp",
-           "default_deployment", "efficiency_from_runs", "project", "read_runs", "refuse_fp8", "resolve_workload"]
+           "default_deployment", "efficiency_for", "efficiency_from_runs", "efficiency_source", "project", "read_runs",
+           "refuse_fp8", "resolve_workload"]

@@ -172,7 +172,10 @@ def _print_pools(res: dict, defaulted: bool, fmt: str) -> None:
                               "are inside them), the all-to-all, what two micro-batches hide, the expert imbalance",
          POOL_COLUMNS)
     a2a = {p.get("alltoall_source") for p in res["pools"].values() if p.get("alltoall_source")}
-    for line in [f"all-to-all: {s}" for s in sorted(a2a)] + [f"source {k}: {v}" for k, v in res["sources"].items()]:
+    e = res["efficiency"]
+    eff = f"efficiency: {res['efficiency_source']}, e_c {e['compute']:.3g}, e_m {e['memory']:.3g} ({e['from']})"
+    lines = [eff, *[f"all-to-all: {s}" for s in sorted(a2a)], *[f"source {k}: {v}" for k, v in res["sources"].items()]]
+    for line in lines:
         typer.echo(" ".join(line.split()))
     for n in res["notes"]:
         typer.echo(f"note: {n}")
