@@ -466,31 +466,38 @@ def test_registry_contract(name):
 
 
 class _Created(TorchDispatchMode):
-    """Records the device and size of every tensor an aten op makes while active."""
+    """Records the device, size and dtype of every tensor an aten op makes while active."""
 
     def __init__(self):
         super().__init__()
-        self.made: list[tuple[torch.device, int]] = []
+        self.made: list[tuple[torch.device, int, torch.dtype]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        self.made += [(t.device, t.numel()) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        self.made += [(t.device, t.numel(), t.dtype) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         return out
 
 
 @pytest.mark.parametrize("name,shape,dtype", [
     *[pytest.param(n, SMALL_SHAPES[n][0], torch.float32, id=n) for n in SMALL_SHAPES],
+    *[pytest.param(n, SMALL_SHAPES[n][0], torch.float16, id=f"{n}-fp16") for n in SMALL_SHAPES],
     pytest.param("gemm_fp8", {"m": 5, "n": 64, "k": 256, "scale": "block"}, FP8, id="gemm_fp8"),
     pytest.param("attention_decode", SMALL_SHAPES["attention_decode"][0], FP8, id="attention_decode-fp8"),
 ])
 def test_inputs_are_drawn_on_the_device_and_seeded(name, shape, dtype):
-    # Drawn where the kernel runs: nothing larger than the context lengths is made elsewhere and copied over (on
-    # the CPU that holds trivially; gpu-check runs this on the GPU). Seeded: the same seed, the same bits.
+    # Drawn where the kernel runs: nothing larger than the context lengths is made elsewhere and copied over. On a CPU
+    # too: the default device is set elsewhere (meta) while the inputs are drawn, so a draw that does not name the
+    # device (a host draw, then copied) lands there: its inputs come back on the wrong device, or the draw fails.
+    # In their own dtype: no float tensor of another dtype is made (a draw in fp32 then cast), except e4m3's one
+    # fp32 buffer (quantized in place). Seeded: the same seed, the same bits.
     op = REGISTRY[name]
-    with _Created() as created:
+    with torch.device("meta"), _Created() as created:
         a = op.make_inputs(shape, dtype, DEVICE, 0)
-    elsewhere = [n for d, n in created.made if d.type != torch.device(DEVICE).type]
+    elsewhere = [n for d, n, _ in created.made if d.type != torch.device(DEVICE).type]
     assert not elsewhere or max(elsewhere) <= shape.get("batch", 1), elsewhere
+    if dtype != FP8:
+        other = [(n, t) for _, n, t in created.made if t.is_floating_point and t != dtype]
+        assert not other, f"{name}: float tensors made in another dtype than {dtype}: {other}"
     b, c = op.make_inputs(shape, dtype, DEVICE, 0), op.make_inputs(shape, dtype, DEVICE, 1)
     tensors = [i for i, t in enumerate(a) if isinstance(t, torch.Tensor)]
     assert all(a[i].device.type == torch.device(DEVICE).type for i in tensors)
