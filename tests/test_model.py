@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tokenfleet.kernels import REGISTRY, rel_error
-from tokenfleet.kernels._triton import pinned_configs
+from tokenfleet.kernels._triton import INTERPRET, pinned_configs
 from tokenfleet.model import decoder as M
 from tokenfleet.model import hf as HF
 from tokenfleet.model.spec import load_model_config
@@ -170,12 +170,16 @@ def _prefill_then_step(m: M.Transformer, x: torch.Tensor) -> torch.Tensor:
 
 # (model, dtype, backends, relative tolerance, batch). fp32: the backends differ from the fp32-math reference only by
 # summation order. bf16: every op rounds its output to bf16 (8 bits, half-ulp 2e-3) where the reference keeps fp32
-# inside an op; over two layers and the LM head the logits differ by ~1e-2: 3e-2 is the stated bound. (Triton runs
-# in the interpreter here, whose bf16 tl.dot is not a bf16 dot: bf16 Triton is checked on a GPU.) Batch 1 runs the
-# compile backend's single-row projections (a reduction on the CPU), batch 2 its F.linear.
+# inside an op; over two layers and the LM head the logits differ by ~1e-2: 3e-2 is the stated bound. Triton in bf16
+# on a GPU; under the interpreter (whose bf16 tl.dot is not a bf16 dot) the same model code runs in fp16 instead:
+# measured there (CPU, seed 10/11, batch 1) triton 7.2e-4, torch 9.5e-4 against the reference, held to 2e-3 (2x).
+# Batch 1 runs the compile backend's single-row projections (a reduction on the CPU), batch 2 its F.linear.
 BACKEND_CASES = [("tiny", "fp32", ("triton", "torch"), 1e-5, 2),  # compile: once, below (each shape costs seconds)
                  ("tiny-qwen3", "fp32", ("triton", "torch", "compile"), 1e-5, 2),
-                 ("tiny-qwen3", "bf16", ("torch", "compile"), 3e-2, 1)]
+                 ("tiny-qwen3", "bf16", ("torch", "compile") if INTERPRET else ("triton", "torch", "compile"), 3e-2,
+                  1)]
+if INTERPRET:
+    BACKEND_CASES.append(("tiny-qwen3", "fp16", ("triton", "torch"), 2e-3, 1))
 
 
 @pytest.mark.parametrize(("name", "dtype", "backends", "tol", "batch"), BACKEND_CASES)
