@@ -14,6 +14,7 @@ from tokenfleet.capacity import calibrate
 from tokenfleet.capacity.calibrate import Efficiency, efficiency_from_runs, read_runs
 from tokenfleet.capacity.config import Fleet
 from tokenfleet.capacity.fleet import capacity_table
+from tokenfleet.capacity.pools import project_deployment
 from tokenfleet.capacity.project import project
 
 MODEL = "llama-3.1-8b"
@@ -72,4 +73,27 @@ def test_fleet_kv_dtype_reaches_the_projection_exactly():
     assert rows[0]["tokens_per_s_per_gpu"] == pytest.approx(f8["tokens_per_s_per_gpu"], rel=1e-9)
     rows, _ = capacity_table(_fleet())  # none given: the engines' default, bf16
     assert rows[0]["tokens_per_s_per_gpu"] == pytest.approx(bf["tokens_per_s_per_gpu"], rel=1e-9)
+
+
+def test_fleet_kv_dtype_reaches_a_named_deployment_exactly():
+    """The same through a deployment the fleet names (DP attention + EP over a node): the fleet's kv_dtype replaces
+    the deployment file's."""
+    model, dep = "qwen3-235b-a22b", "qwen3-moe-dp-ep8"
+
+    def fleet(**kw) -> Fleet:
+        return Fleet.model_validate(dict(
+            id="t", description="t", gpus=[{"gpu": "h200", "count": 16, "source": "t"}],
+            models=[{"model": model, "share": 1.0, "dtype": "fp8"}],
+            workloads=[{"workload": "reasoning", "share": 1.0}],
+            deployments=[{"model": model, "deployment": dep, "source": "t"}], **kw))
+
+    def alone(kv: str | None) -> float:
+        r = project_deployment(model, "h200", "reasoning", dep, "fp8", weight_only_fp8=True, kv_dtype=kv)
+        return r["tokens_per_s_per_gpu"]
+
+    assert alone("fp8") > 1.2 * alone(None)  # the file's bf16 KV: fewer bytes per step in fp8
+    rows, _ = capacity_table(fleet(kv_dtype="fp8", assumptions={"kv_dtype": "t"}))
+    assert rows[0]["tokens_per_s_per_gpu"] == pytest.approx(alone("fp8"), rel=1e-9)
+    rows, _ = capacity_table(fleet())
+    assert rows[0]["tokens_per_s_per_gpu"] == pytest.approx(alone(None), rel=1e-9)
 
