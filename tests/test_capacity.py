@@ -48,10 +48,20 @@ def test_batch1_decode_never_beats_bandwidth(model, dtype):
 
 
 def test_fp8_halves_weight_bytes_and_grows_batch():
+    """b_mem of Llama 3.1 8B on an 80 GiB H100 for summarize-8k (8192 + 1024 tokens), counted here: the weights
+    from the published parameter count (8,030,261,248) at 2 bytes (bf16) and 1 byte (fp8), KV 131,072 bytes per
+    token (2 x 32 layers x 8 KV heads x 128 x bf16), F_MEM and the reserve as project.py cites them."""
+    from tokenfleet.capacity.project import F_MEM, RESERVE_BYTES_PER_GPU
+
+    params, kv_token, seq = 8_030_261_248, 2 * 32 * 8 * 128 * 2, 8192 + 1024
+    usable = 80 * 2**30 * F_MEM - RESERVE_BYTES_PER_GPU
+    want_bf = (usable - 2 * params) // (kv_token * seq)
+    want_f8 = (usable - 1 * params) // (kv_token * seq)
+    assert (want_bf, want_f8) == (48, 55)  # by hand: 59.10e9 and 67.13e9 free bytes over 1.208e9 per sequence
     bf, f8 = project("llama-3.1-8b", "h100-sxm", "summarize-8k", "bf16"), \
         project("llama-3.1-8b", "h100-sxm", "summarize-8k", "fp8")
-    assert f8["weight_bytes"] * 2 == pytest.approx(bf["weight_bytes"])
-    assert f8["b_mem"] >= bf["b_mem"]
+    assert (bf["weight_bytes"], f8["weight_bytes"]) == (2 * params, params)
+    assert (bf["b_mem"], f8["b_mem"]) == (want_bf, want_f8)  # fp8 weights: 7 more sequences, exactly
 
 
 def test_count_output_vs_total_is_exact_ratio():

@@ -239,3 +239,32 @@ def test_run_reprobes_at_the_end(tmp_path: Path, tiny_suite: Path):
     assert set(d["ratios"]) >= {"copy_gbps", "read_gbps", "matmul_tflops.fp32"}
     assert all(r > 0 for r in d["ratios"].values())
     assert json.loads(json.dumps(d)) == d
+
+
+def test_rates_are_known_work_over_a_fake_clock(ctx, monkeypatch):
+    """Every probe's GB/s and TFLOP/s from work counted here over a clock that moves STEP per reading (each sample is
+    one reading to the next: exactly STEP): an oracle for the unit conversions (ms to s, bytes to GB, FLOP to
+    TFLOP), which a rate compared only with itself never checks."""
+    from tokenfleet.measure import timing
+
+    step_ns = 2_500_000  # 2.5 ms per sample
+    clock = {"ns": 0}
+
+    def now() -> int:
+        clock["ns"] += step_ns
+        return clock["ns"]
+
+    monkeypatch.setattr(timing, "_now_ns", now)
+    s = step_ns / 1e9
+    copy = part.copy_job(SPEC, ctx).run(ctx)  # 4 MiB read + 4 MiB written
+    assert copy["median_ms"] == 2.5 and copy["unit"] == "GB/s"
+    assert copy["value"] == pytest.approx(2 * 4 * 2**20 / s / 1e9, rel=1e-12)  # 3.3554432 GB/s
+    read = part.read_job(SPEC, ctx).run(ctx)  # 8 MiB read
+    assert read["value"] == pytest.approx(8 * 2**20 / s / 1e9, rel=1e-12)
+    assert read["reductions_gbps"] == pytest.approx({"sum": 8 * 2**20 / s / 1e9, "amax": 8 * 2**20 / s / 1e9})
+    mv = part.matvec_job(SPEC, "fp32", ctx).run(ctx)  # a 64x64 fp32 weight, x of 64, y of 64
+    assert mv["value"] == pytest.approx((64 * 64 + 64 + 64) * 4 / s / 1e9, rel=1e-12)
+    assert mv["flops"] == 2 * 64 * 64
+    mm = part.matmul_job(SPEC, "fp32", 64, "nt").run(ctx)
+    assert mm["unit"] == "TFLOP/s" and mm["flops"] == 2 * 64**3
+    assert mm["value"] == pytest.approx(2 * 64**3 / s / 1e12, rel=1e-12)  # 2.097152e-4 TFLOP/s

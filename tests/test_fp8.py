@@ -218,6 +218,17 @@ def _cached_logits(m, tokens):
     return torch.stack([first, M.decode_one_token(m, tokens[:, -1], cache)], 1), cache
 
 
+# Relative error of tiny-qwen3's fp8 logits (seed 0, `tokens`) against its bf16 model's, measured on the CPU (2-core
+# AMD EPYC, torch 2.13): 0.0627 with the bf16 KV cache, 0.0639 with e4m3 KV. Held within [1/2, 2x] of that: fp8 must
+# change the logits by as much as e4m3's rounding does, and by no more than twice it. (Only `wqkv` in e4m3: 0.034;
+# the activation scale from x[0] only: 0.112, caught exactly by test_fp8_linear_scales_activations_per_tensor.)
+FP8_MODEL_ERROR = {"bf16": 0.0627, "fp8": 0.0639}
+FP8_PROJECTIONS = ("wqkv", "wo", "w13", "w2")  # decoder.Layer's projections: all of them go to e4m3
+# A projection's e4m3 weight (dequantized) against its bf16 weight, measured: 0.0252-0.0259 over tiny-qwen3's 8
+# (per-tensor scale; elementwise rounding, no BLAS in it). Held within [1/2 the least, 2x the largest].
+FP8_WEIGHT_ERROR = (0.0252, 0.0259)
+
+
 @pytest.mark.parametrize("kv_dtype", ["bf16", "fp8"])
 def test_fp8_model_against_bf16(tokens, kv_dtype):
     from tokenfleet.model import decoder as M
@@ -226,13 +237,53 @@ def test_fp8_model_against_bf16(tokens, kv_dtype):
     bf = M.build_model("tiny-qwen3", "torch", "bf16", seed=0)
     with torch.no_grad():
         want = bf.forward(tokens)[:, -2:]
+    before = [{n: getattr(lw, n).clone() for n in FP8_PROJECTIONS} for lw in bf.weights.layers]
     q = F8.quantize(bf, "tensor", kv_dtype)
-    assert isinstance(q.weights.layers[0].wqkv, F8.Fp8Weight) and q.weights.layers[0].wqkv.q.dtype == FP8
+    assert len(q.weights.layers) == len(before) == q.cfg.num_layers == 2
+    for i, (lw, orig) in enumerate(zip(q.weights.layers, before, strict=True)):  # every projection of every layer
+        for n, w in orig.items():
+            f = getattr(lw, n)
+            assert isinstance(f, F8.Fp8Weight) and f.q.dtype == FP8 and f.q.shape == w.shape, (i, n)
+            err = rel_error(f.q.double() * f.scale.double(), w)  # its own weight, rounded to e4m3
+            assert FP8_WEIGHT_ERROR[0] / 2 < err < 2 * FP8_WEIGHT_ERROR[1], (i, n, err)
     assert q.weights.embed.dtype == torch.bfloat16  # bf16 elsewhere
     got, cache = _cached_logits(q, tokens)
     assert cache.k.dtype == (FP8 if kv_dtype == "fp8" else torch.bfloat16)
     err = rel_error(got, want)
-    assert 1e-3 < err < F8.TOLERANCE, err  # fp8 changes the logits, within the documented bound
+    assert FP8_MODEL_ERROR[kv_dtype] / 2 < err < 2 * FP8_MODEL_ERROR[kv_dtype], err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_linear_scales_activations_per_tensor(dtype):
+    """`tensor` scales: one dynamic activation scale, amax over the whole input / 448, so no row saturates. Rows of
+    very different size (row 0 the smallest) against the quantized product worked out here, and against the exact
+    product row by row. A scale from one row (x[0]) clips the others: errors near 1."""
+    from tokenfleet.model import fp8 as F8
+
+    g = torch.Generator().manual_seed(0)
+    n, k = 96, 160
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
+    x = (torch.randn(4, k, generator=g) * torch.tensor([[0.05], [1.0], [3.0], [0.5]])).to(dtype)
+    fw = F8.Fp8Weight.quantize(w, "tensor")
+    xs = x.double().abs().max() / 448
+    xq = (x.double() / xs).clamp(-448, 448).to(FP8).double() * xs
+    hand = xq @ (fw.q.double() * fw.scale.double()).T
+    exact = x.double() @ w.double().T
+    # Measured (CPU): against `hand` 2.9e-7 in fp32 (output rounding), 1.8e-3 in bf16 (the output rounded to bf16);
+    # per row against `exact` 0.031-0.040 (e4m3 rounding of x and w). Held to about 3x and 2x of those.
+    tol_hand = 1e-6 if dtype == torch.float32 else 4e-3
+    for backend in ("torch", "reference"):
+        out = fw.linear(x, backend)
+        assert out.dtype == dtype and rel_error(out, hand) < tol_hand, (backend, rel_error(out, hand))
+        rows = [rel_error(out[i], exact[i]) for i in range(4)]
+        assert max(rows) < 2 * 0.040, (backend, rows)
+
+
+# The fp8 model's Triton logits against torch's (`tensor`) and the reference's (`block`), fp32 activations: under the
+# interpreter (exact e4m3 products) 2.5e-7 and 2.7e-7 measured on the CPU, held to 4x (summation order differs
+# between CPUs' BLAS); on a GPU not measured here: the fp8 MMA's ~14-bit accumulation, TIGHT's 2e-3 per op, x100 over
+# two layers and the LM head as before.
+FP8_TRITON_MODEL = 1e-6 if INTERPRET else TIGHT * 100
 
 
 def test_fp8_model_triton_matches_torch(tokens):
@@ -243,11 +294,11 @@ def test_fp8_model_triton_matches_torch(tokens):
     m = F8.build_model("tiny", "torch", DEVICE, layout="tensor", kv_dtype="fp8", act_dtype="fp32", seed=2)
     want, _ = _cached_logits(m, tokens)
     got, _ = _cached_logits(m.with_backend("triton"), tokens)
-    assert rel_error(got, want) < TIGHT * 100
+    assert rel_error(got, want) < FP8_TRITON_MODEL
     ref, _ = _cached_logits(F8.build_model("tiny", "reference", DEVICE, layout="block", act_dtype="fp32", seed=2),
                             tokens)
     blk, _ = _cached_logits(F8.build_model("tiny", "triton", DEVICE, layout="block", act_dtype="fp32", seed=2), tokens)
-    assert rel_error(blk, ref) < TIGHT * 100
+    assert rel_error(blk, ref) < FP8_TRITON_MODEL
 
 
 # ---- parts, datasheets, CLI ---------------------------------------------------------------------------------
@@ -308,7 +359,9 @@ def test_fp8_points_on_cpu(ctx):
     assert "kv_dtype" not in jobs[0].key  # bf16/fp32 points keep their keys
     p = execute(next(j for j in fp8_jobs if j.key["backend"] == "torch"), ctx)
     assert p["status"] in timed, p.get("error")
-    assert 0 < p["rel_error"] < F8.TOLERANCE  # checked against the bf16 model
+    # checked against the bf16 model: 0.0654 measured (CPU, seeded); held within [1/2, 2x] of it, inside the part's
+    # own bound for real models (F8.TOLERANCE)
+    assert 0.0654 / 2 < p["rel_error"] < 2 * 0.0654 < F8.TOLERANCE
     cfg = M.load_model_config("tiny-qwen3")
     # torch reads the cache padded to 64 positions (M.padded_kv_bytes), 1-byte KV elements
     assert p["bytes"] == F8.decode_bytes(cfg, 2, 16, 1) + M.padded_kv_bytes(cfg, 2, 16, 1, "torch")

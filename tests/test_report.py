@@ -3,6 +3,7 @@ checked in real headless Chromium (it loads, every table heading is there, the p
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -141,11 +142,32 @@ def test_report_with_fleet(run_dir: Path):
     assert "<NA>" not in md
 
 
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "chrome")  # scripts/ensure_chromium.sh's too
+REQUIRE_CHROMIUM = ("CI", "TOKENFLEET_REQUIRE_CHROMIUM")  # set (non-empty, not 0): a missing Chromium fails
+
+
 def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+    for name in CHROMIUM_NAMES:
         if path := shutil.which(name):
             return path
     return None
+
+
+def _need_chromium() -> None:
+    """Skip without Chromium, locally; fail under CI (`.ci/run` exports TOKENFLEET_REQUIRE_CHROMIUM), where a skip
+    would pass the HTML checks silently."""
+    if _chromium() is not None:
+        return
+    required = [v for v in REQUIRE_CHROMIUM if os.environ.get(v, "") not in ("", "0")]
+    if required:
+        pytest.fail(f"Chromium not found and {required[0]} is set: the HTML report checks must run "
+                    "(scripts/ensure_chromium.sh installs it)", pytrace=False)
+    pytest.skip("Chromium not found (scripts/ensure_chromium.sh installs it)")
+
+
+@pytest.fixture
+def chromium() -> None:
+    _need_chromium()
 
 
 def _chrome(*args: str, profile: Path) -> subprocess.CompletedProcess:
@@ -156,8 +178,7 @@ def _chrome(*args: str, profile: Path) -> subprocess.CompletedProcess:
     return subprocess.run([_chromium(), *flags, *args], capture_output=True, text=True, timeout=60)
 
 
-@pytest.mark.skipif(_chromium() is None, reason="Chromium not found (scripts/ensure_chromium.sh installs it)")
-def test_html_in_headless_chromium(run_dir: Path, tmp_path: Path):
+def test_html_in_headless_chromium(chromium, run_dir: Path, tmp_path: Path):
     html_path, _ = report.write(run_dir, ["h100-node"])
     url = html_path.resolve().as_uri()
     dom = _chrome("--dump-dom", url, profile=tmp_path / "p1").stdout
@@ -194,8 +215,7 @@ def _glyph_crops(shot: Path, n: int) -> list[np.ndarray]:
     return [img[10:190, 10 + 200 * i:190 + 200 * i].mean(axis=2) for i in range(n)]
 
 
-@pytest.mark.skipif(_chromium() is None, reason="Chromium not found (scripts/ensure_chromium.sh installs it)")
-def test_cjk_renders_not_tofu(tmp_path: Path):
+def test_cjk_renders_not_tofu(chromium, tmp_path: Path):
     """万 and 亿 through the report's own style (its embedded font) render as two different glyphs with ink; a
     missing glyph (tofu) draws the same box for every character, which a private-use character shows."""
     cells = "".join(f'<div style="position:absolute;left:{200 * i}px;top:0;width:200px;height:200px;font-size:150px;'
@@ -211,3 +231,68 @@ def test_cjk_renders_not_tofu(tmp_path: Path):
     assert np.abs(wan - yi).mean() > 0.02, "万 and 亿 look the same: tofu boxes, not glyphs"
     for t in (tofu1, tofu2):  # the negative control: whatever a missing glyph draws, 万 and 亿 are not it
         assert np.abs(wan - t).mean() > 0.02 and np.abs(yi - t).mean() > 0.02
+
+
+# ---- CI fails, not skips, without Chromium ---------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("env", [{}, {"CI": "true"}, {"TOKENFLEET_REQUIRE_CHROMIUM": "1"}, {"CI": "0"}])
+def test_missing_chromium_fails_under_ci_and_skips_elsewhere(env, monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    for v in REQUIRE_CHROMIUM:
+        monkeypatch.delenv(v, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    required = any(v not in ("", "0") for v in env.values())
+    with pytest.raises(pytest.fail.Exception if required else pytest.skip.Exception, match="Chromium not found"):
+        _need_chromium()
+
+
+def _tools(folder: Path, names: tuple[str, ...], fake: dict[str, str] | None = None) -> Path:
+    """A PATH folder holding only `names` (links to the real tools) and `fake` scripts (name -> body)."""
+    folder.mkdir()
+    for name in names:
+        (folder / name).symlink_to(shutil.which(name))
+    for name, body in (fake or {}).items():
+        (folder / name).write_text(f"#!/bin/sh\n{body}\n")
+        (folder / name).chmod(0o755)
+    return folder
+
+
+def test_ensure_chromium_exits_nonzero_when_it_cannot_provide_it(tmp_path: Path):
+    script = ROOT / "scripts" / "ensure_chromium.sh"
+    bash = shutil.which("bash")
+    bare = _tools(tmp_path / "bare", ("id",))  # no Chromium, no apt-get
+    r = subprocess.run([bash, str(script)], env={"PATH": str(bare)}, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "cannot provide Chromium" in r.stderr and "no apt-get" in r.stderr, r
+    # apt-get there but failing (offline): still a failure, with its reason
+    offline = _tools(tmp_path / "offline", ("id",), {"apt-get": "exit 100"})
+    r = subprocess.run([bash, str(script)], env={"PATH": str(offline)}, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "apt-get update failed" in r.stderr, r
+    found = _tools(tmp_path / "found", (), {"chromium": "exit 0"})  # already there: nothing to do
+    r = subprocess.run([bash, str(script)], env={"PATH": str(found)}, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stderr == "", r
+
+
+def test_ci_stops_when_chromium_cannot_be_installed(tmp_path: Path):
+    """.ci/run exports TOKENFLEET_REQUIRE_CHROMIUM and stops with one clear line when ensure_chromium.sh fails,
+    before `make test` (a fake here that records it ran)."""
+    tree = tmp_path / "tree"
+    (tree / ".ci").mkdir(parents=True)
+    (tree / "scripts").mkdir()
+    shutil.copy(ROOT / ".ci" / "run", tree / ".ci" / "run")
+    shutil.copy(ROOT / "scripts" / "ensure_chromium.sh", tree / "scripts" / "ensure_chromium.sh")
+    ran = tmp_path / "make-ran"
+    tools = _tools(tmp_path / "bin", ("bash", "dirname", "id", "tee", "grep"), {"make": f"touch {ran}"})
+    r = subprocess.run([shutil.which("bash"), str(tree / ".ci" / "run")], env={"PATH": str(tools)},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and not ran.exists(), r
+    assert r.stderr.strip().splitlines()[-1].startswith("CI: Chromium could not be installed"), r.stderr
+    # with Chromium there, CI goes on to `make test`, with the requirement exported to it
+    (tools / "chromium").write_text("#!/bin/sh\nexit 0\n")
+    (tools / "chromium").chmod(0o755)
+    (tools / "make").write_text(f'#!/bin/sh\necho "$TOKENFLEET_REQUIRE_CHROMIUM" > {ran}\necho "1 passed"\n')
+    r = subprocess.run([shutil.which("bash"), str(tree / ".ci" / "run")], env={"PATH": str(tools)},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and ran.read_text().strip() == "1", r
