@@ -93,6 +93,8 @@ def test_a_2x_slowdown_with_tight_samples_is_caught_through_a_30pct_floor(tmp_pa
     r = cli("compare", str(a), str(b), "--fail-over", "10")
     assert r.returncode == 1
     assert "regression: kernel gemm torch" in r.stderr and "beyond the between-run noise of ±30%" in r.stderr
+    assert "--fail-over 10% is inside these runs' between-run noise (±30%)" in r.stderr  # what it cannot see
+    assert "inside these runs'" not in cli("compare", str(a), str(b), "--fail-over", "40").stderr
 
 
 def test_runs_without_an_estimate_compare_as_before(tmp_path: Path):

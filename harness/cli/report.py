@@ -66,6 +66,9 @@ def compare(
                                                       "status_a", "status_b"])
     typer.echo(cmp.summary(), err=to_err)
     if fail_over is not None:
+        if cmp.floor * 100 > fail_over:
+            typer.echo(f"--fail-over {fail_over:g}% is inside these runs' between-run noise (±{cmp.floor:.0%}): a "
+                       f"slowdown under {cmp.floor:.0%} cannot be told from the machine's noise here", err=True)
         bad = cmp.regressions(fail_over)
         for r in bad:
             typer.echo(f"regression: {point_name(r)}: {regression_text(r)}", err=True)
