@@ -2,7 +2,8 @@
 ceilings' drift from the run's start to its end-of-run re-probe), and the bootstrap being scipy's.
 
 A point is `slower` only when its whole interval on B/A lies above 1 + floor (`faster`: below 1 / (1 + floor));
-the floor is the larger of the two runs' largest ceiling drift. Runs without a re-probe are judged as before."""
+the floor compounds the two runs' largest ceiling drifts, (1 + fa)(1 + fb) - 1. Runs without a re-probe are judged as
+before."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from test_compare import _slow_one, _with_samples, cli
 from test_report import make_run, synthetic_points
 from tokenfleet import results
 from tokenfleet.report import compare as cmp_mod
-from tokenfleet.report.compare import FLOOR_NOTE, compare, median_ratio_interval, noise_floor
+from tokenfleet.report.compare import FLOOR_NOTE, combined_floor, compare, median_ratio_interval, noise_floor
 
 
 def _drifted(folder: Path, ratios: dict[str, float] | None) -> Path:
@@ -45,6 +46,12 @@ def test_noise_floor_is_the_largest_drift_either_way():
     assert noise_floor({}) is None  # an older run, or a suite without the re-probe
 
 
+def test_the_two_runs_floors_compound():
+    assert combined_floor(0.1, 0.2) == pytest.approx(1.1 * 1.2 - 1)  # either run may be off by its own drift
+    assert combined_floor(None, 0.2) == pytest.approx(0.2) and combined_floor(0.2, None) == pytest.approx(0.2)
+    assert combined_floor(None, None) == 0
+
+
 @pytest.mark.parametrize(("lo", "hi", "floor", "want"), [
     (1.29, 1.35, 0.30, "same"),  # above 1, but not wholly beyond the floor
     (1.31, 1.35, 0.30, "slower"),
@@ -59,12 +66,13 @@ def test_verdict_against_the_floor(lo, hi, floor, want):
 
 def test_the_floor_widens_same_exactly_as_designed(tmp_path: Path):
     """B 25% slower everywhere, samples tight (every interval wholly above 1.2): with a floor of 30% (A's copy ceiling
-    drifted 1.3x within A) every point is `same`, said to be within the machine's noise; with 20% each is `slower`."""
-    a, b = _pair(tmp_path, 1.25, {"copy_gbps": 1.3, "read_gbps": 1.02}, {"copy_gbps": 0.97})
+    drifted 1.3x within A, B's ceilings held) every point is `same`, said to be within the machine's noise; with 20%
+    each is `slower`."""
+    a, b = _pair(tmp_path, 1.25, {"copy_gbps": 1.3, "read_gbps": 1.02}, {"copy_gbps": 1.0})
     c = compare(a, b)
     timed = [r for r in c.rows if r["time_ratio"] is not None]
     assert len(timed) > 10 and c.floor == pytest.approx(0.3)
-    assert c.floors["A"] == pytest.approx(0.3) and c.floors["B"] == pytest.approx(1 / 0.97 - 1)
+    assert c.floors["A"] == pytest.approx(0.3) and c.floors["B"] == 0
     assert all(1.2 < r["ratio_lo"] and r["ratio_hi"] < 1.3 for r in timed)
     assert all(r["changed"] == "same" and r["changed_raw"] == "same" and r["noise_floor"] == pytest.approx(0.3)
                and r["note"].startswith(FLOOR_NOTE) and "±30%" in r["note"] for r in timed)
@@ -83,18 +91,22 @@ def test_the_floor_widens_same_exactly_as_designed(tmp_path: Path):
     assert len(c2.regressions(10)) == len(timed2)
 
 
-def test_a_2x_slowdown_with_tight_samples_is_caught_through_a_30pct_floor(tmp_path: Path):
-    a, b = _pair(tmp_path, 1.0, {"copy_gbps": 1.3}, {"matmul_tflops.fp32": 0.8}, slow=2.0)
+@pytest.mark.parametrize(("drift_b", "floor"), [(1.0, 0.3), (1 / 1.3, 1.3 * 1.3 - 1)])
+def test_a_2x_slowdown_with_tight_samples_is_caught_through_a_30pct_floor(tmp_path: Path, drift_b, floor):
+    """A drifted 30% (B: not at all, or 30% the other way: a 69% floor): one point 2x slower with tight samples is
+    still a regression, every other point `same`."""
+    a, b = _pair(tmp_path, 1.0, {"copy_gbps": 1.3}, {"matmul_tflops.fp32": drift_b}, slow=2.0)
     c = compare(a, b)
-    assert c.floor == pytest.approx(0.3)
+    assert c.floor == pytest.approx(floor)
     (bad,) = c.regressions(10)
     assert bad["name"] == "gemm" and bad["changed"] == "slower" and bad["ratio_lo"] > 1.9
     assert all(r["changed"] == "same" for r in c.rows if r["time_ratio"] is not None and r is not bad)
     r = cli("compare", str(a), str(b), "--fail-over", "10")
     assert r.returncode == 1
-    assert "regression: kernel gemm torch" in r.stderr and "beyond the between-run noise of ±30%" in r.stderr
-    assert "--fail-over 10% is inside these runs' between-run noise (±30%)" in r.stderr  # what it cannot see
-    assert "inside these runs'" not in cli("compare", str(a), str(b), "--fail-over", "40").stderr
+    pct = f"±{floor:.0%}"
+    assert "regression: kernel gemm torch" in r.stderr and f"beyond the between-run noise of {pct}" in r.stderr
+    assert f"--fail-over 10% is inside these runs' between-run noise ({pct})" in r.stderr  # what it cannot see
+    assert "inside these runs'" not in cli("compare", str(a), str(b), "--fail-over", "80").stderr
 
 
 def test_runs_without_an_estimate_compare_as_before(tmp_path: Path):

@@ -10,8 +10,9 @@ ratio is further from 1 than the noisier side's spread (p80-p20)/median.
 A point's samples see the noise within its own few tenths of a second, not what moves between runs (a shared VM's
 memory bus, its clocks, another process's placement: small CPU kernel points 1.13-1.42x apart between two runs of one
 commit on the 2-core development VM, 2026-12-04). Each run measures that of itself: its ceilings probed at its start
-and again at its end (`ceiling_drift`). The larger drift of the two runs is the comparison's between-run noise floor
-(`noise_floor`): a whole interval beyond 1 but inside [1/(1+floor), 1+floor] is `same`, said so in the point's note.
+and again at its end (`ceiling_drift`); its largest drift bounds how far the run's numbers may sit from the machine's
+usual, and the two runs' bounds compound into the comparison's between-run noise floor (`noise_floor`: (1 + fa)(1 + fb)
+- 1): a whole interval beyond 1 but inside [1/(1+floor), 1+floor] is `same`, said so in the point's note.
 Runs without the re-probe (older runs, suites without ceilings) are judged on their samples alone, and the header
 says so.
 
@@ -133,8 +134,9 @@ def noise_floor(manifest: dict) -> float | None:
 
 
 def combined_floor(fa: float | None, fb: float | None) -> float:
-    """The floor two runs share: the larger of the two (either run's numbers may be off by its own drift)."""
-    return max((f for f in (fa, fb) if f is not None), default=0.0)
+    """The floor of a ratio B/A: A's numbers may be off by a factor 1 + fa (its own drift), B's by 1 + fb, so their
+    ratio by (1 + fa)(1 + fb), as bounds on a quotient compound. A run without an estimate adds nothing."""
+    return (1 + (fa or 0.0)) * (1 + (fb or 0.0)) - 1
 
 
 def floor_text(floors: dict[str, float | None], floor: float) -> str:
@@ -144,8 +146,8 @@ def floor_text(floors: dict[str, float | None], floor: float) -> str:
         return ("no between-run noise estimate (neither run re-probed its ceilings at its end): changes judged on "
                 "the points' own samples only")
     said = ", ".join(f"{k} ±{f:.1%}" for k, f in floors.items() if f is not None)
-    line = (f"between-run noise floor ±{floor:.1%} (each run's largest ceiling drift, start to end: {said}): a "
-            "change inside it is `same`")
+    line = (f"between-run noise floor ±{floor:.1%} (each run's largest ceiling drift, start to end: {said}; "
+            "compounded): a change inside it is `same`")
     if missing:
         line += f"; {' and '.join(missing)} carries no estimate (no end-of-run re-probe)"
     return line
