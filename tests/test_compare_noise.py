@@ -139,3 +139,19 @@ def test_the_bootstrap_is_scipys_seeded_and_deterministic():
     assert median_ratio_interval(list(a), list(b), seed=1) != got  # the seed is what fixes it
     assert got[0] < 1.1 < got[1]
 
+
+
+def test_the_floor_holds_against_each_runs_own_ceilings_too(tmp_path: Path):
+    """Points judged against their runs' ceilings (rel_ratio): B's points 1.25x slower on the same ceilings. Within a
+    30% floor `same` on both judgments, said so; without a floor `slower` on both."""
+    from test_compare import _on_machine, _roofed, _run
+
+    pts = _roofed()
+    for floor_a, want in ((1.3, "same"), (None, "slower")):
+        d = tmp_path / str(floor_a)
+        a = _drifted(_run(d / "a", _on_machine(pts, 1.0, seed=1), 2900, "a"), floor_a and {"copy_gbps": floor_a})
+        b = _drifted(_run(d / "b", _on_machine(pts, 0.8, ceiling_speed=1.0, seed=2), 2900, "b"), None)
+        judged = [r for r in compare(a, b).rows if r["rel_ratio"] is not None]
+        assert len(judged) >= 8 and all(r["rel_lo"] > 1.15 and r["ratio_lo"] > 1.15 for r in judged)
+        assert all(r["changed"] == want and r["changed_raw"] == want for r in judged)
+        assert all(bool(r["note"]) == (want == "same") for r in judged)
