@@ -27,6 +27,8 @@ that differs between the runs beyond its noise and by more than MACHINE_LIMIT is
 from __future__ import annotations
 
 import json
+import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,14 +131,15 @@ def noise_floor(manifest: dict) -> float | None:
     """The between-run noise a run measured of its machine: the largest move of any of its ceilings between the
     run's start and its end-of-run re-probe (`ceiling_drift.ratios`, end/start), as a relative change (ratio r:
     max(r, 1/r) - 1). None where the run has no re-probe (an older run, a suite without ceilings, a run cut short)."""
-    ratios = [r for r in ((manifest.get("ceiling_drift") or {}).get("ratios") or {}).values() if r and r > 0]
+    ratios = [r for r in ((manifest.get("ceiling_drift") or {}).get("ratios") or {}).values()
+              if isinstance(r, (int, float)) and r > 0 and math.isfinite(r) and math.isfinite(1 / r)]
     return max(max(r, 1 / r) for r in ratios) - 1 if ratios else None
 
 
 def combined_floor(fa: float | None, fb: float | None) -> float:
     """The floor of a ratio B/A: A's numbers may be off by a factor 1 + fa (its own drift), B's by 1 + fb, so their
     ratio by (1 + fa)(1 + fb), as bounds on a quotient compound. A run without an estimate adds nothing."""
-    return (1 + (fa or 0.0)) * (1 + (fb or 0.0)) - 1
+    return min((1 + (fa or 0.0)) * (1 + (fb or 0.0)) - 1, sys.float_info.max)  # finite: JSON has no inf
 
 
 def floor_text(floors: dict[str, float | None], floor: float) -> str:
