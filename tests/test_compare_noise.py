@@ -44,12 +44,14 @@ def test_noise_floor_is_the_largest_drift_either_way():
     assert noise_floor({"ceiling_drift": {"ratios": {"copy_gbps": 1.3}}}) == pytest.approx(0.3)
     assert noise_floor({"ceiling_drift": {"ratios": {}}}) is None
     assert noise_floor({}) is None  # an older run, or a suite without the re-probe
+    assert noise_floor({"ceiling_drift": {"ratios": {"copy_gbps": 1e-320, "read_gbps": 1.1}}}) == pytest.approx(0.1)
 
 
 def test_the_two_runs_floors_compound():
     assert combined_floor(0.1, 0.2) == pytest.approx(1.1 * 1.2 - 1)  # either run may be off by its own drift
     assert combined_floor(None, 0.2) == pytest.approx(0.2) and combined_floor(0.2, None) == pytest.approx(0.2)
     assert combined_floor(None, None) == 0
+    assert combined_floor(1e300, 1e300) < float("inf")  # written to JSON, which has no inf
 
 
 @pytest.mark.parametrize(("lo", "hi", "floor", "want"), [
