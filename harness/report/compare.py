@@ -130,7 +130,8 @@ def median_ratio_interval(a: list[float], b: list[float], resamples: int = RESAM
 def noise_floor(manifest: dict) -> float | None:
     """The between-run noise a run measured of its machine: the largest move of any of its ceilings between the
     run's start and its end-of-run re-probe (`ceiling_drift.ratios`, end/start), as a relative change (ratio r:
-    max(r, 1/r) - 1). None where the run has no re-probe (an older run, a suite without ceilings, a run cut short)."""
+    max(r, 1/r) - 1). None where the run has no usable re-probe (an older run, a suite without ceilings or without
+    the re-probe, a run cut short, re-probes all `contended`)."""
     ratios = [r for r in ((manifest.get("ceiling_drift") or {}).get("ratios") or {}).values()
               if isinstance(r, (int, float)) and r > 0 and math.isfinite(r) and math.isfinite(1 / r)]
     return max(max(r, 1 / r) for r in ratios) - 1 if ratios else None
@@ -146,13 +147,13 @@ def floor_text(floors: dict[str, float | None], floor: float) -> str:
     """The header's line on the between-run noise floor: what each run measured, or that one did not."""
     missing = [k for k, f in floors.items() if f is None]
     if len(missing) == len(floors):
-        return ("no between-run noise estimate (neither run re-probed its ceilings at its end): changes judged on "
-                "the points' own samples only")
+        return ("no between-run noise estimate (neither run has a usable end-of-run ceiling re-probe): changes "
+                "judged on the points' own samples only")
     said = ", ".join(f"{k} ±{f:.1%}" for k, f in floors.items() if f is not None)
     line = (f"between-run noise floor ±{floor:.1%} (each run's largest ceiling drift, start to end: {said}; "
             "compounded): a change inside it is `same`")
     if missing:
-        line += f"; {' and '.join(missing)} carries no estimate (no end-of-run re-probe)"
+        line += f"; {' and '.join(missing)} carries no estimate (no usable end-of-run re-probe)"
     return line
 
 
