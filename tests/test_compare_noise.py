@@ -61,6 +61,9 @@ def test_the_two_runs_floors_compound():
     (1 / 1.31, 1 / 1.29, 0.30, "same"),  # the floor is symmetric in the ratio: 1 / 1.3 below
     (1 / 1.35, 1 / 1.31, 0.30, "faster"),
     (0.99, 1.01, 0.0, "same"),
+    (2.0, 2.5, 1.0, "same"),  # at the floor is not beyond it
+    (0.4, 0.5, 1.0, "same"),
+    (0.4, 0.49, 1.0, "faster"),
 ])
 def test_verdict_against_the_floor(lo, hi, floor, want):
     assert cmp_mod._verdict(lo, hi, floor) == want
@@ -157,3 +160,4 @@ def test_the_floor_holds_against_each_runs_own_ceilings_too(tmp_path: Path):
         assert len(judged) >= 8 and all(r["rel_lo"] > 1.15 and r["ratio_lo"] > 1.15 for r in judged)
         assert all(r["changed"] == want and r["changed_raw"] == want for r in judged)
         assert all(bool(r["note"]) == (want == "same") for r in judged)
+        assert all("against each run's own ceiling x" in r["note"] for r in judged if want == "same")

@@ -8,13 +8,13 @@ above; --fail-over gates on the interval's lower end clearing the threshold); fo
 ratio is further from 1 than the noisier side's spread (p80-p20)/median.
 
 A point's samples see the noise within its own few tenths of a second, not what moves between runs (a shared VM's
-memory bus, its clocks, another process's placement: small CPU kernel points 1.13-1.42x apart between two runs of one
-commit on the 2-core development VM, 2026-12-04). Each run measures that of itself: its ceilings probed at its start
-and again at its end (`ceiling_drift`); its largest drift bounds how far the run's numbers may sit from the machine's
-usual, and the two runs' bounds compound into the comparison's between-run noise floor (`noise_floor`: (1 + fa)(1 + fb)
-- 1): a whole interval beyond 1 but inside [1/(1+floor), 1+floor] is `same`, said so in the point's note.
-Runs without the re-probe (older runs, suites without ceilings) are judged on their samples alone, and the header
-says so.
+memory bus, its clocks, another process's placement: small CPU kernel points up to 1.60x apart, their samples tight,
+between quiet runs of one commit on the 2-core development VM, 2026-12-04; results/compare/). Each run measures that
+of itself: its ceilings probed at its start and again at its end (`ceiling_drift`); its largest drift bounds how far
+the run's numbers may sit from the machine's usual, and the two runs' bounds compound into the comparison's
+between-run noise floor (`noise_floor`: (1 + fa)(1 + fb) - 1): a whole interval beyond 1 but inside
+[1/(1+floor), 1+floor] is `same`, said so in the point's note. Runs without a usable re-probe (older runs, suites
+without ceilings) are judged on their samples alone, and the header says so.
 
 A busy or different machine moves every time, so where both runs carry the ceiling a point is judged against (its
 `ceiling_name`: copy, read, matmul or matvec of its dtype), the point is judged on its efficiency, each run's point
@@ -292,7 +292,8 @@ def _pair(key: str, a: dict | None, b: dict | None, ceilings: dict[str, dict] | 
     row["noise_floor"] = floor
     row["changed"], row["changed_raw"] = judge(row, lo, hi, floor)
     if row["changed"] == "same" and judge(row, lo, hi, 0.0)[0] != "same":
-        row["note"] = f"{FLOOR_NOTE} of ±{floor:.0%} (B/A x{lo:.3f}..x{hi:.3f})"
+        rel = f"; against each run's own ceiling x{row['rel_lo']:.3f}..x{row['rel_hi']:.3f}" if row["rel_lo"] else ""
+        row["note"] = f"{FLOOR_NOTE} of ±{floor:.0%} (B/A x{lo:.3f}..x{hi:.3f}{rel})"
     return row
 
 
