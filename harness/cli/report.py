@@ -53,7 +53,8 @@ def compare(
     if fmt == "json":
         print(to_json({"a": cmp.a.run_id, "b": cmp.b.run_id, "device_a": cmp.a.device, "device_b": cmp.b.device,
                        "cross_device": cmp.cross_device, "ceilings": cmp.ceilings,
-                       "machines_differed": cmp.machines_differed, "rows": cmp.rows}))
+                       "machines_differed": cmp.machines_differed, "noise_floor": cmp.floor,
+                       "noise_floors": cmp.floors, "rows": cmp.rows}))
     elif fmt == "csv":
         emit(cmp.rows, fmt, columns=COLUMNS + ["throughput_field", "cross_device"])
     else:
@@ -65,6 +66,9 @@ def compare(
                                                       "status_a", "status_b"])
     typer.echo(cmp.summary(), err=to_err)
     if fail_over is not None:
+        if cmp.floor * 100 > fail_over:
+            typer.echo(f"--fail-over {fail_over:g}% is inside these runs' between-run noise (±{cmp.floor:.0%}): a "
+                       f"slowdown under {cmp.floor:.0%} cannot be told from the machine's noise here", err=True)
         bad = cmp.regressions(fail_over)
         for r in bad:
             typer.echo(f"regression: {point_name(r)}: {regression_text(r)}", err=True)
@@ -80,10 +84,7 @@ def point_name(r: dict) -> str:
 
 def _interval(r: dict) -> tuple[float, float] | None:
     """The interval on the time ratio B/A when the comparison computed one (from both runs' samples)."""
-    ci = r.get("time_ratio_ci")
-    if ci and len(ci) == 2 and None not in ci:
-        return float(ci[0]), float(ci[1])
-    lo, hi = r.get("time_ratio_lo"), r.get("time_ratio_hi")
+    lo, hi = r.get("ratio_lo"), r.get("ratio_hi")
     return (float(lo), float(hi)) if lo is not None and hi is not None else None
 
 
@@ -92,10 +93,11 @@ def regression_text(r: dict) -> str:
         return f"not judged: measured on a shared machine ({r['note']}); --resume that run on a quiet machine"
     if r["changed"] != "slower":
         return f"failed ({r['note']})"
+    floor = f"; beyond the between-run noise of ±{r['noise_floor']:.0%}" if r.get("noise_floor") else ""
     if r.get("rel_ratio") is not None:
         return (f"slower x{r['rel_ratio']:.3f} against each run's own ceiling (interval x{r['rel_lo']:.3f}.."
-                f"x{r['rel_hi']:.3f}; raw time x{r['time_ratio']:.3f})")
+                f"x{r['rel_hi']:.3f}; raw time x{r['time_ratio']:.3f}{floor})")
     ci = _interval(r)
     if ci:
-        return f"slower x{r['time_ratio']:.3f} (interval x{ci[0]:.3f}..x{ci[1]:.3f} on B/A)"
-    return f"slower x{r['time_ratio']:.3f} (noise {max(r['spread_a'] or 0, r['spread_b'] or 0):.1%})"
+        return f"slower x{r['time_ratio']:.3f} (interval x{ci[0]:.3f}..x{ci[1]:.3f} on B/A{floor})"
+    return f"slower x{r['time_ratio']:.3f} (noise {max(r['spread_a'] or 0, r['spread_b'] or 0):.1%}{floor})"

@@ -3,9 +3,18 @@
 Points match on their identity (`tokenfleet.results.point_key`: kind, op or model, backend, dtype and shape; the run
 id, device and every measurement are left out), so runs from different devices compare too, labelled as such.
 A change is claimed only when it is outside the noise: where both points kept their samples, from a seeded
-bootstrap interval of the ratio of medians (`faster` when the interval lies below 1, `slower` above; --fail-over
-gates on the interval's lower end clearing the threshold); for older runs without samples, when the ratio is
-further from 1 than the noisier side's spread (p80-p20)/median.
+bootstrap interval of the ratio of medians (scipy.stats.bootstrap; `faster` when the interval lies below 1, `slower`
+above; --fail-over gates on the interval's lower end clearing the threshold); for older runs without samples, when the
+ratio is further from 1 than the noisier side's spread (p80-p20)/median.
+
+A point's samples see the noise within its own few tenths of a second, not what moves between runs (a shared VM's
+memory bus, its clocks, another process's placement: small CPU kernel points up to 1.60x apart, their samples tight,
+between quiet runs of one commit on the 2-core development VM, 2026-12-04; results/compare/). Each run measures that
+of itself: its ceilings probed at its start and again at its end (`ceiling_drift`); its largest drift bounds how far
+the run's numbers may sit from the machine's usual, and the two runs' bounds compound into the comparison's
+between-run noise floor (`noise_floor`: (1 + fa)(1 + fb) - 1): a whole interval beyond 1 but inside
+[1/(1+floor), 1+floor] is `same`, said so in the point's note. Runs without a usable re-probe (older runs, suites
+without ceilings) are judged on their samples alone, and the header says so.
 
 A busy or different machine moves every time, so where both runs carry the ceiling a point is judged against (its
 `ceiling_name`: copy, read, matmul or matvec of its dtype), the point is judged on its efficiency, each run's point
@@ -18,10 +27,13 @@ that differs between the runs beyond its noise and by more than MACHINE_LIMIT is
 from __future__ import annotations
 
 import json
+import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 from tokenfleet.config import ConfigError
 from tokenfleet.results import USABLE, Run, flat_ceilings, load_run, manifest_json, resolve_run
 
@@ -30,11 +42,12 @@ NAME_FIELDS = ("kind", "op", "model", "backend", "dtype")
 KIND_ORDER = {"ceiling": 0, "kernel": 1, "prefill": 2, "decode": 3}
 COLUMNS = ["kind", "name", "backend", "dtype", "shape", "status_a", "status_b", "median_ms_a", "median_ms_b",
            "time_ratio", "ratio_lo", "ratio_hi", "changed_raw", "rel_ratio", "rel_lo", "rel_hi", "throughput_ratio",
-           "spread_a", "spread_b", "changed", "method", "note"]
+           "spread_a", "spread_b", "noise_floor", "changed", "method", "note"]
 RESAMPLES = 2000  # bootstrap resamples per point pair
 CONFIDENCE = 0.95  # of the interval on the ratio of medians
 MIN_SAMPLES = 5  # fewer kept samples on either side: the spread rule instead
 SEED = 0  # the same two runs always give the same intervals
+FLOOR_NOTE = "within this machine's between-run noise"  # a point judged `same` because of the noise floor
 # Ceilings further apart than this (and beyond their noise): the machines differed. The same limit as a ceiling's
 # drift within one run (tokenfleet.measure.parts.ceilings.DRIFT_LIMIT; tests/test_compare.py holds them equal).
 MACHINE_LIMIT = 0.05
@@ -46,6 +59,8 @@ class Comparison:
     b: Run
     rows: list[dict] = field(default_factory=list)
     ceilings: dict[str, dict] = field(default_factory=dict)  # name -> ratio B/A, its interval, differed
+    floor: float = 0.0  # the between-run noise floor both runs measured of themselves (`noise_floor`)
+    floors: dict[str, float | None] = field(default_factory=dict)  # "A"/"B" -> each run's own (None: not measured)
 
     @property
     def machines_differed(self) -> list[str]:
@@ -64,7 +79,7 @@ class Comparison:
             line += ("\nthe machines differed: ceilings B/A " + ", ".join(self.machines_differed) + " beyond their "
                      "noise; a change is claimed where a point's raw time and its time against its own run's "
                      "ceiling (rel_ratio) agree")
-        return line
+        return line + "\n" + floor_text(self.floors, self.floor)
 
     def summary(self) -> str:
         counts: dict[str, int] = {}
@@ -74,6 +89,9 @@ class Comparison:
         rel = sum(r.get("rel_ratio") is not None for r in self.rows)
         if rel:
             text += f" ({rel} judged against each run's own ceilings)"
+        floored = sum(bool(r["note"]) and r["note"].startswith(FLOOR_NOTE) for r in self.rows)
+        if floored:
+            text += f"; {floored} same only within this machine's between-run noise of ±{self.floor:.0%}"
         if self.machines_differed:
             text += "; the machines differed: " + ", ".join(self.machines_differed)
         return text
@@ -95,16 +113,48 @@ class Comparison:
                 or (r["changed"] == "slower" and r["kind"] != "ceiling" and over(r))]
 
 
+def _median_ratio(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.median(b, axis=axis) / np.median(a, axis=axis)
+
+
 def median_ratio_interval(a: list[float], b: list[float], resamples: int = RESAMPLES,
                           confidence: float = CONFIDENCE, seed: int = SEED) -> tuple[float, float]:
-    """A percentile bootstrap interval of median(b) / median(a): both sample sets resampled with replacement."""
-    rng = np.random.default_rng(seed)
-    xa, xb = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    ma = np.median(xa[rng.integers(0, len(xa), (resamples, len(xa)))], axis=1)
-    mb = np.median(xb[rng.integers(0, len(xb), (resamples, len(xb)))], axis=1)
-    tail = (1 - confidence) / 2
-    lo, hi = np.quantile(mb / ma, [tail, 1 - tail])
-    return float(lo), float(hi)
+    """A percentile bootstrap interval of median(b) / median(a), the two sample sets resampled independently with
+    replacement (scipy.stats.bootstrap, seeded: the same samples give the same interval)."""
+    res = stats.bootstrap((np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)), _median_ratio,
+                          n_resamples=resamples, confidence_level=confidence, method="percentile", vectorized=True,
+                          random_state=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def noise_floor(manifest: dict) -> float | None:
+    """The between-run noise a run measured of its machine: the largest move of any of its ceilings between the
+    run's start and its end-of-run re-probe (`ceiling_drift.ratios`, end/start), as a relative change (ratio r:
+    max(r, 1/r) - 1). None where the run has no usable re-probe (an older run, a suite without ceilings or without
+    the re-probe, a run cut short, re-probes all `contended`)."""
+    ratios = [r for r in ((manifest.get("ceiling_drift") or {}).get("ratios") or {}).values()
+              if isinstance(r, (int, float)) and r > 0 and math.isfinite(r) and math.isfinite(1 / r)]
+    return max(max(r, 1 / r) for r in ratios) - 1 if ratios else None
+
+
+def combined_floor(fa: float | None, fb: float | None) -> float:
+    """The floor of a ratio B/A: A's numbers may be off by a factor 1 + fa (its own drift), B's by 1 + fb, so their
+    ratio by (1 + fa)(1 + fb), as bounds on a quotient compound. A run without an estimate adds nothing."""
+    return min((1 + (fa or 0.0)) * (1 + (fb or 0.0)) - 1, sys.float_info.max)  # finite: JSON has no inf
+
+
+def floor_text(floors: dict[str, float | None], floor: float) -> str:
+    """The header's line on the between-run noise floor: what each run measured, or that one did not."""
+    missing = [k for k, f in floors.items() if f is None]
+    if len(missing) == len(floors):
+        return ("no between-run noise estimate (neither run has a usable end-of-run ceiling re-probe): changes "
+                "judged on the points' own samples only")
+    said = ", ".join(f"{k} ±{f:.1%}" for k, f in floors.items() if f is not None)
+    line = (f"between-run noise floor ±{floor:.1%} (each run's largest ceiling drift, start to end: {said}; "
+            "compounded): a change inside it is `same`")
+    if missing:
+        line += f"; {' and '.join(missing)} carries no estimate (no usable end-of-run re-probe)"
+    return line
 
 
 def _samples(p: dict) -> list[float] | None:
@@ -134,8 +184,9 @@ def _ident(key: str) -> dict:
             "dtype": ident.get("dtype"), "shape": shape}
 
 
-def _verdict(lo: float, hi: float) -> str:
-    return "faster" if hi < 1 else "slower" if lo > 1 else "same"
+def _verdict(lo: float, hi: float, floor: float = 0.0) -> str:
+    """`slower` when the whole interval lies above 1 + floor, `faster` when below 1 / (1 + floor), else `same`."""
+    return "faster" if hi * (1 + floor) < 1 else "slower" if lo > 1 + floor else "same"
 
 
 def _ceiling_point(run: Run, name: str) -> dict | None:
@@ -169,12 +220,11 @@ def ceiling_ratios(a: Run, b: Run) -> dict[str, dict]:
 
 
 def _relative(row: dict, a: dict, b: dict, ceilings: dict[str, dict]) -> None:
-    """Judge a timed point against each run's own ceiling: time ratio x ceiling ratio B/A (>1: B used less of its
-    machine), its interval the product of the two intervals; the raw verdict kept in `changed_raw`."""
+    """A timed point against each run's own ceiling: time ratio x ceiling ratio B/A (>1: B used less of its
+    machine) as `rel_ratio`, its interval (`rel_lo`, `rel_hi`) the product of the two intervals."""
     name = a.get("ceiling_name")
     c = ceilings.get(name) if name and name == b.get("ceiling_name") and a.get("kind") != "ceiling" else None
-    row["changed_raw"] = row["changed"]
-    if c is None or row["time_ratio"] is None or row["changed"] not in ("faster", "slower", "same"):
+    if c is None or row["time_ratio"] is None:
         return
     row["rel_ratio"] = row["time_ratio"] * c["ratio"]
     if row["method"] == "bootstrap":
@@ -182,22 +232,30 @@ def _relative(row: dict, a: dict, b: dict, ceilings: dict[str, dict]) -> None:
     else:
         noise = max(row["spread_a"], row["spread_b"]) + (c["hi"] - c["lo"]) / 2 / c["ratio"]
         row["rel_lo"], row["rel_hi"] = row["rel_ratio"] - noise, row["rel_ratio"] + noise
-    rel = _verdict(row["rel_lo"], row["rel_hi"]) if row["method"] == "bootstrap" else (
-        "same" if row["rel_lo"] <= 1 <= row["rel_hi"] else "faster" if row["rel_ratio"] < 1 else "slower")
+
+
+def judge(row: dict, lo: float, hi: float, floor: float) -> tuple[str, str]:
+    """(changed, changed_raw) of a timed pair: the raw interval [lo, hi] on B/A judged beyond the noise floor
+    (`_verdict`), and where the row carries one, the interval against each run's own ceiling too."""
+    raw = _verdict(lo, hi, floor)
+    if row.get("rel_lo") is None:
+        return raw, raw
+    rel = _verdict(row["rel_lo"], row["rel_hi"], floor)
     # A change is claimed only where the raw time and the time against each run's own ceiling agree: a busy or
     # different machine moves the raw time alone (its ceilings moved with it), a ceiling probe's own noise moves the
     # relative ratio alone (two runs on one quiet 2-core VM, 2026-12-04: copy and read ceilings 1.44x apart, every
     # point's raw time within its noise).
-    row["changed"] = rel if rel == row["changed_raw"] else "same"
+    return (rel if rel == raw else "same"), raw
 
 
-def _pair(key: str, a: dict | None, b: dict | None, ceilings: dict[str, dict] | None = None) -> dict:
+def _pair(key: str, a: dict | None, b: dict | None, ceilings: dict[str, dict] | None = None,
+          floor: float = 0.0) -> dict:
     row = {**_ident(key), "status_a": a and a.get("status"), "status_b": b and b.get("status"),
            "median_ms_a": a and a.get("median_ms"), "median_ms_b": b and b.get("median_ms"),
            "time_ratio": None, "throughput_ratio": None, "throughput_field": None,
            "spread_a": a and _spread(a), "spread_b": b and _spread(b), "changed": None, "note": None,
            "ratio_lo": None, "ratio_hi": None, "method": None, "changed_raw": None, "rel_ratio": None,
-           "rel_lo": None, "rel_hi": None}
+           "rel_lo": None, "rel_hi": None, "noise_floor": None}
     if a is None or b is None:
         row["changed"] = "only_b" if a is None else "only_a"
         return row
@@ -221,16 +279,21 @@ def _pair(key: str, a: dict | None, b: dict | None, ceilings: dict[str, dict] | 
     ratio = row["time_ratio"] or (1 / row["throughput_ratio"] if row["throughput_ratio"] else None)
     sa, sb = _samples(a), _samples(b)
     if ratio is None:
-        row["changed"], row["note"] = "n/a", "no time or throughput on both sides"
-    elif sa and sb:
+        row["changed"] = row["changed_raw"] = "n/a"
+        row["note"] = "no time or throughput on both sides"
+        return row
+    if sa and sb:
         lo, hi = median_ratio_interval(sa, sb)
         row.update(ratio_lo=lo, ratio_hi=hi, method="bootstrap")
-        row["changed"] = _verdict(lo, hi)
-    else:
-        row["method"] = "spread"
-        row["changed"] = "same" if abs(ratio - 1) <= max(row["spread_a"], row["spread_b"]) else (
-            "faster" if ratio < 1 else "slower")
+    else:  # beyond the noisier side's spread
+        noise = max(row["spread_a"], row["spread_b"])
+        lo, hi, row["method"] = ratio - noise, ratio + noise, "spread"
     _relative(row, a, b, ceilings or {})
+    row["noise_floor"] = floor
+    row["changed"], row["changed_raw"] = judge(row, lo, hi, floor)
+    if row["changed"] == "same" and judge(row, lo, hi, 0.0)[0] != "same":
+        rel = f"; against each run's own ceiling x{row['rel_lo']:.3f}..x{row['rel_hi']:.3f}" if row["rel_lo"] else ""
+        row["note"] = f"{FLOOR_NOTE} of ±{floor:.0%} (B/A x{lo:.3f}..x{hi:.3f}{rel})"
     return row
 
 
@@ -245,9 +308,11 @@ def compare(run_a: str | Path, run_b: str | Path) -> Comparison:
                           "comparable")
     cmp = Comparison(load_run(da), load_run(db))
     cmp.ceilings = ceiling_ratios(cmp.a, cmp.b)
+    cmp.floors = {"A": noise_floor(cmp.a.manifest), "B": noise_floor(cmp.b.manifest)}
+    cmp.floor = combined_floor(cmp.floors["A"], cmp.floors["B"])
     pa, pb = cmp.a.by_key(), cmp.b.by_key()
     keys = list(pa) + [k for k in pb if k not in pa]
-    rows = [_pair(k, pa.get(k), pb.get(k), cmp.ceilings) for k in keys]
+    rows = [_pair(k, pa.get(k), pb.get(k), cmp.ceilings, cmp.floor) for k in keys]
     for r in rows:
         r["cross_device"] = cmp.cross_device
     cmp.rows = sorted(rows, key=lambda r: (r["changed"] in ("only_a", "only_b"), KIND_ORDER.get(r["kind"], 9),
