@@ -200,9 +200,13 @@ class Transformer:
         self.routing_skew = routing_skew  # [E] bias on the routers' choice scores (moe.routing_skew), or None
         self.route_log: list | None = None  # set to a list: each MoE layer appends its chosen experts (eager only)
         mw = next((lw.moe for lw in weights.layers if lw.moe is not None), None)
-        # the expert layer this backend runs for these weights, picked here (outside any trace)
-        self.experts = self.ops.experts(self.dtype, self.device, (*mw.w13.shape[1:], *mw.w2.shape[1:])) \
-            if mw is not None else None
+        # the expert layer this backend runs for these weights, picked here (outside any trace): e4m3 experts and EP
+        # slices in the kernels' form (moe.kernel_experts)
+        self.experts = None
+        if mw is not None:
+            widths = (*mw.w13.shape[1:], *mw.w2.shape[1:])
+            self.experts = E.kernel_experts(backend, mw.w13_scale is not None, self.dtype, self.device, widths) \
+                if mw.kernel_form else self.ops.experts(self.dtype, self.device, widths)
         self._prefill_block, self._decode_block = self._prefill_layer, self._decode_layer
         self._head = self.ops.gemm
         if self.ops.compiled:
@@ -285,7 +289,10 @@ class Transformer:
                                                   m.routed_scaling_factor, self.routing_skew)
         if self.route_log is not None:
             self.route_log.append(ids)
-        out = self.experts(y, mw.w13, mw.w2, ids, weights)
+        if mw.kernel_form:
+            out = E.run_kernel_experts(self.experts, y, mw, ids, weights)
+        else:
+            out = self.experts(y, mw.w13, mw.w2, ids, weights)
         if mw.shared_w13 is not None:
             out = out + self._dense_mlp(y, mw.shared_w13, mw.shared_w2)
         return out

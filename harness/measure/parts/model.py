@@ -15,8 +15,10 @@ checking its backends, the device's memory) and the plans; the timed points are 
 
 MoE models (`qwen3_moe`, `deepseek_v3`): built whole or by a layer subset (every layer alike; or DeepSeek-V3's dense
 layers first, then MoE: the subset holds every dense layer and at least one MoE layer, the dense layers timed apart
-and each kind scaled to its own count; interleaved layouts are refused), bf16/fp32/fp16 (fp8 experts are not
-built), one GPU (tp 1). A point states its routing condition (`routing`: the model's own router on its random
+and each kind scaled to its own count; interleaved layouts are refused), bf16/fp32/fp16, or fp8: e4m3 routed experts
+with DeepSeek-V3's 128x128 block scales (`fp8_scale: block`), bf16 elsewhere (MLA included; `model.fp8`), the key
+saying `expert_dtype: fp8`, on triton and torch (torch: torch._scaled_mm with block scales, CUDA sm90+), one GPU
+(tp 1). A point states its routing condition (`routing`: the model's own router on its random
 weights, nearly uniform, or `zipf`: a stated skew on the routers' choice) and what it produced: the experts touched
 per MoE layer and tokens per expert (`model_points`). `more` lists further grids of a section (other models, other
 batches) beside its main one, e.g. a tiny MoE decode next to a dense grid.
@@ -56,7 +58,9 @@ TOLERANCE = {"fp32": 1e-2, "bf16": 6e-2, "fp16": 2e-2, "fp8": F8.TOLERANCE}
 # 32 experts 0.039; 48 layers with 16 experts 0.027 (48 layers of 128 experts did not fit the CPU: expected above
 # 0.04). A broken expert path on the tiny fp32 models: equal routing weights 0.12 (tiny-qwen3-moe) / 0.40
 # (tiny-deepseek-v3), another token's experts 0.56 / 0.84.
-MOE_TOLERANCE = {"bf16": 0.1, "fp16": 0.1}
+# fp8 MoE models (e4m3 experts) against the bf16 model's reference: model.fp8.MOE_TOLERANCE (a stated multiple of the
+# measured error).
+MOE_TOLERANCE = {"bf16": 0.1, "fp16": 0.1, "fp8": F8.MOE_TOLERANCE}
 MEMORY_FRACTION = 0.85  # of the free memory the points may plan for
 WEIGHT_FRACTION = 0.6  # of that, for weights, when choosing how many layers fit
 CHECK_BATCH, CHECK_LEN = 2, 8
@@ -366,9 +370,26 @@ def _run(session: _Session, point, spec: _ModelSpec, args: tuple, ctx: RunContex
     return _guard_oom(session, ctx, prepared_point)
 
 
-def _not_buildable(name: str, spec: _ModelSpec, dtype: str) -> str | None:
-    """Why the decoder cannot build `name` at spec.tp in `dtype`, or None."""
-    return not_buildable(load_model_config(name), spec.tp, dtype, spec.layers)
+def _not_buildable(name: str, spec: _ModelSpec, dtype: str, backend: str, on_gpu: bool) -> str | None:
+    """Why the decoder cannot build `name` at spec.tp in `dtype` on `backend`, or None."""
+    cfg = load_model_config(name)
+    return not_buildable(cfg, spec.tp, dtype, spec.layers) or (
+        moe_fp8_problem(cfg, backend, spec.fp8_scale, spec.kv_dtype, on_gpu) if dtype == "fp8" else None)
+
+
+def moe_fp8_problem(cfg: ModelConfig, backend: str, scale: str, kv_dtype: str, on_gpu: bool) -> str | None:
+    """Why an fp8 (e4m3 experts) point of an MoE cfg is not built on `backend` (None: it is; dense: None)."""
+    if cfg.moe is None:
+        return None
+    if scale != F8.EXPERT_LAYOUT:
+        return f"{cfg.id}: e4m3 MoE experts take DeepSeek-V3's 128x128 block scales (fp8 scale: block), not {scale}"
+    if cfg.mla and kv_dtype != "bf16":
+        return f"{cfg.id}: the MLA latent cache is built in bf16 only (kv_dtype {kv_dtype})"
+    if backend == "compile":
+        return f"{cfg.id}: e4m3 experts are not built under torch.compile (moe.kernel_experts)"
+    if backend == "torch" and not on_gpu:
+        return f"{cfg.id}: e4m3 experts on torch run torch._scaled_mm with block scales, CUDA sm90+ only"
+    return None
 
 
 def not_buildable(cfg: ModelConfig, tp: int, dtype: str, layers: int | None = None) -> str | None:
@@ -376,8 +397,8 @@ def not_buildable(cfg: ModelConfig, tp: int, dtype: str, layers: int | None = No
     if not cfg.is_dense:
         if tp > 1:
             return f"{cfg.id}: tensor-parallel shards of MoE / MLA models are not built (tp {tp})"
-        if dtype == "fp8":
-            return f"{cfg.id}: fp8 MoE experts / MLA are not built (the fp8 model quantizes dense projections only)"
+        if dtype == "fp8" and cfg.moe is None:
+            return f"{cfg.id}: fp8 MLA without MoE experts is not built"
         if layers is not None and layers < cfg.num_layers and subset_problem(cfg, layers):
             return subset_problem(cfg, layers)
     return tp_problem(cfg, tp)
@@ -396,9 +417,11 @@ def _plan(kind: str, spec: _ModelSpec, ctx: RunContext, length_key: str, point, 
             key.update(kv_dtype=spec.kv_dtype, fp8_scale=spec.fp8_scale)
         if load_model_config(name).moe:
             key["routing"] = spec.routing.label
+            if dtype == "fp8":  # the routed experts are what is e4m3 (bf16 elsewhere)
+                key["expert_dtype"] = "fp8"
         no_fp8 = dtype == "fp8" and ctx.datasheet and ctx.datasheet.fp8_refusal()
         cpu_triton = CPU_TRITON_NOTE if backend == "triton" and not ctx.on_gpu else None
-        skip = _not_buildable(name, spec, dtype) or no_fp8 or cpu_triton
+        skip = _not_buildable(name, spec, dtype, backend, ctx.on_gpu) or no_fp8 or cpu_triton
         run = _skipped(skip) if skip else functools.partial(_run, session, point, spec,
                                                             (name, dtype, backend, batch, length))
         jobs.append(Job(key=key, run=run, label=f"{kind} {name} {backend} {dtype} b{batch} {length_key}{length}"))

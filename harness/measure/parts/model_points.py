@@ -145,6 +145,9 @@ def _routing(spec: _ModelSpec, built: _Built, m: M.Transformer, backend: str, ru
     touched = (counts > 0).sum(1)
     full_moe = M.with_layers(cfg, built.full_layers).num_moe_layers
     impl = E.experts_impl(m.experts) + (" under torch.compile" if m.ops.compiled else "")
+    mw = next(lw.moe for lw in m.weights.layers if lw.moe is not None)
+    if mw.w13_scale is not None:
+        impl += ", e4m3 with 128x128 block scales (bf16 elsewhere)"
     # (the routing condition itself is the point's key field `routing`: spec.routing.label)
     fields = {"experts_touched": touched.tolist(), "tokens_per_expert": counts.sum(0).tolist(),
               "tokens_per_expert_max": counts.max(1).values.tolist()}
@@ -175,7 +178,7 @@ def _prefill_point(ctx: RunContext, session: _Session, spec: PrefillSpec, built:
     return {**_point(built, m, backend, t, first, lambda h: ctx.measure(lambda: h.forward_prefill(tokens, None)),
                      lambda ms: {"ttft_ms": ms, "tokens_per_s": tokens_n / (ms / 1e3)},
                      flops=M.prefill_flops(full_cfg, batch, prompt_len),
-                     bytes_=F8.prefill_bytes(full_cfg, batch, prompt_len, kvb) if dtype == "fp8"
+                     bytes_=F8.prefill_bytes(full_cfg, batch, prompt_len, kvb, touched) if dtype == "fp8"
                      else M.prefill_bytes(full_cfg, batch, prompt_len, db, touched), note=note), **routed}
 
 
@@ -204,7 +207,7 @@ def _decode_point(ctx: RunContext, session: _Session, spec: DecodeSpec, built: _
     return {**_point(built, m, backend, t, first, time_head,
                      lambda ms: {"tpot_ms": ms, "tokens_per_s": batch / (ms / 1e3), "tokens_per_s_per_seq": 1e3 / ms},
                      flops=M.decode_flops(full_cfg, batch, context),
-                     bytes_=(F8.decode_bytes(full_cfg, batch, context, kvb) if dtype == "fp8"
+                     bytes_=(F8.decode_bytes(full_cfg, batch, context, kvb, touched) if dtype == "fp8"
                              else M.decode_bytes(full_cfg, batch, context, db, touched))
                      + M.padded_kv_bytes(full_cfg, batch, context, kvb, backend),
                      note="; ".join(x for x in (graph_note, note) if x) or None), **routed}
