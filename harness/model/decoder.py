@@ -223,8 +223,19 @@ class Transformer:
                            self.backend, self.rotary, self.kv_dtype, self.routing_skew)
 
     def with_routing(self, skew: torch.Tensor | None) -> Transformer:
-        """The same model routing with `skew` added to its routers' choice scores (None: their own choice)."""
-        return Transformer(self.cfg, self.weights, self.backend, self.rotary, self.kv_dtype, skew)
+        """The same model routing with `skew` added to its routers' choice scores (None: their own choice): [E] for
+        every MoE layer, or [MoE layers built, E], one row per MoE layer in order (a replayed routing: kept with the
+        layer's MoEWeights, which share the weight tensors)."""
+        weights = self.weights
+        if skew is not None and skew.dim() == 2:
+            if skew.shape[0] != self.cfg.num_moe_layers:
+                raise ValueError(f"{self.cfg.id}: {skew.shape[0]} per-layer skews for {self.cfg.num_moe_layers} MoE "
+                                 "layers")
+            rows = iter(skew)
+            weights = replace(weights, layers=[replace(lw, moe=replace(lw.moe, skew=next(rows)))
+                                               if lw.moe is not None else lw for lw in weights.layers])
+            skew = None
+        return Transformer(self.cfg, weights, self.backend, self.rotary, self.kv_dtype, skew)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -280,13 +291,14 @@ class Transformer:
     def _moe_mlp(self, mw: E.MoEWeights, y: torch.Tensor) -> torch.Tensor:
         """An MoE layer's MLP on the normed y [T, D]: route, the routed experts, + the shared experts."""
         m = self.cfg.moe
+        skew = self.routing_skew if mw.skew is None else mw.skew  # the model's, or this layer's own (replayed)
         if m.scoring == "softmax":
             weights, ids = self.ops.route_softmax(self.ops.gemm(y, mw.router), m.experts_per_token, m.norm_topk_prob,
-                                                  self.routing_skew)
+                                                  skew)
         else:
             weights, ids = self.ops.route_sigmoid(self.ops.gemm(y.float(), mw.router), m.experts_per_token,
                                                   m.norm_topk_prob, mw.score_bias, m.n_group, m.topk_group,
-                                                  m.routed_scaling_factor, self.routing_skew)
+                                                  m.routed_scaling_factor, skew)
         if self.route_log is not None:
             self.route_log.append(ids)
         if mw.kernel_form:

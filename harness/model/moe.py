@@ -53,6 +53,7 @@ class MoEWeights:
     # an expert-parallel slice (`slice_experts`): w13 / w2 hold E/p experts; expert_map [E] int32, the local id of
     # each global expert or -1 (vLLM's expert_map)
     expert_map: torch.Tensor | None = None
+    skew: torch.Tensor | None = None  # [E] this layer's routing skew (a replayed routing: `replay.replay_skew`)
 
     @property
     def kernel_form(self) -> bool:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from pydantic import Field, PositiveInt, field_validator
+from pydantic import Field, PositiveInt, field_validator, model_validator
 from tokenfleet.config import Strict, known_names
 from tokenfleet.dtypes import dtype_bytes
 from tokenfleet.kernels import rel_error
@@ -44,6 +44,7 @@ from tokenfleet.measure.parts.model_points import _decode_point, _prefill_point
 from tokenfleet.model import decoder as M
 from tokenfleet.model import fp8 as F8
 from tokenfleet.model import moe as E
+from tokenfleet.model import replay as R
 from tokenfleet.model.spec import ModelConfig, load_model_config, tp_problem
 
 # Relative L2 error of logits allowed against the reference. The check runs the full stack of real-shaped layers, so
@@ -92,14 +93,36 @@ class Fp8Grid(Strict):
 class Routing(Strict):
     """The routing an MoE point runs: `router`, the model's own routers on its seeded random weights (random weights
     route almost uniformly); `zipf`, a bias -exponent·ln(rank) on each expert's choice score (`moe.routing_skew`;
-    ranks a seeded permutation), which skews the choice as real routers' is skewed. Dense models ignore it."""
+    ranks a seeded permutation), which skews the choice as real routers' is skewed; `replay`, a routing file's
+    per-layer expert popularity (`file`: a name under configs/routing/ or a path; `model.replay`), the label naming
+    the file's id and the sha256 of its bytes. Dense models ignore it."""
 
-    kind: Literal["router", "zipf"] = "router"
+    kind: Literal["router", "zipf", "replay"] = "router"
     exponent: float = Field(1.0, gt=0, description="zipf")
+    file: str | None = Field(None, description="replay: the routing file (configs/routing/<name>.yaml or a path)")
+
+    @model_validator(mode="after")
+    def _file(self) -> Routing:
+        if (self.kind == "replay") != (self.file is not None):
+            raise ValueError("routing: `file` goes with kind replay, and replay needs one")
+        if self.file is not None:
+            self.replay  # noqa: B018 - loads and validates the file now: a bad one is a ConfigError naming it
+        return self
+
+    @property
+    def replay(self) -> R.Replay | None:
+        return _replay(self.file) if self.file is not None else None
 
     @property
     def label(self) -> str:
+        if self.kind == "replay":
+            return self.replay.label
         return "router" if self.kind == "router" else f"zipf-{self.exponent:g}"
+
+
+@functools.lru_cache(maxsize=16)
+def _replay(file: str) -> R.Replay:
+    return R.load_replay(file)
 
 
 class MoreGrid(Strict):
@@ -220,6 +243,9 @@ class _Session:
         if cfg.moe and spec.routing.kind == "zipf":
             model = model.with_routing(E.routing_skew(cfg.moe.num_experts, spec.routing.exponent, ctx.seed,
                                                       ctx.torch_device))
+        elif cfg.moe and spec.routing.kind == "replay":  # one skew per MoE layer built
+            model = model.with_routing(R.replay_skew(spec.routing.replay, model.cfg.num_moe_layers,
+                                                     cfg.moe.num_experts, cfg.moe.experts_per_token, ctx.torch_device))
         want = None
         if dtype == "fp8":
             want = reference_logits(model, seed=ctx.seed + 1) if spec.check else None
@@ -415,8 +441,13 @@ def _plan(kind: str, spec: _ModelSpec, ctx: RunContext, length_key: str, point, 
                "tp": spec.tp, "layers": spec.layers}
         if dtype == "fp8":
             key.update(kv_dtype=spec.kv_dtype, fp8_scale=spec.fp8_scale)
-        if load_model_config(name).moe:
+        cfg = load_model_config(name)
+        if cfg.moe:
             key["routing"] = spec.routing.label
+            if spec.routing.kind == "replay":  # the file fits the model (at the depth asked): else exit 2 now
+                R.replay_skew(spec.routing.replay, M.with_layers(cfg, min(spec.layers or cfg.num_layers,
+                                                                          cfg.num_layers)).num_moe_layers,
+                              cfg.moe.num_experts, cfg.moe.experts_per_token, "cpu")
             if dtype == "fp8":  # the routed experts are what is e4m3 (bf16 elsewhere)
                 key["expert_dtype"] = "fp8"
         no_fp8 = dtype == "fp8" and ctx.datasheet and ctx.datasheet.fp8_refusal()

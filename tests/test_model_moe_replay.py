@@ -1,0 +1,113 @@
+"""Routing replayed from a file (model.replay, the `replay` routing of MoE model points): the committed tiny file,
+its validation (one line naming file and field; exit 2 at the CLI), the label with the file's hash, and a point that
+routes by the file's per-layer popularity."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from conftest import REPO, invoke_cli
+from tokenfleet.config import ConfigError
+from tokenfleet.measure.parts import model as part
+from tokenfleet.measure.runner import execute
+from tokenfleet.model import decoder as M
+from tokenfleet.model import replay as R
+from tokenfleet.results import USABLE
+
+TINY = REPO / "configs" / "routing" / "tiny-skewed.yaml"
+GOOD = """id: x
+description: d
+source: s
+experts: 4
+topk: 2
+layers:
+  - histogram: [3, 1, 0, 0]
+"""
+
+
+def test_the_committed_file_loads_with_its_hash():
+    r = R.load_replay("tiny-skewed")
+    sha = hashlib.sha256(TINY.read_bytes()).hexdigest()
+    assert r.sha256 == sha and r.label == f"replay:tiny-skewed@{sha[:12]}"
+    h = r.histograms()
+    assert h.shape == (2, 8) and h[0].tolist() == [40, 20, 10, 5, 3, 1, 1, 0]
+    assert h[1].sum() == 8 * 2 and h[1].argmax() == 3  # the tokens layer, counted
+    skew = R.replay_skew(r, 2, 8, 2, "cpu")  # ln p per layer; an expert never chosen: half a pair's share
+    assert skew.shape == (2, 8) and skew[0, 0] == pytest.approx(-0.6931, abs=1e-4)
+    assert skew[0, 7] == pytest.approx(float(torch.tensor(0.5 / 80).log()))
+
+
+@pytest.mark.parametrize("edit, field", [
+    (("[3, 1, 0, 0]", "[3, 1, 0]"), "layers.0.histogram"),
+    (("[3, 1, 0, 0]", "[0, 0, 0, 0]"), "layers.0.histogram"),
+    (("- histogram: [3, 1, 0, 0]", "- tokens: [[0, 1], [2, 2]]"), "layers.0.tokens.1"),
+    (("- histogram: [3, 1, 0, 0]", "- tokens: [[0, 4]]"), "layers.0.tokens.0"),
+    (("- histogram: [3, 1, 0, 0]", "- {histogram: [1, 1, 1, 1], tokens: [[0, 1]]}"), "layers.0"),
+    (("- histogram: [3, 1, 0, 0]", "- {}"), "layers.0"),
+    (("topk: 2", "topk: 5"), "topk"),
+    (("topk: 2", "topk: 2\nweights: 1"), "weights"),
+    (("layers:\n  - histogram: [3, 1, 0, 0]\n", "layers: []\n"), "layers"),
+])
+def test_a_bad_file_is_one_line_naming_file_and_field(tmp_path, edit, field):
+    path = tmp_path / "x.yaml"
+    path.write_text(GOOD.replace(*edit))
+    with pytest.raises(ConfigError) as err:
+        R.load_replay(str(path))
+    assert err.value.file == str(path) and err.value.field == field and "\n" not in str(err.value)
+
+
+def test_a_file_must_fit_the_model(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text(GOOD)
+    r = R.load_replay(str(path))
+    assert R.replay_skew(r, 5, 4, 2, "cpu").shape == (5, 4)  # one layer: every MoE layer
+    for args, field in (((5, 8, 2), "experts"), ((5, 4, 1), "topk")):
+        with pytest.raises(ConfigError, match="x.yaml") as err:
+            R.replay_skew(r, *args, "cpu")
+        assert err.value.field == field
+    with pytest.raises(ConfigError) as err:
+        R.replay_skew(R.load_replay("tiny-skewed"), 3, 8, 2, "cpu")  # two layers for three
+    assert err.value.field == "layers"
+
+
+def test_the_cli_exits_2_on_a_bad_replay_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(GOOD.replace("[3, 1, 0, 0]", "[3, 1]"))
+    suite = tmp_path / "s.yaml"
+    suite.write_text(f"""id: s
+description: t
+device: cpu
+decode:
+  models: [tiny-qwen3-moe]
+  backends: [torch]
+  dtypes: [fp32]
+  context: [8]
+  routing: {{kind: replay, file: {bad}}}
+""")
+    res = invoke_cli("bench", "--suite", str(suite), "--plan")
+    assert res.exit_code == 2, res.output
+    assert str(bad) in res.output and "layers.0.histogram" in res.output and "Traceback" not in res.output
+    assert part.Routing().label == "router"
+    with pytest.raises(ValueError, match="file"):
+        part.Routing(kind="replay")
+
+
+def test_a_replayed_point_routes_by_the_files_layers(ctx):
+    spec = part.DecodeSpec(models=["tiny-deepseek-v3"], backends=["torch"], dtypes=["fp32"], batch=[32], context=[8],
+                           routing={"kind": "replay", "file": "tiny-skewed"})
+    (job,) = part.plan_decode(spec, ctx)
+    label = R.load_replay("tiny-skewed").label
+    assert job.key["routing"] == label
+    p = execute(job, ctx)
+    assert p["status"] in USABLE, p.get("error")
+    assert f"routing: {label}" in p["note"]
+    # per layer, the model's routers with the file's popularity: layer 0 mostly experts 0-2, layer 1 mostly 3, 5, 6
+    built = part._Session().get(ctx, "tiny-deepseek-v3", "fp32", spec)
+    x = torch.randint(0, 256, (64,))
+    counts = M.expert_counts(built.model, lambda m: m.forward_prefill(x[None], None))
+    assert counts[0, :3].sum() > 0.6 * counts[0].sum() and counts[1, [3, 5, 6]].sum() > 0.6 * counts[1].sum()
+    plain = part._Session().get(ctx, "tiny-deepseek-v3", "fp32", part.DecodeSpec(models=["tiny-deepseek-v3"]))
+    base = M.expert_counts(plain.model, lambda m: m.forward_prefill(x[None], None))
+    assert base[0, :3].sum() < counts[0, :3].sum()
