@@ -155,6 +155,8 @@ def groups(runs: list[Run]) -> dict[tuple, Group]:
         for p in r.points:
             if p.get("kind") not in ("decode", "prefill") or not hw or not p.get("model") or not _default_routing(p):
                 continue
+            if p.get("ep", 1) > 1:  # one GPU's EP slice: an expert time for the EP pools (expert.measured_experts)
+                continue
             key = (hw, p["model"], p.get("dtype"), *_tp(p))
             g = out.setdefault(key, Group(*key, points=defaultdict(list)))
             g.points[p.get("backend") or "unknown"].append((r.run_id, p))

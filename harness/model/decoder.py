@@ -199,6 +199,7 @@ class Transformer:
             raise ValueError(f"{cfg.id}: the MLA latent cache is built in the activations' dtype only")
         self.routing_skew = routing_skew  # [E] bias on the routers' choice scores (moe.routing_skew), or None
         self.route_log: list | None = None  # set to a list: each MoE layer appends its chosen experts (eager only)
+        self.expert_inputs: list | None = None  # set to a list: each MoE layer appends its expert layer's inputs
         mw = next((lw.moe for lw in weights.layers if lw.moe is not None), None)
         # the expert layer this backend runs for these weights, picked here (outside any trace): e4m3 experts and EP
         # slices in the kernels' form (moe.kernel_experts)
@@ -292,17 +293,21 @@ class Transformer:
         """An MoE layer's MLP on the normed y [T, D]: route, the routed experts, + the shared experts."""
         m = self.cfg.moe
         skew = self.routing_skew if mw.skew is None else mw.skew  # the model's, or this layer's own (replayed)
+        t, ep = y.shape[0], E.ep_degree(mw)
+        y_all = E.pool_tokens(y, ep) if ep > 1 else y  # an EP slice routes the pool's tokens (moe.pool_tokens)
         if m.scoring == "softmax":
-            weights, ids = self.ops.route_softmax(self.ops.gemm(y, mw.router), m.experts_per_token, m.norm_topk_prob,
-                                                  skew)
+            weights, ids = self.ops.route_softmax(self.ops.gemm(y_all, mw.router), m.experts_per_token,
+                                                  m.norm_topk_prob, skew)
         else:
-            weights, ids = self.ops.route_sigmoid(self.ops.gemm(y.float(), mw.router), m.experts_per_token,
+            weights, ids = self.ops.route_sigmoid(self.ops.gemm(y_all.float(), mw.router), m.experts_per_token,
                                                   m.norm_topk_prob, mw.score_bias, m.n_group, m.topk_group,
                                                   m.routed_scaling_factor, skew)
         if self.route_log is not None:
             self.route_log.append(ids)
+        if self.expert_inputs is not None:
+            self.expert_inputs.append((y_all, ids, weights, mw))
         if mw.kernel_form:
-            out = E.run_kernel_experts(self.experts, y, mw, ids, weights)
+            out = E.run_kernel_experts(self.experts, y_all, mw, ids, weights)[:t]  # this GPU's tokens' rows
         else:
             out = self.experts(y, mw.w13, mw.w2, ids, weights)
         if mw.shared_w13 is not None:
@@ -486,6 +491,19 @@ def build_model(cfg: ModelConfig | str, backend: str = "torch", dtype: str | tor
     if layers is not None:
         cfg = with_layers(cfg, min(layers, cfg.num_layers))
     return Transformer(cfg, random_weights(cfg, dtype, device, seed), backend)
+
+
+def ep_slice(model: Transformer, ep: int, rank: int = 0) -> Transformer:
+    """The model as one GPU of an expert-parallel pool of `ep` GPUs with data-parallel attention: every layer whole
+    but the routed experts, of which it holds rank `rank`'s E/ep (`moe.slice_experts`); its MoE layers route this
+    GPU's tokens and the pool's other ep-1 GPUs' (`moe.pool_tokens`) and compute the pairs routed to its experts
+    (the dispatch and combine, all-to-all, are not in it). ep 1: the model itself."""
+    if ep == 1:
+        return model
+    layers = [replace(lw, moe=E.slice_experts(lw.moe, ep, rank)) if lw.moe is not None else lw
+              for lw in model.weights.layers]
+    return Transformer(model.cfg, replace(model.weights, layers=layers), model.backend, model.rotary,
+                       model.kv_dtype, model.routing_skew)
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -208,6 +208,38 @@ def experts_triton(x, w13, w2, ids, weights):
     from tokenfleet.kernels.moe import moe
 
     return moe(x, ids, weights, w13, w2)
+
+
+def slice_experts(mw: MoEWeights, ep: int, rank: int) -> MoEWeights:
+    """One GPU's slice of an expert-parallel pool of `ep` GPUs (rank `rank`): experts [rank·E/ep, (rank+1)·E/ep) held
+    (copies: the full set can be freed), vLLM's expert_map from the global ids to them; router and shared experts
+    whole (every rank holds them)."""
+    e = mw.w13.shape[0] if mw.expert_map is None else mw.expert_map.numel()
+    if mw.expert_map is not None or e % ep or not 0 <= rank < ep:
+        raise ValueError(f"ep {ep} must divide {e} experts (not yet sliced), 0 <= rank {rank} < ep")
+    held, lo = e // ep, rank * (e // ep)
+    emap = torch.full((e,), -1, dtype=torch.int32, device=mw.w13.device)
+    emap[lo:lo + held] = torch.arange(held, dtype=torch.int32, device=mw.w13.device)
+
+    def cut(t):
+        return None if t is None else t[lo:lo + held].clone()
+
+    return replace(mw, w13=cut(mw.w13), w2=cut(mw.w2), w13_scale=cut(mw.w13_scale), w2_scale=cut(mw.w2_scale),
+                   expert_map=emap)
+
+
+def ep_degree(mw: MoEWeights) -> int:
+    """The expert-parallel degree of a (sliced) MoE layer: global experts / experts held (1: not sliced)."""
+    return 1 if mw.expert_map is None else mw.expert_map.numel() // mw.w13.shape[0]
+
+
+def pool_tokens(y: torch.Tensor, ep: int) -> torch.Tensor:
+    """The tokens an EP slice's MoE layer routes: this GPU's y [T, D] first, then stand-ins for the other ep-1
+    GPUs' tokens (their dispatch brings the pairs routed to this GPU's experts): y's channels rotated by j·D/ep for
+    GPU j, the same statistics, routed independently by the router (a random projection) -> [ep·T, D]. Static
+    shapes, no host sync."""
+    d = y.shape[1]
+    return torch.cat([y] + [y.roll(j * d // ep, dims=1) for j in range(1, ep)])
 
 
 def kernel_experts(backend: str, fp8: bool, dtype: torch.dtype, device: torch.device, widths: tuple):

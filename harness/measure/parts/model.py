@@ -19,8 +19,11 @@ and each kind scaled to its own count; interleaved layouts are refused), bf16/fp
 with DeepSeek-V3's 128x128 block scales (`fp8_scale: block`), bf16 elsewhere (MLA included; `model.fp8`), the key
 saying `expert_dtype: fp8`, on triton and torch (torch: torch._scaled_mm with block scales, CUDA sm90+), one GPU
 (tp 1). A point states its routing condition (`routing`: the model's own router on its random
-weights, nearly uniform, or `zipf`: a stated skew on the routers' choice) and what it produced: the experts touched
-per MoE layer and tokens per expert (`model_points`). `more` lists further grids of a section (other models, other
+weights, nearly uniform; `zipf`: a stated skew on the routers' choice; `replay`: a routing file's per-layer
+popularity, `model.replay`) and what it produced: the experts touched
+per MoE layer and tokens per expert (`model_points`). `ep: p` times one GPU of an expert-parallel pool
+(`decoder.ep_slice`: E/p experts held, the pool's tokens routed; key `ep`; its routed-expert time `expert_ms`, which
+the capacity model's EP pools read). `more` lists further grids of a section (other models, other
 batches) beside its main one, e.g. a tiny MoE decode next to a dense grid.
 """
 
@@ -136,6 +139,7 @@ class MoreGrid(Strict):
     prompt_len: list[PositiveInt] | None = Field(None, description="prefill")
     layers: PositiveInt | None = None
     routing: Routing | None = None
+    ep: PositiveInt | None = None
 
     _models = field_validator("models")(classmethod(lambda cls, v: _known_models(v)))
 
@@ -153,6 +157,8 @@ class _ModelSpec(Strict):
     tp: PositiveInt = Field(1, description="tensor-parallel degree: time one GPU's shard of every projection")
     check: bool = Field(True, description="check logits before timing (off only for debugging)")
     routing: Routing = Field(default_factory=Routing, description="MoE models: the routing condition")
+    ep: PositiveInt = Field(1, description="MoE models: time one GPU of an expert-parallel pool of ep GPUs (E/ep "
+                            "experts held, the pool's tokens routed; decoder.ep_slice)")
     more: list[MoreGrid] = Field(default_factory=list, description="further grids beside this one")
 
     _models = field_validator("models")(classmethod(lambda cls, v: _known_models(v)))
@@ -171,7 +177,8 @@ class _ModelSpec(Strict):
         out = []
         for g in self.more:
             upd = {k: v for k, v in g.model_dump(exclude_none=True).items() if k in ("models", "backends", "dtypes",
-                                                                               "batch", length_key, "layers")}
+                                                                               "batch", length_key, "layers",
+                                                                               "ep")}
             upd.update(fp8=None, more=[], routing=g.routing or self.routing)
             out.append(self.model_copy(update=upd))
         return out
@@ -232,7 +239,8 @@ class _Session:
         _free(device)
 
     def get(self, ctx: RunContext, name: str, dtype: str, spec: _ModelSpec) -> _Built:
-        key = (name, dtype, spec.tp, spec.layers, ctx.seed, spec.kv_dtype, spec.fp8_scale, spec.routing.label)
+        key = (name, dtype, spec.tp, spec.layers, ctx.seed, spec.kv_dtype, spec.fp8_scale, spec.routing.label,
+               spec.ep)
         if key == self.key:
             return self.built
         self.drop(ctx.torch_device)
@@ -250,6 +258,8 @@ class _Session:
         if dtype == "fp8":
             want = reference_logits(model, seed=ctx.seed + 1) if spec.check else None
             model = F8.quantize(model, spec.fp8_scale, spec.kv_dtype)
+        model = M.ep_slice(model, spec.ep)  # rank 0's experts (ep 1: the model itself)
+        _free(ctx.torch_device)  # the experts it does not hold
         self.key, self.built = key, _Built(model, cfg.num_layers, want=want)
         return self.built
 
@@ -399,8 +409,21 @@ def _run(session: _Session, point, spec: _ModelSpec, args: tuple, ctx: RunContex
 def _not_buildable(name: str, spec: _ModelSpec, dtype: str, backend: str, on_gpu: bool) -> str | None:
     """Why the decoder cannot build `name` at spec.tp in `dtype` on `backend`, or None."""
     cfg = load_model_config(name)
-    return not_buildable(cfg, spec.tp, dtype, spec.layers) or (
+    return not_buildable(cfg, spec.tp, dtype, spec.layers) or ep_problem(cfg, spec.ep, backend) or (
         moe_fp8_problem(cfg, backend, spec.fp8_scale, spec.kv_dtype, on_gpu) if dtype == "fp8" else None)
+
+
+def ep_problem(cfg: ModelConfig, ep: int, backend: str) -> str | None:
+    """Why one GPU's slice of an expert-parallel pool of `ep` GPUs is not built for cfg on `backend` (None: it is)."""
+    if ep == 1:
+        return None
+    if cfg.moe is None:
+        return f"{cfg.id}: ep {ep}: a dense model has no experts to hold"
+    if cfg.moe.num_experts % ep:
+        return f"{cfg.id}: ep {ep} does not divide its {cfg.moe.num_experts} experts"
+    if backend == "compile":
+        return f"{cfg.id}: expert-parallel slices are not built under torch.compile (moe.kernel_experts)"
+    return None
 
 
 def moe_fp8_problem(cfg: ModelConfig, backend: str, scale: str, kv_dtype: str, on_gpu: bool) -> str | None:
@@ -444,6 +467,8 @@ def _plan(kind: str, spec: _ModelSpec, ctx: RunContext, length_key: str, point, 
         cfg = load_model_config(name)
         if cfg.moe:
             key["routing"] = spec.routing.label
+            if spec.ep > 1:
+                key["ep"] = spec.ep
             if spec.routing.kind == "replay":  # the file fits the model (at the depth asked): else exit 2 now
                 R.replay_skew(spec.routing.replay, M.with_layers(cfg, min(spec.layers or cfg.num_layers,
                                                                           cfg.num_layers)).num_moe_layers,
