@@ -83,3 +83,40 @@ def test_ep_points_hold_their_slice_and_time_its_experts(ctx):
         assert why in job.run(ctx)["note"]
     plain = part.plan_decode(part.DecodeSpec(models=["tiny-qwen3-moe"], backends=["torch"], context=[8]), ctx)
     assert "ep" not in plain[0].key  # unsliced points keep their keys
+
+
+def test_an_fp8_ep_point_is_checked_against_its_bf16_slice(ctx, monkeypatch):
+    """e4m3 experts on an EP slice: the check's reference is the bf16 slice's (the same experts held), and only the
+    held experts are quantized; torch's block-scaled GEMM (CUDA sm90+) stood in by its reference on the CPU."""
+    from tokenfleet.kernels import moe as K
+    from tokenfleet.kernels.gemm_fp8 import gemm_fp8_ref
+    from tokenfleet.measure.parts.model_points import _decode_point
+
+    monkeypatch.setattr(K, "gemm_fp8_baseline", gemm_fp8_ref)
+    spec = part.DecodeSpec(models=["tiny-deepseek-v3"], backends=["torch"], dtypes=["fp8"], fp8_scale="block",
+                           batch=[3], context=[8], ep=4)
+    (job,) = part.plan_decode(spec, ctx)
+    assert job.key["ep"] == 4 and job.key["expert_dtype"] == "fp8"
+    session = part._Session()
+    p = part._run(session, _decode_point, spec, ("tiny-deepseek-v3", "fp8", "torch", 3, 8), ctx)
+    assert "error" not in p, p.get("error")
+    assert 0 < p["rel_error"] < F8.MOE_TOLERANCE and p["expert_ms"] > 0
+    mw = next(lw.moe for lw in session.built.model.weights.layers if lw.moe is not None)
+    assert mw.w13.dtype == torch.float8_e4m3fn and mw.w13.shape[0] == 2 and mw.w13_scale.shape[0] == 2
+    assert len(p["tokens_per_expert"]) == 2
+
+
+def test_the_full_suite_slices_the_deployments_pools():
+    """full.yaml's EP points are one GPU of pools the deployment files run (so `project --deployment --run` finds
+    an expert time at their ep), deepseek-v3's with e4m3 experts."""
+    from tokenfleet.capacity.deployment import load_deployment
+    from tokenfleet.measure.plan import ordered_jobs, planning_context
+    from tokenfleet.measure.suite import load_suite
+
+    suite = load_suite("full")
+    keys = [j.key for j in ordered_jobs(suite, planning_context(suite)) if j.key.get("ep")]
+    eps = {(k["model"], k["ep"], k["dtype"]) for k in keys}
+    assert eps == {("qwen3-30b-a3b", 8, "bf16"), ("deepseek-v3", 128, "fp8")}
+    assert load_deployment("qwen3-moe-dp-ep8").pools()["mixed"].gpus == 8
+    assert load_deployment("deepseek-v3-profile").pools()["decode"].gpus == 128
+    assert {k["backend"] for k in keys} == {"triton", "torch"}

@@ -133,7 +133,8 @@ class MoreGrid(Strict):
 
     models: list[str] = Field(min_length=1)
     backends: list[Backend] | None = None
-    dtypes: list[Literal["fp32", "bf16", "fp16"]] | None = None
+    dtypes: list[Literal["fp32", "bf16", "fp16", "fp8"]] | None = None
+    fp8_scale: Literal["tensor", "block"] | None = Field(None, description="fp8 points (MoE: block, e4m3 experts)")
     batch: list[PositiveInt] | None = None
     context: list[PositiveInt] | None = Field(None, description="decode")
     prompt_len: list[PositiveInt] | None = Field(None, description="prefill")
@@ -178,7 +179,7 @@ class _ModelSpec(Strict):
         for g in self.more:
             upd = {k: v for k, v in g.model_dump(exclude_none=True).items() if k in ("models", "backends", "dtypes",
                                                                                "batch", length_key, "layers",
-                                                                               "ep")}
+                                                                               "ep", "fp8_scale")}
             upd.update(fp8=None, more=[], routing=g.routing or self.routing)
             out.append(self.model_copy(update=upd))
         return out
@@ -254,12 +255,12 @@ class _Session:
         elif cfg.moe and spec.routing.kind == "replay":  # one skew per MoE layer built
             model = model.with_routing(R.replay_skew(spec.routing.replay, model.cfg.num_moe_layers,
                                                      cfg.moe.num_experts, cfg.moe.experts_per_token, ctx.torch_device))
-        want = None
-        if dtype == "fp8":
-            want = reference_logits(model, seed=ctx.seed + 1) if spec.check else None
-            model = F8.quantize(model, spec.fp8_scale, spec.kv_dtype)
         model = M.ep_slice(model, spec.ep)  # rank 0's experts (ep 1: the model itself)
         _free(ctx.torch_device)  # the experts it does not hold
+        want = None
+        if dtype == "fp8":  # (an EP slice: the bf16 slice's reference, then only its experts quantized)
+            want = reference_logits(model, seed=ctx.seed + 1) if spec.check else None
+            model = F8.quantize(model, spec.fp8_scale, spec.kv_dtype)
         self.key, self.built = key, _Built(model, cfg.num_layers, want=want)
         return self.built
 
