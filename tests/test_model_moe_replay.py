@@ -111,3 +111,28 @@ def test_a_replayed_point_routes_by_the_files_layers(ctx):
     plain = part._Session().get(ctx, "tiny-deepseek-v3", "fp32", part.DecodeSpec(models=["tiny-deepseek-v3"]))
     base = M.expert_counts(plain.model, lambda m: m.forward_prefill(x[None], None))
     assert base[0, :3].sum() < counts[0, :3].sum()
+
+
+def test_a_kernel_point_replays_the_files_first_layer(ctx):
+    """The moe kernel's routing `replay:<file>`: the point's key names the file's id and hash and carries its first
+    layer's popularity, from which the tokens' experts are drawn (and checked against the reference as any draw)."""
+    from tokenfleet.kernels import moe as K
+    from tokenfleet.measure.parts import kernels as kp
+
+    case = kp.OpCase(op="moe", dtypes=["fp32"], backends=["torch"], routing=["replay:tiny-skewed", "uniform"],
+                     shapes=[{"tokens": 64, "hidden": 32, "inter": 16, "experts": 8, "topk": 2}])
+    shapes = kp.case_shapes(case)
+    label = R.load_replay("tiny-skewed").label
+    assert [s["routing"] for s in shapes] == [label, "uniform"]
+    assert shapes[0]["routing_hist"] == [40, 20, 10, 5, 3, 1, 1, 0] and "routing_hist" not in shapes[1]
+    replayed, uniform = (K.point_fields(s, K.make_inputs(s, torch.float32, "cpu", 0)) for s in shapes)
+    assert sum(replayed["tokens_per_expert"][:3]) > 0.6 * 128 > sum(uniform["tokens_per_expert"][:3])
+    p = execute(kp.kernel_job("moe", shapes[0], "fp32", "torch", False), ctx)
+    assert p["status"] in USABLE, p.get("error")
+    assert p["routing"] == label and p["tokens_per_expert"] == replayed["tokens_per_expert"]
+    with pytest.raises(ConfigError) as err:  # a file of other sizes than the shape's
+        kp.case_shapes(kp.OpCase(op="moe", dtypes=["fp32"], routing=["replay:tiny-skewed"],
+                                 shapes=[{"tokens": 4, "hidden": 32, "inter": 16, "experts": 16, "topk": 2}]))
+    assert err.value.field == "experts" and "tiny-skewed.yaml" in str(err.value)
+    with pytest.raises(ConfigError, match="file not found"):
+        kp.OpCase(op="moe", dtypes=["fp32"], routing=["replay:nowhere.yaml"], shapes=shapes[1:])
