@@ -481,7 +481,9 @@ def _plan(kind: str, spec: _ModelSpec, ctx: RunContext, length_key: str, point, 
         skip = _not_buildable(name, spec, dtype, backend, ctx.on_gpu) or no_fp8 or cpu_triton
         run = _skipped(skip) if skip else functools.partial(_run, session, point, spec,
                                                             (name, dtype, backend, batch, length))
-        jobs.append(Job(key=key, run=run, label=f"{kind} {name} {backend} {dtype} b{batch} {length_key}{length}"))
+        cond = "".join(f" {k}={key[k]}" for k in ("ep", "routing") if key.get(k, "router") not in ("router", None))
+        jobs.append(Job(key=key, run=run,
+                        label=f"{kind} {name} {backend} {dtype} b{batch} {length_key}{length}{cond}"))
     return jobs
 
 

@@ -158,7 +158,8 @@ def _routing(spec: _ModelSpec, built: _Built, m: M.Transformer, backend: str, ru
     fields = {"experts_touched": touched.tolist(), "tokens_per_expert": counts.sum(0).tolist(),
               "tokens_per_expert_max": counts.max(1).values.tolist()}
     mean = float(touched.double().mean())
-    seen = f"routing: {spec.routing.label}, {mean:.1f} of {cfg.moe.num_experts} experts touched per layer"
+    held = f"{counts.shape[1]} held" if ep > 1 else f"{cfg.moe.num_experts}"
+    seen = f"routing: {spec.routing.label}, {mean:.1f} of {held} experts touched per layer"
     return fields, mean * full_moe, "; ".join(x for x in (f"experts: {impl}", seen, triton) if x)
 
 
