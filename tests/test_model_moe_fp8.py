@@ -21,6 +21,11 @@ from tokenfleet.results import USABLE
 
 FP8 = torch.float8_e4m3fn
 TINY = ("tiny-qwen3-moe", "tiny-deepseek-v3")
+# The triton backend against the reference backend on the same e4m3 experts (fp32 model, interpreter), logits of a
+# prefill + a decode step: measured 4.4e-3 to 1.6e-2 over model seeds 3, 4, 5 of both tiny models (2026-12-04): the
+# expert outputs are bf16 on both sides, the kernel's k slot outputs summed in bf16, the reference's in fp32, and a
+# rounding flip of the e4m3 intermediate h moves an element by one e4m3 step. Allowed: twice the largest.
+TRITON_VS_REFERENCE = 2 * 1.6e-2
 
 
 def _logits(m, x):
@@ -75,8 +80,7 @@ def test_triton_e4m3_experts_match_the_reference_backend(name, monkeypatch):
     want = _logits(m, x)
     got = _logits(m.with_backend("triton"), x)
     assert calls and set(calls) == {FP8}
-    # bf16 expert outputs on both sides (their k slot outputs summed in bf16 by the kernel, in fp32 by the reference)
-    assert rel_error(got, want) < 2e-2
+    assert rel_error(got, want) < TRITON_VS_REFERENCE
 
 
 def test_compile_refuses_e4m3_experts():
