@@ -91,7 +91,9 @@ class ExpertCurve:
 def measured_experts(runs, hardware_id: str, model: str, ep: int, dtype: str) -> ExpertCurve | None:
     """The routed-expert time of `model`'s EP slices at `ep` on this device in `dtype`, from the runs' usable decode
     and prefill points with `ep` and `expert_ms` under the model's own routing (parts/model_points._expert_time);
-    tokens per GPU: the batch (decode) or batch × prompt length (prefill). None when no run has them."""
+    tokens per GPU: the batch (decode) or batch × prompt length (prefill). None when no run has them. A slice holds
+    E/ep experts; a pool with redundant experts holds (E+R)/ep, the same pairs spread over more copies: the slice's
+    time is taken as the pool's (an assumption the label's `EP slices` names)."""
     best: dict[float, tuple[float, str, str]] = {}
     for r in runs:
         if r.hardware_id != hardware_id:
