@@ -94,6 +94,8 @@ def ep_run(dst: Path, ep: int = 8) -> Path:
     keep = [p for p in pts if p.get("kind") != "decode"]
     for b in (1, 8, 64, 256):
         keep.append({**decode, "batch": b, "context": 1024, "ep": ep, "expert_ms": 0.02 + 0.001 * b})
+        keep.append({**keep[-1], "ep_rank": 1, "expert_ms": 0.02 + 0.003 * b})  # a busier rank: the mean is taken
+        keep.append({**keep[-1], "backend": "torch", "expert_ms": 1.0 + 0.003 * b})  # slower backend: not used
     for n in (1024, 16384):
         keep.append({**decode, "kind": "prefill", "batch": 1, "prompt_len": n, "ep": ep, "expert_ms": 0.02 + 0.001 * n})
         keep[-1].pop("context")
@@ -110,7 +112,7 @@ def test_ep_slice_points_give_the_ep_pools_a_measured_expert_time(tmp_path):
     assert measured_for(runs, "h200", MOE, "bf16", 1) is None  # a slice is not the whole model's grid
     curve = measured_experts(runs, "h200", MOE, 8, "bf16")
     assert curve is not None and curve.tokens == [1, 8, 64, 256, 1024, 16384] and "ep 8" in curve.label
-    assert curve(64) == pytest.approx((0.02 + 0.064) * 1e-3)
+    assert curve(64) == pytest.approx((0.02 + 0.002 * 64) * 1e-3) and "2 rank(s)" in curve.label
     assert measured_experts(runs, "h200", MOE, 4, "bf16") is None and measured_experts(runs, "h100-sxm", MOE, 8,
                                                                                        "bf16") is None
     cfg, hw = load_model_config(MOE), load_hardware("h200")

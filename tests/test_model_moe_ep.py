@@ -65,7 +65,7 @@ def test_ep_points_hold_their_slice_and_time_its_experts(ctx):
     spec = part.DecodeSpec(models=["tiny-qwen3-moe"], backends=["torch", "compile"], dtypes=["fp32"], batch=[4],
                            context=[8], ep=2)
     jobs = part.plan_decode(spec, ctx)
-    assert [j.key["ep"] for j in jobs] == [2, 2]
+    assert [(j.key["ep"], j.key["ep_rank"]) for j in jobs] == [(2, 0), (2, 0)]
     p, skipped = (execute(j, ctx) for j in jobs)
     assert skipped["status"] == "skipped" and "torch.compile" in skipped["note"]
     assert p["status"] in USABLE, p.get("error")
@@ -77,6 +77,11 @@ def test_ep_points_hold_their_slice_and_time_its_experts(ctx):
     assert "EP slice: 4 of 8 experts held (ep 2, rank 0)" in p["note"]
     assert p["bytes"] == (M.decode_bytes(cfg, 4, 8, 4, experts_touched=sum(p["experts_touched"]))
                           + M.padded_kv_bytes(cfg, 4, 8, 4, "torch"))
+    other = execute(part.plan_decode(spec.model_copy(update={"ep_rank": 1, "backends": ["torch"]}), ctx)[0], ctx)
+    assert other["ep_rank"] == 1 and "(ep 2, rank 1)" in other["note"]
+    assert other["tokens_per_expert"] != p["tokens_per_expert"]  # the other half of the experts
+    with pytest.raises(ValueError, match="ep_rank 2 must be below ep 2"):
+        part.DecodeSpec(models=["tiny-qwen3-moe"], ep=2, ep_rank=2)
     for name, ep, why in (("tiny", 2, "dense model"), ("tiny-qwen3-moe", 3, "does not divide")):
         s = part.DecodeSpec(models=[name], backends=["torch"], dtypes=["fp32"], context=[8], ep=ep)
         (job,) = part.plan_decode(s, ctx)

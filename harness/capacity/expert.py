@@ -75,7 +75,8 @@ def deepep_gbps(table: dict[int, tuple[float, float]], ep: int) -> tuple[float, 
 @dataclass
 class ExpertCurve:
     """Measured routed-expert seconds of one MoE layer on one GPU of an EP pool against the tokens per GPU (the
-    fastest backend at each token count), log-linear between them; not used outside them (`inside`)."""
+    fastest backend at each token count and rank, the mean over ranks), log-linear between them; not used outside
+    them (`inside`)."""
 
     tokens: list[float]
     seconds: list[float]
@@ -94,7 +95,7 @@ def measured_experts(runs, hardware_id: str, model: str, ep: int, dtype: str) ->
     tokens per GPU: the batch (decode) or batch × prompt length (prefill). None when no run has them. A slice holds
     E/ep experts; a pool with redundant experts holds (E+R)/ep, the same pairs spread over more copies: the slice's
     time is taken as the pool's (an assumption the label's `EP slices` names)."""
-    best: dict[float, tuple[float, str, str]] = {}
+    best: dict[tuple[float, int], tuple[float, str, str]] = {}  # (tokens, rank) -> the fastest (s, run, backend)
     for r in runs:
         if r.hardware_id != hardware_id:
             continue
@@ -103,17 +104,19 @@ def measured_experts(runs, hardware_id: str, model: str, ep: int, dtype: str) ->
                     or p.get("dtype") != dtype or p.get("routing", "router") != "router" or not usable(p)
                     or not isinstance(p.get("expert_ms"), (int, float)) or not p["expert_ms"] > 0):
                 continue
-            t = float(p["batch"] * (p["prompt_len"] if p["kind"] == "prefill" else 1))
-            if t not in best or p["expert_ms"] * 1e-3 < best[t][0]:
-                best[t] = (p["expert_ms"] * 1e-3, r.run_id, p.get("backend") or "?")
+            cell = (float(p["batch"] * (p["prompt_len"] if p["kind"] == "prefill" else 1)), p.get("ep_rank", 0))
+            if cell not in best or p["expert_ms"] * 1e-3 < best[cell][0]:
+                best[cell] = (p["expert_ms"] * 1e-3, r.run_id, p.get("backend") or "?")
     if not best:
         return None
-    ts = sorted(best)
-    runs_ = sorted({best[t][1] for t in ts})
-    backends = sorted({best[t][2] for t in ts})
-    return ExpertCurve(ts, [best[t][0] for t in ts],
-                       f"measured (run {', '.join(runs_)}, EP slices ep {ep}, {'/'.join(backends)}, {len(ts)} token "
-                       f"counts {ts[0]:g}-{ts[-1]:g})")
+    ts = sorted({t for t, _ in best})
+    # the balanced step (PoolStep applies the imbalance): the mean over the ranks measured at a token count
+    secs = [float(np.mean([v[0] for (t, _), v in best.items() if t == x])) for x in ts]
+    runs_ = sorted({v[1] for v in best.values()})
+    backends = sorted({v[2] for v in best.values()})
+    ranks = len({rank for _, rank in best})
+    return ExpertCurve(ts, secs, f"measured (run {', '.join(runs_)}, EP slices ep {ep}, {ranks} rank(s), "
+                                 f"{'/'.join(backends)}, {len(ts)} token counts {ts[0]:g}-{ts[-1]:g})")
 
 
 @dataclass

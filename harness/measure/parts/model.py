@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from pydantic import Field, PositiveInt, field_validator, model_validator
+from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 from tokenfleet.config import Strict, known_names
 from tokenfleet.dtypes import dtype_bytes
 from tokenfleet.kernels import rel_error
@@ -141,6 +141,7 @@ class MoreGrid(Strict):
     layers: PositiveInt | None = None
     routing: Routing | None = None
     ep: PositiveInt | None = None
+    ep_rank: NonNegativeInt | None = None
 
     _models = field_validator("models")(classmethod(lambda cls, v: _known_models(v)))
 
@@ -160,6 +161,13 @@ class _ModelSpec(Strict):
     routing: Routing = Field(default_factory=Routing, description="MoE models: the routing condition")
     ep: PositiveInt = Field(1, description="MoE models: time one GPU of an expert-parallel pool of ep GPUs (E/ep "
                             "experts held, the pool's tokens routed; decoder.ep_slice)")
+    ep_rank: NonNegativeInt = Field(0, description="which GPU of the pool (its experts [rank·E/ep, (rank+1)·E/ep))")
+
+    @model_validator(mode="after")
+    def _rank(self):
+        if self.ep_rank >= self.ep:
+            raise ValueError(f"ep_rank {self.ep_rank} must be below ep {self.ep}")
+        return self
     more: list[MoreGrid] = Field(default_factory=list, description="further grids beside this one")
 
     _models = field_validator("models")(classmethod(lambda cls, v: _known_models(v)))
@@ -179,7 +187,7 @@ class _ModelSpec(Strict):
         for g in self.more:
             upd = {k: v for k, v in g.model_dump(exclude_none=True).items() if k in ("models", "backends", "dtypes",
                                                                                "batch", length_key, "layers",
-                                                                               "ep", "fp8_scale")}
+                                                                               "ep", "ep_rank", "fp8_scale")}
             upd.update(fp8=None, more=[], routing=g.routing or self.routing)
             out.append(self.model_copy(update=upd))
         return out
@@ -241,7 +249,7 @@ class _Session:
 
     def get(self, ctx: RunContext, name: str, dtype: str, spec: _ModelSpec) -> _Built:
         key = (name, dtype, spec.tp, spec.layers, ctx.seed, spec.kv_dtype, spec.fp8_scale, spec.routing.label,
-               spec.ep)
+               spec.ep, spec.ep_rank)
         if key == self.key:
             return self.built
         self.drop(ctx.torch_device)
@@ -255,7 +263,7 @@ class _Session:
         elif cfg.moe and spec.routing.kind == "replay":  # one skew per MoE layer built
             model = model.with_routing(R.replay_skew(spec.routing.replay, model.cfg.num_moe_layers,
                                                      cfg.moe.num_experts, cfg.moe.experts_per_token, ctx.torch_device))
-        model = M.ep_slice(model, spec.ep)  # rank 0's experts (ep 1: the model itself)
+        model = M.ep_slice(model, spec.ep, spec.ep_rank)  # (ep 1: the model itself)
         _free(ctx.torch_device)  # the experts it does not hold
         want = None
         if dtype == "fp8":  # (an EP slice: the bf16 slice's reference, then only its experts quantized)
@@ -469,7 +477,7 @@ def _plan(kind: str, spec: _ModelSpec, ctx: RunContext, length_key: str, point, 
         if cfg.moe:
             key["routing"] = spec.routing.label
             if spec.ep > 1:
-                key["ep"] = spec.ep
+                key.update(ep=spec.ep, ep_rank=spec.ep_rank)
             if spec.routing.kind == "replay":  # the file fits the model (at the depth asked): else exit 2 now
                 R.replay_skew(spec.routing.replay, M.with_layers(cfg, min(spec.layers or cfg.num_layers,
                                                                           cfg.num_layers)).num_moe_layers,
@@ -481,7 +489,8 @@ def _plan(kind: str, spec: _ModelSpec, ctx: RunContext, length_key: str, point, 
         skip = _not_buildable(name, spec, dtype, backend, ctx.on_gpu) or no_fp8 or cpu_triton
         run = _skipped(skip) if skip else functools.partial(_run, session, point, spec,
                                                             (name, dtype, backend, batch, length))
-        cond = "".join(f" {k}={key[k]}" for k in ("ep", "routing") if key.get(k, "router") not in ("router", None))
+        cond = "".join(f" {k}={key[k]}" for k in ("ep", "ep_rank", "routing")
+                       if key.get(k, "router") not in ("router", None))
         jobs.append(Job(key=key, run=run,
                         label=f"{kind} {name} {backend} {dtype} b{batch} {length_key}{length}{cond}"))
     return jobs

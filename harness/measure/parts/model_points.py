@@ -144,13 +144,15 @@ def _routing(spec: _ModelSpec, built: _Built, m: M.Transformer, backend: str, ru
     counts = M.expert_counts(m, run)  # [MoE layers built, E]
     mw = next(lw.moe for lw in m.weights.layers if lw.moe is not None)
     ep = E.ep_degree(mw)
-    if ep > 1:  # an EP slice (rank 0): the experts it holds, of the pool's tokens' choices
-        counts = counts[:, :mw.w13.shape[0]]
+    if ep > 1:  # an EP slice: the experts it holds, of the pool's tokens' choices
+        lo = int(torch.nonzero(mw.expert_map == 0)[0, 0])  # its first global expert
+        counts = counts[:, lo:lo + mw.w13.shape[0]]
     touched = (counts > 0).sum(1)
     full_moe = M.with_layers(cfg, built.full_layers).num_moe_layers
     impl = E.experts_impl(m.experts) + (" under torch.compile" if m.ops.compiled else "")
     if ep > 1:
-        impl += (f"; EP slice: {mw.w13.shape[0]} of {cfg.moe.num_experts} experts held (ep {ep}, rank 0), routing "
+        held = mw.w13.shape[0]
+        impl += (f"; EP slice: {held} of {cfg.moe.num_experts} experts held (ep {ep}, rank {lo // held}), routing "
                  f"this GPU's tokens and {ep - 1} GPUs' stand-ins, no all-to-all")
     if mw.w13_scale is not None:
         impl += ", e4m3 with 128x128 block scales (bf16 elsewhere)"
