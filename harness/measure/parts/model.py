@@ -418,14 +418,16 @@ def _run(session: _Session, point, spec: _ModelSpec, args: tuple, ctx: RunContex
 def _not_buildable(name: str, spec: _ModelSpec, dtype: str, backend: str, on_gpu: bool) -> str | None:
     """Why the decoder cannot build `name` at spec.tp in `dtype` on `backend`, or None."""
     cfg = load_model_config(name)
-    return not_buildable(cfg, spec.tp, dtype, spec.layers) or ep_problem(cfg, spec.ep, backend) or (
+    return not_buildable(cfg, spec.tp, dtype, spec.layers) or ep_problem(cfg, spec.ep, backend, spec.ep_rank) or (
         moe_fp8_problem(cfg, backend, spec.fp8_scale, spec.kv_dtype, on_gpu) if dtype == "fp8" else None)
 
 
-def ep_problem(cfg: ModelConfig, ep: int, backend: str) -> str | None:
-    """Why one GPU's slice of an expert-parallel pool of `ep` GPUs is not built for cfg on `backend` (None: it is)."""
+def ep_problem(cfg: ModelConfig, ep: int, backend: str, rank: int = 0) -> str | None:
+    """Why GPU `rank` of an expert-parallel pool of `ep` GPUs is not built for cfg on `backend` (None: it is)."""
     if ep == 1:
         return None
+    if rank >= ep:  # (a `more` grid's, which model_copy does not validate)
+        return f"{cfg.id}: ep_rank {rank} must be below ep {ep}"
     if cfg.moe is None:
         return f"{cfg.id}: ep {ep}: a dense model has no experts to hold"
     if cfg.moe.num_experts % ep:
