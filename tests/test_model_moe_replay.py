@@ -8,6 +8,7 @@ import hashlib
 
 import pytest
 import torch
+import yaml
 from conftest import REPO, invoke_cli
 from tokenfleet.config import ConfigError
 from tokenfleet.measure.parts import model as part
@@ -136,3 +137,20 @@ def test_a_kernel_point_replays_the_files_first_layer(ctx):
     assert err.value.field == "experts" and "tiny-skewed.yaml" in str(err.value)
     with pytest.raises(ConfigError, match="file not found"):
         kp.OpCase(op="moe", dtypes=["fp32"], routing=["replay:nowhere.yaml"], shapes=shapes[1:])
+
+
+def test_mutated_routing_files_exit_0_or_2(tmp_path):
+    """The committed file, broken in many ways (raw bytes, wrong types, removed and added keys: the fuzz test's
+    mutations), read by `bench --plan` through a suite naming it: every case ends with exit 0 or one line and exit 2."""
+    from test_inputs_fuzz import assert_clean_exit, mutations, raw_cases, sample
+
+    text = TINY.read_text()
+    cases = raw_cases(text) + [(label, yaml.safe_dump(d, sort_keys=False).encode())
+                               for label, d in sample(mutations(yaml.safe_load(text)), 40)]
+    for i, (label, data) in enumerate(cases):
+        f = tmp_path / f"routing-{i}.yaml"
+        f.write_bytes(data)
+        suite = tmp_path / f"suite-{i}.yaml"
+        suite.write_text(f"id: s\ndescription: t\ndevice: cpu\ndecode: {{models: [tiny-qwen3-moe], context: [8], "
+                         f"routing: {{kind: replay, file: '{f}'}}}}\n")
+        assert_clean_exit(invoke_cli("bench", "--suite", str(suite), "--plan", "-f", "json"), f"routing {label}")
