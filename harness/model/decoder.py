@@ -20,8 +20,10 @@ The MoE families (`tokenfleet.model.moe`): a layer's MLP is dense (`w13`, `w2`) 
 router, experts, DeepSeek's shared experts) as the config places them (`MoE.is_moe_layer`); DeepSeek-V3's attention
 is MLA (`Layer.mla`), its cache the compressed latent + rope key per token (`KVCache` with one "head" of
 kv_lora_rank + qk_rope_head_dim channels, the values being its first kv_lora_rank), decode in the absorbed form.
-`routing_skew` sets the routing condition (None: the router's own choice), `route_log` collects each MoE layer's
-chosen experts in an eager forward (`expert_counts`).
+`routing_skew` sets the routing condition (None: the router's own choice; per MoE layer for a replayed routing),
+`route_log` collects each MoE layer's chosen experts in an eager forward (`expert_counts`). e4m3 experts
+(`tokenfleet.model.fp8`) and one GPU's slice of an expert-parallel pool (`ep_slice`: E/ep experts held, the pool's
+tokens routed) run the experts in the kernels' form (`moe.kernel_experts`).
 
 Generation, as in gpt-fast: `prefill`, `decode_one_token`, `decode_n_tokens` (and `generate` around them).
 Weights are seeded random (`build_model`) or read from a local Hugging Face folder (`tokenfleet.model.hf`).
