@@ -131,3 +131,7 @@ def test_ep_slice_points_give_the_ep_pools_a_measured_expert_time(tmp_path):
     assert res["pools"]["mixed"]["experts_source"] == curve.label
     assert project_deployment(MOE, "h200", "chat", "qwen3-moe-dp-ep8", "bf16")["pools"]["mixed"][
         "experts_source"] == "roofline"
+    res = CliRunner().invoke(app, ["project", "-m", MOE, "-g", "h200", "--dtype", "bf16", "--deployment",
+                                   "qwen3-moe-dp-ep8", "--run", str(tmp_path / "ep")], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert f"routed experts: {curve.label}" in " ".join(res.output.split())

@@ -172,7 +172,9 @@ def _print_pools(res: dict, defaulted: bool, fmt: str) -> None:
                               "are inside them), the all-to-all, what two micro-batches hide, the expert imbalance",
          POOL_COLUMNS)
     a2a = {p.get("alltoall_source") for p in res["pools"].values() if p.get("alltoall_source")}
-    for line in [f"all-to-all: {s}" for s in sorted(a2a)] + [f"source {k}: {v}" for k, v in res["sources"].items()]:
+    routed = {p["experts_source"] for p in res["pools"].values() if p.get("experts_source", "roofline") != "roofline"}
+    for line in [f"all-to-all: {s}" for s in sorted(a2a)] + [f"routed experts: {s}" for s in sorted(routed)] + [
+            f"source {k}: {v}" for k, v in res["sources"].items()]:
         typer.echo(" ".join(line.split()))
     for n in res["notes"]:
         typer.echo(f"note: {n}")
