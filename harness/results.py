@@ -72,6 +72,7 @@ MEASURED_FIELDS = {
     "burst_ms", "ceiling_basis",  # a probe's burst rate; which roof a point's fractions are of (measure.context)
     "experts_touched", "tokens_per_expert",  # what a moe kernel or model point's routing produced
     "tokens_per_expert_max",  # MoE model points (parts/model_points.py)
+    "expert_ms",  # an EP-slice model point's routed-expert layer timed alone (parts/model_points.py)
     "tuned_config",  # the tuned block-size file a Triton kernel point ran (configs/tuned/<device>.json)
 }
 

@@ -53,7 +53,9 @@ from tokenfleet.kernels.gemm_fp8 import (
     quantize_weight_fp8,
 )
 
-ROUTINGS = ("uniform", "zipf")  # shape["routing"]: "uniform" or "zipf:<exponent>"
+# shape["routing"]: "uniform", "zipf:<exponent>", or "replay:<file label>" with the file's expert popularity in
+# shape["routing_hist"] (pairs per expert; the harness reads and validates the file: tokenfleet.model.replay)
+ROUTINGS = ("uniform", "zipf", "replay")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -473,8 +475,9 @@ SHAPE_FIELDS = ("tokens", "hidden", "inter", "experts", "topk")  # sizes make_in
 
 
 def parse_routing(routing: str) -> float | None:
-    """"uniform" -> None; "zipf:<s>" -> s (> 0): expert popularity proportional to 1 / rank^s."""
-    if routing == "uniform":
+    """"uniform" -> None; "zipf:<s>" -> s (> 0): expert popularity proportional to 1 / rank^s; "replay:<label>" ->
+    None (the popularity is the shape's `routing_hist`)."""
+    if routing == "uniform" or (routing.startswith("replay:") and len(routing) > len("replay:")):
         return None
     name, _, s = routing.partition(":")
     try:
@@ -482,7 +485,8 @@ def parse_routing(routing: str) -> float | None:
     except ValueError:
         value = -1.0
     if name != "zipf" or not value > 0:
-        raise ValueError(f"moe: routing must be 'uniform' or 'zipf:<exponent > 0>', got {routing!r}")
+        raise ValueError(f"moe: routing must be 'uniform' or 'zipf:<exponent > 0>', or 'replay:<file>', got "
+                         f"{routing!r}")
     return value
 
 
@@ -546,10 +550,17 @@ def make_inputs(shape: dict, dtype: torch.dtype, device, seed: int) -> tuple:
     if not 1 <= k <= e:
         raise ValueError(f"moe: topk {k} outside 1..{e} experts")
     p, r = _ep(shape)
-    s = parse_routing(shape.get("routing", "uniform"))
+    routing = shape.get("routing", "uniform")
+    s = parse_routing(routing)
     host = torch.Generator().manual_seed(seed)
     keys = torch.rand((t, e), generator=host).clamp_min_(1e-20)
-    if s is None:
+    if routing.startswith("replay:"):  # the file's popularity: Gumbel top-k over ln p (never chosen: half a pair)
+        hist = torch.tensor(shape["routing_hist"], dtype=torch.float64)
+        if hist.shape != (e,) or not hist.sum() > 0:
+            raise ValueError(f"moe: routing_hist needs {e} counts, not all 0")
+        logp = (torch.where(hist > 0, hist, torch.full_like(hist, 0.5)) / hist.sum()).log()
+        ids = (-torch.log(-torch.log(keys.double())) + logp[None, :]).topk(k, dim=-1).indices
+    elif s is None:
         ids = keys.topk(k, dim=-1).indices
     else:
         rank = torch.randperm(e, generator=host).to(torch.float64) + 1.0

@@ -83,3 +83,55 @@ def test_touched_experts_bound_the_bytes():
     # batch 1 touches k experts a layer under any routing; batch 64 under skew touches fewer than uniform expects
     assert M.decode_bytes(cfg, 1, 1024, 2, experts_touched=48 * 8) == pytest.approx(M.decode_bytes(cfg, 1, 1024, 2))
     assert M.decode_bytes(cfg, 64, 1024, 2, experts_touched=48 * 40) < M.decode_bytes(cfg, 64, 1024, 2) < every
+
+
+def ep_run(dst: Path, ep: int = 8) -> Path:
+    """A runner-written folder whose only qwen3-30b-a3b points are EP slices (`ep`, one GPU of the pool) with their
+    routed-expert time `expert_ms` over a token range a mixed pool's step falls in (decode and prefill points)."""
+    moe_run(dst)
+    pts = [json.loads(ln) for ln in (dst / "points.jsonl").read_text().splitlines()]
+    decode = next(p for p in pts if p.get("kind") == "decode")
+    keep = [p for p in pts if p.get("kind") != "decode"]
+    for b in (1, 8, 64, 256):
+        keep.append({**decode, "batch": b, "context": 1024, "ep": ep, "expert_ms": 0.02 + 0.001 * b})
+        keep.append({**keep[-1], "ep_rank": 1, "expert_ms": 0.02 + 0.003 * b})  # a busier rank: the mean is taken
+        keep.append({**keep[-1], "backend": "torch", "expert_ms": 1.0 + 0.003 * b})  # slower backend: not used
+    for n in (1024, 16384):
+        keep.append({**decode, "kind": "prefill", "batch": 1, "prompt_len": n, "ep": ep, "expert_ms": 0.02 + 0.001 * n})
+        keep[-1].pop("context")
+    (dst / "points.jsonl").write_text("".join(json.dumps(p) + "\n" for p in keep))
+    return dst
+
+
+def test_ep_slice_points_give_the_ep_pools_a_measured_expert_time(tmp_path):
+    from tokenfleet.capacity.expert import PoolStep, measured_experts
+    from tokenfleet.capacity.pools import project_deployment
+    from tokenfleet.hardware import load_hardware
+
+    runs = read_runs([ep_run(tmp_path / "ep")])
+    assert measured_for(runs, "h200", MOE, "bf16", 1) is None  # a slice is not the whole model's grid
+    curve = measured_experts(runs, "h200", MOE, 8, "bf16")
+    assert curve is not None and curve.tokens == [1, 8, 64, 256, 1024, 16384] and "ep 8" in curve.label
+    assert curve(64) == pytest.approx((0.02 + 0.002 * 64) * 1e-3) and "2 rank(s)" in curve.label
+    assert measured_experts(runs, "h200", MOE, 4, "bf16") is None and measured_experts(runs, "h100-sxm", MOE, 8,
+                                                                                       "bf16") is None
+    cfg, hw = load_model_config(MOE), load_hardware("h200")
+    plain = PoolStep(cfg, hw, "bf16", "bf16", ep=8, overlap=False).step(64, 1024)
+    ps = PoolStep(cfg, hw, "bf16", "bf16", ep=8, overlap=False, experts=curve)
+    timed = ps.step(64, 1024)
+    assert "experts_source" not in plain and timed["experts_source"] == curve.label
+    # the router and shared experts by the roofline, the routed experts as measured, per MoE layer
+    nl = cfg.num_moe_layers
+    other_w = nl * (cfg.moe.shared_experts * cfg.expert_params + cfg.router_params())
+    assert timed["moe_s"] == pytest.approx(ps._t(2 * 64 * other_w, other_w * ps.wb, ps.mm_peak) + nl * curve(64))
+    assert timed["moe_s"] != plain["moe_s"]
+    outside = PoolStep(cfg, hw, "bf16", "bf16", ep=8, overlap=False, experts=curve).step(0, 0, 40000, 10, 2000, 4000)
+    assert "experts_source" not in outside  # beyond the measured tokens: the roofline
+    res = project_deployment(MOE, "h200", "chat", "qwen3-moe-dp-ep8", "bf16", runs=runs)
+    assert res["pools"]["mixed"]["experts_source"] == curve.label
+    assert project_deployment(MOE, "h200", "chat", "qwen3-moe-dp-ep8", "bf16")["pools"]["mixed"][
+        "experts_source"] == "roofline"
+    res = CliRunner().invoke(app, ["project", "-m", MOE, "-g", "h200", "--dtype", "bf16", "--deployment",
+                                   "qwen3-moe-dp-ep8", "--run", str(tmp_path / "ep")], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert f"routed experts: {curve.label}" in " ".join(res.output.split())

@@ -11,7 +11,8 @@ curves (this device, world size), and efficiencies (e_c, e_m) to calibrate devic
 - All given runs are merged: each cell (decode: batch × context; prefill: batch × prompt_len) takes the point
   with the smallest spread, whichever run it came from.
 - MoE points count only under their default routing (`_default_routing`: the model's own routers; skewed-routing
-  points are left out of grids and efficiencies).
+  points are left out of grids and efficiencies); one GPU's EP slice (`ep`) is not the model's grid either: the EP
+  pools read its routed-expert time (`expert.measured_experts`).
 - Collectives: a run of this device with `all_reduce` points at world size tp gives the curve TP projections use
   (`measured_allreduce`); nccl points before gloo ones.
 - Efficiencies for other devices (from tp=1 and shard groups; replica groups only when nothing else was run,
@@ -157,6 +158,8 @@ def groups(runs: list[Run]) -> dict[tuple, Group]:
         hw = r.hardware_id
         for p in r.points:
             if p.get("kind") not in ("decode", "prefill") or not hw or not p.get("model") or not _default_routing(p):
+                continue
+            if p.get("ep", 1) > 1:  # one GPU's EP slice: an expert time for the EP pools (expert.measured_experts)
                 continue
             key = (hw, p["model"], p.get("dtype"), *_tp(p))
             g = out.setdefault(key, Group(*key, points=defaultdict(list)))

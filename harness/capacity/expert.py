@@ -8,7 +8,10 @@ on one GPU carrying T tokens (decode: b sequences × (1 + MTP drafts); prefill: 
     attention   Σ_layers roofline of the projections (weights/g) and the core — decode in MLA's absorbed form
                 (576-wide latent keys, 512-wide values, FlashMLA), prefill in the per-head form — reading its KV
     MoE         shared experts on its T tokens; routed experts on the T·k tokens it receives, reading the
-                experts it holds that the group's tokens touch (`ModelConfig.ep_expert_bytes_read`)
+                experts it holds that the group's tokens touch (`ModelConfig.ep_expert_bytes_read`); where a run
+                of this device measured EP slices of this model at this ep (`measured_experts`: model points
+                with `ep`, their `expert_ms`) and T lies within their token counts, the routed experts take that
+                measured time per MoE layer instead (log-linear in tokens between the points)
     all-to-all  per MoE layer a dispatch (FP8) and a combine (BF16) of T·k copies of H: read off a run's measured
                 all-to-all curve of this device at world size ep where one was given (`calibrate.measured_alltoall`),
                 else DeepEP's low-latency kernels (decode: every copy over RDMA) or normal kernels (prefill: one
@@ -43,6 +46,7 @@ from tokenfleet.capacity.serving import ACT_BYTES, ALLREDUCE_LATENCY_US, GPUS_PE
 from tokenfleet.dtypes import dtype_bytes
 from tokenfleet.hardware import Hardware
 from tokenfleet.model.spec import ModelConfig
+from tokenfleet.results import usable
 
 if TYPE_CHECKING:  # the measure part's curve type; importing it loads every part (and torch)
     from tokenfleet.measure.parts.collective import CollectiveCurve
@@ -69,6 +73,53 @@ def deepep_gbps(table: dict[int, tuple[float, float]], ep: int) -> tuple[float, 
 
 
 @dataclass
+class ExpertCurve:
+    """Measured routed-expert seconds of one MoE layer on one GPU of an EP pool against the tokens per GPU (the
+    fastest backend at each token count and rank, the mean over ranks), log-linear between them; not used outside
+    them (`inside`)."""
+
+    tokens: list[float]
+    seconds: list[float]
+    label: str
+
+    def inside(self, t: float) -> bool:
+        return self.tokens[0] * (1 - 1e-9) <= t <= self.tokens[-1] * (1 + 1e-9)
+
+    def __call__(self, t: float) -> float:
+        return float(np.interp(math.log(max(t, 1e-9)), np.log(self.tokens), self.seconds))
+
+
+def measured_experts(runs, hardware_id: str, model: str, ep: int, dtype: str) -> ExpertCurve | None:
+    """The routed-expert time of `model`'s EP slices at `ep` on this device in `dtype`, from the runs' usable decode
+    and prefill points with `ep` and `expert_ms` under the model's own routing (parts/model_points._expert_time);
+    tokens per GPU: the batch (decode) or batch × prompt length (prefill). None when no run has them. A slice holds
+    E/ep experts; a pool with redundant experts holds (E+R)/ep, the same pairs spread over more copies: the slice's
+    time is taken as the pool's (an assumption the label's `EP slices` names)."""
+    best: dict[tuple[float, int], tuple[float, str, str]] = {}  # (tokens, rank) -> the fastest (s, run, backend)
+    for r in runs:
+        if r.hardware_id != hardware_id:
+            continue
+        for p in r.points:
+            if (p.get("kind") not in ("decode", "prefill") or p.get("model") != model or p.get("ep") != ep
+                    or p.get("dtype") != dtype or p.get("routing", "router") != "router" or not usable(p)
+                    or not isinstance(p.get("expert_ms"), (int, float)) or not p["expert_ms"] > 0):
+                continue
+            cell = (float(p["batch"] * (p["prompt_len"] if p["kind"] == "prefill" else 1)), p.get("ep_rank", 0))
+            if cell not in best or p["expert_ms"] * 1e-3 < best[cell][0]:
+                best[cell] = (p["expert_ms"] * 1e-3, r.run_id, p.get("backend") or "?")
+    if not best:
+        return None
+    ts = sorted({t for t, _ in best})
+    # the balanced step (PoolStep applies the imbalance): the mean over the ranks measured at a token count
+    secs = [float(np.mean([v[0] for (t, _), v in best.items() if t == x])) for x in ts]
+    runs_ = sorted({v[1] for v in best.values()})
+    backends = sorted({v[2] for v in best.values()})
+    ranks = len({rank for _, rank in best})
+    return ExpertCurve(ts, secs, f"measured (run {', '.join(runs_)}, EP slices ep {ep}, {ranks} rank(s), "
+                                 f"{'/'.join(backends)}, {len(ts)} token counts {ts[0]:g}-{ts[-1]:g})")
+
+
+@dataclass
 class PoolStep:
     """The step model of one pool kind (`kind`: prefill | decode | mixed) on one GPU type."""
 
@@ -89,6 +140,7 @@ class PoolStep:
     notes: list[str] = field(default_factory=list)
     alltoall: tuple[CollectiveCurve, str] | None = None  # a run's measured all-to-all at world size ep, and its label
     cache_load_gbps: float | None = None  # GB/s per node that cache-hit KV is loaded at (None: the hits are in HBM)
+    experts: ExpertCurve | None = None  # a run's measured routed-expert time at this ep (measured_experts)
 
     def __post_init__(self) -> None:
         m = self.m
@@ -187,7 +239,12 @@ class PoolStep:
             routed_f = 2 * T * k * nl * ep_p
             # each micro-batch touches experts with half the tokens
             routed_b = reads * m.ep_expert_bytes_read(T / reads, self.ep, self.redundant, self.wb)
-            moe = self._t(2 * T * other_w + routed_f, reads * other_w * self.wb + routed_b, self.mm_peak)
+            if self.experts is not None and self.experts.inside(T / reads):  # measured, each micro-batch its own
+                moe = self._t(2 * T * other_w, reads * other_w * self.wb, self.mm_peak) \
+                    + reads * nl * self.experts(T / reads)
+                parts["experts_source"] = self.experts.label
+            else:
+                moe = self._t(2 * T * other_w + routed_f, reads * other_w * self.wb + routed_b, self.mm_peak)
             moe *= (nl + d) / nl if dec_seqs else 1.0
             parts["flops"] += (2 * T * other_w + routed_f) * ((nl + d) / nl if dec_seqs else 1.0)
             parts["expert_bytes"] = routed_b

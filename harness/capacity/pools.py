@@ -24,7 +24,7 @@ import math
 from tokenfleet.capacity.calibrate import Efficiency, measured_alltoall, read_runs
 from tokenfleet.capacity.config import Workload
 from tokenfleet.capacity.deployment import DeploymentSpec, check_fits_model, load_deployment, with_overrides
-from tokenfleet.capacity.expert import PoolStep, emitted_per_step
+from tokenfleet.capacity.expert import PoolStep, emitted_per_step, measured_experts
 from tokenfleet.capacity.families import efficiency_for
 from tokenfleet.capacity.project import (
     F_MEM,
@@ -58,7 +58,8 @@ def _pool_step(m, hw, dtype, dep: DeploymentSpec, kind: str, eff: Efficiency, ru
                     mtp_drafts=dep.mtp.draft_tokens if dep.mtp and kind != "prefill" else 0,
                     dispatch_bytes=dep.dispatch_bytes, combine_bytes=dep.combine_bytes, eff=eff,
                     alltoall=measured_alltoall(list(runs), hw.id, p.gpus) if m.moe else None,
-                    cache_load_gbps=dep.cache_load_gbps_per_node)
+                    cache_load_gbps=dep.cache_load_gbps_per_node,
+                    experts=measured_experts(runs, hw.id, m.id, p.gpus, dtype) if m.moe and p.gpus > 1 else None)
 
 
 def _free_bytes(ps: PoolStep) -> float:
@@ -87,7 +88,8 @@ def decode_pool(ps: PoolStep, w: Workload, cap: int | None, acceptance: float) -
     return {"fits": True, "gpus": ps.ep, "batch_per_gpu": b, "batch_limit": limit, "b_mem": b_mem, "b_slo": b_slo,
             "tokens_per_step": e, "tpot_ms": s["step_s"] / e * 1e3, "tpot_ok": b_slo >= 1,
             "output_tokens_per_s_per_gpu": b * e / s["step_s"], "kv_bytes_per_gpu": b * kv_seq,
-            "expert_bytes": s.get("expert_bytes", 0.0), "alltoall_source": ps.a2a_source, **_breakdown(s)}
+            "expert_bytes": s.get("expert_bytes", 0.0), "alltoall_source": ps.a2a_source,
+            "experts_source": s.get("experts_source", "roofline"), **_breakdown(s)}
 
 
 def prefill_pool(ps: PoolStep, w: Workload, budget: int | None) -> dict:
@@ -115,7 +117,8 @@ def prefill_pool(ps: PoolStep, w: Workload, budget: int | None) -> dict:
             "new_tokens_per_s_per_gpu": N / s["step_s"],
             "input_tokens_per_s_per_gpu": N / s["step_s"] * w.input_len / n,
             "ttft_ms": ttft * 1e3, "kv_transfer_ms": kv_send * 1e3, "ttft_ok": ttft * 1e3 <= w.ttft_ms,
-            "expert_bytes": s.get("expert_bytes", 0.0), "alltoall_source": ps.a2a_source, **_breakdown(s)}
+            "expert_bytes": s.get("expert_bytes", 0.0), "alltoall_source": ps.a2a_source,
+            "experts_source": s.get("experts_source", "roofline"), **_breakdown(s)}
 
 
 def mixed_pool(ps: PoolStep, w: Workload, cap: int | None, budget: int | None, acceptance: float) -> dict:
@@ -146,7 +149,8 @@ def mixed_pool(ps: PoolStep, w: Workload, cap: int | None, budget: int | None, a
     return {"fits": True, "gpus": ps.ep, "batch_per_gpu": b, "batch_limit": limit, "b_mem": b_mem, "b_slo": b_slo,
             "tokens_per_step": e, "tpot_ms": s["step_s"] / e * 1e3, "tpot_ok": b_slo >= 1, "ttft_ms": ttft * 1e3,
             "ttft_ok": ttft * 1e3 <= w.ttft_ms, "output_tokens_per_s_per_gpu": out,
-            "expert_bytes": s.get("expert_bytes", 0.0), "alltoall_source": ps.a2a_source, **_breakdown(s)}
+            "expert_bytes": s.get("expert_bytes", 0.0), "alltoall_source": ps.a2a_source,
+            "experts_source": s.get("experts_source", "roofline"), **_breakdown(s)}
 
 
 def resolve_deployment(dep: str | DeploymentSpec, m, batch: int | None = None, budget: int | None = None,

@@ -174,7 +174,9 @@ def _print_pools(res: dict, defaulted: bool, fmt: str) -> None:
     a2a = {p.get("alltoall_source") for p in res["pools"].values() if p.get("alltoall_source")}
     e = res["efficiency"]
     eff = f"efficiency: {res['efficiency_source']}, e_c {e['compute']:.3g}, e_m {e['memory']:.3g} ({e['from']})"
-    lines = [eff, *[f"all-to-all: {s}" for s in sorted(a2a)], *[f"source {k}: {v}" for k, v in res["sources"].items()]]
+    routed = {p["experts_source"] for p in res["pools"].values() if p.get("experts_source", "roofline") != "roofline"}
+    lines = [eff, *[f"all-to-all: {s}" for s in sorted(a2a)], *[f"routed experts: {s}" for s in sorted(routed)],
+             *[f"source {k}: {v}" for k, v in res["sources"].items()]]
     for line in lines:
         typer.echo(" ".join(line.split()))
     for n in res["notes"]:

@@ -20,8 +20,10 @@ The MoE families (`tokenfleet.model.moe`): a layer's MLP is dense (`w13`, `w2`) 
 router, experts, DeepSeek's shared experts) as the config places them (`MoE.is_moe_layer`); DeepSeek-V3's attention
 is MLA (`Layer.mla`), its cache the compressed latent + rope key per token (`KVCache` with one "head" of
 kv_lora_rank + qk_rope_head_dim channels, the values being its first kv_lora_rank), decode in the absorbed form.
-`routing_skew` sets the routing condition (None: the router's own choice), `route_log` collects each MoE layer's
-chosen experts in an eager forward (`expert_counts`).
+`routing_skew` sets the routing condition (None: the router's own choice; per MoE layer for a replayed routing),
+`route_log` collects each MoE layer's chosen experts in an eager forward (`expert_counts`). e4m3 experts
+(`tokenfleet.model.fp8`) and one GPU's slice of an expert-parallel pool (`ep_slice`: E/ep experts held, the pool's
+tokens routed) run the experts in the kernels' form (`moe.kernel_experts`).
 
 Generation, as in gpt-fast: `prefill`, `decode_one_token`, `decode_n_tokens` (and `generate` around them).
 Weights are seeded random (`build_model`) or read from a local Hugging Face folder (`tokenfleet.model.hf`).
@@ -199,10 +201,15 @@ class Transformer:
             raise ValueError(f"{cfg.id}: the MLA latent cache is built in the activations' dtype only")
         self.routing_skew = routing_skew  # [E] bias on the routers' choice scores (moe.routing_skew), or None
         self.route_log: list | None = None  # set to a list: each MoE layer appends its chosen experts (eager only)
+        self.expert_inputs: list | None = None  # set to a list: each MoE layer appends its expert layer's inputs
         mw = next((lw.moe for lw in weights.layers if lw.moe is not None), None)
-        # the expert layer this backend runs for these weights, picked here (outside any trace)
-        self.experts = self.ops.experts(self.dtype, self.device, (*mw.w13.shape[1:], *mw.w2.shape[1:])) \
-            if mw is not None else None
+        # the expert layer this backend runs for these weights, picked here (outside any trace): e4m3 experts and EP
+        # slices in the kernels' form (moe.kernel_experts)
+        self.experts = None
+        if mw is not None:
+            widths = (*mw.w13.shape[1:], *mw.w2.shape[1:])
+            self.experts = E.kernel_experts(backend, mw.w13_scale is not None, self.dtype, self.device, widths) \
+                if mw.kernel_form else self.ops.experts(self.dtype, self.device, widths)
         self._prefill_block, self._decode_block = self._prefill_layer, self._decode_layer
         self._head = self.ops.gemm
         if self.ops.compiled:
@@ -219,8 +226,19 @@ class Transformer:
                            self.backend, self.rotary, self.kv_dtype, self.routing_skew)
 
     def with_routing(self, skew: torch.Tensor | None) -> Transformer:
-        """The same model routing with `skew` added to its routers' choice scores (None: their own choice)."""
-        return Transformer(self.cfg, self.weights, self.backend, self.rotary, self.kv_dtype, skew)
+        """The same model routing with `skew` added to its routers' choice scores (None: their own choice): [E] for
+        every MoE layer, or [MoE layers built, E], one row per MoE layer in order (a replayed routing: kept with the
+        layer's MoEWeights, which share the weight tensors)."""
+        weights = self.weights
+        if skew is not None and skew.dim() == 2:
+            if skew.shape[0] != self.cfg.num_moe_layers:
+                raise ValueError(f"{self.cfg.id}: {skew.shape[0]} per-layer skews for {self.cfg.num_moe_layers} MoE "
+                                 "layers")
+            rows = iter(skew)
+            weights = replace(weights, layers=[replace(lw, moe=replace(lw.moe, skew=next(rows)))
+                                               if lw.moe is not None else lw for lw in weights.layers])
+            skew = None
+        return Transformer(self.cfg, weights, self.backend, self.rotary, self.kv_dtype, skew)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -276,16 +294,24 @@ class Transformer:
     def _moe_mlp(self, mw: E.MoEWeights, y: torch.Tensor) -> torch.Tensor:
         """An MoE layer's MLP on the normed y [T, D]: route, the routed experts, + the shared experts."""
         m = self.cfg.moe
+        skew = self.routing_skew if mw.skew is None else mw.skew  # the model's, or this layer's own (replayed)
+        t, ep = y.shape[0], E.ep_degree(mw)
+        y_all = E.pool_tokens(y, ep) if ep > 1 else y  # an EP slice routes the pool's tokens (moe.pool_tokens)
         if m.scoring == "softmax":
-            weights, ids = self.ops.route_softmax(self.ops.gemm(y, mw.router), m.experts_per_token, m.norm_topk_prob,
-                                                  self.routing_skew)
+            weights, ids = self.ops.route_softmax(self.ops.gemm(y_all, mw.router), m.experts_per_token,
+                                                  m.norm_topk_prob, skew)
         else:
-            weights, ids = self.ops.route_sigmoid(self.ops.gemm(y.float(), mw.router), m.experts_per_token,
+            weights, ids = self.ops.route_sigmoid(self.ops.gemm(y_all.float(), mw.router), m.experts_per_token,
                                                   m.norm_topk_prob, mw.score_bias, m.n_group, m.topk_group,
-                                                  m.routed_scaling_factor, self.routing_skew)
+                                                  m.routed_scaling_factor, skew)
         if self.route_log is not None:
             self.route_log.append(ids)
-        out = self.experts(y, mw.w13, mw.w2, ids, weights)
+        if self.expert_inputs is not None:
+            self.expert_inputs.append((y_all, ids, weights, mw))
+        if mw.kernel_form:
+            out = E.run_kernel_experts(self.experts, y_all, mw, ids, weights)[:t]  # this GPU's tokens' rows
+        else:
+            out = self.experts(y, mw.w13, mw.w2, ids, weights)
         if mw.shared_w13 is not None:
             out = out + self._dense_mlp(y, mw.shared_w13, mw.shared_w2)
         return out
@@ -467,6 +493,19 @@ def build_model(cfg: ModelConfig | str, backend: str = "torch", dtype: str | tor
     if layers is not None:
         cfg = with_layers(cfg, min(layers, cfg.num_layers))
     return Transformer(cfg, random_weights(cfg, dtype, device, seed), backend)
+
+
+def ep_slice(model: Transformer, ep: int, rank: int = 0) -> Transformer:
+    """The model as one GPU of an expert-parallel pool of `ep` GPUs with data-parallel attention: every layer whole
+    but the routed experts, of which it holds rank `rank`'s E/ep (`moe.slice_experts`); its MoE layers route this
+    GPU's tokens and the pool's other ep-1 GPUs' (`moe.pool_tokens`) and compute the pairs routed to its experts
+    (the dispatch and combine, all-to-all, are not in it). ep 1: the model itself."""
+    if ep == 1:
+        return model
+    layers = [replace(lw, moe=E.slice_experts(lw.moe, ep, rank)) if lw.moe is not None else lw
+              for lw in model.weights.layers]
+    return Transformer(model.cfg, replace(model.weights, layers=layers), model.backend, model.rotary,
+                       model.kv_dtype, model.routing_skew)
 
 
 @torch.no_grad()

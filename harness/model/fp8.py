@@ -8,6 +8,11 @@ scale computed on every call (vLLM's online `--quantization fp8`); `block` is De
 takes scalar scales only, so the CPU runs `tensor`.
 
 A quantized weight is an `Fp8Weight` in place of the tensor in `decoder.Layer`: the decoder calls its `linear`.
+
+MoE models (`qwen3_moe`, `deepseek_v3`): the routed experts go to e4m3 with DeepSeek-V3's 128x128 block scales
+(`quantize_experts`, one expert at a time; `MoEWeights.w13_scale` / `w2_scale`), the layout DeepSeek-V3's FP8
+checkpoint and `kernels.moe` use; everything else stays bf16: MLA, attention, the dense layers, the shared experts,
+routers, embedding and head. The experts then run in the kernels' form on every backend (`moe.kernel_experts`).
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ from dataclasses import dataclass, replace
 
 import torch
 from tokenfleet.kernels import REGISTRY
-from tokenfleet.kernels.gemm_fp8 import quantize_weight_fp8
+from tokenfleet.kernels.gemm_fp8 import FP8, SCALE_BLOCK, quantize_weight_fp8
 from tokenfleet.model import decoder as M
+from tokenfleet.model import moe as E
 from tokenfleet.model.spec import ModelConfig
 
 LINEARS = ("wqkv", "wo", "w13", "w2")  # the projections that go to e4m3
@@ -29,6 +35,16 @@ LAYOUTS = ("tensor", "block")
 # 0.115. e4m3 keeps 3 mantissa bits (3.6% rms rounding per operand); the error compounds with depth, more slowly
 # than sqrt(layers). A broken scale or cache path gives errors near 1.
 TOLERANCE = 0.3
+# e4m3 routed experts (block scales; bf16 elsewhere) against the bf16 model's fp32 reference, the same check:
+# measured on the CPU (reference backend, 2 prompts of 8 tokens + 1 decode step, the largest over model seeds 0, 1
+# and 2, 2026-12-04): MOE_MEASURED below (tiny-qwen3-moe 0.027-0.030, tiny-deepseek-v3 0.045-0.059; at real
+# shapes, qwen3-30b-a3b's first 2 layers 0.019-0.031: below the tiny models' largest). The check
+# allows MOE_TOLERANCE_FACTOR times the largest: e4m3 rounding of the experts alone, plus the experts a near-tied
+# router then picks otherwise in later layers (which moved 16-bit MoE checks by 2-4x: parts/model.MOE_TOLERANCE).
+MOE_MEASURED = {"tiny-qwen3-moe": 0.0299, "tiny-deepseek-v3": 0.0590}
+MOE_TOLERANCE_FACTOR = 3.0
+MOE_TOLERANCE = MOE_TOLERANCE_FACTOR * max(MOE_MEASURED.values())
+EXPERT_LAYOUT = "block"  # e4m3 experts: DeepSeek-V3's 128x128 block scales only
 
 
 @dataclass
@@ -60,12 +76,38 @@ class Fp8Weight:
         return fn(x, self.q, self.scale, xs).to(x.dtype)
 
 
+def _per_expert(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[E, N, K] -> e4m3 [E, N, K] and fp32 block scales [E, ceil(N/128), ceil(K/128)], one expert at a time."""
+    e, n, k = w.shape
+    q = torch.empty(w.shape, dtype=FP8, device=w.device)
+    sc = torch.empty((e, -(-n // SCALE_BLOCK), -(-k // SCALE_BLOCK)), dtype=torch.float32, device=w.device)
+    for x in range(e):
+        q[x], sc[x] = quantize_weight_fp8(w[x], EXPERT_LAYOUT)
+    return q, sc
+
+
+def quantize_experts(mw: E.MoEWeights) -> E.MoEWeights:
+    """An MoE MLP with its routed experts in e4m3 (128x128 block scales); router and shared experts as they were."""
+    (w13, s13), (w2, s2) = _per_expert(mw.w13), _per_expert(mw.w2)
+    return replace(mw, w13=w13, w2=w2, w13_scale=s13, w2_scale=s2)
+
+
 def quantize(model: M.Transformer, layout: str = "tensor", kv_dtype: str = "bf16") -> M.Transformer:
-    """The same model with e4m3 layer projections (the bf16 ones are dropped) and its cache in `kv_dtype`."""
+    """The same model with e4m3 layer projections (the bf16 ones are dropped) and its cache in `kv_dtype`; an MoE
+    model's routed experts instead (`layout` must be `block`; module docstring)."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown fp8 scale layout {layout!r}; known: {', '.join(LAYOUTS)}")
-    if not model.cfg.is_dense:
-        raise ValueError(f"{model.cfg.id}: fp8 MoE experts / MLA are not built (dense projections only)")
+    if model.cfg.moe is not None:
+        if layout != EXPERT_LAYOUT:
+            raise ValueError(f"{model.cfg.id}: e4m3 MoE experts take DeepSeek-V3's 128x128 block scales "
+                             f"(scale layout {EXPERT_LAYOUT!r}), not {layout!r}")
+        layers = []
+        for lw in model.weights.layers:
+            layers.append(replace(lw, moe=quantize_experts(lw.moe)) if lw.moe is not None else lw)
+            if lw.moe is not None:  # free each bf16 expert tensor as soon as it is quantized
+                lw.moe = None
+        return M.Transformer(model.cfg, replace(model.weights, layers=layers), model.backend, model.rotary,
+                             "fp8" if kv_dtype == "fp8" else None, model.routing_skew)
     layers = []
     for lw in model.weights.layers:
         layers.append(replace(lw, **{n: Fp8Weight.quantize(getattr(lw, n), layout) for n in LINEARS}))
@@ -90,15 +132,39 @@ def _linear_params(cfg: ModelConfig) -> int:
     return (hq + 2 * hkv) * hd * d + hq * hd * d + 3 * d * inter
 
 
-def prefill_bytes(cfg: ModelConfig, batch: int, prompt_len: int, kv_bytes: int) -> float:
-    """decoder.prefill_bytes with 1-byte layer projections and `kv_bytes` KV elements (bf16 elsewhere)."""
+def _expert_saving(cfg: ModelConfig, tokens: int, experts_touched: float | None) -> float:
+    """Bytes e4m3 experts save over bf16 ones in one forward of `tokens` tokens: one byte per parameter of each
+    expert touched (summed over the MoE layers; None: the uniform expectation), less its fp32 block scales."""
+    if experts_touched is None:
+        experts_touched = cfg.num_moe_layers * cfg.expected_experts_touched(tokens)
+    d, i = cfg.hidden_size, cfg.moe.moe_intermediate_size
+
+    def blocks(n):
+        return -(-n // SCALE_BLOCK)
+
+    scales = 4 * (blocks(2 * i) * blocks(d) + blocks(d) * blocks(i))
+    return experts_touched * (cfg.expert_params - scales)
+
+
+def prefill_bytes(cfg: ModelConfig, batch: int, prompt_len: int, kv_bytes: int,
+                  experts_touched: float | None = None) -> float:
+    """decoder.prefill_bytes with 1-byte layer projections (MoE: 1-byte routed experts + their block scales, the
+    experts touched) and `kv_bytes` KV elements (bf16 elsewhere)."""
     kv_diff = batch * prompt_len * (cfg.kv_bytes_per_token(2) - cfg.kv_bytes_per_token(kv_bytes))
+    if cfg.moe is not None:
+        return M.prefill_bytes(cfg, batch, prompt_len, 2, experts_touched) \
+            - _expert_saving(cfg, batch * prompt_len, experts_touched) - kv_diff
     return M.prefill_bytes(cfg, batch, prompt_len, 2) - cfg.num_layers * _linear_params(cfg) - kv_diff
 
 
-def decode_bytes(cfg: ModelConfig, batch: int, context: int, kv_bytes: int) -> float:
-    """decoder.decode_bytes with 1-byte layer projections and `kv_bytes` KV elements (bf16 elsewhere)."""
+def decode_bytes(cfg: ModelConfig, batch: int, context: int, kv_bytes: int,
+                 experts_touched: float | None = None) -> float:
+    """decoder.decode_bytes with 1-byte layer projections (MoE: 1-byte routed experts + their block scales, the
+    experts touched) and `kv_bytes` KV elements (bf16 elsewhere)."""
     kv_diff = batch * (context + 2) * (cfg.kv_bytes_per_token(2) - cfg.kv_bytes_per_token(kv_bytes))
+    if cfg.moe is not None:
+        return M.decode_bytes(cfg, batch, context, 2, experts_touched) - _expert_saving(cfg, batch, experts_touched) \
+            - kv_diff
     return M.decode_bytes(cfg, batch, context, 2) - cfg.num_layers * _linear_params(cfg) - kv_diff
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,18 @@ class MoEWeights:
     w2: torch.Tensor  # [E, D, I]
     shared_w13: torch.Tensor | None = None  # [2·Is, D], Is = moe_intermediate_size · shared_experts
     shared_w2: torch.Tensor | None = None  # [D, Is]
+    # e4m3 routed experts (`tokenfleet.model.fp8.quantize`): w13 / w2 in e4m3 with DeepSeek-V3's 128x128 block scales
+    w13_scale: torch.Tensor | None = None  # [E, ceil(2·I/128), ceil(D/128)] fp32
+    w2_scale: torch.Tensor | None = None  # [E, ceil(D/128), ceil(I/128)] fp32
+    # an expert-parallel slice (`slice_experts`): w13 / w2 hold E/p experts; expert_map [E] int32, the local id of
+    # each global expert or -1 (vLLM's expert_map)
+    expert_map: torch.Tensor | None = None
+    skew: torch.Tensor | None = None  # [E] this layer's routing skew (a replayed routing: `replay.replay_skew`)
+
+    @property
+    def kernel_form(self) -> bool:
+        """Experts that only the kernels' form takes (`kernel_experts`): e4m3 with block scales, or an EP slice."""
+        return self.w13_scale is not None or self.expert_map is not None
 
 
 @dataclass
@@ -198,12 +210,78 @@ def experts_triton(x, w13, w2, ids, weights):
     return moe(x, ids, weights, w13, w2)
 
 
+def slice_experts(mw: MoEWeights, ep: int, rank: int) -> MoEWeights:
+    """One GPU's slice of an expert-parallel pool of `ep` GPUs (rank `rank`): experts [rank·E/ep, (rank+1)·E/ep) held
+    (copies: the full set can be freed), vLLM's expert_map from the global ids to them; router and shared experts
+    whole (every rank holds them)."""
+    e = mw.w13.shape[0] if mw.expert_map is None else mw.expert_map.numel()
+    if mw.expert_map is not None or e % ep or not 0 <= rank < ep:
+        raise ValueError(f"ep {ep} must divide {e} experts (not yet sliced), 0 <= rank {rank} < ep")
+    held, lo = e // ep, rank * (e // ep)
+    emap = torch.full((e,), -1, dtype=torch.int32, device=mw.w13.device)
+    emap[lo:lo + held] = torch.arange(held, dtype=torch.int32, device=mw.w13.device)
+
+    def cut(t):
+        return None if t is None else t[lo:lo + held].clone()
+
+    return replace(mw, w13=cut(mw.w13), w2=cut(mw.w2), w13_scale=cut(mw.w13_scale), w2_scale=cut(mw.w2_scale),
+                   expert_map=emap)
+
+
+def ep_degree(mw: MoEWeights) -> int:
+    """The expert-parallel degree of a (sliced) MoE layer: global experts / experts held (1: not sliced)."""
+    return 1 if mw.expert_map is None else mw.expert_map.numel() // mw.w13.shape[0]
+
+
+def pool_tokens(y: torch.Tensor, ep: int) -> torch.Tensor:
+    """The tokens an EP slice's MoE layer routes: this GPU's y [T, D] first, then stand-ins for the other ep-1
+    GPUs' tokens (their dispatch brings the pairs routed to this GPU's experts): y's channels rotated by j·D/ep for
+    GPU j, the same statistics, routed independently by the router (a random projection) -> [ep·T, D]. Static
+    shapes, no host sync."""
+    d = y.shape[1]
+    return torch.cat([y] + [y.roll(j * d // ep, dims=1) for j in range(1, ep)])
+
+
+def kernel_experts(backend: str, fp8: bool, dtype: torch.dtype, device: torch.device, widths: tuple):
+    """The expert layer of e4m3 experts (128x128 block scales) or of an EP slice (`MoEWeights.kernel_form`), in the
+    kernels' form (hidden, ids, weights, w13, w2, w13_scale, w2_scale, expert_map) -> [T, D]: `tokenfleet.kernels.moe`
+    has every backend's. triton: the fused kernel; reference: its fp32 definition (x and h quantized as the kernel
+    does); torch: transformers' grouped_mm experts (bf16 slice, non-local slots sorted past the offsets), else its
+    eager loop (e4m3: torch._scaled_mm with block scales per expert, CUDA sm90+: torch has no block-scaled grouped
+    GEMM). Not built under torch.compile (`compile`): the loop's host sync breaks its graph, and Inductor's grouped
+    GEMM takes bf16 only."""
+    from tokenfleet.kernels import moe as K
+
+    if backend == "triton":
+        return K.moe
+    if backend == "reference":
+        return K.moe_ref
+    if backend == "torch":
+        return K.moe_baseline if not fp8 and grouped_mm_runs(dtype, device, False, widths) else K.moe_loop
+    raise ValueError(f"{backend}: e4m3 experts and expert-parallel slices are built on the triton, torch and "
+                     f"reference backends only")
+
+
+def run_kernel_experts(fn, x: torch.Tensor, mw: MoEWeights, ids: torch.Tensor, weights: torch.Tensor):
+    """`fn` (from `kernel_experts`) on x [T, D]; e4m3 experts take bf16 activations (as served: the kernel quantizes
+    them per token per 128 channels), so x of another dtype goes in as bf16 and the output comes back in x.dtype."""
+    xin = x.to(torch.bfloat16) if mw.w13_scale is not None else x
+    out = fn(xin, ids, weights, mw.w13, mw.w2, mw.w13_scale, mw.w2_scale, mw.expert_map)
+    return out.to(x.dtype)
+
+
 def experts_impl(fn) -> str:
     """In words, what an expert layer runs (a point's note)."""
+    from tokenfleet.kernels import moe as K
+
     return {experts_reference: "fp32 per-expert loop", experts_loop: "per-expert F.linear loop (transformers' eager)",
             experts_grouped_mm: "torch._grouped_mm (transformers' grouped_mm)",
             experts_gathered: "gathered expert weights (gpt-fast's form)",
-            experts_triton: "fused Triton MoE kernel (kernels/moe.py)"}.get(fn, getattr(fn, "__name__", str(fn)))
+            experts_triton: "fused Triton MoE kernel (kernels/moe.py)",
+            K.moe: "fused Triton MoE kernel (kernels/moe.py)", K.moe_ref: "fp32 per-expert definition (kernels/moe.py)",
+            K.moe_baseline: "torch._grouped_mm (transformers' grouped_mm)",
+            K.moe_loop: "per-expert loop (transformers' eager; e4m3: torch._scaled_mm with block scales)",
+            }.get(fn, getattr(fn, "__name__", str(fn)))
 
 
 # --- MLA attention ----------------------------------------------------------------------------------------------

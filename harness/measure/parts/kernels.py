@@ -27,6 +27,7 @@ from tokenfleet.config import Strict
 from tokenfleet.dtypes import to_dtype
 from tokenfleet.measure.context import CPU_FP8_NOTE, CPU_TRITON_NOTE, Job, RunContext
 from tokenfleet.model.decoder import compile_step, compiled_graphs, first_call
+from tokenfleet.model.replay import load_replay, replay_skew
 from tokenfleet.model.spec import load_model_config
 
 # The ops whose make_inputs take dtype fp8 (e4m3 operands, KV cache, experts).
@@ -51,8 +52,9 @@ class OpCase(Strict):
     batch: list[PositiveInt] = Field(default_factory=list, description="model shapes: sequences (decode attention)")
     context: list[PositiveInt] = Field(default_factory=list, description="model shapes: context (decode attention)")
     scales: list[Literal["tensor", "block"]] = Field(["tensor"], description="gemm_fp8: scale layouts")
-    routing: list[str] = Field(["uniform"], description="moe at model shapes: routings, 'uniform' or "
-                                                        "'zipf:<exponent>' (experts by popularity 1/rank^s)")
+    routing: list[str] = Field(["uniform"], description="moe at model shapes: routings, 'uniform', "
+                                                        "'zipf:<exponent>' (experts by popularity 1/rank^s) or "
+                                                        "'replay:<routing file>' (its first layer's popularity)")
 
     @field_validator("op")
     @classmethod
@@ -103,6 +105,8 @@ class OpCase(Strict):
 
             for r in [*self.routing, *(s["routing"] for s in self.shapes if "routing" in s)]:
                 parse_routing(r)
+                if r.startswith("replay:"):
+                    load_replay(r.removeprefix("replay:"))  # a bad file: one line naming it and its field
         return self
 
 
@@ -121,9 +125,19 @@ def case_shapes(case: OpCase) -> list[dict]:
     if case.op == "gemm_fp8":  # one point per scale layout (a literal shape may name its own)
         shapes = [{**s, "scale": sc} for s in shapes for sc in ([s["scale"]] if "scale" in s else case.scales)]
     if case.op == "moe":  # one point per routing (a literal shape may name its own)
-        shapes = [{**s, "routing": r} for s in shapes
-                  for r in ([s["routing"]] if "routing" in s else case.routing)]
+        shapes = [_routed(s, r) for s in shapes for r in ([s["routing"]] if "routing" in s else case.routing)]
     return shapes
+
+
+def _routed(shape: dict, routing: str) -> dict:
+    """A moe shape under `routing`; a replayed one names the file's id and hash (`replay:<id>@<sha256[:12]>`) and
+    carries its first layer's pairs per expert (`routing_hist`), the file checked against the shape's experts and
+    top-k (a ConfigError naming the file)."""
+    if not routing.startswith("replay:"):
+        return {**shape, "routing": routing}
+    rep = load_replay(routing.removeprefix("replay:"))
+    replay_skew(rep, 1, shape["experts"], shape["topk"], "cpu")  # the sizes must match
+    return {**shape, "routing": rep.label, "routing_hist": [int(c) for c in rep.histograms()[0].tolist()]}
 
 
 def _upcast(args: tuple, dtype: torch.dtype) -> tuple:

@@ -15,10 +15,15 @@ checking its backends, the device's memory) and the plans; the timed points are 
 
 MoE models (`qwen3_moe`, `deepseek_v3`): built whole or by a layer subset (every layer alike; or DeepSeek-V3's dense
 layers first, then MoE: the subset holds every dense layer and at least one MoE layer, the dense layers timed apart
-and each kind scaled to its own count; interleaved layouts are refused), bf16/fp32/fp16 (fp8 experts are not
-built), one GPU (tp 1). A point states its routing condition (`routing`: the model's own router on its random
-weights, nearly uniform, or `zipf`: a stated skew on the routers' choice) and what it produced: the experts touched
-per MoE layer and tokens per expert (`model_points`). `more` lists further grids of a section (other models, other
+and each kind scaled to its own count; interleaved layouts are refused), bf16/fp32/fp16, or fp8: e4m3 routed experts
+with DeepSeek-V3's 128x128 block scales (`fp8_scale: block`), bf16 elsewhere (MLA included; `model.fp8`), the key
+saying `expert_dtype: fp8`, on triton and torch (torch: torch._scaled_mm with block scales, CUDA sm90+), one GPU
+(tp 1). A point states its routing condition (`routing`: the model's own router on its random
+weights, nearly uniform; `zipf`: a stated skew on the routers' choice; `replay`: a routing file's per-layer
+popularity, `model.replay`) and what it produced: the experts touched
+per MoE layer and tokens per expert (`model_points`). `ep: p` times one GPU of an expert-parallel pool
+(`decoder.ep_slice`: E/p experts held, the pool's tokens routed; key `ep`; its routed-expert time `expert_ms`, which
+the capacity model's EP pools read). `more` lists further grids of a section (other models, other
 batches) beside its main one, e.g. a tiny MoE decode next to a dense grid.
 """
 
@@ -32,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from pydantic import Field, PositiveInt, field_validator
+from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 from tokenfleet.config import Strict, known_names
 from tokenfleet.dtypes import dtype_bytes
 from tokenfleet.kernels import rel_error
@@ -42,6 +47,7 @@ from tokenfleet.measure.parts.model_points import _decode_point, _prefill_point
 from tokenfleet.model import decoder as M
 from tokenfleet.model import fp8 as F8
 from tokenfleet.model import moe as E
+from tokenfleet.model import replay as R
 from tokenfleet.model.spec import ModelConfig, load_model_config, tp_problem
 
 # Relative L2 error of logits allowed against the reference. The check runs the full stack of real-shaped layers, so
@@ -56,7 +62,9 @@ TOLERANCE = {"fp32": 1e-2, "bf16": 6e-2, "fp16": 2e-2, "fp8": F8.TOLERANCE}
 # 32 experts 0.039; 48 layers with 16 experts 0.027 (48 layers of 128 experts did not fit the CPU: expected above
 # 0.04). A broken expert path on the tiny fp32 models: equal routing weights 0.12 (tiny-qwen3-moe) / 0.40
 # (tiny-deepseek-v3), another token's experts 0.56 / 0.84.
-MOE_TOLERANCE = {"bf16": 0.1, "fp16": 0.1}
+# fp8 MoE models (e4m3 experts) against the bf16 model's reference: model.fp8.MOE_TOLERANCE (a stated multiple of the
+# measured error).
+MOE_TOLERANCE = {"bf16": 0.1, "fp16": 0.1, "fp8": F8.MOE_TOLERANCE}
 MEMORY_FRACTION = 0.85  # of the free memory the points may plan for
 WEIGHT_FRACTION = 0.6  # of that, for weights, when choosing how many layers fit
 CHECK_BATCH, CHECK_LEN = 2, 8
@@ -88,14 +96,36 @@ class Fp8Grid(Strict):
 class Routing(Strict):
     """The routing an MoE point runs: `router`, the model's own routers on its seeded random weights (random weights
     route almost uniformly); `zipf`, a bias -exponent·ln(rank) on each expert's choice score (`moe.routing_skew`;
-    ranks a seeded permutation), which skews the choice as real routers' is skewed. Dense models ignore it."""
+    ranks a seeded permutation), which skews the choice as real routers' is skewed; `replay`, a routing file's
+    per-layer expert popularity (`file`: a name under configs/routing/ or a path; `model.replay`), the label naming
+    the file's id and the sha256 of its bytes. Dense models ignore it."""
 
-    kind: Literal["router", "zipf"] = "router"
+    kind: Literal["router", "zipf", "replay"] = "router"
     exponent: float = Field(1.0, gt=0, description="zipf")
+    file: str | None = Field(None, description="replay: the routing file (configs/routing/<name>.yaml or a path)")
+
+    @model_validator(mode="after")
+    def _file(self) -> Routing:
+        if (self.kind == "replay") != (self.file is not None):
+            raise ValueError("routing: `file` goes with kind replay, and replay needs one")
+        if self.file is not None:
+            self.replay  # noqa: B018 - loads and validates the file now: a bad one is a ConfigError naming it
+        return self
+
+    @property
+    def replay(self) -> R.Replay | None:
+        return _replay(self.file) if self.file is not None else None
 
     @property
     def label(self) -> str:
+        if self.kind == "replay":
+            return self.replay.label
         return "router" if self.kind == "router" else f"zipf-{self.exponent:g}"
+
+
+@functools.lru_cache(maxsize=16)
+def _replay(file: str) -> R.Replay:
+    return R.load_replay(file)
 
 
 class MoreGrid(Strict):
@@ -103,12 +133,15 @@ class MoreGrid(Strict):
 
     models: list[str] = Field(min_length=1)
     backends: list[Backend] | None = None
-    dtypes: list[Literal["fp32", "bf16", "fp16"]] | None = None
+    dtypes: list[Literal["fp32", "bf16", "fp16", "fp8"]] | None = None
+    fp8_scale: Literal["tensor", "block"] | None = Field(None, description="fp8 points (MoE: block, e4m3 experts)")
     batch: list[PositiveInt] | None = None
     context: list[PositiveInt] | None = Field(None, description="decode")
     prompt_len: list[PositiveInt] | None = Field(None, description="prefill")
     layers: PositiveInt | None = None
     routing: Routing | None = None
+    ep: PositiveInt | None = None
+    ep_rank: NonNegativeInt | None = None
 
     _models = field_validator("models")(classmethod(lambda cls, v: _known_models(v)))
 
@@ -126,6 +159,15 @@ class _ModelSpec(Strict):
     tp: PositiveInt = Field(1, description="tensor-parallel degree: time one GPU's shard of every projection")
     check: bool = Field(True, description="check logits before timing (off only for debugging)")
     routing: Routing = Field(default_factory=Routing, description="MoE models: the routing condition")
+    ep: PositiveInt = Field(1, description="MoE models: time one GPU of an expert-parallel pool of ep GPUs (E/ep "
+                            "experts held, the pool's tokens routed; decoder.ep_slice)")
+    ep_rank: NonNegativeInt = Field(0, description="which GPU of the pool (its experts [rank·E/ep, (rank+1)·E/ep))")
+
+    @model_validator(mode="after")
+    def _rank(self):
+        if self.ep_rank >= self.ep:
+            raise ValueError(f"ep_rank {self.ep_rank} must be below ep {self.ep}")
+        return self
     more: list[MoreGrid] = Field(default_factory=list, description="further grids beside this one")
 
     _models = field_validator("models")(classmethod(lambda cls, v: _known_models(v)))
@@ -144,7 +186,8 @@ class _ModelSpec(Strict):
         out = []
         for g in self.more:
             upd = {k: v for k, v in g.model_dump(exclude_none=True).items() if k in ("models", "backends", "dtypes",
-                                                                               "batch", length_key, "layers")}
+                                                                               "batch", length_key, "layers",
+                                                                               "ep", "ep_rank", "fp8_scale")}
             upd.update(fp8=None, more=[], routing=g.routing or self.routing)
             out.append(self.model_copy(update=upd))
         return out
@@ -205,7 +248,8 @@ class _Session:
         _free(device)
 
     def get(self, ctx: RunContext, name: str, dtype: str, spec: _ModelSpec) -> _Built:
-        key = (name, dtype, spec.tp, spec.layers, ctx.seed, spec.kv_dtype, spec.fp8_scale, spec.routing.label)
+        key = (name, dtype, spec.tp, spec.layers, ctx.seed, spec.kv_dtype, spec.fp8_scale, spec.routing.label,
+               spec.ep, spec.ep_rank)
         if key == self.key:
             return self.built
         self.drop(ctx.torch_device)
@@ -216,8 +260,13 @@ class _Session:
         if cfg.moe and spec.routing.kind == "zipf":
             model = model.with_routing(E.routing_skew(cfg.moe.num_experts, spec.routing.exponent, ctx.seed,
                                                       ctx.torch_device))
+        elif cfg.moe and spec.routing.kind == "replay":  # one skew per MoE layer built
+            model = model.with_routing(R.replay_skew(spec.routing.replay, model.cfg.num_moe_layers,
+                                                     cfg.moe.num_experts, cfg.moe.experts_per_token, ctx.torch_device))
+        model = M.ep_slice(model, spec.ep, spec.ep_rank)  # (ep 1: the model itself)
+        _free(ctx.torch_device)  # the experts it does not hold
         want = None
-        if dtype == "fp8":
+        if dtype == "fp8":  # (an EP slice: the bf16 slice's reference, then only its experts quantized)
             want = reference_logits(model, seed=ctx.seed + 1) if spec.check else None
             model = F8.quantize(model, spec.fp8_scale, spec.kv_dtype)
         self.key, self.built = key, _Built(model, cfg.num_layers, want=want)
@@ -366,9 +415,41 @@ def _run(session: _Session, point, spec: _ModelSpec, args: tuple, ctx: RunContex
     return _guard_oom(session, ctx, prepared_point)
 
 
-def _not_buildable(name: str, spec: _ModelSpec, dtype: str) -> str | None:
-    """Why the decoder cannot build `name` at spec.tp in `dtype`, or None."""
-    return not_buildable(load_model_config(name), spec.tp, dtype, spec.layers)
+def _not_buildable(name: str, spec: _ModelSpec, dtype: str, backend: str, on_gpu: bool) -> str | None:
+    """Why the decoder cannot build `name` at spec.tp in `dtype` on `backend`, or None."""
+    cfg = load_model_config(name)
+    return not_buildable(cfg, spec.tp, dtype, spec.layers) or ep_problem(cfg, spec.ep, backend, spec.ep_rank) or (
+        moe_fp8_problem(cfg, backend, spec.fp8_scale, spec.kv_dtype, on_gpu) if dtype == "fp8" else None)
+
+
+def ep_problem(cfg: ModelConfig, ep: int, backend: str, rank: int = 0) -> str | None:
+    """Why GPU `rank` of an expert-parallel pool of `ep` GPUs is not built for cfg on `backend` (None: it is)."""
+    if ep == 1:
+        return None
+    if rank >= ep:  # (a `more` grid's, which model_copy does not validate)
+        return f"{cfg.id}: ep_rank {rank} must be below ep {ep}"
+    if cfg.moe is None:
+        return f"{cfg.id}: ep {ep}: a dense model has no experts to hold"
+    if cfg.moe.num_experts % ep:
+        return f"{cfg.id}: ep {ep} does not divide its {cfg.moe.num_experts} experts"
+    if backend == "compile":
+        return f"{cfg.id}: expert-parallel slices are not built under torch.compile (moe.kernel_experts)"
+    return None
+
+
+def moe_fp8_problem(cfg: ModelConfig, backend: str, scale: str, kv_dtype: str, on_gpu: bool) -> str | None:
+    """Why an fp8 (e4m3 experts) point of an MoE cfg is not built on `backend` (None: it is; dense: None)."""
+    if cfg.moe is None:
+        return None
+    if scale != F8.EXPERT_LAYOUT:
+        return f"{cfg.id}: e4m3 MoE experts take DeepSeek-V3's 128x128 block scales (fp8 scale: block), not {scale}"
+    if cfg.mla and kv_dtype != "bf16":
+        return f"{cfg.id}: the MLA latent cache is built in bf16 only (kv_dtype {kv_dtype})"
+    if backend == "compile":
+        return f"{cfg.id}: e4m3 experts are not built under torch.compile (moe.kernel_experts)"
+    if backend == "torch" and not on_gpu:
+        return f"{cfg.id}: e4m3 experts on torch run torch._scaled_mm with block scales, CUDA sm90+ only"
+    return None
 
 
 def not_buildable(cfg: ModelConfig, tp: int, dtype: str, layers: int | None = None) -> str | None:
@@ -376,8 +457,8 @@ def not_buildable(cfg: ModelConfig, tp: int, dtype: str, layers: int | None = No
     if not cfg.is_dense:
         if tp > 1:
             return f"{cfg.id}: tensor-parallel shards of MoE / MLA models are not built (tp {tp})"
-        if dtype == "fp8":
-            return f"{cfg.id}: fp8 MoE experts / MLA are not built (the fp8 model quantizes dense projections only)"
+        if dtype == "fp8" and cfg.moe is None:
+            return f"{cfg.id}: fp8 MLA without MoE experts is not built"
         if layers is not None and layers < cfg.num_layers and subset_problem(cfg, layers):
             return subset_problem(cfg, layers)
     return tp_problem(cfg, tp)
@@ -394,14 +475,26 @@ def _plan(kind: str, spec: _ModelSpec, ctx: RunContext, length_key: str, point, 
                "tp": spec.tp, "layers": spec.layers}
         if dtype == "fp8":
             key.update(kv_dtype=spec.kv_dtype, fp8_scale=spec.fp8_scale)
-        if load_model_config(name).moe:
+        cfg = load_model_config(name)
+        if cfg.moe:
             key["routing"] = spec.routing.label
+            if spec.ep > 1:
+                key.update(ep=spec.ep, ep_rank=spec.ep_rank)
+            if spec.routing.kind == "replay":  # the file fits the model (at the depth asked): else exit 2 now
+                R.replay_skew(spec.routing.replay, M.with_layers(cfg, min(spec.layers or cfg.num_layers,
+                                                                          cfg.num_layers)).num_moe_layers,
+                              cfg.moe.num_experts, cfg.moe.experts_per_token, "cpu")
+            if dtype == "fp8":  # the routed experts are what is e4m3 (bf16 elsewhere)
+                key["expert_dtype"] = "fp8"
         no_fp8 = dtype == "fp8" and ctx.datasheet and ctx.datasheet.fp8_refusal()
         cpu_triton = CPU_TRITON_NOTE if backend == "triton" and not ctx.on_gpu else None
-        skip = _not_buildable(name, spec, dtype) or no_fp8 or cpu_triton
+        skip = _not_buildable(name, spec, dtype, backend, ctx.on_gpu) or no_fp8 or cpu_triton
         run = _skipped(skip) if skip else functools.partial(_run, session, point, spec,
                                                             (name, dtype, backend, batch, length))
-        jobs.append(Job(key=key, run=run, label=f"{kind} {name} {backend} {dtype} b{batch} {length_key}{length}"))
+        cond = "".join(f" {k}={key[k]}" for k in ("ep", "ep_rank", "routing")
+                       if key.get(k, "router") not in ("router", None))
+        jobs.append(Job(key=key, run=run,
+                        label=f"{kind} {name} {backend} {dtype} b{batch} {length_key}{length}{cond}"))
     return jobs
 
 

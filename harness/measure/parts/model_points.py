@@ -142,15 +142,49 @@ def _routing(spec: _ModelSpec, built: _Built, m: M.Transformer, backend: str, ru
     if not cfg.moe:
         return {}, None, triton
     counts = M.expert_counts(m, run)  # [MoE layers built, E]
+    mw = next(lw.moe for lw in m.weights.layers if lw.moe is not None)
+    ep = E.ep_degree(mw)
+    if ep > 1:  # an EP slice: the experts it holds, of the pool's tokens' choices
+        lo = int(torch.nonzero(mw.expert_map == 0)[0, 0])  # its first global expert
+        counts = counts[:, lo:lo + mw.w13.shape[0]]
     touched = (counts > 0).sum(1)
     full_moe = M.with_layers(cfg, built.full_layers).num_moe_layers
     impl = E.experts_impl(m.experts) + (" under torch.compile" if m.ops.compiled else "")
+    if ep > 1:
+        held = mw.w13.shape[0]
+        impl += (f"; EP slice: {held} of {cfg.moe.num_experts} experts held (ep {ep}, rank {lo // held}), routing "
+                 f"this GPU's tokens and {ep - 1} GPUs' stand-ins, no all-to-all")
+    if mw.w13_scale is not None:
+        impl += ", e4m3 with 128x128 block scales (bf16 elsewhere)"
     # (the routing condition itself is the point's key field `routing`: spec.routing.label)
     fields = {"experts_touched": touched.tolist(), "tokens_per_expert": counts.sum(0).tolist(),
               "tokens_per_expert_max": counts.max(1).values.tolist()}
     mean = float(touched.double().mean())
-    seen = f"routing: {spec.routing.label}, {mean:.1f} of {cfg.moe.num_experts} experts touched per layer"
+    held = f"{counts.shape[1]} held" if ep > 1 else f"{cfg.moe.num_experts}"
+    seen = f"routing: {spec.routing.label}, {mean:.1f} of {held} experts touched per layer"
     return fields, mean * full_moe, "; ".join(x for x in (f"experts: {impl}", seen, triton) if x)
+
+
+def _expert_time(ctx: RunContext, m: M.Transformer, run, cuda_graph: bool) -> tuple[dict, str | None]:
+    """An EP slice's routed-expert time (`expert_ms`, one MoE layer): the expert layer of its first MoE layer built,
+    timed alone on the inputs the timed step gave it (the pool's tokens, their routing), in a CUDA graph when the
+    step was; the capacity model's EP pools read it (capacity.expert.measured_experts). ({}, None): not a slice."""
+    mw = next((lw.moe for lw in m.weights.layers if lw.moe is not None), None)
+    if mw is None or E.ep_degree(mw) == 1:
+        return {}, None
+    mm = m.with_backend(m.backend)
+    mm.expert_inputs = []
+    with torch.no_grad():
+        run(mm)
+    x, ids, weights, mw = mm.expert_inputs[0]
+
+    def experts():
+        with torch.no_grad():
+            return E.run_kernel_experts(m.experts, x, mw, ids, weights)
+
+    M.first_call(experts, ctx.torch_device)  # the kernel compiled / autotuned for these shapes, not in the samples
+    t, note = _measure_step(ctx, experts, cuda_graph)
+    return {"expert_ms": t.median_ms}, note and f"expert layer: {note}"
 
 
 def _prefill_point(ctx: RunContext, session: _Session, spec: PrefillSpec, built: _Built, m: M.Transformer, dtype: str,
@@ -172,10 +206,13 @@ def _prefill_point(ctx: RunContext, session: _Session, spec: PrefillSpec, built:
 
     t, first = _timed(ctx, fn, ctx.measure)
     routed, touched, note = _routing(spec, built, m, backend, lambda mm: mm.forward_prefill(tokens, cache))
-    return {**_point(built, m, backend, t, first, lambda h: ctx.measure(lambda: h.forward_prefill(tokens, None)),
+    expert, expert_note = _expert_time(ctx, m, lambda mm: mm.forward_prefill(tokens, cache), False)
+    note = "; ".join(x for x in (note, expert_note) if x) or None
+    return {**expert, **_point(built, m, backend, t, first,
+                               lambda h: ctx.measure(lambda: h.forward_prefill(tokens, None)),
                      lambda ms: {"ttft_ms": ms, "tokens_per_s": tokens_n / (ms / 1e3)},
                      flops=M.prefill_flops(full_cfg, batch, prompt_len),
-                     bytes_=F8.prefill_bytes(full_cfg, batch, prompt_len, kvb) if dtype == "fp8"
+                     bytes_=F8.prefill_bytes(full_cfg, batch, prompt_len, kvb, touched) if dtype == "fp8"
                      else M.prefill_bytes(full_cfg, batch, prompt_len, db, touched), note=note), **routed}
 
 
@@ -201,10 +238,12 @@ def _decode_point(ctx: RunContext, session: _Session, spec: DecodeSpec, built: _
         return _measure_step(ctx, lambda: h.forward_decode(tokens, pos, cache), t.cuda_graph)[0]
 
     routed, touched, note = _routing(spec, built, m, backend, lambda mm: mm.forward_decode(tokens, pos, cache))
-    return {**_point(built, m, backend, t, first, time_head,
+    expert, expert_note = _expert_time(ctx, m, lambda mm: mm.forward_decode(tokens, pos, cache), t.cuda_graph)
+    note = "; ".join(x for x in (note, expert_note) if x) or None
+    return {**expert, **_point(built, m, backend, t, first, time_head,
                      lambda ms: {"tpot_ms": ms, "tokens_per_s": batch / (ms / 1e3), "tokens_per_s_per_seq": 1e3 / ms},
                      flops=M.decode_flops(full_cfg, batch, context),
-                     bytes_=(F8.decode_bytes(full_cfg, batch, context, kvb) if dtype == "fp8"
+                     bytes_=(F8.decode_bytes(full_cfg, batch, context, kvb, touched) if dtype == "fp8"
                              else M.decode_bytes(full_cfg, batch, context, db, touched))
                      + M.padded_kv_bytes(full_cfg, batch, context, kvb, backend),
                      note="; ".join(x for x in (graph_note, note) if x) or None), **routed}
