@@ -144,6 +144,17 @@ def resolve(kind: str, name_or_path: str | Path) -> Path:
     return candidate
 
 
+def shown_path(p: str | Path) -> str:
+    """A config file's path as a report records it: `configs/<kind>/<file>` for a file of the config tree (wherever
+    the checkout or wheel lies), else relative to the working folder when under it, else as given."""
+    q = Path(p).resolve()
+    for root, label in ((CONFIG_ROOT.resolve(), "configs"), (Path.cwd().resolve(), None)):
+        if q.is_relative_to(root):
+            rel = q.relative_to(root).as_posix()
+            return f"{label}/{rel}" if label else rel
+    return str(p)
+
+
 def load_named(kind: str, name_or_path: str | Path, cls: type[T]) -> T:
     """Load a config by name or path and check that a named file's `id` matches its file name."""
     path = resolve(kind, name_or_path)

@@ -105,6 +105,13 @@ def test_infinite_and_nan_capacity_flags_are_refused(flag, value):
     one_line(invoke_cli("capacity", flag, value), f"error: {flag}: ", "not a finite number")
 
 
+@pytest.mark.parametrize("flag,value", [("--peak-factor", "1e308"), ("--utilization", "1e-308")])
+def test_finite_capacity_flags_that_overflow_are_one_line(flag, value):
+    """Finite flags whose arithmetic is not (demand x 1e308 is inf; GPUs needed from it an OverflowError): one line
+    naming the flag, exit 2, no traceback."""
+    one_line(invoke_cli("capacity", flag, value, "--quiet"), f"{flag} {float(value):g}", "out of range")
+
+
 @pytest.mark.parametrize("args", [["project", "-m", "qwen3-8b", "-g", "h100-sxm", "--tpot-ms", "nan"],
                                   ["project", "-m", "qwen3-8b", "-g", "h100-sxm", "--utilization", "inf"],
                                   ["compare", "a", "b", "--fail-over", "nan"]])

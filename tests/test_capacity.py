@@ -321,3 +321,17 @@ def test_cli_capacity_formats(cli, tmp_path):
     res = CliRunner().invoke(cli, ["capacity", "--fleet", str(write_fleet(tmp_path,
                              gpus=[{"gpu": "h100-sxm", "count": -3, "source": "t"}]))])
     assert res.exit_code == 2 and "gpus.0.count" in _err(res)
+
+
+def test_a_reports_fleet_file_points_inside_the_repository(tmp_path, monkeypatch):
+    """A committed report names its fleet file as `configs/...` (not this machine's absolute checkout path); a fleet
+    file under the working folder relative to it."""
+    from tokenfleet.capacity.fleet import capacity_table, fleet_of
+
+    _, s = capacity_table("china-2026-mix")
+    assert s["fleet_file"] == "configs/fleets/china-2026-mix.yaml"
+    _, path = fleet_of("china-2026-mix")
+    (tmp_path / "mine.yaml").write_bytes(open(path, "rb").read())
+    monkeypatch.chdir(tmp_path)
+    _, s = capacity_table(str(tmp_path / "mine.yaml"))
+    assert s["fleet_file"] == "mine.yaml"

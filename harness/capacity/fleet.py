@@ -29,7 +29,7 @@ from tokenfleet.capacity.project import (
     read_runs,
 )
 from tokenfleet.capacity.routing import route
-from tokenfleet.config import ConfigError, known_names, resolve
+from tokenfleet.config import ConfigError, known_names, resolve, shown_path
 from tokenfleet.results import Run
 
 REPORTED, PRIMARY = "china-reported", "china-nda"  # coverage is always shown against both (DESIGN.md)
@@ -262,7 +262,8 @@ def capacity_table(fleet: str | Fleet, demand: str | Demand | None = None,
     counted = [w for w, _ in workloads] if workloads else [w.workload for w in f.workloads]
     summary = {"fleet": f.id, **_summary(d, cap, u, pf, reported, primary, cov), "pue": f.pue,
                "counted_tokens": "; ".join(f"{w}: {_count_of(w)}" for w in counted),
-               "efficiency": eff.to_dict(), "fleet_file": path, "assumptions": dict(f.assumptions),
+               "efficiency": eff.to_dict(), "fleet_file": shown_path(path) if path else None,
+               "assumptions": dict(f.assumptions),
                "deployments": {d.model: d.deployment for d in f.deployments}, "offline": offline,
                "capacity_low_tokens_per_day": span["low"], "capacity_high_tokens_per_day": span["high"],
                "counts_with_range": [g.gpu for g in f.gpus if g.count_range],

@@ -83,6 +83,11 @@ def user_errors(fn):
         except ConfigError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
+        except OverflowError as e:  # finite flags whose product is not (--peak-factor 1e308, --utilization 1e-308)
+            given = ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in kwargs.items() if isinstance(v, float))
+            typer.echo(f"error: {given or 'the numbers given'}: out of range, the arithmetic overflowed ({e})",
+                       err=True)
+            raise typer.Exit(2) from None
 
     return wrapper
 
