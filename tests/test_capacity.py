@@ -121,6 +121,32 @@ def test_tp_all_reduce_costs_time():
     assert Projector(m, hw, tp=1).allreduce_s(64) == 0
 
 
+def _offline(i: int, o: int):
+    return resolve_workload(None, i, o, tpot_ms=1e9, ttft_ms=1e9)
+
+
+def test_whole_prompts_per_step_cost_the_overlap_chunking_buys():
+    """Without chunked prefill (TensorRT-LLM's default) a prompt is one step's work: when fewer than one request
+    finishes per step (B < O) the prefill no longer hides under every decode step's weight and KV reads, so the
+    step is slower; when more than one finishes per step (B >= O) every step prefills and nothing changes."""
+    kw = dict(tp=1, batch_cap=2048, max_batched_tokens=22048, kv_dtype="fp8")
+    long = _offline(20000, 2000)
+    chunked = project("llama-3.1-70b", "h200", long, "fp8", **kw)
+    whole = project("llama-3.1-70b", "h200", long, "fp8", chunked_prefill=False, **kw)
+    assert whole["batch"] == chunked["batch"] < 2000 and whole["chunked_prefill"] is False
+    assert whole["output_tokens_per_s_per_gpu"] < 0.8 * chunked["output_tokens_per_s_per_gpu"]
+    short = _offline(128, 128)
+    a = project("llama-3.1-8b", "h200", short, "fp8", **kw)
+    b = project("llama-3.1-8b", "h200", short, "fp8", chunked_prefill=False, **kw)
+    assert a["batch"] >= 128 and b["output_tokens_per_s_per_gpu"] == pytest.approx(a["output_tokens_per_s_per_gpu"])
+
+
+def test_whole_prompt_must_fit_the_token_budget():
+    with pytest.raises(ConfigError, match="max-batched-tokens"):
+        project("llama-3.1-8b", "h200", _offline(20000, 2000), "fp8", max_batched_tokens=8192, chunked_prefill=False)
+    assert project("llama-3.1-8b", "h200", _offline(20000, 2000), "fp8", max_batched_tokens=8192)["fits"]
+
+
 # ---- fleets and demand ---------------------------------------------------------------------------------------
 def test_capacity_linear_in_count_and_utilization():
     one, _ = capacity_table(small_fleet(), "china-nda")
@@ -292,6 +318,17 @@ def test_cli_project_json(cli):
               "total_tokens_per_s_per_gpu", "tokens_per_day_per_gpu", "joules_per_token", "source", "efficiency"):
         assert k in out
     assert set(out["efficiency"]) >= {"compute", "memory", "from"}
+    assert out["chunked_prefill"] is True
+
+
+def test_cli_project_without_chunked_prefill(cli):
+    base = ["project", "-m", "llama-3.1-70b", "-g", "h200", "--dtype", "fp8", "--tp", "1", "--input-len", "20000",
+            "--output-len", "2000", "--offline", "--max-batched-tokens", "22048", "-f", "json"]
+    on = json.loads(CliRunner().invoke(cli, base).stdout)
+    res = CliRunner().invoke(cli, base + ["--no-chunked-prefill"])
+    assert res.exit_code == 0, res.output
+    off = json.loads(res.stdout)
+    assert off["chunked_prefill"] is False and off["output_tokens_per_s_per_gpu"] < on["output_tokens_per_s_per_gpu"]
 
 
 @pytest.mark.parametrize("args", [
@@ -301,6 +338,9 @@ def test_cli_project_json(cli):
     ["capacity", "--fleet", "nope"],
     ["capacity", "--fleet", "h100-node", "--demand", "nope"],
     ["capacity", "--fleet", "h100-node", "--utilization", "1.5"],
+    ["project", "-m", "llama-3.1-8b", "-g", "h200", "--input-len", "9000", "--output-len", "100",
+     "--no-chunked-prefill"],
+    ["project", "-m", "deepseek-v3", "-g", "h800", "--deployment", "deepseek-v3-day6", "--no-chunked-prefill"],
 ])
 def test_cli_bad_input_exits_2(cli, args):
     res = CliRunner().invoke(cli, args)

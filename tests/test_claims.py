@@ -43,15 +43,15 @@ def test_the_copy_passes_then_a_changed_number_in_the_readme_fails(tmp_path):
     assert cc.check(CLAIMS, root) == []
     readme = root / "README.md"
     text = readme.read_text(encoding="utf-8")
-    assert text.count("**43 of 49 rows") == 1
-    readme.write_text(text.replace("**43 of 49 rows", "**44 of 49 rows"), encoding="utf-8")
+    assert text.count("**47 of 49 rows") == 1
+    readme.write_text(text.replace("**47 of 49 rows", "**48 of 49 rows"), encoding="utf-8")
     errs = cc.check(CLAIMS, root)  # the doc changed, the claims did not: their text is gone
     assert errs and all("README.md" in e and "text not found" in e for e in errs)
     assert cc.main(["--root", str(root)]) == 1
     # the doc and its claims changed together, the file did not: the number is not the file's
-    edited = [{**c, "text": c["text"].replace("**43 of 49 rows", "**44 of 49 rows")} for c in CLAIMS]
+    edited = [{**c, "text": c["text"].replace("**47 of 49 rows", "**48 of 49 rows")} for c in CLAIMS]
     errs = cc.check(edited, root)
-    assert len(errs) == 1 and "ratios.json gives '43 of'" in errs[0]
+    assert len(errs) == 1 and "ratios.json gives '47 of'" in errs[0]
 
 
 def test_a_changed_result_file_fails_the_claim_that_cites_it(tmp_path):

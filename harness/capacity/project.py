@@ -37,12 +37,14 @@ class Deployment:
     """Engine settings a deployment chooses. Defaults are vLLM V1's for its OpenAI server (vllm/engine/arg_utils.py,
     checked by tests/engine/test_arg_utils.py): on GPUs with >= 70 GiB (not A100) max_num_seqs 1024 and
     max_num_batched_tokens 8192, else 256 and 2048; TensorRT-LLM's max_num_tokens and SGLang's chunked prefill
-    size default to 8192 too. KV cache dtype `auto` = the activation dtype, bf16."""
+    size default to 8192 too. KV cache dtype `auto` = the activation dtype, bf16. Chunked prefill: vLLM V1 and
+    SGLang chunk by default; TensorRT-LLM's `enable_chunked_prefill` defaults to off (`serving.serve`)."""
 
     batch_cap: int
     max_batched_tokens: int
     kv_dtype: str = "bf16"
     source: str = "given"
+    chunked_prefill: bool = True
 
 
 def check_deployment(batch_cap: int | None, max_batched_tokens: int | None, kv_dtype: str | None) -> None:
@@ -55,7 +57,7 @@ def check_deployment(batch_cap: int | None, max_batched_tokens: int | None, kv_d
 
 
 def default_deployment(hw: Hardware, batch_cap: int | None = None, max_batched_tokens: int | None = None,
-                       kv_dtype: str | None = None) -> Deployment:
+                       kv_dtype: str | None = None, chunked_prefill: bool = True) -> Deployment:
     big = hw.memory_bytes >= 70 * 2**30 and not hw.id.startswith("a100")
     cap, budget = (1024, 8192) if big else (256, 2048)
     given = [k for k, v in (("batch_cap", batch_cap), ("max_batched_tokens", max_batched_tokens),
@@ -64,7 +66,8 @@ def default_deployment(hw: Hardware, batch_cap: int | None = None, max_batched_t
     kv = kv_dtype or "bf16"
     src = (f"vLLM V1 server defaults for {'>= 70 GiB' if big else 'smaller'} GPUs: max_num_seqs {cap}, "
            f"max_num_batched_tokens {budget}, kv auto (bf16)") + (f"; given: {', '.join(given)}" if given else "")
-    return Deployment(batch_cap or cap, max_batched_tokens or budget, kv, src)
+    src += "" if chunked_prefill else "; no chunked prefill (whole prompts per step)"
+    return Deployment(batch_cap or cap, max_batched_tokens or budget, kv, src, chunked_prefill)
 
 
 # ---- one projection ------------------------------------------------------------------------------------------
@@ -150,17 +153,19 @@ def _base(m, hw, w, dtype, tp, count, utilization, proj, dep) -> dict:
             "output_len": w.output_len, "prefix_cache_hit": w.prefix_cache_hit, "count": count,
             "utilization": utilization, "weight_bytes": m.weight_bytes(proj.wb),
             "kv_bytes_per_token_per_gpu": kv_bytes_per_gpu(m, tp, dep.kv_dtype), "kv_dtype": dep.kv_dtype,
-            "batch_cap": dep.batch_cap, "max_batched_tokens": dep.max_batched_tokens, "deployment": dep.source,
+            "batch_cap": dep.batch_cap, "max_batched_tokens": dep.max_batched_tokens,
+            "chunked_prefill": dep.chunked_prefill, "deployment": dep.source,
             "allreduce_source": proj.allreduce_source, "alltoall_source": proj.alltoall_source}
 
 
 def project(model: str | ModelConfig, gpu: str | Hardware, workload: str | Workload, dtype: str | None = None,
             tp: int = 1, batch_cap: int | None = None, runs: list[Run] | None = None, utilization: float = 1.0,
             eff: Efficiency | None = None, kv_dtype: str | None = None, count: str | None = None,
-            max_batched_tokens: int | None = None, weight_only_fp8: bool = False) -> dict:
+            max_batched_tokens: int | None = None, weight_only_fp8: bool = False, chunked_prefill: bool = True) -> dict:
     """Tokens/s per GPU of `model` on `gpu` for `workload` (one flat dict; the equations: `serving`).
     fp8 on a device without FP8 tensor cores is a ConfigError naming the datasheet field, unless
-    `weight_only_fp8` (fleets: such GPUs serve an fp8 checkpoint with 8-bit weights and bf16 math)."""
+    `weight_only_fp8` (fleets: such GPUs serve an fp8 checkpoint with 8-bit weights and bf16 math).
+    `chunked_prefill` False: whole prompts per step, each within the token budget (TensorRT-LLM's default)."""
     m = _model(model) if isinstance(model, str) else model
     hw = _hw(gpu) if isinstance(gpu, str) else gpu
     if not weight_only_fp8:
@@ -170,7 +175,11 @@ def project(model: str | ModelConfig, gpu: str | Hardware, workload: str | Workl
     check_tp(m, tp)
     if not 0 < utilization <= 1:
         raise ConfigError("--utilization", None, f"must be in (0, 1], got {utilization}")
-    dep = default_deployment(hw, batch_cap, max_batched_tokens, kv_dtype)
+    dep = default_deployment(hw, batch_cap, max_batched_tokens, kv_dtype, chunked_prefill)
+    new_tokens = math.ceil(w.input_len * (1 - w.prefix_cache_hit))
+    if not chunked_prefill and new_tokens > dep.max_batched_tokens:
+        raise ConfigError("--max-batched-tokens", None, f"{dep.max_batched_tokens} is below the prompt's "
+                          f"{new_tokens} new tokens: without chunked prefill a whole prompt is one step")
     runs = read_runs(runs)
     meas = measured_for(runs, hw.id, m.id, dtype, tp)
     eff = eff or efficiency_for(runs, hw.id, dtype)
@@ -193,7 +202,7 @@ def project(model: str | ModelConfig, gpu: str | Hardware, workload: str | Workl
         return out
     steps = Steps(proj, meas)
     s = serve(steps, w.input_len, w.output_len, w.prefix_cache_hit, w.tpot_ms, w.ttft_ms, bm, dep.batch_cap,
-              dep.max_batched_tokens)
+              dep.max_batched_tokens, dep.chunked_prefill)
     out.update(_rates(s, w, tp, count, utilization, hw, meas, eff, source, bm, proj.notes))
     _notes(out, s, steps, w)
     return out

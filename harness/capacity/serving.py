@@ -7,6 +7,9 @@ In steady state a sequence lives O decode steps, so B/O requests finish, and as 
 step carries P = B·n/O prefill tokens (n = I·(1−h) new prompt tokens). Hence
 
     T_step(B) = T_fwd(B decode tokens at context C, P prefill tokens)        TPOT = T_step(B*)
+    without chunked prefill (TensorRT-LLM's `enable_chunked_prefill` off, trtllm-bench's default) a prompt is not
+    split: a fraction f = min(1, B/O) of the steps each carry whole prompts, c = P/f = max(n, P) tokens, the rest
+    decode only: T_step(B) = (1−f)·T_fwd(B, 0) + f·T_fwd(B, c) (prefill no longer hides under every decode step)
     B_budget  = floor(N / (1 + n/O))            (decode tokens + their share of prefill fit the budget)
     B*        = min(B_mem, B_slo, B_cap, B_budget);  B_slo = largest B with T_step(B) ≤ TPOT limit
     output tokens/s per replica = B*/T_step(B*);  total = (I+O)/O · that;  per GPU: ÷ tp
@@ -213,8 +216,9 @@ class Steps:
 
 
 def serve(steps: Steps, input_len: int, output_len: int, prefix_hit: float, tpot_ms: float, ttft_ms: float,
-          b_mem: int, batch_cap: int, budget: int) -> dict:
-    """The steady state of one replica (module docstring): batch and its limit, TPOT, TTFT, tokens/s."""
+          b_mem: int, batch_cap: int, budget: int, chunked: bool = True) -> dict:
+    """The steady state of one replica (module docstring): batch and its limit, TPOT, TTFT, tokens/s. `chunked`:
+    prefill split into chunks spread over the decode steps; False: whole prompts, in a fraction of the steps."""
     new = max(input_len * (1 - prefix_hit), 1.0)
     cached = input_len - new
     per_step = new / output_len  # prefill tokens each decoding sequence brings per step
@@ -222,7 +226,10 @@ def serve(steps: Steps, input_len: int, output_len: int, prefix_hit: float, tpot
     chunk_ctx = cached + new / 2
 
     def t(b: float) -> float:
-        return steps.step(b, C, b * per_step, chunk_ctx, new)
+        if chunked:
+            return steps.step(b, C, b * per_step, chunk_ctx, new)
+        f = min(1.0, b / output_len)  # steps that prefill: b/O requests finish (and are replaced) per step
+        return (1 - f) * steps.step(b, C, 0.0, chunk_ctx, new) + f * steps.step(b, C, b * per_step / f, chunk_ctx, new)
 
     lo, hi = 0, B_SLO_MAX  # T_step grows with B: bisect the largest B meeting TPOT (0 when B=1 misses)
     while lo < hi:
@@ -233,7 +240,7 @@ def serve(steps: Steps, input_len: int, output_len: int, prefix_hit: float, tpot
     limit = min(limits, key=lambda k: limits[k])  # ties: memory, slo, cap, budget
     B = limits[limit]
     step = t(B)
-    ttft = steps.ttft(new, cached, budget)
+    ttft = steps.ttft(new, cached, budget if chunked else max(budget, math.ceil(new)))
     return {"batch": B, "batch_limit": limit, "b_slo": lo, "b_budget": b_budget, "step_s": step,
             "decode_step_s": steps.decode(B, C), "ttft_s": ttft, "new_tokens": new, "context": C,
             "prefill_tokens_per_step": B * per_step,

@@ -31,6 +31,13 @@ class Deploy(Strict):
     batch: int = Field(gt=0)
     max_batched_tokens: int = Field(gt=0)
     kv_dtype: Literal["bf16", "fp16", "fp8"]
+    chunked_prefill: bool = Field(True, description="False: whole prompts per step, the token budget raised to the "
+                                                    "prompt + batch (trtllm-bench without chunking)")
+
+    def budget(self, input_len: int) -> int:
+        """The step's token budget for prompts of `input_len`: without chunked prefill trtllm-bench raises
+        max_num_tokens to the longest prompt + max_batch_size (tensorrt_llm/bench/benchmark/utils/general.py)."""
+        return self.max_batched_tokens if self.chunked_prefill else max(self.max_batched_tokens, input_len + self.batch)
 
 
 METRICS = ("output", "total", "prefill_input", "decode_output")
@@ -72,7 +79,8 @@ def command(r: Row, d: Deploy | None) -> str:
                 + (f"--tpot-ms {r.tpot_ms:g} --ttft-ms {NO_LIMIT_MS:g} " if r.tpot_ms else "--offline ") + "-f json")
     return (f"tokenfleet project -m {r.model} -g {r.gpu} --dtype {r.dtype} --tp {r.tp} --input-len {r.input_len} "
             f"--output-len {r.output_len} --tpot-ms {NO_LIMIT_MS:g} --ttft-ms {NO_LIMIT_MS:g} --batch {d.batch} "
-            f"--max-batched-tokens {d.max_batched_tokens} --kv-dtype {d.kv_dtype} -f json")
+            f"--max-batched-tokens {d.budget(r.input_len)} --kv-dtype {d.kv_dtype} "
+            + ("" if d.chunked_prefill else "--no-chunked-prefill ") + "-f json")
 
 
 def validation_rows(runs=None, kv_dtype: str | None = None) -> list[dict]:
@@ -88,7 +96,8 @@ def validation_rows(runs=None, kv_dtype: str | None = None) -> list[dict]:
             out.append(_deployment_row(r, w, runs))
             continue
         d = pub.deployments[r.source]
-        kw = dict(tp=r.tp, batch_cap=d.batch, max_batched_tokens=d.max_batched_tokens, kv_dtype=kv_dtype or d.kv_dtype)
+        kw = dict(tp=r.tp, batch_cap=d.batch, max_batched_tokens=d.budget(r.input_len),
+                  kv_dtype=kv_dtype or d.kv_dtype, chunked_prefill=d.chunked_prefill)
         proj = project(r.model, r.gpu, w, r.dtype, **kw)
         row = {"source": r.source, "model": r.model, "gpu": r.gpu, "dtype": r.dtype, "tp": r.tp,
                "isl_osl": f"{r.input_len}/{r.output_len}",

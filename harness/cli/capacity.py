@@ -36,6 +36,7 @@ RUN_HELP = "run folder (repeatable): measured grids for its device, efficiencies
 DEPLOYMENT_HELP = ("deployment id (configs/deployments) or YAML: expert parallelism, data-parallel attention, "
                    "prefill/decode pools, MTP, overlap; --batch (per GPU), --max-batched-tokens, --kv-dtype "
                    "override it")
+NO_CHUNK_HELP = "whole prompts per engine step, no chunked prefill (TensorRT-LLM's default)"
 OFFLINE_HELP = "no latency limit (MLPerf Offline, trtllm-bench at infinite rate): TTFT/TPOT limits lifted"
 POOL_COLUMNS = ["pool", "gpus", "batch_per_gpu", "tokens_per_gpu", "batch_limit", "rate_per_gpu", "tpot_ms",
                 "ttft_ms", "step_ms", "attention_ms", "moe_ms", "other_ms", "expert_read_ms", "kv_read_ms",
@@ -75,6 +76,7 @@ def project_cmd(
     prefix_cache_hit: Annotated[float | None, typer.Option(
         metavar="H", help="fraction of the prompt already cached (overrides the workload's), [0, 1)")] = None,
     offline: Annotated[bool, typer.Option("--offline", help=OFFLINE_HELP)] = False,
+    no_chunked_prefill: Annotated[bool, typer.Option("--no-chunked-prefill", help=NO_CHUNK_HELP)] = False,
     fmt: FormatOpt = "table",
 ) -> None:
     """Project one model on one accelerator for a workload: batch, TTFT/TPOT, tokens/s and tokens/day per GPU."""
@@ -86,6 +88,8 @@ def project_cmd(
     refuse_fp8(model, gpu, dtype, kv_dtype)  # before the workload: the device, not the request, is what refuses
     if deployment and tp is not None:
         raise ConfigError("--tp", None, "give --tp or --deployment, not both (a deployment sets its own parallelism)")
+    if deployment and no_chunked_prefill:
+        raise ConfigError("--no-chunked-prefill", None, "applies to a tensor-parallel replica, not to --deployment")
     w, defaulted = _project_workload(model, workload, input_len, output_len, tpot_ms, ttft_ms, tp)
     w = _adjust_workload(w, prefix_cache_hit, offline)
     check_deployment(batch, max_batched_tokens, kv_dtype)  # before any run is read
@@ -100,7 +104,7 @@ def project_cmd(
         _print_pools(res, defaulted, fmt)
         return
     kw = dict(batch_cap=batch, runs=runs, utilization=utilization, kv_dtype=kv_dtype,
-              max_batched_tokens=max_batched_tokens)
+              max_batched_tokens=max_batched_tokens, chunked_prefill=not no_chunked_prefill)
     res = project(model, gpu, w, dtype, tp=tp, **kw) if tp is not None else auto_tp(model, gpu, w, dtype, **kw)
     if defaulted:
         res["notes"] = [f"workload {w.id}: the default (choose one with --workload)"] + list(res.get("notes") or [])
