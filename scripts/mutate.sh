@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Mutation testing of the modules that compute numbers (`make mutate`; not in CI, not in `make test`: too slow).
+# MUTATE_RESUME=1 continues the run in .mutate/ (its modules and config), keeping the verdicts so far.
 # Usage: scripts/mutate.sh [MODULE ...]   MODULE relative to harness/, e.g. model/spec.py (default: the list below).
 #
 # mutmut 3 names a mutant after its file's path and swaps it in only when the tests import the copy under mutants/
@@ -57,6 +58,9 @@ toml_list() { printf '['; local sep=""; for x in "$@"; do printf '%s"%s"' "$sep"
 only=(); for m in $MODULES; do test -f "harness/$m" || { echo "mutate.sh: no module harness/$m" >&2; exit 2; }
   only+=("tokenfleet/$m"); done
 
+if [ "${MUTATE_RESUME:-0}" = 1 ] && [ -f "$STAGE/pyproject.toml" ]; then
+  echo "mutate.sh: resuming the run in $STAGE (its modules and config; results so far kept)"
+else
 rm -rf "$STAGE"; mkdir -p "$STAGE"
 cp -r harness "$STAGE/tokenfleet"; cp -r kernels "$STAGE/tokenfleet/kernels"
 cp -r configs tests scripts results "$STAGE/"; cp Makefile README.md "$STAGE/"
@@ -74,12 +78,15 @@ timeout_multiplier = 3.0
 timeout_constant = 10.0
 use_git_change_detection = false
 EOF
+fi
 
 cd "$STAGE"
 start=$(date +%s)
 echo "mutmut run: log in $STAGE/mutmut.log; progress: scripts/mutation_report.py --stage $STAGE ..."
 status=0
-TOKENFLEET_IGNORE_LOAD=1 nice -n 10 "$MUTMUT" run --max-children "$JOBS" > "$STAGE/mutmut.log" 2>&1 || status=$?
+# One thread: the workers are forked from the process that ran the stats (torch already warm), and an OpenMP pool
+# does not survive a fork (a forked test's first parallel op hangs until the timeout); also the machine is shared.
+OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENFLEET_IGNORE_LOAD=1 nice -n 10 "$MUTMUT" run --max-children "$JOBS" > "$STAGE/mutmut.log" 2>&1 || status=$?
 tr '\r' '\n' < "$STAGE/mutmut.log" | grep -av '^\s*$\|^[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏] ' | tail -n 8
 test "$status" = 0 || { echo "mutate.sh: mutmut exited $status" >&2; exit "$status"; }
 echo "mutmut run took $(( $(date +%s) - start )) s"
