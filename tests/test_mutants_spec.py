@@ -185,3 +185,23 @@ def test_moe_layer_rule_and_validation():
             MoE(**{**ok, **bad})
     with pytest.raises(ValidationError, match="num_heads 4 is not a multiple of num_kv_heads 3"):
         dense(num_kv_heads=3)
+
+
+def test_decoder_layer_count_without_bias_or_norms_and_the_largest_moe_layer():
+    assert S.layer_params(dense(attention_bias=False, qk_norm=False)) == 438 - 24 - 6
+    # a dense first layer wider than an MoE layer's experts: 3·4·60 = 720 > 16 + 5·36 = 196
+    assert S.layer_params(moe(intermediate_size=60)) == 48 + 8 + 720
+    # every layer MoE: the dense MLP is not in the model, however wide
+    all_moe = moe(intermediate_size=60, moe={"num_experts": 4, "experts_per_token": 2, "moe_intermediate_size": 3,
+                                             "shared_experts": 1})
+    assert S.layer_params(all_moe) == 48 + 8 + 196
+
+
+def test_defaults_and_the_measured_experts_in_prefill():
+    assert dense().flops_per_token() == 1896  # context 0 by default
+    # prefill with 5 measured experts touched: 632 − 288 + 5·36 = 524, norm 4, head 20, 2 rows 8, 5 logits, KV 24
+    assert S.prefill_bytes(moe(), 1, 2, 1, experts_touched=5) == 528 + 20 + 8 + 5 + 24
+    # MLA without MoE: layers 2·(151 + 16) + 2 dense MLPs 3·8·6 = 622; decode of 1 token at context 0:
+    # 2·(622 + 8·5 head) + attention over 1 pair 2·(3 + 2)·2 heads·2 layers
+    assert S.decode_flops(mla(), 1, 0) == 2 * (622 + 40) + 40
+    assert {"llama-3.1-8b", "qwen3-30b-a3b", "deepseek-v3"} <= set(S.all_model_configs())
