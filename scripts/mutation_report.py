@@ -61,7 +61,9 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     dirty = subprocess.run(["git", "status", "--porcelain", "--", "harness", "tests"], capture_output=True,
                            text=True, cwd=ROOT).stdout.strip()
-    modules, survivors = {}, []
+    recheck_file = OUT / "recheck.json"
+    recheck = json.loads(recheck_file.read_text()) if recheck_file.is_file() else {}
+    modules, survivors, rechecked = {}, [], []
     for mod in a.modules:
         meta = json.loads((a.stage / "mutants" / (mod + ".meta")).read_text())
         codes = meta["exit_code_by_key"]
@@ -75,10 +77,12 @@ def main() -> None:
             "mutants": len(codes), **{k: counts[k] for k in ("killed", "survived", "timeout", "no tests",
                                                              "suspicious", "not checked")},
             "equivalent": len(eq), "unreviewed survivors": len(surv) - len(eq),
+            "killed by the oracles' recheck": sum(1 for k in codes if recheck.get(k, {}).get("result") == "killed"),
             "score": round(killed / tested, 4) if tested else None,
             "score excluding equivalents": round(killed / (tested - len(eq)), 4) if tested - len(eq) else None,
             "seconds": round(sum(meta.get("durations_by_key", {}).values())),
         }
+        rechecked += [(k, recheck[k]["by"]) for k in sorted(codes) if recheck.get(k, {}).get("result") == "killed"]
         survivors += [(k, diffs.get(k.rpartition(".")[2], "(diff not found)"), equivalent.get(k)) for k in surv]
     summary = {
         "command": "make mutate" + (f" MODULES='{' '.join(m.removeprefix('tokenfleet/') for m in a.modules)}'"),
@@ -103,6 +107,8 @@ def main() -> None:
     for m, s in modules.items():
         lines.append(f"| {m} | {s['mutants']} | {s['killed']} | {s['timeout']} | {s['survived']} | "
                      f"{s['equivalent']} | {s['unreviewed survivors']} | {s['no tests']} | {s['score']} |")
+    lines += ["", "## Survivors of the first pass killed by the oracle tests (scripts/mutation_recheck.py)", "",
+              "| mutant | killed by |", "|---|---|"] + [f"| `{k}` | `{t}` |" for k, t in rechecked]
     lines += ["", "## Surviving mutants", ""]
     for k, diff, why in survivors:
         lines += [f"### `{k}`" + (" (equivalent)" if why else ""), "", "```diff", diff, "```", ""]
