@@ -1,7 +1,8 @@
 """Summarise a `scripts/mutate.sh` run (mutmut 3's .meta files under STAGE/mutants) into results/mutation/:
 summary.json (per module: killed, survived, timeout, no tests, score; the command, date, commit, machine) and
 report.md (the same as a table, then every surviving mutant as a diff, marked when results/mutation/equivalent.yaml
-gives a reviewer's reason it cannot change behaviour). Mutant ids (`module.xǁClassǁmethod__mutmut_N`, mutmut's
+gives a reviewer's reason: `equivalent` (it cannot change behaviour) or `gpu-only` (a real change that a CPU cannot
+show: left for the GPU checks)). Mutant ids (`module.xǁClassǁmethod__mutmut_N`, mutmut's
 names) are stable while the module's source is unchanged; a changed module needs its equivalents reviewed again."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import platform
 import subprocess
 from collections import Counter
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 
 import yaml
@@ -56,8 +58,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, required=True)
     ap.add_argument("--modules", nargs="+", required=True, help="tokenfleet/<path>.py as mutated")
     a = ap.parse_args()
-    equivalent = {e["id"]: e["why"] for e in (yaml.safe_load((OUT / "equivalent.yaml").read_text()) or [])} \
-        if (OUT / "equivalent.yaml").is_file() else {}
+    reviewed = yaml.safe_load((OUT / "equivalent.yaml").read_text()) if (OUT / "equivalent.yaml").is_file() else []
+    equivalent = {e["id"]: f"{e.get('kind', 'equivalent')}: {e['why']}" for e in reviewed or []}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     dirty = subprocess.run(["git", "status", "--porcelain", "--", "harness", "tests"], capture_output=True,
                            text=True, cwd=ROOT).stdout.strip()
@@ -76,7 +78,9 @@ def main() -> None:
         modules["harness/" + mod.removeprefix("tokenfleet/")] = {
             "mutants": len(codes), **{k: counts[k] for k in ("killed", "survived", "timeout", "no tests",
                                                              "suspicious", "not checked")},
-            "equivalent": len(eq), "unreviewed survivors": len(surv) - len(eq),
+            "equivalent": sum(1 for k in eq if equivalent[k].startswith("equivalent")),
+            "gpu-only": sum(1 for k in eq if equivalent[k].startswith("gpu-only")),
+            "unreviewed survivors": len(surv) - len(eq),
             "killed by the oracles' recheck": sum(1 for k in codes if recheck.get(k, {}).get("result") == "killed"),
             "score": round(killed / tested, 4) if tested else None,
             "score excluding equivalents": round(killed / (tested - len(eq)), 4) if tested - len(eq) else None,
@@ -86,9 +90,7 @@ def main() -> None:
         survivors += [(k, diffs.get(k.rpartition(".")[2], "(diff not found)"), equivalent.get(k)) for k in surv]
     summary = {
         "command": "make mutate" + (f" MODULES='{' '.join(m.removeprefix('tokenfleet/') for m in a.modules)}'"),
-        "tool": "mutmut " + subprocess.run([str(Path(os.environ.get("PY", ROOT / ".venv/bin/python")).parent
-                                                / "mutmut"), "--version"], capture_output=True,
-                                           text=True).stdout.strip().split()[-1],
+        "tool": "mutmut " + metadata.version("mutmut"),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": commit.stdout.strip() + (" (+ uncommitted changes in harness/ or tests/)" if dirty else ""),
         "machine": f"{platform.node()}: {os.cpu_count()} CPUs (shared), {platform.machine()}, "
@@ -102,18 +104,20 @@ def main() -> None:
              f"{summary['tool']}, {summary['date']}, commit {summary['commit']}, {summary['machine']}; "
              f"{a.seconds} s wall. Score = (killed + timeout) / mutants that ran tests; `no tests`: no test in the "
              "selection (scripts/mutate.sh TESTS) reaches the function.", "",
-             "| module | mutants | killed | timeout | survived | equivalent | unreviewed | no tests | score |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| module | mutants | killed | timeout | survived | equivalent | gpu-only | unreviewed | no tests | "
+             "not checked | score |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m, s in modules.items():
         lines.append(f"| {m} | {s['mutants']} | {s['killed']} | {s['timeout']} | {s['survived']} | "
-                     f"{s['equivalent']} | {s['unreviewed survivors']} | {s['no tests']} | {s['score']} |")
+                     f"{s['equivalent']} | {s['gpu-only']} | {s['unreviewed survivors']} | {s['no tests']} | "
+                     f"{s['not checked']} | {s['score']} |")
     lines += ["", "## Survivors of the first pass killed by the oracle tests (scripts/mutation_recheck.py)", "",
               "| mutant | killed by |", "|---|---|"] + [f"| `{k}` | `{t}` |" for k, t in rechecked]
     lines += ["", "## Surviving mutants", ""]
     for k, diff, why in survivors:
-        lines += [f"### `{k}`" + (" (equivalent)" if why else ""), "", "```diff", diff, "```", ""]
+        lines += [f"### `{k}`" + (f" ({why.split(':')[0]})" if why else " (unreviewed)"), "",
+                  "```diff", diff, "```", ""]
         if why:
-            lines += [f"Equivalent: {why}", ""]
+            lines += [f"Reviewed, {why}", ""]
     (OUT / "report.md").write_text("\n".join(lines))
     print("\n".join(lines[:6 + len(modules)]))
 

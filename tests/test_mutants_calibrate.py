@@ -1,8 +1,10 @@
 """Oracles for tokenfleet.capacity.calibrate's helpers (`make mutate`'s survivors): the ratio grid at and beyond its
 edges, the board power at a batch, the all-to-all curve chosen from a run. Values worked out by hand."""
 
+import math
 from pathlib import Path
 
+from tokenfleet.capacity import calibrate as C
 from tokenfleet.capacity import project as P
 from tokenfleet.capacity.calibrate import Measured, RatioGrid, measured_allreduce, measured_alltoall
 from tokenfleet.model.spec import load_model_config
@@ -60,3 +62,53 @@ def test_auto_tp_takes_a_model_config():
     by_config = P.auto_tp(load_model_config("llama-3.1-8b"), "h100-sxm", "chat")
     assert by_config["fits"] and by_config["tp"] == by_name["tp"]
     assert by_config["tokens_per_s_per_gpu"] == by_name["tokens_per_s_per_gpu"] > 0
+
+
+def _pt(kind, ms, spread=None, status="ok", **kw):
+    p = {"kind": kind, "status": status, **kw, **({"spread": spread} if spread is not None else {})}
+    return {**p, **ms}
+
+
+def test_point_helpers():
+    assert C._pos(1) and not C._pos(0) and not C._pos(True) and not C._pos(float("inf"))
+    assert C._spread({"spread": 0.25}) == 0.25
+    assert C._spread({"spread": float("nan")}) == math.inf and C._spread({}) == math.inf
+    # decode: the TPOT before the median; prefill: the median before the TTFT
+    assert C._seconds({"kind": "decode", "tpot_ms": 8.0, "median_ms": 10.0}) == 0.008
+    assert C._seconds({"kind": "decode", "median_ms": 10.0}) == 0.01
+    assert C._seconds({"kind": "prefill", "tpot_ms": 8.0, "median_ms": 20.0, "ttft_ms": 30.0}) == 0.02
+    assert C._seconds({"kind": "prefill", "ttft_ms": 30.0}) == 0.03
+    assert C._cell({"kind": "decode", "batch": 2, "context": 128}) == ("decode", 2, 128)
+    assert C._cell({"kind": "decode", "batch": 0, "context": 128}) is None
+    assert C._cell({"kind": "prefill", "batch": 2, "prompt_len": 64, "context": 64}) == ("prefill", 2, 64)
+    assert C._cell({"kind": "prefill", "batch": 0, "prompt_len": 64}) is None
+    assert C._cell({"kind": "gemm", "batch": 2, "prompt_len": 64}) is None
+    assert C._tp({}) == (1, False) and C._tp({"tp": 2}) == (2, True) and C._tp({"tp": 2, "world_size": 2}) == (2, False)
+
+
+def test_group_cells_take_the_smallest_spread():
+    a = _pt("decode", {"tpot_ms": 10.0}, 0.2, batch=1, context=128)
+    b = _pt("decode", {"tpot_ms": 12.0}, 0.1, batch=1, context=128)
+    tie = _pt("decode", {"tpot_ms": 14.0}, 0.1, batch=1, context=128)
+    bad = _pt("decode", {"tpot_ms": 1.0}, 0.0, status="incorrect", batch=8, context=128)
+    g = C.Group("h200", "m", "bf16", 1, False, {"triton": [("r1", bad), ("r1", a), ("r2", b), ("r3", tie)]})
+    assert g.cells("triton") == {("decode", 1, 128): (0.012, 0.1, "r2", b)}
+    assert g.cells("compile") == {}
+
+
+def _backend(times, spreads=(0.1, 0.1)):
+    return [("r", _pt("decode", {"tpot_ms": t}, s, batch=1, context=c)) for t, s, c in zip(times, spreads, (128, 256),
+                                                                                         strict=True)]
+
+
+def test_deployable_is_the_faster_correct_backend():
+    def group(**points):
+        return C.Group("h200", "m", "bf16", 1, False, points)
+
+    # geometric mean over the shared cells: triton 10·20 = 200 ms² against compile 15·12 = 180 ms²
+    assert group(triton=_backend((10.0, 20.0)), compile=_backend((15.0, 12.0))).deployable() == "compile"
+    assert group(triton=_backend((10.0, 10.0)), compile=_backend((15.0, 12.0), (0.01, 0.01))).deployable() == "triton"
+    only = [("r", _pt("decode", {"tpot_ms": 5.0}, 0.1, batch=1, context=512))]
+    assert group(triton=_backend((10.0, 20.0)), compile=only).deployable() == "triton"  # no shared cell: the first
+    assert group(compile=_backend((10.0, 20.0)), torch=_backend((1.0, 1.0))).deployable() == "compile"
+    assert group(torch=_backend((1.0, 1.0))).deployable() == "torch"
