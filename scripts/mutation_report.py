@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--stage", type=Path, required=True)
     ap.add_argument("--seconds", type=int, required=True)
     ap.add_argument("--modules", nargs="+", required=True, help="tokenfleet/<path>.py as mutated")
+    ap.add_argument("--note", default="", help="how the run went (interrupted, resumed, rechecked), for the report")
     a = ap.parse_args()
     reviewed = yaml.safe_load((OUT / "equivalent.yaml").read_text()) if (OUT / "equivalent.yaml").is_file() else []
     equivalent = {e["id"]: f"{e.get('kind', 'equivalent')}: {e['why']}" for e in reviewed or []}
@@ -96,6 +97,7 @@ def main() -> None:
         "machine": f"{platform.node()}: {os.cpu_count()} CPUs (shared), {platform.machine()}, "
                    f"Python {platform.python_version()}, 1 worker, nice 10",
         "wall_seconds": a.seconds,
+        "note": a.note,
         "modules": modules,
     }
     OUT.mkdir(parents=True, exist_ok=True)
@@ -103,7 +105,7 @@ def main() -> None:
     lines = [f"# Mutation testing: `{summary['command']}`", "",
              f"{summary['tool']}, {summary['date']}, commit {summary['commit']}, {summary['machine']}; "
              f"{a.seconds} s wall. Score = (killed + timeout) / mutants that ran tests; `no tests`: no test in the "
-             "selection (scripts/mutate.sh TESTS) reaches the function.", "",
+             "selection (scripts/mutate.sh TESTS) reaches the function.", "", *([a.note, ""] if a.note else []),
              "| module | mutants | killed | timeout | survived | equivalent | gpu-only | unreviewed | no tests | "
              "not checked | score |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m, s in modules.items():
