@@ -8,8 +8,9 @@ TORCH_SPEC ?= torch==2.13.0
 SUITE ?=
 FLEET ?= china-2026-mix
 OUT_DIR ?= results/runs/gpu-check
+MODULES ?=
 
-.PHONY: setup run test bench lint gpu-check clean
+.PHONY: setup run test bench lint gpu-check mutate clean
 
 setup: $(STAMP)
 
@@ -42,6 +43,11 @@ lint: $(STAMP)
 # WHEELS_DIR=.whl installs carried wheels (scripts/fetch_gpu_wheels.sh). Plan first: tokenfleet bench --suite quick --plan
 gpu-check:
 	OUT_DIR=$(OUT_DIR) ./scripts/gpu_check.sh
+
+# Mutation testing of the modules that compute numbers (mutmut, installed on demand; not in CI or `make test`: slow).
+# MODULES="model/spec.py ..." (under harness/) narrows it; the report goes to results/mutation/ (scripts/mutate.sh).
+mutate: $(STAMP)
+	PY=$(PY) ./scripts/mutate.sh $(MODULES)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
