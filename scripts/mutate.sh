@@ -10,7 +10,9 @@
 # mutants/ first on sys.path (ahead of the editable install's finder) and runs each mutant's covering tests there.
 # Each mutant runs only the tests that reached its function in the stats run, one worker, niced, with
 # TOKENFLEET_IGNORE_LOAD=1 and a CPU-time limit per mutant (timeout_multiplier/constant below).
-# Results: .mutate/mutants/**/*.meta, summarised by scripts/mutation_report.py into results/mutation/.
+# MUTATE_TESTS="tests/a.py tests/b.py" replaces the test selection (e.g. a module's oracle file and its unit tests).
+# Results: .mutate/mutants/**/*.meta, written by scripts/mutation_report.py into results/mutation/modules/<module>.json
+# (one file per module), then report.md and summary.json over all of them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -30,6 +32,7 @@ TESTS="tests/test_modelspec.py tests/test_model_parts.py tests/test_ceilings.py 
 tests/test_headline.py tests/test_capacity.py tests/test_capacity_moe.py tests/test_capacity_moe_runs.py
 tests/test_capacity_runs.py tests/test_capacity_tp.py tests/test_compare.py tests/test_tables.py tests/test_energy.py
 tests/test_burst.py tests/test_load.py tests/test_boundary.py tests/test_cli.py $(ls tests/test_mutants_*.py 2>/dev/null || true)"
+TESTS=${MUTATE_TESTS:-$TESTS}
 # Each mutant runs every selected test that reaches its function, so the slow end-to-end tests (whole runs, the CLI in
 # a subprocess, every config loaded: over 1 s each in the stats run of 2026-12-04, 28 of 279) would dominate: a
 # function most of them reach (param_count) has ~90 tests. They are left out here (their figures are checked by the
@@ -52,7 +55,7 @@ test_model_parts.py::test_compile_points_put_the_compile_in_first_call_ms"
 deselect=(); for t in $DESELECT; do deselect+=("--deselect" "tests/$t"); done
 
 "$PY" -c "import mutmut" 2>/dev/null || "$PY" -m pip install -q "$MUTMUT_SPEC"
-MUTMUT=$(dirname "$PY")/mutmut
+MUTMUT=$(cd "$(dirname "$PY")" && pwd)/mutmut
 
 toml_list() { printf '['; local sep=""; for x in "$@"; do printf '%s"%s"' "$sep" "$x"; sep=", "; done; printf ']'; }
 only=(); for m in $MODULES; do test -f "harness/$m" || { echo "mutate.sh: no module harness/$m" >&2; exit 2; }
@@ -80,9 +83,11 @@ use_git_change_detection = false
 EOF
 fi
 
+[ "${MUTATE_RESUME:-0}" = 1 ] && [ -f "$STAGE/run.json" ] || "$PY" -c 'import json, sys; print(json.dumps({"modules": sys.argv[1].split(), "tests": sys.argv[2].split()}))' \
+  "${only[*]}" "$TESTS" > "$STAGE/run.json"
 cd "$STAGE"
 start=$(date +%s)
-echo "mutmut run: log in $STAGE/mutmut.log; progress: scripts/mutation_report.py --stage $STAGE ..."
+echo "mutmut run: log in $STAGE/mutmut.log; then scripts/mutation_recheck.py --stage $STAGE and scripts/mutation_report.py --stage $STAGE"
 status=0
 # One thread: the workers are forked from the process that ran the stats (torch already warm), and an OpenMP pool
 # does not survive a fork (a forked test's first parallel op hangs until the timeout); also the machine is shared.
@@ -90,5 +95,6 @@ OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENFLEET_IGNORE_LOAD=1 nice -n 10 "$MUTMUT
 tr '\r' '\n' < "$STAGE/mutmut.log" | grep -av '^\s*$\|^[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏] ' | tail -n 8
 test "$status" = 0 || { echo "mutate.sh: mutmut exited $status" >&2; exit "$status"; }
 echo "mutmut run took $(( $(date +%s) - start )) s"
+echo "{\"mutmut wall\": $(( $(date +%s) - start ))}" > "$STAGE/seconds.json"
 cd "$ROOT"
-"$PY" scripts/mutation_report.py --stage "$STAGE" --seconds "$(( $(date +%s) - start ))" --modules "${only[@]}"
+"$PY" scripts/mutation_report.py --stage "$STAGE"

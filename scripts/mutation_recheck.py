@@ -2,7 +2,8 @@
 alone, without mutmut's stats and clean-test passes: one warm process (pytest and torch imported once), a fork per
 mutant with MUTANT_UNDER_TEST set (mutmut's trampolines read it), a wall-clock limit per mutant. A survivor the
 oracles kill is written back into its .meta as killed (exit 1), and the killing test into
-results/mutation/recheck.json. Adding tests can only kill more, so the other verdicts stand; a full `make mutate`
+STAGE/recheck.json (then `scripts/mutation_report.py --stage STAGE` writes the modules' result
+files). Adding tests can only kill more, so the other verdicts stand; a full `make mutate`
 gives the same verdicts from scratch.
 
     python scripts/mutation_recheck.py [--stage .mutate] [--timeout 60]
@@ -46,7 +47,7 @@ def main() -> None:
     # the set-up works only if a mutant that raises everywhere fails the oracles (mutmut's own forced-fail check)
     if run_one("fail", args, a.timeout)[0] == 0:
         sys.exit("mutation_recheck: the forced-fail mutant passed: the tests do not import the mutated copy")
-    out_file = ROOT / "results" / "mutation" / "recheck.json"
+    out_file = mutants.parent / "recheck.json"
     done = json.loads(out_file.read_text()) if out_file.is_file() else {}
     start = time.time()
     todo = [(m, k) for m, k in todo if k not in done]
@@ -63,6 +64,10 @@ def main() -> None:
         out_file.write_text(json.dumps(done, indent=1, ensure_ascii=False) + "\n")
     killed = sum(1 for k in (k for _, k in todo) if done[k]["result"] == "killed")
     print(f"{killed} of {len(todo)} survivors killed by {len(tests)} oracle files in {time.time() - start:.0f} s")
+    seconds_file = mutants.parent / "seconds.json"
+    seconds = json.loads(seconds_file.read_text()) if seconds_file.is_file() else {}
+    seconds["recheck wall"] = seconds.get("recheck wall", 0) + round(time.time() - start)
+    seconds_file.write_text(json.dumps(seconds) + "\n")
 
 
 def run_one(mutant: str, args: list[str], timeout: int) -> tuple[int, str | None]:
