@@ -7,7 +7,8 @@ A `scripts/mutate.sh` run leaves mutmut 3's .meta files under STAGE/mutants (and
 `scripts/mutation_recheck.py`, the survivors the oracle tests killed in STAGE/recheck.json). Each module it mutated
 gets results/mutation/modules/<module>.json (e.g. capacity.routing.json): the module's source hash, the command,
 date, commit, machine and seconds of the run, the count of each verdict, every survivor with its diff, and the
-survivors the recheck killed with the killing test. Runs of different modules (different machines, sessions or
+survivors the recheck killed with the killing test. A mutant no selected test reaches (`no tests`) is listed with the
+survivors: it too needs a test or a review. Runs of different modules (different machines, sessions or
 worktrees) thus never touch each other's files.
 
 Reviewed survivors are in results/mutation/equivalent/<module>.yaml: the module's sha256 when reviewed and a list of
@@ -105,7 +106,7 @@ def write_modules(stage: Path, note: str) -> None:
             "note": note,
             "counts": {v: n for v, n in Counter(status(c) for c in codes.values()).items()},
             "survivors": {k: diffs.get(k.rpartition(".")[2], "(diff not found)")
-                          for k in sorted(codes) if status(codes[k]) == "survived"},
+                          for k in sorted(codes) if status(codes[k]) in ("survived", "no tests")},
             "killed by the oracles' recheck": {k: recheck[k]["by"] for k in sorted(codes)
                                                if recheck.get(k, {}).get("result") == "killed"},
         }
