@@ -120,19 +120,15 @@ class Group:
                 if not any(p.get("status") == "incorrect" for _, p in pts) and any(usable(p) for _, p in pts)]
 
     def deployable(self) -> str | None:
-        """The fastest correct backend of `triton`/`compile` (geometric mean time over the cells both measured),
-        else `torch` when it is the only backend present, else None."""
+        """The fastest correct backend of `triton`/`compile` (geometric mean time over the cells both measured; the
+        first, triton, when they share none), else `torch` when it is the only backend present, else None."""
         ok = self.correct()
         cands = [b for b in DEPLOYABLE if b in ok]
         if not cands:
             return "torch" if ok == ["torch"] and set(self.points) == {"torch"} else None
-        if len(cands) == 1:
-            return cands[0]
         cells = {b: self.cells(b) for b in cands}
         shared = set.intersection(*(set(c) for c in cells.values()))
-        if not shared:
-            return cands[0]
-        return min(cands, key=lambda b: sum(math.log(cells[b][k][0]) for k in shared))
+        return min(cands, key=lambda b: sum(math.log(cells[b][k][0]) for k in shared))  # min: the first of equals
 
     def cells(self, backend: str) -> dict:
         """cell -> (seconds, spread, run_id, point): the smallest-spread usable point of each cell."""
@@ -234,7 +230,7 @@ def measured_for(runs: list[Run], hardware_id: str, model: str, dtype: str, tp: 
     ranks, else (tp > 1) the model part's shard points as per-GPU compute (`shard`); None when neither."""
     gs = groups(runs)
     return _measured(gs.get((hardware_id, model, dtype, tp, False))) or \
-        (_measured(gs.get((hardware_id, model, dtype, tp, True))) if tp > 1 else None)
+        _measured(gs.get((hardware_id, model, dtype, tp, True)))  # shard groups exist only for tp > 1 (`_tp`)
 
 
 def _measured(g: Group | None) -> Measured | None:
