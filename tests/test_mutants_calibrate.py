@@ -79,6 +79,17 @@ def test_ratio_grid_inside_is_its_log_box():
     assert not low.inside(1, 0.5) and not low.inside(0.5, 1)
 
 
+def test_ratio_grid_inside_has_a_closed_1e9_slack():
+    # log2 axes 2 and 3; 2^(2 − 1e-9) and 2^(3 + 1e-9) have log2 exactly 2 − 1e-9 and 3 + 1e-9 (round trip checked
+    # in floats): on the slack's edge, inside; 2e-9 beyond, outside
+    box = RatioGrid([(4, 4, 1.0), (8, 8, 2.0)])
+    lo, hi, below, above = 2 ** (2 - 1e-9), 2 ** (3 + 1e-9), 2 ** (2 - 2e-9), 2 ** (3 + 2e-9)
+    assert math.log2(lo) == 2 - 1e-9 and math.log2(hi) == 3 + 1e-9
+    assert box.inside(lo, 6) and box.inside(hi, 6) and box.inside(6, lo) and box.inside(6, hi)
+    assert not box.inside(below, 6) and not box.inside(above, 6)
+    assert not box.inside(6, below) and not box.inside(6, above)
+
+
 def test_power_at_the_nearest_measured_batch():
     m = Measured("triton", ["r1", "r2"], {}, {}, power_w=300.0, energy_w={1: 100.0, 3: 200.0})
     # batch 1.5: |ln(1/1.5)| = 0.41 < |ln(3/1.5)| = 0.69
