@@ -88,6 +88,8 @@ def test_ratio_grid_inside_has_a_closed_1e9_slack():
     assert box.inside(lo, 6) and box.inside(hi, 6) and box.inside(6, lo) and box.inside(6, hi)
     assert not box.inside(below, 6) and not box.inside(above, 6)
     assert not box.inside(6, below) and not box.inside(6, above)
+    three = RatioGrid([(1, 1, 1.0), (2, 2, 1.0), (4, 4, 1.0)])  # three values on each axis: 0, 1, 2
+    assert three.inside(3, 3) and three.inside(4, 4) and not three.inside(3, 5) and not three.inside(5, 3)
 
 
 def test_power_at_the_nearest_measured_batch():
@@ -263,6 +265,8 @@ def test_collective_backend_and_world_size():
     assert (curve.dtype, label) == ("bf16", "measured (run a, nccl, world 2, bf16)")
     assert C.measured_allreduce([_run("n", nccl)], "h200", 4) is None
     assert C.measured_allreduce([_run("n", nccl)], "h100", 2) is None
+    curve, label = C.measured_allreduce([_run("b", nccl), _run("a", nccl)], "h200", 2)  # two runs merged
+    assert (curve.times, label) == ([1.0, 4.0], "measured (run a, b, nccl, world 2, bf16)")
     decode = [p | {"kind": "decode"} for p in nccl]
     assert C.measured_allreduce([_run("n", decode + gloo)], "h200", 2)[1] == "measured (run n, gloo, world 2, bf16)"
 
@@ -311,6 +315,8 @@ def test_efficiency_base_scale_clamp_and_exclude():
     assert C.efficiency_from_runs([_run("r", _eff_points(mbu=(0,), mfu=(-1,)))], base=base) is base
     scaled = C.efficiency_from_runs([_run("r", _eff_points())], scale=lambda hw, f: {"compute": 2, "memory": 3}[f])
     assert (scaled.compute, scaled.memory) == (0.8, 1.0)  # 0.4·2; 0.4·3 = 1.2 clamped at 1 (a byte-count bug)
+    scaled = C.efficiency_from_runs([_run("r", _eff_points())], scale=lambda hw, f: {"compute": 3, "memory": 2}[f])
+    assert (scaled.compute, scaled.memory) == (1.0, 0.8)
     half = C.efficiency_from_runs([_run("r", _eff_points())], scale=lambda hw, f: 0.5 if hw == "h200" else 9)
     assert (half.compute, half.memory) == (0.2, 0.2)
     key = ("h200", "m", "bf16", 1, False)

@@ -179,7 +179,7 @@ class RatioGrid:
         pts = np.log2([(a, b) for a, b, _ in samples])
         self.xs, self.ys = np.unique(pts[:, 0]), np.unique(pts[:, 1])
         ratios = np.array([r for _, _, r in samples])
-        cells = np.stack(np.meshgrid(self.xs, self.ys, indexing="ij"), axis=-1).reshape(-1, 2)
+        cells = [(x, y) for x in self.xs for y in self.ys]
         d = cdist(cells, pts)  # euclidean
         nearest = d == d.min(axis=1, keepdims=True)
         self.grid = ((nearest @ ratios) / nearest.sum(axis=1)).reshape(len(self.xs), len(self.ys))
@@ -275,7 +275,7 @@ def measured_collective(runs: list[Run], hardware_id: str, tp: int, op: str) -> 
     pts = [(r, p) for r, p in pts if p.get("backend") == backend]
     from tokenfleet.measure.parts.collective import collective_curve  # only when a run has collective points
 
-    curve = collective_curve([p for _, p in pts], op, world_size=tp)
+    curve = collective_curve([p for _, p in pts], op)  # every point is at world size tp
     if curve is None:
         return None
     ids = sorted({r for r, p in pts if p.get("dtype") == curve.dtype})
