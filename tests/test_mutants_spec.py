@@ -205,3 +205,44 @@ def test_defaults_and_the_measured_experts_in_prefill():
     # 2·(622 + 8·5 head) + attention over 1 pair 2·(3 + 2)·2 heads·2 layers
     assert S.decode_flops(mla(), 1, 0) == 2 * (622 + 40) + 40
     assert {"llama-3.1-8b", "qwen3-30b-a3b", "deepseek-v3"} <= set(S.all_model_configs())
+
+
+def test_default_widths_are_two_bytes():
+    d, m = dense(), moe()
+    assert d.kv_bytes_per_token() == 48 and d.kv_bytes_per_token_per_gpu(4) == 24
+    assert d.weight_bytes() == 2028 and d.decode_weight_bytes(1) == 1896
+    # no redundant copies, 2 bytes: (388 + 2 layers · 4/2 experts · 36) · 2; read: 2 · 2 · 0.75 · 36 · 2
+    assert m.ep_weight_bytes_per_gpu(2) == (388 + 144) * 2
+    assert m.ep_expert_bytes_read(1, 2) == pytest.approx(216)
+    assert dense().ep_weight_bytes_per_gpu(2) == 2028  # no MoE: every weight on every rank
+
+
+def test_expert_parallel_reads_by_tokens_of_the_whole_group():
+    m = moe()
+    # 2 tokens per rank on 2 ranks: 4 tokens, each copy untouched with 0.5^4 = 0.0625; 2 layers · 2 held · 36 · 1 byte
+    assert m.ep_expert_bytes_read(2, 2, 0, 1) == pytest.approx(2 * 2 * 0.9375 * 36)
+    assert m.ep_expert_bytes_read(0, 2, 0, 1) == 0  # no token: no expert read
+    # a quarter token per rank on 2 ranks: 1 − 0.5^0.5
+    assert m.ep_expert_bytes_read(0.25, 2, 0, 1) == pytest.approx(2 * 2 * (1 - 0.5 ** 0.5) * 36)
+
+
+def test_forward_ops_weight_width_and_absorbed_default():
+    ops = {n: b for n, _, b in moe().forward_ops(tokens=2, attn_ctx=3, kv_read_tokens=4, logits_tokens=1,
+                                                  weight_bytes=2, kv_bytes_per_token=12)}
+    assert ops["experts"] == (2 * 4 * 36 + 32) * 2  # expected(2) = 3 touched + 1 shared, router 32, at 2 bytes
+    # MLA: not absorbed unless told: 1 token over 5 keys, 2·2·2·(3 + 2)·5
+    assert {n: f for n, f, _ in mla().forward_ops(1, 5, 1, 0, 2, 16)}["attn_core"] == 200
+
+
+def test_sparse_step_counts_from_layer_one():
+    rule = MoE(num_experts=4, experts_per_token=2, moe_intermediate_size=3, sparse_step=3)
+    assert [rule.is_moe_layer(i) for i in range(7)] == [False, False, True, False, False, True, False]
+
+
+def test_mla_without_moe_counts_dense_mlps():
+    m = mla()  # 2 layers of attention 151 + norms 16 + dense MLP 3·8·6 = 144: 622; embedding = head = 40, norm 8
+    assert S.param_counts(m) == {"layer": 311, "layers": 622, "embedding": 40, "lm_head": 40, "norm": 8,
+                                 "total": 710}
+    assert m.param_count() == m.active_param_count() == 710
+    # decode of 1 token at context 0, 1 byte: 622 + 8 + 40 head, 1 embedding row 8, 5 logits; KV (0 + 2)·(3 + 1)·2
+    assert S.decode_bytes(m, 1, 0, 1) == 670 + 8 + 5 + 16

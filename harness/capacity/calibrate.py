@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from scipy.interpolate import RegularGridInterpolator
+from scipy.spatial.distance import cdist
 from tokenfleet.results import Run, load_run, usable
 
 if TYPE_CHECKING:  # the measure part's curve type; importing it loads every part (and torch)
@@ -118,19 +120,15 @@ class Group:
                 if not any(p.get("status") == "incorrect" for _, p in pts) and any(usable(p) for _, p in pts)]
 
     def deployable(self) -> str | None:
-        """The fastest correct backend of `triton`/`compile` (geometric mean time over the cells both measured),
-        else `torch` when it is the only backend present, else None."""
+        """The fastest correct backend of `triton`/`compile` (geometric mean time over the cells both measured; the
+        first, triton, when they share none), else `torch` when it is the only backend present, else None."""
         ok = self.correct()
         cands = [b for b in DEPLOYABLE if b in ok]
         if not cands:
             return "torch" if ok == ["torch"] and set(self.points) == {"torch"} else None
-        if len(cands) == 1:
-            return cands[0]
         cells = {b: self.cells(b) for b in cands}
         shared = set.intersection(*(set(c) for c in cells.values()))
-        if not shared:
-            return cands[0]
-        return min(cands, key=lambda b: sum(math.log(cells[b][k][0]) for k in shared))
+        return min(cands, key=lambda b: sum(math.log(cells[b][k][0]) for k in shared))  # min: the first of equals
 
     def cells(self, backend: str) -> dict:
         """cell -> (seconds, spread, run_id, point): the smallest-spread usable point of each cell."""
@@ -168,30 +166,31 @@ def groups(runs: list[Run]) -> dict[tuple, Group]:
 
 
 # ---- measured grids ------------------------------------------------------------------------------------------
-def _interp2(xs, ys, grid, x: float, y: float) -> float:
-    """Bilinear interpolation on a rectangular grid, held constant beyond its edges."""
-    row = np.array([np.interp(y, ys, grid[i]) for i in range(len(xs))])
-    return float(np.interp(x, xs, row))
+def _log2s(a: float, b: float) -> tuple[float, float]:
+    return math.log2(max(a, 1e-9)), math.log2(max(b, 1e-9))
 
 
 class RatioGrid:
-    """measured/projected over (a, b) cells on log2 axes; a missing grid cell takes its nearest sample."""
+    """measured/projected over (a, b) cells on log2 axes: bilinear inside the grid (scipy's RegularGridInterpolator),
+    held at its edges beyond them (coordinates clipped to the grid); a missing grid cell takes its nearest sample
+    (the mean of the nearest when several are as near)."""
 
     def __init__(self, samples: list[tuple[float, float, float]]):
-        self.xs = np.unique([math.log2(s[0]) for s in samples])
-        self.ys = np.unique([math.log2(s[1]) for s in samples])
-        pts = np.array([(math.log2(a), math.log2(b), r) for a, b, r in samples])
-        self.grid = np.empty((len(self.xs), len(self.ys)))
-        for i, x in enumerate(self.xs):
-            for j, y in enumerate(self.ys):
-                d = (pts[:, 0] - x) ** 2 + (pts[:, 1] - y) ** 2
-                self.grid[i, j] = pts[d == d.min(), 2].mean()
+        pts = np.log2([(a, b) for a, b, _ in samples])
+        self.xs, self.ys = np.unique(pts[:, 0]), np.unique(pts[:, 1])
+        ratios = np.array([r for _, _, r in samples])
+        cells = [(x, y) for x in self.xs for y in self.ys]
+        d = cdist(cells, pts)  # euclidean
+        nearest = d == d.min(axis=1, keepdims=True)
+        self.grid = ((nearest @ ratios) / nearest.sum(axis=1)).reshape(len(self.xs), len(self.ys))
+        self._f = RegularGridInterpolator((self.xs, self.ys), self.grid)  # method "linear", the default
 
     def __call__(self, a: float, b: float) -> float:
-        return _interp2(self.xs, self.ys, self.grid, math.log2(max(a, 1e-9)), math.log2(max(b, 1e-9)))
+        la, lb = _log2s(a, b)
+        return float(self._f((np.clip(la, self.xs[0], self.xs[-1]), np.clip(lb, self.ys[0], self.ys[-1]))))
 
     def inside(self, a: float, b: float) -> bool:
-        la, lb = math.log2(max(a, 1e-9)), math.log2(max(b, 1e-9))
+        la, lb = _log2s(a, b)
         eps = 1e-9
         return self.xs[0] - eps <= la <= self.xs[-1] + eps and self.ys[0] - eps <= lb <= self.ys[-1] + eps
 
@@ -231,7 +230,7 @@ def measured_for(runs: list[Run], hardware_id: str, model: str, dtype: str, tp: 
     ranks, else (tp > 1) the model part's shard points as per-GPU compute (`shard`); None when neither."""
     gs = groups(runs)
     return _measured(gs.get((hardware_id, model, dtype, tp, False))) or \
-        (_measured(gs.get((hardware_id, model, dtype, tp, True))) if tp > 1 else None)
+        _measured(gs.get((hardware_id, model, dtype, tp, True)))  # shard groups exist only for tp > 1 (`_tp`)
 
 
 def _measured(g: Group | None) -> Measured | None:
@@ -276,7 +275,7 @@ def measured_collective(runs: list[Run], hardware_id: str, tp: int, op: str) -> 
     pts = [(r, p) for r, p in pts if p.get("backend") == backend]
     from tokenfleet.measure.parts.collective import collective_curve  # only when a run has collective points
 
-    curve = collective_curve([p for _, p in pts], op, world_size=tp)
+    curve = collective_curve([p for _, p in pts], op)  # every point is at world size tp
     if curve is None:
         return None
     ids = sorted({r for r, p in pts if p.get("dtype") == curve.dtype})

@@ -162,13 +162,14 @@ class ModelConfig(Strict):
         bias = self.moe.num_experts if self.family == "deepseek_v3" else 0  # e_score_correction_bias
         return self.hidden_size * self.moe.num_experts + bias
 
-    def _layer_params(self, experts: int | float) -> float:
-        """All layers, with `experts` routed experts per MoE layer (E for total, k for active)."""
+    def _layer_params(self, active: bool = False) -> int:
+        """All layers, with every routed expert of each MoE layer (`active`: the top-k a token is routed to)."""
         per_layer = self.attention_params() + 2 * self.hidden_size  # + input and post-attention norms
         n = self.num_layers * per_layer
         if not self.moe:
             return n + self.num_layers * self.dense_mlp_params
         m = self.moe
+        experts = m.experts_per_token if active else m.num_experts
         n += (self.num_layers - self.num_moe_layers) * self.dense_mlp_params
         n += self.num_moe_layers * (self.router_params() + (experts + m.shared_experts) * self.expert_params)
         return n
@@ -176,15 +177,13 @@ class ModelConfig(Strict):
     def param_count(self) -> int:
         """Total parameters: embeddings, LM head (once if tied), all layers, final norm."""
         head = 0 if self.tie_word_embeddings else self.lm_head_params
-        experts = self.moe.num_experts if self.moe else 0
-        return int(self.embedding_params + head + self._layer_params(experts) + self.hidden_size)
+        return int(self.embedding_params + head + self._layer_params() + self.hidden_size)
 
     def active_param_count(self) -> int:
         """Parameters one token touches: as `param_count` but only top-k routed experts (+ shared ones).
         Counts the embedding table and LM head like DeepSeek's "36.7B incl. 0.9B embedding + 0.9B head"."""
         head = 0 if self.tie_word_embeddings else self.lm_head_params
-        k = self.moe.experts_per_token if self.moe else 0
-        return int(self.embedding_params + head + self._layer_params(k) + self.hidden_size)
+        return int(self.embedding_params + head + self._layer_params(active=True) + self.hidden_size)
 
     def routed_expert_params(self) -> int:
         return self.num_moe_layers * self.moe.num_experts * self.expert_params if self.moe else 0
@@ -356,12 +355,13 @@ def _layers_params(cfg: ModelConfig) -> int:
     """All layers' parameters (every routed expert of an MoE model)."""
     if cfg.is_dense:
         return cfg.num_layers * layer_params(cfg)
-    return int(cfg._layer_params(cfg.moe.num_experts if cfg.moe else 0))
+    return cfg._layer_params()
 
 
-def _active_layer_params(cfg: ModelConfig) -> float:
-    """Layer parameters one token multiplies by (top-k routed + shared experts; all of a dense model)."""
-    return _layers_params(cfg) if cfg.is_dense else cfg._layer_params(cfg.moe.experts_per_token if cfg.moe else 0)
+def _active_layer_params(cfg: ModelConfig) -> int:
+    """Layer parameters one token multiplies by (top-k routed + shared experts; all of a dense model: its per-part
+    count, equal to `_layers_params`' fused one, both pinned to a hand count in tests/test_mutants_spec.py)."""
+    return cfg._layer_params(active=True)
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
