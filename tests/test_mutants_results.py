@@ -374,6 +374,9 @@ def test_check_out(tmp_path):
     assert err(e) == (str(d), None, "folder is not empty (b.txt) and is not a tokenfleet run: "
                                     "give --out a new or empty folder")
     (d / "a.txt").write_text("")
+    with pytest.raises(ConfigError) as e:
+        results.check_out(d)
+    assert e.value.message.startswith("folder is not empty (a.txt and 1 more) and")
     (d / "c").mkdir()
     with pytest.raises(ConfigError) as e:
         results.check_out(d)
@@ -468,6 +471,10 @@ def test_writer_finish_compacts_only_superseded_records(tmp_path):
 def test_resume_adds_a_newline_to_a_last_record_without_one(tmp_path):
     run = tmp_path / "run"
     results.RunWriter(run, MANIFEST).close()
+    (run / "points.jsonl").write_bytes(line(op="a"))
+    ino = os.stat(run / "points.jsonl").st_ino
+    results.RunWriter(run, {"command": "c"}, resume=True).close()
+    assert os.stat(run / "points.jsonl").st_ino == ino  # whole records: the file is not rewritten
     (run / "points.jsonl").write_bytes(line(op="a")[:-1])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -513,8 +520,9 @@ def test_writer_refusals_release_the_lock(tmp_path):
     with pytest.raises(ConfigError, match="already has points"):
         results.RunWriter(run, MANIFEST)
     (run / "points.jsonl").write_bytes(b"{bad\n" + line(op="a"))
-    with pytest.raises(ConfigError, match="line 1"):
+    with pytest.raises(ConfigError) as e:
         results.RunWriter(run, MANIFEST, resume=True)
+    assert err(e) == (str(run / "points.jsonl"), "line 1", "not valid JSON")
     assert not (run / ".lock").exists()  # the failed open let go of the lock
     with pytest.raises(ValueError):  # a manifest that does not validate, after the lock was taken
         results.RunWriter(tmp_path / "r2", {"run_id": 5})
@@ -677,3 +685,20 @@ def test_writer_checks_the_folder_again_under_the_lock(tmp_path, monkeypatch):
         results.RunWriter(run, MANIFEST)
     assert err(e) == (str(run), None, "run folder already has points; use --resume or another --out")
     assert not (run / ".lock").exists() and not (run / "manifest.json").exists()
+
+
+def test_a_failed_append_names_the_points_file(tmp_path, monkeypatch):
+    from tokenfleet import files
+
+    run = tmp_path / "run"
+    with results.RunWriter(run, MANIFEST) as w:
+        def full(fd, data):
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr(files, "_write_all", full)
+        with pytest.raises(ConfigError) as e:
+            w.append({"kind": "kernel", "op": "a", "status": "ok"})
+    assert e.value.file == str(run / "points.jsonl")
+    record = {"schema_version": 1, "run_id": "r1", "kind": "kernel", "op": "a", "status": "ok"}
+    size = len(json.dumps(record)) + 1  # the line and its newline: 83 bytes
+    assert e.value.message.startswith(f"could not write {size} B: No space left on device (")
+    assert (run / "points.jsonl").read_bytes() == b""
