@@ -227,8 +227,8 @@ def _check(cls: type[BaseModel], obj: dict, file: Path, where: str | None = None
     try:
         cls.model_validate(obj)
     except ValidationError as e:
-        err = validation_error(file, e)
-        raise ConfigError(file, ".".join(p for p in (where, err.field) if p) or None, err.message) from None
+        err = validation_error(file, e)  # the first error: its file, field and message
+        raise ConfigError(err.file, ".".join(p for p in (where, err.field) if p) or None, err.message) from None
 
 
 def _no_constant(name: str):
