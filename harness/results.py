@@ -11,6 +11,7 @@ record of each key, skip a damaged last line with a one-line warning, and refuse
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import warnings
@@ -226,17 +227,25 @@ def _check(cls: type[BaseModel], obj: dict, file: Path, where: str | None = None
     try:
         cls.model_validate(obj)
     except ValidationError as e:
-        err = validation_error(file, e)
-        raise ConfigError(file, ".".join(p for p in (where, err.field) if p) or None, err.message) from None
+        err = validation_error(file, e)  # the first error: its file, field and message
+        raise ConfigError(err.file, ".".join(p for p in (where, err.field) if p) or None, err.message) from None
 
 
 def _no_constant(name: str):
     raise ValueError(f"{name} is not a number JSON allows")
 
 
+def _finite(number: str) -> float:
+    value = float(number)
+    if not math.isfinite(value):  # 1e999: too large for a float, read as infinity
+        _no_constant(number)
+    return value
+
+
 def loads(text: str | bytes):
-    """JSON as the writer writes it: no NaN or Infinity (json.loads would take them)."""
-    return json.loads(text, parse_constant=_no_constant)
+    """JSON as the writer writes it: no NaN or Infinity, nor a number too large for a float (json.loads would take
+    them, the last as infinity)."""
+    return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
 
 
 def point_key(point: dict) -> str:
@@ -307,7 +316,7 @@ def parse_points(path: Path, data: bytes) -> tuple[list[dict], int, str | None]:
     wrong with the last line when it is damaged (a write cut off by a kill, or garbage), else None. A damaged
     line anywhere before the last is an error naming its line."""
     lines = data.split(b"\n")
-    last = max((i for i, ln in enumerate(lines) if ln.strip()), default=-1)
+    last = max((i for i, ln in enumerate(lines) if ln.strip()), default=None)  # None: no line to compare
     records: list[dict] = []
     pos = good_end = 0
     for i, raw in enumerate(lines):
@@ -402,9 +411,10 @@ def add_ceiling(ceilings: dict, point: dict, replace: bool = True, phase: str | 
         return
     op, value = point.get("op"), point["value"]
     ms, burst_ms = point.get("median_ms"), point.get("burst_ms")
-    for prefix, v in (("", value), ("burst_", value * ms / burst_ms if ms and burst_ms else None)):
-        if v is None or (prefix and phase is not None):  # the end-of-run drift compares sustained probes only
-            continue
+    rates = [("", value)]
+    if ms and burst_ms and phase is None:  # the end-of-run drift compares sustained probes only
+        rates.append(("burst_", value * ms / burst_ms))
+    for prefix, v in rates:
         if op in ("copy", "read"):
             name = f"{prefix}{op}_gbps"
             if replace or not ceilings.get(name):
@@ -521,7 +531,6 @@ class RunWriter:
             check_out(self.dir)
             ensure_dir(self.dir)
         self._lock = RunLock(self.dir).acquire()
-        self._fd: int | None = None
         try:
             self._open(manifest, resume)
         except BaseException:
@@ -542,7 +551,7 @@ class RunWriter:
         self.last: dict | None = None  # the record this writer appended last
         self._records = len(records)
         self.write_manifest()
-        self._fd = open_append(self.points_path)
+        self._fd: int | None = open_append(self.points_path)
 
     def _repair_tail(self) -> list[dict]:
         data = read_bytes(self.points_path)
@@ -552,7 +561,7 @@ class RunWriter:
             atomic_write(self.points_path, good + (b"\n" if good and not good.endswith(b"\n") else b""))
         if damaged:
             warnings.warn(f"{self.points_path}: {damaged} cut off before resuming (a point it held is measured again)",
-                          RunWarning, stacklevel=3)
+                          RunWarning, stacklevel=4)  # the caller of RunWriter(...)
         return records
 
     def final_keys(self) -> set[str]:
@@ -578,8 +587,8 @@ class RunWriter:
         self.manifest.update(manifest_fields)
         self.write_manifest()
         if self._records > len(self.points):
-            atomic_write(self.points_path, "".join(json.dumps(p, allow_nan=False) + "\n"
-                                                   for p in self.points.values()))
+            # every record passed append's dump (allow_nan=False) or `loads`: no NaN or infinity left to refuse
+            atomic_write(self.points_path, "".join(json.dumps(p) + "\n" for p in self.points.values()))
             self._records = len(self.points)
             os.close(self._fd)  # the rename left this descriptor on the old file
             self._fd = open_append(self.points_path)
@@ -612,7 +621,7 @@ def clean_floats(d: dict) -> dict:
     """NaN/inf are not JSON: store them as null."""
     out = {}
     for k, v in d.items():
-        if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
+        if isinstance(v, float) and not math.isfinite(v):
             v = None
         out[k] = v
     return out
