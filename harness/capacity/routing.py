@@ -28,7 +28,7 @@ def route(rates: np.ndarray, counts: np.ndarray, shares: np.ndarray) -> tuple[fl
         raise ValueError(f"routing: the linear program has no optimum: {res.message}")
     lam = res.x[-1]
     served = supply * res.x[:-1].reshape(G, C)
-    # A class given more than its share of λ counts only its share: the surplus is idle for this mix.
+    # Each class counts its share of λ: at the optimum none gets less, and a surplus is idle for this mix.
     got = served.sum(axis=0)
     keep = np.divide(lam * shares, got, out=np.zeros(C), where=got > 0)
-    return float(lam), served * np.minimum(keep, 1.0)[None, :]
+    return float(lam), served * keep[None, :]
