@@ -119,9 +119,9 @@ NO_LIMIT_MS = 1e9  # --offline: no TTFT/TPOT limit (MLPerf Offline, trtllm-bench
 def by_path(name: str, fleet_path: Path | str | None) -> str:
     """A fleet's reference to a file by path: relative to the fleet file's folder when it is not found as given."""
     p = Path(name)
-    if p.suffix not in (".yaml", ".yml") or p.is_absolute() or p.is_file() or fleet_path is None:
+    if p.suffix not in (".yaml", ".yml") or p.is_file() or fleet_path is None:
         return name
-    near = Path(fleet_path).parent / p
+    near = Path(fleet_path).parent / p  # an absolute p stays p
     return str(near) if near.is_file() else name
 
 
