@@ -62,10 +62,11 @@ def mutant_diffs(mutated: Path) -> dict[str, str]:
     """Each mutant's function against the original, from the mutated file mutmut wrote (`x…__mutmut_N` beside
     `x…__mutmut_orig`)."""
     src = mutated.read_text()
-    funcs = {}
+    lines = src.splitlines(keepends=True)  # a function's text by its line span (get_source_segment re-splits the
+    funcs = {}                             # whole file on every call: minutes for a module of 1000 mutants)
     for node in ast.walk(ast.parse(src)):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and "__mutmut_" in node.name:
-            funcs[node.name] = ast.get_source_segment(src, node)
+            funcs[node.name] = "".join(lines[node.lineno - 1:node.end_lineno])
     out = {}
     for name, text in funcs.items():
         base, _, n = name.rpartition("__mutmut_")
