@@ -13,6 +13,11 @@ from tokenfleet.capacity import expert as X
 from tokenfleet.capacity.calibrate import Efficiency
 
 
+def approx(x):
+    """Tight: a mutant that moves a figure by a part in 1e9 (1e9 -> 1000000001.0) must fail."""
+    return pytest.approx(x, rel=1e-12, abs=1e-18)
+
+
 class PM:
     def __init__(self, moe=True, L=4, H=10, dense_layers=1, k=2, shared=1, E=8):
         self.num_layers, self.hidden_size = L, H
@@ -83,7 +88,7 @@ def test_deepep_gbps_log_linear_and_held():
     assert X.deepep_gbps(t, 8) == (98.0, 127.0) and X.deepep_gbps(t, 4) == (98.0, 127.0)
     assert X.deepep_gbps(t, 512) == (39.0, 40.0)
     f = math.log2(12) - 3  # 12 between 8 and 16 on log2
-    assert X.deepep_gbps(t, 12) == pytest.approx((98 + (63 - 98) * f, 127 + (74 - 127) * f))
+    assert X.deepep_gbps(t, 12) == approx((98 + (63 - 98) * f, 127 + (74 - 127) * f))
     assert X.deepep_gbps(X.DEEPEP_NORMAL_GBPS, 32) == (58.0, 57.0)
 
 
@@ -95,9 +100,11 @@ def test_emitted_per_step():
 
 def test_expert_curve():
     c = X.ExpertCurve([1.0, 4.0], [0.5, 1.5], "lbl")
-    assert c(2.0) == pytest.approx(1.0) and c(1.0) == 0.5 and c(4.0) == 1.5 and c(100.0) == 1.5 and c(0.0) == 0.5
+    assert c(2.0) == approx(1.0) and c(1.0) == 0.5 and c(4.0) == 1.5 and c(100.0) == 1.5 and c(0.0) == 0.5
     assert c.inside(1.0) and c.inside(4.0) and c.inside(1 - 0.5e-9) and c.inside(4 * (1 + 0.5e-9))
     assert not c.inside(1 - 2e-9) and not c.inside(4 * (1 + 2e-9))
+    c = X.ExpertCurve([0.25, 1.0], [1.0, 2.0], "lbl")  # below one token: still log-linear, down to 1e-9
+    assert c(0.5) == approx(1.5) and c(0.0) == 1.0
 
 
 # ---- setup -----------------------------------------------------------------------------------------------------
@@ -147,35 +154,35 @@ def test_alltoall_inside_one_node():
     for ep in (2, 8):
         d, c = ps(ep=ep).alltoall_s(1e6)
         off = (ep - 1) / ep
-        assert d == pytest.approx(LAT + 2e7 * off / (10 * 153 / 160 * 1e9))
-        assert c == pytest.approx(LAT + 4e7 * off / (10 * 158 / 160 * 1e9))
+        assert d == approx(LAT + 2e7 * off / (10 * 153 / 160 * 1e9))
+        assert c == approx(LAT + 4e7 * off / (10 * 158 / 160 * 1e9))
 
 
 def test_alltoall_low_latency_kernels_for_decode():
     d, c = ps(ep=16).alltoall_s(1e6)
-    assert (d, c) == (pytest.approx(LAT + 2e7 / 63e9), pytest.approx(LAT + 4e7 / 74e9))
+    assert (d, c) == (approx(LAT + 2e7 / 63e9), approx(LAT + 4e7 / 74e9))
     d, c = ps(ep=9).alltoall_s(1e6)
     f = math.log2(9) - 3
-    assert (d, c) == (pytest.approx(LAT + 2e7 / ((98 + (63 - 98) * f) * 1e9)),
-                      pytest.approx(LAT + 4e7 / ((127 + (74 - 127) * f) * 1e9)))
+    assert (d, c) == (approx(LAT + 2e7 / ((98 + (63 - 98) * f) * 1e9)),
+                      approx(LAT + 4e7 / ((127 + (74 - 127) * f) * 1e9)))
 
 
 def test_alltoall_normal_kernels_for_prefill():
     # EP 16: 2 nodes; of k = 2 copies, the remote node gets one copy with probability 1 - (1/2)^2 = 3/4:
     # bytes share 2 * 3/4 * 1/2 / 2 = 0.375
     d, c = ps(ep=16, kind="prefill").alltoall_s(1e6)
-    assert (d, c) == (pytest.approx(LAT + 2e7 * 0.375 / 43e9), pytest.approx(LAT + 4e7 * 0.375 / 43e9))
+    assert (d, c) == (approx(LAT + 2e7 * 0.375 / 43e9), approx(LAT + 4e7 * 0.375 / 43e9))
     # EP 32: 4 nodes: 4 * (1 - (3/4)^2) * 3/4 / 2 = 0.65625
     d, c = ps(ep=32, kind="mixed").alltoall_s(1e6)
-    assert (d, c) == (pytest.approx(LAT + 2e7 * 0.65625 / 58e9), pytest.approx(LAT + 4e7 * 0.65625 / 57e9))
+    assert (d, c) == (approx(LAT + 2e7 * 0.65625 / 58e9), approx(LAT + 4e7 * 0.65625 / 57e9))
     # EP 9: 2 nodes (a ninth GPU starts one), k = 3: 2 * (1 - (1/2)^3) * 1/2 / 3 = 0.2916..; held at EP 16's figure
     d, c = ps(ep=9, kind="prefill", m=PM(k=3)).alltoall_s(1e6)
-    assert d == pytest.approx(LAT + 3e7 * (2 * (1 - 0.125) * 0.5 / 3) / 43e9)
+    assert d == approx(LAT + 3e7 * (2 * (1 - 0.125) * 0.5 / 3) / 43e9)
 
 
 def test_cache_load():
     p = ps(cache_load_gbps=8.0)  # 1 GB/s for each of a node's 8 GPUs; 16 bytes of KV a token
-    assert p.cache_load_s(1e9) == pytest.approx(16.0)
+    assert p.cache_load_s(1e9) == approx(16.0)
     assert p.cache_load_s(0) == 0.0 and p.cache_load_s(-5) == 0.0
     assert ps().cache_load_s(1e9) == 0.0
 
@@ -200,7 +207,7 @@ def test_decode_step_without_overlap():
     p = ps(m=m, a2a=(1.0, 2.0), overlap=False)
     s = p.step(2, 100)
     compute = 9.6 + 120 + 2 + 20.2 + 4.4
-    assert s == pytest.approx({
+    assert s == approx({
         "attention_s": 129.6, "kv_bytes": 3200, "flops": 60960 + 200 + 1140, "expert_bytes": 800, "dense_s": 2,
         "moe_s": 20.2, "head_s": 4.4, "dispatch_s": 3, "combine_s": 6, "alltoall_s": 9, "allreduce_s": 0,
         "compute_s": compute, "hidden_s": 0, "imbalance_s": 0, "overhead_s": 1, "expert_read_s": 16,
@@ -217,14 +224,14 @@ def test_decode_step_with_two_micro_batches():
     per_moe = 16.4 / 3
     moe_part = 3 * (max(34.8, 50.0) + max(per_moe, 3.0))
     step = (139.2 - 3 * 34.8) + 4 + 8.8 + moe_part
-    assert s["step_s"] == pytest.approx(step + 1)
-    assert (s["attention_s"], s["dense_s"], s["moe_s"], s["head_s"]) == pytest.approx((139.2, 4, 16.4, 8.8))
-    assert s["hidden_s"] == pytest.approx(139.2 + 4 + 16.4 + 8.8 + 3 * 53 - step)
+    assert s["step_s"] == approx(step + 1)
+    assert (s["attention_s"], s["dense_s"], s["moe_s"], s["head_s"]) == approx((139.2, 4, 16.4, 8.8))
+    assert s["hidden_s"] == approx(139.2 + 4 + 16.4 + 8.8 + 3 * 53 - step)
     assert (s["expert_bytes"], s["expert_read_s"]) == (400, 8)
     assert m.reads == [(1, 4, 8, 2)]
     s = ps(a2a=(1.0, 2.0)).step(2, 100)  # all-to-all shorter than compute: fully hidden
-    assert s["step_s"] == pytest.approx(139.2 + 4 + 16.4 + 8.8 + 1)
-    assert s["hidden_s"] == pytest.approx(9)
+    assert s["step_s"] == approx(139.2 + 4 + 16.4 + 8.8 + 1)
+    assert s["hidden_s"] == approx(9)
 
 
 def test_prefill_step_overlap_slows_the_compute_it_shares_with_the_kernels():
@@ -238,11 +245,11 @@ def test_prefill_step_overlap_slows_the_compute_it_shares_with_the_kernels():
         per_attn, per_moe = 79.2 / 4 * slow, 80.4 / 3 * slow
         step = (79.2 - 3 * 79.2 / 4) + 4 + 8.8 + 3 * (max(per_attn, 10) + max(per_moe, 20))
         assert (s["attention_s"], s["moe_s"], s["head_s"], s["kv_bytes"], s["tokens"]) == \
-            pytest.approx((79.2, 80.4, 8.8, 1280, 6))
-        assert s["flops"] == pytest.approx(2880 + 30000 + 2 * 6 * 50 + 1260 + 2160)
-        assert s["step_s"] == pytest.approx(step + 1)
+            approx((79.2, 80.4, 8.8, 1280, 6))
+        assert s["flops"] == approx(2880 + 30000 + 2 * 6 * 50 + 1260 + 2160)
+        assert s["step_s"] == approx(step + 1)
     s = ps(a2a=(10.0, 20.0), kind="prefill", ep=1).step(0, 0, 6, 2, 50, 40)  # one GPU: no kernels, no slowdown
-    assert s["step_s"] == pytest.approx((79.2 - 3 * 79.2 / 4) + 4 + 8.8 + 3 * (max(79.2 / 4, 10) + max(26.8, 20)) + 1)
+    assert s["step_s"] == approx((79.2 - 3 * 79.2 / 4) + 4 + 8.8 + 3 * (max(79.2 / 4, 10) + max(26.8, 20)) + 1)
 
 
 def test_mtp_drafts_add_tokens_and_a_layer():
@@ -252,57 +259,57 @@ def test_mtp_drafts_add_tokens_and_a_layer():
     s = ps(a2a=(1.0, 2.0), overlap=False, mtp_drafts=1).step(2, 100)
     moe = 68.2 * 4 / 3
     assert (s["attention_s"], s["moe_s"], s["head_s"], s["dispatch_s"], s["combine_s"], s["tokens"]) == \
-        pytest.approx((312, moe, 4.4, 4, 8, 4))
-    assert s["flops"] == pytest.approx((1920 + 120000) * 1.25 + 400 + 2280 * 4 / 3)
-    assert s["step_s"] == pytest.approx(312 + 2 + moe + 4.4 + 12 + 1)
+        approx((312, moe, 4.4, 4, 8, 4))
+    assert s["flops"] == approx((1920 + 120000) * 1.25 + 400 + 2280 * 4 / 3)
+    assert s["step_s"] == approx(312 + 2 + moe + 4.4 + 12 + 1)
     s = ps(a2a=(200.0, 2.0), mtp_drafts=1).step(2, 100)  # overlapped: per layer over 5 attention, 4 MoE layers
     att = (max(3.84, 19.2) + 240) * 1.25
     moe = max(4.56, (420 + 2 * 100 * 2**2 * 2) / 50) * 4 / 3
-    assert s["step_s"] == pytest.approx((att - 4 * att / 5) + 4 + 8.8 + 4 * (200 + max(moe / 4, 2.0)) + 1)
+    assert s["step_s"] == approx((att - 4 * att / 5) + 4 + 8.8 + 4 * (200 + max(moe / 4, 2.0)) + 1)
     # the head's logits: every token plus a draft per sequence (compute-bound at 100 sequences)
     s = ps(a2a=(0.0, 0.0), mtp_drafts=1).step(100, 1)
-    assert s["head_s"] == pytest.approx(2 * (200 + 100) * 110 / 500)
+    assert s["head_s"] == approx(2 * (200 + 100) * 110 / 500)
     s = ps(a2a=(0.0, 0.0), mtp_drafts=1).step(0, 0, 600, 200, 1, 1)  # prefill alone: no draft, a logit a prompt
-    assert s["head_s"] == pytest.approx(2 * 200 * 110 / 500)
+    assert s["head_s"] == approx(2 * 200 * 110 / 500)
     assert (s["dispatch_s"], s["tokens"]) == (0.0, 600)
 
 
 def test_attention_groups_split_weights_and_all_reduce():
     # group 2: attention weights halved per GPU, KV of 2 copies (32 B a token), one all-reduce a layer
     s = ps(a2a=(0.0, 0.0), overlap=False, group=2).step(2, 100)
-    assert s["attention_s"] == pytest.approx(max(1.92, 240 / 2 * 2 / 50) + max(120, 2 * 100 * 32 / 50))
+    assert s["attention_s"] == approx(max(1.92, 240 / 2 * 2 / 50) + max(120, 2 * 100 * 32 / 50))
     ar = 4 * (10e-6 + 2 * (1 / 2) * (2 * 2 * 10 * 2) / 10e9)
-    assert s["allreduce_s"] == pytest.approx(ar)
-    assert s["step_s"] == pytest.approx(s["compute_s"] + ar + 1)
+    assert s["allreduce_s"] == approx(ar)
+    assert s["step_s"] == approx(s["compute_s"] + ar + 1)
     s = ps(a2a=(0.0, 0.0), overlap=False, group=4).step(2, 100)
-    assert s["allreduce_s"] == pytest.approx(4 * (10e-6 + 2 * (3 / 4) * (2 * 4 * 10 * 2) / 10e9))
+    assert s["allreduce_s"] == approx(4 * (10e-6 + 2 * (3 / 4) * (2 * 4 * 10 * 2) / 10e9))
 
 
 def test_imbalance_and_cache_load():
     base = ps(a2a=(1.0, 2.0), overlap=False).step(2, 100)["step_s"] - 1
     s = ps(a2a=(1.0, 2.0), overlap=False, imbalance=1.5).step(2, 100)
-    assert (s["step_s"], s["imbalance_s"]) == pytest.approx((base * 1.5 + 1, base * 0.5))
+    assert (s["step_s"], s["imbalance_s"]) == approx((base * 1.5 + 1, base * 0.5))
     # prompts' cache hits at 8 GB/s a node = 1e9 B/s a GPU: 2 prompts x 1e10 tokens x 16 B = 320 s binds
     p = ps(a2a=(1.0, 2.0), cache_load_gbps=8.0, imbalance=1.5)
     s = p.step(0, 0, 6, 2, 50, 40, 1e10)
-    assert (s["cache_load_s"], s["step_s"]) == pytest.approx((320, 321))
+    assert (s["cache_load_s"], s["step_s"]) == approx((320, 321))
     s2 = p.step(0, 0, 6, 2, 50, 40, 1e6)  # a small load hides behind the step
-    assert s2["cache_load_s"] == pytest.approx(0.032)
-    assert s2["step_s"] == pytest.approx(p.step(0, 0, 6, 2, 50, 40)["step_s"])
+    assert s2["cache_load_s"] == approx(0.032)
+    assert s2["step_s"] == approx(p.step(0, 0, 6, 2, 50, 40)["step_s"])
 
 
 def test_measured_expert_time_inside_its_tokens():
     curve = X.ExpertCurve([1.0, 4.0], [0.5, 1.5], "lbl")
     # no overlap, T = 2 inside: shared + router max(2*2*105/500, 105*2/50) = 4.2, + 3 layers x curve(2) = 1.0
     s = ps(a2a=(0.0, 0.0), overlap=False, experts=curve).step(2, 100)
-    assert (s["moe_s"], s["experts_source"], s["expert_bytes"]) == pytest.approx((4.2 + 3.0, "lbl", 800))
+    assert (s["moe_s"], s["expert_bytes"]) == approx((4.2 + 3.0, 800)) and s["experts_source"] == "lbl"
     # two micro-batches: each carries T/2 = 1 token: 2 x 3 x curve(1) = 3.0, the shared weights read twice
     s = ps(a2a=(0.0, 0.0), experts=curve).step(2, 100)
-    assert (s["moe_s"], s["experts_source"]) == pytest.approx((8.4 + 3.0, "lbl"))
+    assert s["moe_s"] == approx(8.4 + 3.0) and s["experts_source"] == "lbl"
     s = ps(a2a=(0.0, 0.0), overlap=False, experts=curve, mtp_drafts=1).step(2, 100)  # T = 4, the edge; x 4/3
-    assert s["moe_s"] == pytest.approx((max(840 / 500, 210 / 50) + 3 * 1.5) * 4 / 3)
+    assert s["moe_s"] == approx((max(840 / 500, 210 / 50) + 3 * 1.5) * 4 / 3)
     s = ps(a2a=(0.0, 0.0), overlap=False, experts=curve).step(5, 100)  # outside: the roofline
-    assert "experts_source" not in s and s["moe_s"] == pytest.approx(max((2 * 5 * 105 + 2 * 5 * 2 * 3 * 30) / 500,
+    assert "experts_source" not in s and s["moe_s"] == approx(max((2 * 5 * 105 + 2 * 5 * 2 * 3 * 30) / 500,
                                                                           (210 + 100 * 25 * 2) / 50))
 
 
@@ -312,10 +319,10 @@ def test_dense_model_step():
     dense = max(2 * 2 * 200 / 500, 2 * 200 * 2 / 50)
     att = max(1.92, 19.2) + 120
     assert (s["dense_s"], s["moe_s"], s["dispatch_s"], s["alltoall_s"], s["hidden_s"]) == \
-        pytest.approx((dense, 0, 0, 0, 0))
+        approx((dense, 0, 0, 0, 0))
     assert "expert_bytes" not in s and s["expert_read_s"] == 0.0
-    assert s["step_s"] == pytest.approx(att + dense + 8.8 + 1)
-    assert s["flops"] == pytest.approx(960 + 60000 + 2 * 2 * 200)
+    assert s["step_s"] == approx(att + dense + 8.8 + 1)
+    assert s["flops"] == approx(960 + 60000 + 2 * 2 * 200)
     m = PM(dense_layers=0)  # every layer MoE: no dense term
     s = ps(m=m, a2a=(0.0, 0.0), overlap=False).step(2, 100)
     assert s["dense_s"] == 0 and s["dispatch_s"] == 0
@@ -338,7 +345,7 @@ def test_measured_experts_fastest_per_cell_mean_over_ranks():
                                                      backend=None)])
     other = NS(hardware_id="g", run_id="r0", points=[pt(expert_ms=0.01)])
     c = X.measured_experts([other, r1, r2], "h", "m", 4, "fp8")
-    assert (c.tokens, c.seconds) == ([8.0, 32.0], [pytest.approx(2.0e-3), pytest.approx(4e-3)])
+    assert (c.tokens, c.seconds) == ([8.0, 32.0], [approx(2.0e-3), approx(4e-3)])
     assert c.label == "measured (run r1, r2, EP slices ep 4, 2 rank(s), ?/b, 2 token counts 8-32)"
     assert X.measured_experts([other], "h", "m", 4, "fp8") is None
     assert X.measured_experts([], "h", "m", 4, "fp8") is None

@@ -17,6 +17,12 @@ from tokenfleet.config import ConfigError
 from tokenfleet.hardware import load_hardware
 from tokenfleet.model.spec import load_model_config
 
+
+def approx(x):
+    """Tight: a mutant that moves a figure by a part in 1e9 (1e9 -> 1000000001.0) must fail."""
+    return pytest.approx(x, rel=1e-12, abs=1e-18)
+
+
 GiB = 2**30
 KEYS = ("attention_s", "dense_s", "moe_s", "head_s", "dispatch_s", "combine_s", "allreduce_s", "hidden_s",
         "imbalance_s", "expert_read_s", "kv_read_s", "cache_load_s")
@@ -118,14 +124,14 @@ def test_prefill_pool_at_its_budget():
 def test_prefill_pool_chunks_and_cache_hits():
     ps = PS(kvb=2**19, cache=1e-3, extra={"expert_bytes": 3.0, "experts_source": "m"})
     r = P.prefill_pool(ps, wl(), 100)  # 4 chunks of 100 (13 s each) for 320 tokens
-    assert r["ttft_ms"] == pytest.approx((4 * 13 + 0.125) * 1e3)
+    assert r["ttft_ms"] == approx((4 * 13 + 0.125) * 1e3)
     assert ps.calls[-1] == (0, 0, 100, 100 / 320, 50.0, 100.0, 0.0)
     assert (r["expert_bytes"], r["experts_source"]) == (3.0, "m")
     r = P.prefill_pool(ps, wl(h=0.5), 1000)  # 160 new after 160 cached, whose KV loads at 1 ms a token
     assert ps.calls[-1] == (0, 0, 1000, 1000 / 160, 160 + 80.0, 320.0, 160.0)
     assert r["new_tokens_per_prompt"] == 160.0
-    assert r["ttft_ms"] == pytest.approx((0.16 + 125.5 + 0.125) * 1e3)
-    assert r["input_tokens_per_s_per_gpu"] == pytest.approx(1000 / 125.5 * 320 / 160)
+    assert r["ttft_ms"] == approx((0.16 + 125.5 + 0.125) * 1e3)
+    assert r["input_tokens_per_s_per_gpu"] == approx(1000 / 125.5 * 320 / 160)
 
 
 def test_prefill_pool_shrinks_its_budget_to_meet_ttft():
@@ -187,9 +193,9 @@ def test_mixed_pool_limits_mtp_and_defaults():
     assert ps.calls[-2] == (25, 384.0, 25 * 1.875, 25 * 1.5 / 128, 160 + 80.0, 320.0, 160.0)
     assert ps.calls[-1] == (0, 0, 100, 100 / 160, 160 + 50.0, 160 + 100.0, 160.0)
     step = 0.125 * (25 + 25 * 1.875) + 0.5
-    assert r["tpot_ms"] == pytest.approx(step / 1.5 * 1e3)
-    assert r["output_tokens_per_s_per_gpu"] == pytest.approx(25 * 1.5 / step)
-    assert r["ttft_ms"] == pytest.approx((0.16 + 2 * 13) * 1e3)
+    assert r["tpot_ms"] == approx(step / 1.5 * 1e3)
+    assert r["output_tokens_per_s_per_gpu"] == approx(25 * 1.5 / step)
+    assert r["ttft_ms"] == approx((0.16 + 2 * 13) * 1e3)
     assert (r["expert_bytes"], r["experts_source"]) == (5.0, "m")
     r = P.mixed_pool(PS(), wl(tpot=100), None, 100, 0.0)
     assert (r["batch_per_gpu"], r["b_slo"], r["tpot_ok"]) == (1, 0, False)
@@ -284,12 +290,12 @@ def test_disaggregated_row(monkeypatch):
     d = dep(mtp={"draft_tokens": 1, "acceptance": 0.5})
     r = P.project_deployment(DS, H800, wl(), d, eff=eff, utilization=0.5)
     # a request: 320 / 1000 prefill GPU-s + 128 / 64 decode GPU-s = 2.32
-    assert r["prefill_fraction"] == pytest.approx(0.32 / 2.32)
-    assert r["output_tokens_per_s_per_gpu"] == pytest.approx(128 / 2.32)
-    assert r["total_tokens_per_s_per_gpu"] == pytest.approx(448 / 2.32)
-    assert r["tokens_per_s_per_gpu"] == pytest.approx(448 / 2.32)
-    assert r["tokens_per_day_per_gpu"] == pytest.approx(448 / 2.32 * 86400 * 0.5)
-    assert r["joules_per_token"] == pytest.approx(H800.tdp_w / (448 / 2.32))
+    assert r["prefill_fraction"] == approx(0.32 / 2.32)
+    assert r["output_tokens_per_s_per_gpu"] == approx(128 / 2.32)
+    assert r["total_tokens_per_s_per_gpu"] == approx(448 / 2.32)
+    assert r["tokens_per_s_per_gpu"] == approx(448 / 2.32)
+    assert r["tokens_per_day_per_gpu"] == approx(448 / 2.32 * 86400 * 0.5)
+    assert r["joules_per_token"] == approx(H800.tdp_w / (448 / 2.32))
     assert (r["batch"], r["tpot_ms"], r["tpot_ok"], r["ttft_ms"], r["ttft_ok"]) == (16, 20.0, True, 300.0, True)
     assert (r["model"], r["gpu"], r["dtype"], r["tp"], r["deployment"], r["workload"], r["input_len"],
             r["output_len"], r["prefix_cache_hit"], r["count"], r["utilization"], r["kv_dtype"], r["fits"],
@@ -301,13 +307,18 @@ def test_disaggregated_row(monkeypatch):
     assert f.calls == [("step", "deepseek-v3", "h800", "fp8", "d", "prefill", eff, []), ("pre", 1000),
                        ("step", "deepseek-v3", "h800", "fp8", "d", "decode", eff, []), ("dec", 64, 0.5)]
     r = P.project_deployment(DS, H800, wl(), dep(), eff=eff, count="output", batch=9)
-    assert r["tokens_per_s_per_gpu"] == pytest.approx(128 / 2.32) and r["count"] == "output"
+    assert r["tokens_per_s_per_gpu"] == approx(128 / 2.32) and r["count"] == "output"
     assert (r["mtp"], r["utilization"]) == (None, 1.0)
     assert f.calls[-1] == ("dec", 9, 0.0)
     r = P.project_deployment(DS, H800, wl(count="output"), dep(), eff=eff)
     assert r["count"] == "output"
     r = P.project_deployment(DS, H800, wl(), dep(), eff=Efficiency(run_id="r1", kind="calibrated"))
     assert (r["source"], r["efficiency_source"]) == ("calibrated", "calibrated")
+    r = P.project_deployment(DS, H800.model_copy(update={"tdp_w": None}), wl(), dep(), eff=eff)
+    assert (r["power_w_per_gpu"], r["power_source"], r["joules_per_token"]) == (None, None, None)
+    r = P.project_deployment(DS, H800, wl(), dep())  # no efficiencies given: the device's, from no runs
+    assert r["efficiency"] == P.efficiency_for([], "h800", "fp8").to_dict()
+    assert f.calls[-1][0] == "dec" and f.calls[-2][6] == P.efficiency_for([], "h800", "fp8")
 
 
 def test_mixed_row_and_notes(monkeypatch):
@@ -319,7 +330,7 @@ def test_mixed_row_and_notes(monkeypatch):
     assert (r["prefill_fraction"], r["batch"], r["tpot_ms"], r["ttft_ms"], r["dtype"]) == (None, 8, 30.0, 1234.4,
                                                                                             "bf16")
     assert r["output_tokens_per_s_per_gpu"] == 10.0
-    assert r["total_tokens_per_s_per_gpu"] == pytest.approx(10.0 * 448 / 128)
+    assert r["total_tokens_per_s_per_gpu"] == approx(10.0 * 448 / 128)
     assert r["notes"] == ["note mixed", "shared", "TPOT limit 50 ms not met even at batch 1 per GPU",
                           "TTFT limit 1000 ms not met: 1234 ms"]
     assert (r["tpot_ok"], r["ttft_ok"]) == (False, False)

@@ -13,6 +13,11 @@ from tokenfleet.capacity import serving as S
 from tokenfleet.capacity.calibrate import Efficiency, Measured
 
 
+def approx(x):
+    """Tight: a mutant that moves a figure by a part in 1e9 (1e9 -> 1000000001.0) must fail."""
+    return pytest.approx(x, rel=1e-12, abs=1e-18)
+
+
 # ---- fakes -------------------------------------------------------------------------------------------------------
 class Model:
     """What Projector reads of a ModelConfig; its forward yields `ops` and records the arguments it got."""
@@ -87,6 +92,12 @@ def test_links_in_node_datasheet():
     assert p.allreduce_source == "datasheet NVLink 100 GB/s; ring, 10 us per call assumed"
 
 
+def test_two_gpus_without_a_figure_assume_pcie():
+    p = proj(tp=2, hw=hw(hid="x", ic_type=None))
+    assert (p.scaleup, p.link) == (64.0, 64.0)
+    assert p.notes == ["all-reduce at assumed PCIe Gen5 64 GB/s (x has no interconnect figure)"]
+
+
 @pytest.mark.parametrize("ic", [dict(ic_type=None), dict(gbps=None)])
 def test_links_without_a_figure_assume_pcie(ic):
     p = proj(tp=4, hw=hw(hid="x", **ic))
@@ -125,18 +136,18 @@ def test_forward_is_the_roofline_per_op_plus_overhead():
     m = Model(ops=[("a", 2e15, 5e10), ("b", 5e13, 1e12), ("c", 0.0, 0.0)])
     p = proj(model=m)
     # a: max(4 s, 0.2 s); b: max(0.1 s, 4 s); + 2 ms
-    assert p.forward_s(7, 8, 9, 10) == pytest.approx(4 + 4 + 2e-3)
+    assert p.forward_s(7, 8, 9, 10) == approx(4 + 4 + 2e-3)
     assert m.calls[-1] == (7, 8, 9, 10, 2, 30.0, 0.0)  # tokens, ctx, kv read, logits, weight bytes, kv bytes, absorbed
     p.forward_s(7, 8, 9, 10, 0.25)
     assert m.calls[-1][-1] == 0.25
     assert list(p.ops(1, 2, 3, 4)) == m.ops_ and m.calls[-1] == (1, 2, 3, 4, 2, 30.0, 0.0)
-    assert proj(model=Model()).forward_s(1, 1, 1, 1) == pytest.approx(2e-3)  # no ops: the overhead alone
+    assert proj(model=Model()).forward_s(1, 1, 1, 1) == approx(2e-3)  # no ops: the overhead alone
 
 
 def test_ring_allreduce():
     p = proj(tp=4)  # 100 GB/s: 10 us + 2*3/4 * (50 tokens * 1000 * 2 bytes) / 1e11
-    assert p.one_allreduce_s(50) == pytest.approx(10e-6 + 1.5 * 1e5 / 1e11)
-    assert proj(tp=2).one_allreduce_s(50) == pytest.approx(10e-6 + 1.0 * 1e5 / 1e11)
+    assert p.one_allreduce_s(50) == approx(10e-6 + 1.5 * 1e5 / 1e11)
+    assert proj(tp=2).one_allreduce_s(50) == approx(10e-6 + 1.0 * 1e5 / 1e11)
 
 
 def test_alltoall_the_slower_of_nic_and_scaleup():
@@ -144,38 +155,38 @@ def test_alltoall_the_slower_of_nic_and_scaleup():
     # tp 16: each rank sends 160/16 tokens * 2 copies * 1000 * 2 bytes = 40000 bytes
     p = proj(tp=16, model=m)
     off, inn = 40000 * 8 / 16 / 50e9, 40000 * 7 / 16 / 100e9  # NIC binds
-    assert off > inn and p.one_alltoall_s(160) == pytest.approx(10e-6 + off)
+    assert off > inn and p.one_alltoall_s(160) == approx(10e-6 + off)
     p = proj(tp=16, model=m, hw=hw(gbps=10.0))  # a slow scale-up link binds
     off, inn = 40000 * 8 / 16 / 50e9, 40000 * 7 / 16 / 10e9
-    assert inn > off and p.one_alltoall_s(160) == pytest.approx(10e-6 + inn)
+    assert inn > off and p.one_alltoall_s(160) == approx(10e-6 + inn)
     p = proj(tp=9, model=m, hw=hw(ic_type=None))  # no figure: PCIe in-node; 90/9*2*1000*2 = 40000 bytes
     off, inn = 40000 * 1 / 9 / 50e9, 40000 * 7 / 9 / 64e9
-    assert inn > off and p.one_alltoall_s(90) == pytest.approx(10e-6 + inn)
+    assert inn > off and p.one_alltoall_s(90) == approx(10e-6 + inn)
 
 
 def test_collectives_of_one_forward():
     assert proj(tp=1, model=Model(moe=True)).allreduce_s(100) == 0.0
     p = proj(tp=4, model=Model(layers=3))
-    assert p.allreduce_s(50) == pytest.approx(2 * 3 * (10e-6 + 1.5 * 1e5 / 1e11))
+    assert p.allreduce_s(50) == approx(2 * 3 * (10e-6 + 1.5 * 1e5 / 1e11))
     p = proj(tp=16, model=Model(moe=True, layers=3, moe_layers=2))
     ar = 10e-6 + 2 * 15 / 16 * (160 * 1000 * 2) / 50e9
     a2a = 10e-6 + 40000 * 8 / 16 / 50e9
-    assert p.allreduce_s(160) == pytest.approx((2 * 3 - 2) * ar + 2 * 2 * a2a)
+    assert p.allreduce_s(160) == approx((2 * 3 - 2) * ar + 2 * 2 * a2a)
 
 
 def test_decode_and_prefill_forward_arguments():
     m = Model(ops=[("a", 5e14, 0.0)])  # 1 s of compute at tp 1
     p = proj(model=m)
-    assert p.t_dec(4, 100) == pytest.approx(1 + 2e-3)
+    assert p.t_dec(4, 100) == approx(1 + 2e-3)
     assert m.calls[-1] == (4, 100, 400, 4, 2, 30.0, 1.0)
-    assert p.t_pre(64) == pytest.approx(1 + 2e-3)
+    assert p.t_pre(64) == approx(1 + 2e-3)
     assert m.calls[-1] == (64, 32.0, 64.0, 1, 2, 30.0, 0.0)
     p.t_pre(64, cached=10, batch=3)
     assert m.calls[-1] == (192, 42.0, 3 * 74.0, 3, 2, 30.0, 0.0)
     m = Model(ops=[("a", 5e14 * 4, 0.0)])
     p = proj(tp=4, model=m)  # + 2 L all-reduces of the tokens
-    assert p.t_dec(50, 10) == pytest.approx(1 + 2e-3 + 6 * (10e-6 + 1.5 * 1e5 / 1e11))
-    assert p.t_pre(25, batch=2) == pytest.approx(1 + 2e-3 + 6 * (10e-6 + 1.5 * 1e5 / 1e11))
+    assert p.t_dec(50, 10) == approx(1 + 2e-3 + 6 * (10e-6 + 1.5 * 1e5 / 1e11))
+    assert p.t_pre(25, batch=2) == approx(1 + 2e-3 + 6 * (10e-6 + 1.5 * 1e5 / 1e11))
 
 
 def test_mixed_args():
@@ -230,16 +241,16 @@ def test_projected_steps():
     s = S.Steps(p)
     assert (s.proj, s.meas, s.whole, s.dec, s.pre) == (p, None, False, None, None)
     d = fwd(2, 100, 200, 2, 1.0)  # 14.0021
-    assert s.decode(2, 100) == pytest.approx(d + 2 / 50)
+    assert s.decode(2, 100) == approx(d + 2 / 50)
     # a step with a chunk of 8 at context 30 from prompts of 16: the chunk's extra forward and all-reduce
     mixed = fwd(10, (200 + 240) / 10, 200 + 30, 2, 200 / 440)
-    assert s.step(2, 100, 8, 30, 16) == pytest.approx(d + 2 / 50 + (mixed - d) + 8 / 50)
-    assert s.step(2, 100, 0, 30, 16) == pytest.approx(d + 2 / 50)
+    assert s.step(2, 100, 8, 30, 16) == approx(d + 2 / 50 + (mixed - d) + 8 / 50)
+    assert s.step(2, 100, 0, 30, 16) == approx(d + 2 / 50)
     assert not s.extrapolated(2, 100)
     # a negative difference (a fake forward that shrinks) is held at 0, forward and collective alike
     s.proj.forward_s = lambda *a: 5.0 if a[0] == 10 else 7.0
     s.proj.allreduce_s = lambda t: 1.0 if t == 10 else 3.0
-    assert s.step(2, 100, 8, 30, 16) == pytest.approx(7 + 3)
+    assert s.step(2, 100, 8, 30, 16) == approx(7 + 3)
 
 
 def test_ttft_chunks():
@@ -247,12 +258,12 @@ def test_ttft_chunks():
     s = S.Steps(p)
     # 10 new tokens after 4 cached in chunks of 4: 4 (ctx 4..8), 4 (8..12), 2 (12..14)
     t = fwd(4, 4 + 2, 8, 1) + fwd(4, 8 + 2, 12, 1) + fwd(2, 12 + 1, 14, 1)
-    assert s.ttft(10, 4, 4) == pytest.approx(t)
+    assert s.ttft(10, 4, 4) == approx(t)
     assert p.calls[-3:] == [(4, 6.0, 8, 1, 0.0), (4, 10.0, 12, 1, 0.0), (2, 13.0, 14, 1, 0.0)]
-    assert s.ttft(10, 4, 10) == pytest.approx(fwd(10, 9, 14, 1))
+    assert s.ttft(10, 4, 10) == approx(fwd(10, 9, 14, 1))
     assert s.ttft(0, 4, 10) == 0.0
     s2 = S.Steps(Proj(tp=2))
-    assert s2.ttft(10, 0, 4) == pytest.approx(fwd(4, 2, 4, 1) + fwd(4, 6, 8, 1) + fwd(2, 9, 10, 1) + 10 / 50)
+    assert s2.ttft(10, 0, 4) == approx(fwd(4, 2, 4, 1) + fwd(4, 6, 8, 1) + fwd(2, 9, 10, 1) + 10 / 50)
 
 
 def test_measured_ratios_tp1_and_shard_scale_the_forward_alone():
@@ -262,13 +273,13 @@ def test_measured_ratios_tp1_and_shard_scale_the_forward_alone():
                             prefill={(1, 16): 2 * fwd(16, 8, 16, 1)}, shard=shard))
         assert not s.whole
         comm = 2 / 50 if tp > 1 else 0.0
-        assert s.decode(2, 100) == pytest.approx(3 * fwd(2, 100, 200, 2, 1.0) + comm)
-        assert s.decode(4, 100) == pytest.approx(3 * fwd(4, 100, 400, 4, 1.0) + (4 / 50 if tp > 1 else 0.0))
-        assert s.ttft(16, 0, 16) == pytest.approx(2 * fwd(16, 8, 16, 1) + (16 / 50 if tp > 1 else 0.0))
+        assert s.decode(2, 100) == approx(3 * fwd(2, 100, 200, 2, 1.0) + comm)
+        assert s.decode(4, 100) == approx(3 * fwd(4, 100, 400, 4, 1.0) + (4 / 50 if tp > 1 else 0.0))
+        assert s.ttft(16, 0, 16) == approx(2 * fwd(16, 8, 16, 1) + (16 / 50 if tp > 1 else 0.0))
         d = fwd(2, 100, 200, 2, 1.0)
         mixed = fwd(10, 44, 230, 2, 200 / 440)
         chunk_comm = 8 / 50 if tp > 1 else 0.0
-        assert s.step(2, 100, 8, 30, 16) == pytest.approx(3 * d + comm + 2 * (mixed - d) + chunk_comm)
+        assert s.step(2, 100, 8, 30, 16) == approx(3 * d + comm + 2 * (mixed - d) + chunk_comm)
 
 
 def test_measured_ratios_of_a_tp_replica_scale_its_collectives_too():
@@ -276,12 +287,12 @@ def test_measured_ratios_of_a_tp_replica_scale_its_collectives_too():
     dec_t, pre_t = 3 * (fwd(2, 100, 200, 2, 1.0) + 2 / 50), 2 * (fwd(16, 8, 16, 1) + 16 / 50)
     s = S.Steps(p, meas(decode={(2, 100): dec_t}, prefill={(1, 16): pre_t}))
     assert s.whole
-    assert s.decode(2, 100) == pytest.approx(dec_t)
-    assert s.decode(4, 100) == pytest.approx(3 * (fwd(4, 100, 400, 4, 1.0) + 4 / 50))
-    assert s.ttft(16, 0, 16) == pytest.approx(pre_t)
+    assert s.decode(2, 100) == approx(dec_t)
+    assert s.decode(4, 100) == approx(3 * (fwd(4, 100, 400, 4, 1.0) + 4 / 50))
+    assert s.ttft(16, 0, 16) == approx(pre_t)
     d = fwd(2, 100, 200, 2, 1.0)
     mixed = fwd(10, 44, 230, 2, 200 / 440)
-    assert s.step(2, 100, 8, 30, 16) == pytest.approx(dec_t + 2 * ((mixed - d) + 8 / 50))
+    assert s.step(2, 100, 8, 30, 16) == approx(dec_t + 2 * ((mixed - d) + 8 / 50))
 
 
 def test_ratio_grids_by_batch_context_and_prompt_length():
@@ -290,18 +301,18 @@ def test_ratio_grids_by_batch_context_and_prompt_length():
            (1, 400): 2 * fwd(1, 400, 400, 1, 1.0), (4, 400): 4 * fwd(4, 400, 1600, 4, 1.0)}
     pre = {(1, 1): 1 * fwd(1, 0.5, 1, 1), (1, 4): 3 * fwd(4, 2, 4, 1), (2, 4): 3 * fwd(8, 2, 8, 2)}
     s = S.Steps(p, meas(decode=dec, prefill=pre))
-    assert s.dec(1, 100) == pytest.approx(2) and s.dec(4, 400) == pytest.approx(4)
-    assert s.dec(2, 200) == pytest.approx(3)  # halfway on log2 batch
-    assert s.pre(1, 1) == pytest.approx(1) and s.pre(1, 4) == pytest.approx(3) and s.pre(1, 2) == pytest.approx(2)
-    assert s.pre(2, 4) == pytest.approx(3)
-    assert s.decode(2, 100) == pytest.approx(3 * fwd(2, 100, 200, 2, 1.0))
+    assert s.dec(1, 100) == approx(2) and s.dec(4, 400) == approx(4)
+    assert s.dec(2, 200) == approx(3)  # halfway on log2 batch
+    assert s.pre(1, 1) == approx(1) and s.pre(1, 4) == approx(3) and s.pre(1, 2) == approx(2)
+    assert s.pre(2, 4) == approx(3)
+    assert s.decode(2, 100) == approx(3 * fwd(2, 100, 200, 2, 1.0))
     # the chunk's ratio at its own length (as one prompt), at least 1 token
     d = fwd(2, 100, 200, 2, 1.0)
     mixed = fwd(4, (200 + 600) / 4, 200 + 300, 2, 200 / 800)
-    assert s.step(2, 100, 2, 300, 16) == pytest.approx(3 * d + 2 * (mixed - d))
+    assert s.step(2, 100, 2, 300, 16) == approx(3 * d + 2 * (mixed - d))
     mixed = fwd(2.5, (200 + 150) / 2.5, 200 + 300, 2, 200 / 350)
-    assert s.step(2, 100, 0.5, 300, 16) == pytest.approx(3 * d + 1 * (mixed - d))
-    assert s.ttft(4, 0, 2) == pytest.approx(2 * fwd(2, 1, 2, 1) + 2 * fwd(2, 3, 4, 1))
+    assert s.step(2, 100, 0.5, 300, 16) == approx(3 * d + 1 * (mixed - d))
+    assert s.ttft(4, 0, 2) == approx(2 * fwd(2, 1, 2, 1) + 2 * fwd(2, 3, 4, 1))
     assert not s.extrapolated(2, 200) and not s.extrapolated(4, 400) and not s.extrapolated(1, 100)
     assert s.extrapolated(8, 200) and s.extrapolated(2, 50) and s.extrapolated(2, 800) and s.extrapolated(0.5, 200)
 
@@ -309,10 +320,10 @@ def test_ratio_grids_by_batch_context_and_prompt_length():
 def test_a_run_with_one_kind_leaves_the_other_projected():
     p = Proj(tp=1)
     s = S.Steps(p, meas(prefill={(1, 4): 3 * fwd(4, 2, 4, 1)}))
-    assert s.dec is None and s.decode(2, 100) == pytest.approx(fwd(2, 100, 200, 2, 1.0))
+    assert s.dec is None and s.decode(2, 100) == approx(fwd(2, 100, 200, 2, 1.0))
     assert not s.extrapolated(1000, 1000)
     s = S.Steps(p, meas(decode={(2, 100): 5 * fwd(2, 100, 200, 2, 1.0)}))
-    assert s.pre is None and s.ttft(4, 0, 4) == pytest.approx(fwd(4, 2, 4, 1))
+    assert s.pre is None and s.ttft(4, 0, 4) == approx(fwd(4, 2, 4, 1))
 
 
 # ---- serve: a Steps whose step is 1/8 s per token, + 1/2 s when it carries prefill -----------------------------------
@@ -343,10 +354,10 @@ def test_serve_chunked_at_the_tpot_limit():
     assert r["b_slo"] == 12 and r["batch"] == 12 and r["batch_limit"] == "slo"  # 6500 ms at 12, equality counts
     assert r["b_budget"] == 25  # floor(100 / (1 + 3))
     assert r["step_s"] == 0.125 * 48 + 0.5 and r["tpot_at_1_s"] == 0.125 * 4 + 0.5
-    assert r["decode_step_s"] == pytest.approx(0.125 * 12 + 350 / 1e6)
+    assert r["decode_step_s"] == approx(0.125 * 12 + 350 / 1e6)
     assert (r["new_tokens"], r["context"], r["prefill_tokens_per_step"]) == (300.0, 350.0, 36.0)
-    assert r["output_per_s"] == pytest.approx(12 / 6.5)
-    assert r["total_per_s"] == pytest.approx(12 / 6.5 * 400 / 100)
+    assert r["output_per_s"] == approx(12 / 6.5)
+    assert r["total_per_s"] == approx(12 / 6.5 * 400 / 100)
     assert (r["tpot_ok"], r["ttft_s"], r["ttft_ok"]) == (True, 0.25, True)  # 250 ms at a 250 ms limit
     assert st.calls[-1] == (1, 350.0, 3.0, 150.0, 300.0)  # t(1) last
     assert (12, 350.0, 36.0, 150.0, 300.0) in st.calls
@@ -355,6 +366,9 @@ def test_serve_chunked_at_the_tpot_limit():
                       "context", "prefill_tokens_per_step", "output_per_s", "total_per_s", "tpot_ok", "ttft_ok",
                       "tpot_at_1_s"}
     assert serve(tpot=6499)["b_slo"] == 11
+    st = FakeSteps()
+    assert S.serve(st, 300, 100, 0.0, 6500, 250, 20, 30, 100) == r  # chunked by default
+    assert st.calls[-1] == (1, 350.0, 3.0, 150.0, 300.0)
     assert serve(ttft=249.9)["ttft_ok"] is False
 
 
@@ -388,13 +402,13 @@ def test_serve_unchunked_puts_whole_prompts_in_a_fraction_of_the_steps():
     # f = b/100 of the steps carry b*3/f = 300 tokens (one prompt), the rest none:
     # T(b) = (1-f)*125b + f*(125(b+300) + 500) ms = 125b + 375b + 5b = 505 b ms
     r = serve(st, tpot=505 * 12 + 1e-3, chunked=False)
-    assert r["b_slo"] == 12 and r["step_s"] == pytest.approx(0.505 * 12)
+    assert r["b_slo"] == 12 and r["step_s"] == approx(0.505 * 12)
     assert (12, 350.0, 0.0, 150.0, 300.0) in st.calls and (12, 350.0, 300.0, 150.0, 300.0) in st.calls
     assert st.ttft_calls == [(300.0, 0.0, 300)]  # the whole prompt in one step: the budget raised to it
     r = serve(FakeSteps(), tpot=1e9, b_mem=200, cap=200, budget=1000, o=10, chunked=False)
     # more sequences than output steps: every step prefills (f = 1); 30 per step each, budget floor(1000/31) = 32
     assert (r["batch"], r["batch_limit"]) == (32, "budget")
-    assert r["step_s"] == pytest.approx(0.125 * (32 + 960) + 0.5)
+    assert r["step_s"] == approx(0.125 * (32 + 960) + 0.5)
     st = FakeSteps()
     serve(st, budget=500, chunked=False)
     assert st.ttft_calls == [(300.0, 0.0, 500)]
