@@ -299,20 +299,22 @@ def test_ratio_grids_by_batch_context_and_prompt_length():
     p = Proj(tp=1)
     dec = {(1, 100): 2 * fwd(1, 100, 100, 1, 1.0), (4, 100): 4 * fwd(4, 100, 400, 4, 1.0),
            (1, 400): 2 * fwd(1, 400, 400, 1, 1.0), (4, 400): 4 * fwd(4, 400, 1600, 4, 1.0)}
-    pre = {(1, 1): 1 * fwd(1, 0.5, 1, 1), (1, 4): 3 * fwd(4, 2, 4, 1), (2, 4): 3 * fwd(8, 2, 8, 2)}
+    # prefill ratios by (prompts, prompt length): 2 at 1 token, 4 at 4 tokens, 6 for 2 prompts of 4 ((2, 1) takes the
+    # nearest sample, (1, 1)'s 2): 3 at (1, 2), 4 at (2, 2)
+    pre = {(1, 1): 2 * fwd(1, 0.5, 1, 1), (1, 4): 4 * fwd(4, 2, 4, 1), (2, 4): 6 * fwd(8, 2, 8, 2)}
     s = S.Steps(p, meas(decode=dec, prefill=pre))
     assert s.dec(1, 100) == approx(2) and s.dec(4, 400) == approx(4)
     assert s.dec(2, 200) == approx(3)  # halfway on log2 batch
-    assert s.pre(1, 1) == approx(1) and s.pre(1, 4) == approx(3) and s.pre(1, 2) == approx(2)
-    assert s.pre(2, 4) == approx(3)
+    assert s.pre(1, 1) == approx(2) and s.pre(1, 4) == approx(4) and s.pre(1, 2) == approx(3)
+    assert s.pre(2, 4) == approx(6) and s.pre(2, 2) == approx(4)
     assert s.decode(2, 100) == approx(3 * fwd(2, 100, 200, 2, 1.0))
     # the chunk's ratio at its own length (as one prompt), at least 1 token
     d = fwd(2, 100, 200, 2, 1.0)
     mixed = fwd(4, (200 + 600) / 4, 200 + 300, 2, 200 / 800)
-    assert s.step(2, 100, 2, 300, 16) == approx(3 * d + 2 * (mixed - d))
+    assert s.step(2, 100, 2, 300, 16) == approx(3 * d + 3 * (mixed - d))
     mixed = fwd(2.5, (200 + 150) / 2.5, 200 + 300, 2, 200 / 350)
-    assert s.step(2, 100, 0.5, 300, 16) == approx(3 * d + 1 * (mixed - d))
-    assert s.ttft(4, 0, 2) == approx(2 * fwd(2, 1, 2, 1) + 2 * fwd(2, 3, 4, 1))
+    assert s.step(2, 100, 0.5, 300, 16) == approx(3 * d + 2 * (mixed - d))
+    assert s.ttft(4, 0, 2) == approx(3 * fwd(2, 1, 2, 1) + 3 * fwd(2, 3, 4, 1))
     assert not s.extrapolated(2, 200) and not s.extrapolated(4, 400) and not s.extrapolated(1, 100)
     assert s.extrapolated(8, 200) and s.extrapolated(2, 50) and s.extrapolated(2, 800) and s.extrapolated(0.5, 200)
 
