@@ -117,6 +117,7 @@ def test_defaults_and_figures():
     assert (p.wb, p.kvb, p.mm_peak, p.attn_peak, p.bw, p.scaleup) == (1, 8 * 1 * 2, 1000.0, 500.0, 50.0, 10.0)
     assert ps().kvb == 16 and ps().wb == 2 and ps().mm_peak == 500.0
     assert ps(hw=gpu(gbps=None)).scaleup == 64.0
+    assert ps(hw=NS(**{**vars(gpu()), "interconnect": NS(type="x", per_direction_gbps=None)})).scaleup == 64.0
     p = ps(dtype="fp8", hw=gpu(fp8=False, hid="a100"))
     assert (p.mm_peak, p.notes) == (500.0, ["a100 has no fp8 peak: fp8 weights, bf16 compute"])
 
@@ -125,7 +126,7 @@ def test_a2a_source():
     assert ps(m=PM(moe=False)).a2a_source is None
     assert ps(ep=1).a2a_source is None
     assert ps(ep=16, alltoall=(None, "run r")).a2a_source == "run r"
-    assert ps(ep=8).a2a_source == \
+    assert ps(ep=2).a2a_source == ps(ep=8).a2a_source == \
         "DeepEP README bandwidths (H800, CX7 400 Gb/s): intranode fraction of toy's 10 GB/s scale-up link"
     assert ps(ep=16).a2a_source == \
         "DeepEP README bandwidths (H800, CX7 400 Gb/s): low-latency kernels at EP 16, 50 GB/s NIC per GPU"
@@ -183,7 +184,7 @@ def test_alltoall_normal_kernels_for_prefill():
 def test_cache_load():
     p = ps(cache_load_gbps=8.0)  # 1 GB/s for each of a node's 8 GPUs; 16 bytes of KV a token
     assert p.cache_load_s(1e9) == approx(16.0)
-    assert p.cache_load_s(0) == 0.0 and p.cache_load_s(-5) == 0.0
+    assert p.cache_load_s(1) == approx(16 / 1e9) and p.cache_load_s(0) == 0.0
     assert ps().cache_load_s(1e9) == 0.0
 
 
@@ -240,8 +241,8 @@ def test_prefill_step_overlap_slows_the_compute_it_shares_with_the_kernels():
     #   dense max(1.2, 4) = 4; MoE: 2*6*105 + 2*6*2*3*30 = 1260 + 2160 FLOPs, 420 + 2*100*3²*2 = 4020 B -> 80.4
     #   head: 2 logits, max(2*2*110/500, 8.8) = 8.8
     slow = 132 / 108
-    for kind in ("prefill", "mixed"):
-        s = ps(a2a=(10.0, 20.0), kind=kind).step(0, 0, 6, 2, 50, 40)
+    for kind, ep in (("prefill", 4), ("mixed", 4), ("prefill", 2)):
+        s = ps(a2a=(10.0, 20.0), kind=kind, ep=ep).step(0, 0, 6, 2, 50, 40)
         per_attn, per_moe = 79.2 / 4 * slow, 80.4 / 3 * slow
         step = (79.2 - 3 * 79.2 / 4) + 4 + 8.8 + 3 * (max(per_attn, 10) + max(per_moe, 20))
         assert (s["attention_s"], s["moe_s"], s["head_s"], s["kv_bytes"], s["tokens"]) == \
@@ -280,7 +281,7 @@ def test_attention_groups_split_weights_and_all_reduce():
     assert s["attention_s"] == approx(max(1.92, 240 / 2 * 2 / 50) + max(120, 2 * 100 * 32 / 50))
     ar = 4 * (10e-6 + 2 * (1 / 2) * (2 * 2 * 10 * 2) / 10e9)
     assert s["allreduce_s"] == approx(ar)
-    assert s["step_s"] == approx(s["compute_s"] + ar + 1)
+    assert s["step_s"] == approx(s["compute_s"] + ar + 1) and s["hidden_s"] == approx(0)
     s = ps(a2a=(0.0, 0.0), overlap=False, group=4).step(2, 100)
     assert s["allreduce_s"] == approx(4 * (10e-6 + 2 * (3 / 4) * (2 * 4 * 10 * 2) / 10e9))
 

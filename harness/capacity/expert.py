@@ -196,7 +196,7 @@ class PoolStep:
     def cache_load_s(self, cached_tokens: float) -> float:
         """Seconds to bring `cached_tokens` cache hits' KV onto this GPU over its share of the node's storage link
         (`cache_load_gbps` per node over GPUS_PER_NODE GPUs); 0 where the hits are in HBM."""
-        if not self.cache_load_gbps or cached_tokens <= 0:
+        if not self.cache_load_gbps:
             return 0.0
         return cached_tokens * self.kvb / (self.cache_load_gbps * 1e9 / GPUS_PER_NODE)
 
