@@ -56,6 +56,11 @@ class PM:
         return 5000 * wb
 
 
+class NoReads(PM):
+    def ep_expert_bytes_read(self, t, ep, red, wb):
+        return 0.0
+
+
 def gpu(gbps=10.0, fp8=True, hid="toy"):
     peaks = {"bf16": 1000.0, "fp8": 2000.0 if fp8 else None}
     ic = NS(type="NVLink", per_direction_gbps=gbps) if gbps else None
@@ -270,6 +275,11 @@ def test_mtp_drafts_add_tokens_and_a_layer():
     # the head's logits: every token plus a draft per sequence (compute-bound at 100 sequences)
     s = ps(a2a=(0.0, 0.0), mtp_drafts=1).step(100, 1)
     assert s["head_s"] == approx(2 * (200 + 100) * 110 / 500)
+    # compute-bound at 200 tokens: attention 2*200*240/500 + 200*300/500, dense 2*200*50/500
+    assert s["attention_s"] == approx((2 * 200 * 240 / 500 + 200 * 300 / 500) * 5 / 4)
+    assert s["dense_s"] == approx(2 * 200 * 50 / 500)
+    s = ps(m=NoReads(), a2a=(0.0, 0.0), mtp_drafts=1).step(100, 1)  # no expert bytes: MoE compute-bound too
+    assert s["moe_s"] == approx((2 * 200 * 105 + 2 * 200 * 2 * 3 * 30) / 500 * 4 / 3)
     s = ps(a2a=(0.0, 0.0), mtp_drafts=1).step(0, 0, 600, 200, 1, 1)  # prefill alone: no draft, a logit a prompt
     assert s["head_s"] == approx(2 * 200 * 110 / 500)
     assert (s["dispatch_s"], s["tokens"]) == (0.0, 600)
@@ -309,6 +319,9 @@ def test_measured_expert_time_inside_its_tokens():
     assert s["moe_s"] == approx(8.4 + 3.0) and s["experts_source"] == "lbl"
     s = ps(a2a=(0.0, 0.0), overlap=False, experts=curve, mtp_drafts=1).step(2, 100)  # T = 4, the edge; x 4/3
     assert s["moe_s"] == approx((max(840 / 500, 210 / 50) + 3 * 1.5) * 4 / 3)
+    wide = X.ExpertCurve([1.0, 1000.0], [1.0, 1.0], "w")  # 200 tokens: the shared experts compute-bound
+    s = ps(a2a=(0.0, 0.0), overlap=False, experts=wide).step(200, 1)
+    assert s["moe_s"] == approx(2 * 200 * 105 / 500 + 3 * 1.0)
     s = ps(a2a=(0.0, 0.0), overlap=False, experts=curve).step(5, 100)  # outside: the roofline
     assert "experts_source" not in s and s["moe_s"] == approx(max((2 * 5 * 105 + 2 * 5 * 2 * 3 * 30) / 500,
                                                                           (210 + 100 * 25 * 2) / 50))
@@ -354,3 +367,10 @@ def test_measured_experts_fastest_per_cell_mean_over_ranks():
                            "h", "m", 4, "fp8")
     assert (c.tokens, c.seconds, c.label) == ([8.0], [0.003],
                                               "measured (run r3, EP slices ep 4, 1 rank(s), a, 1 token counts 8-8)")
+
+
+def test_step_sends_its_tokens_through_the_all_to_all():
+    # EP 16 decode, low-latency kernels: 2 sequences x 3 tokens (2 drafts) = 6 tokens x k 2 x H 10 x 1 / 2 bytes
+    s = ps(ep=16, mtp_drafts=2).step(2, 100)
+    assert s["dispatch_s"] == approx((3 + 2) * (LAT + 6 * 2 * 10 * 1 / 63e9))
+    assert s["combine_s"] == approx((3 + 2) * (LAT + 6 * 2 * 10 * 2 / 74e9))

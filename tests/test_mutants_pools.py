@@ -117,6 +117,8 @@ def test_prefill_pool_at_its_budget():
     assert ps.calls[-1] == (0, 0, 1000, 1000 / 320, 160.0, 320.0, 0.0)
     r = P.prefill_pool(PS(kvb=2**19), wl(), None)  # the default budget
     assert (r["tokens_per_gpu"], r["ttft_ms"]) == (16384, (0.125 * 16384 + 0.5 + 0.125) * 1e3)
+    r = P.prefill_pool(PS(kvb=2**19), wl(ttft=125625), 1000)  # met exactly at the budget: kept
+    assert (r["tokens_per_gpu"], r["batch_limit"], r["ttft_ok"]) == (1000, "budget", True)
     assert P.prefill_pool(PS(kvb=2**19), wl(ttft=40625), 320)["ttft_ok"] is True  # 40 + 0.5 + 0.125 s
     assert P.prefill_pool(PS(kvb=2**19), wl(ttft=40624.9), 320)["ttft_ok"] is False
 
@@ -243,6 +245,10 @@ def test_pool_step_takes_the_deployment(monkeypatch):
                                                                                        ("c", 1))
     assert seen == [("a2a", [], "h800", 1)]
     seen.clear()
+    d1 = dep(imbalance=1.5, mixed=Pool(gpus=2), prefill=None, decode=None)
+    ps = P._pool_step(DS, H800, "fp8", d1, "mixed", eff, ())
+    assert (ps.ep, ps.imbalance, ps.experts, ps.alltoall) == (2, 1.5, "e2", ("c", 2))
+    seen.clear()
     d2 = dep(imbalance=1.5, mixed=Pool(gpus=4), prefill=None, decode=None)
     ps = P._pool_step(DENSE, H800, "bf16", d2, "mixed", eff, ())
     assert (ps.imbalance, ps.mtp_drafts, ps.alltoall, ps.experts, seen) == (1.0, 0, None, None, [])
@@ -362,11 +368,26 @@ def test_utilization_fp8_and_names(monkeypatch):
     with pytest.raises(ConfigError):  # DeepSeek-V3 ships fp8: refused on a GPU without fp8
         P.project_deployment(DS, A100, wl(), dep())
     with pytest.raises(ConfigError):
-        P.project_deployment(DS, H800, wl(), dep(), kv_dtype="fp8") if False else \
-            P.project_deployment(DENSE, A100, wl(), dep(), dtype="fp8")
+        P.project_deployment(DENSE, A100, wl(), dep(), dtype="fp8")
+    with pytest.raises(ConfigError):  # fp8 KV from the deployment file
+        P.project_deployment(DENSE, A100, wl(), dep(kv_dtype="fp8"))
+    with pytest.raises(ConfigError):  # or from the flag
+        P.project_deployment(DENSE, A100, wl(), dep(), kv_dtype="fp8")
+    assert P.project_deployment(DENSE, A100, wl(), dep(kv_dtype="fp8"), weight_only_fp8=True)["kv_dtype"] == "fp8"
     r = P.project_deployment(DS, A100, wl(), dep(), weight_only_fp8=True)
     assert (r["dtype"], r["power_w_per_gpu"]) == ("fp8", 400)
     assert P.project_deployment(DENSE, A100, wl(), dep())["dtype"] == "bf16"  # no native dtype: bf16
     r = P.project_deployment("deepseek-v3", "h800", "chat", "deepseek-v3-day6")
     assert (r["model"], r["gpu"], r["workload"], r["deployment"]) == ("deepseek-v3", "h800", "chat", "deepseek-v3-day6")
     assert r["sources"]["mtp"].startswith("DeepSeek-V3 technical report")
+
+
+def test_a_prompt_almost_all_cached_still_prefills_one_token():
+    ps = PS(kvb=2**19)
+    r = P.prefill_pool(ps, wl(h=0.999), 1000)  # 0.32 new tokens: one
+    assert r["new_tokens_per_prompt"] == 1.0
+    assert ps.calls[-1] == (0, 0, 1000, 1000.0, 319.5, 320.0, 319.0)
+    ps = PS()
+    P.mixed_pool(ps, wl(h=0.999), None, 100, 0.0)
+    assert ps.calls[-1] == (0, 0, 1.0, 1.0, 319.5, 320.0, 319.0)
+    assert ps.calls[-2][2:] == (ps.calls[-2][0] / 128, ps.calls[-2][0] / 128, 319.5, 320.0, 319.0)
