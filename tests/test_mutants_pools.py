@@ -283,11 +283,14 @@ class Fake:
                     "tpot_ok": True, "ttft_ms": 400.0, "ttft_ok": True}
         pre, dec, mixed = {**base_pre, **(pre or {})}, {**base_dec, **(dec or {})}, {**base_mix, **(mixed or {})}
         monkeypatch.setattr(P, "_pool_step", lambda m, hw, dt, d, kind, eff, runs: self.calls.append(
-            ("step", m.id, hw.id, dt, d.id, kind, eff, runs)) or NS(notes=[f"note {kind}", "shared"]))
-        monkeypatch.setattr(P, "decode_pool", lambda ps, w, cap, acc: self.calls.append(("dec", cap, acc)) or dec)
-        monkeypatch.setattr(P, "prefill_pool", lambda ps, w, budget: self.calls.append(("pre", budget)) or pre)
+            ("step", m.id, hw.id, dt, d.id, kind, eff, runs)) or NS(notes=[f"note {kind}", "shared"], kind=kind))
+        # each pool gets its own pool step and the workload (a mutant passing None fails on the attribute)
+        monkeypatch.setattr(P, "decode_pool", lambda ps, w, cap, acc: self.calls.append(
+            ("dec", ps.kind, w.input_len, cap, acc)) or dec)
+        monkeypatch.setattr(P, "prefill_pool", lambda ps, w, budget: self.calls.append(
+            ("pre", ps.kind, w.input_len, budget)) or pre)
         monkeypatch.setattr(P, "mixed_pool", lambda ps, w, cap, budget, acc: self.calls.append(
-            ("mix", cap, budget, acc)) or mixed)
+            ("mix", ps.kind, w.input_len, cap, budget, acc)) or mixed)
 
 
 def test_disaggregated_row(monkeypatch):
@@ -310,12 +313,12 @@ def test_disaggregated_row(monkeypatch):
         ("deepseek-v3", "h800", "fp8", "d", "d", "t", 320, 128, 0.0, "total", 0.5, "bf16", True, "projected",
          eff.to_dict(), "global default", H800.tdp_w, "datasheet TDP", {"draft_tokens": 1, "acceptance": 0.5},
          ["note prefill", "shared", "note decode"], {})
-    assert f.calls == [("step", "deepseek-v3", "h800", "fp8", "d", "prefill", eff, []), ("pre", 1000),
-                       ("step", "deepseek-v3", "h800", "fp8", "d", "decode", eff, []), ("dec", 64, 0.5)]
+    assert f.calls == [("step", "deepseek-v3", "h800", "fp8", "d", "prefill", eff, []), ("pre", "prefill", 320, 1000),
+                       ("step", "deepseek-v3", "h800", "fp8", "d", "decode", eff, []), ("dec", "decode", 320, 64, 0.5)]
     r = P.project_deployment(DS, H800, wl(), dep(), eff=eff, count="output", batch=9)
     assert r["tokens_per_s_per_gpu"] == approx(128 / 2.32) and r["count"] == "output"
     assert (r["mtp"], r["utilization"]) == (None, 1.0)
-    assert f.calls[-1] == ("dec", 9, 0.0)
+    assert f.calls[-1] == ("dec", "decode", 320, 9, 0.0)
     r = P.project_deployment(DS, H800, wl(count="output"), dep(), eff=eff)
     assert r["count"] == "output"
     r = P.project_deployment(DS, H800, wl(), dep(), eff=Efficiency(run_id="r1", kind="calibrated"))
@@ -332,7 +335,7 @@ def test_mixed_row_and_notes(monkeypatch):
     d = dep(mixed=Pool(gpus=8, batch_per_gpu=5, tokens_per_gpu=77), prefill=None, decode=None,
             mtp={"draft_tokens": 1, "acceptance": 0.25})
     r = P.project_deployment(DS, H800, wl(tpot=50, ttft=1000), d, dtype="bf16", max_batched_tokens=88)
-    assert f.calls[-1] == ("mix", 5, 88, 0.25)
+    assert f.calls[-1] == ("mix", "mixed", 320, 5, 88, 0.25)
     assert (r["prefill_fraction"], r["batch"], r["tpot_ms"], r["ttft_ms"], r["dtype"]) == (None, 8, 30.0, 1234.4,
                                                                                             "bf16")
     assert r["output_tokens_per_s_per_gpu"] == 10.0
@@ -391,3 +394,30 @@ def test_a_prompt_almost_all_cached_still_prefills_one_token():
     P.mixed_pool(ps, wl(h=0.999), None, 100, 0.0)
     assert ps.calls[-1] == (0, 0, 1.0, 1.0, 319.5, 320.0, 319.0)
     assert ps.calls[-2][2:] == (ps.calls[-2][0] / 128, ps.calls[-2][0] / 128, 319.5, 320.0, 319.0)
+
+
+def test_tpot_met_at_batch_one_only():
+    ps = PS()
+    r = P.decode_pool(ps, wl(tpot=125), None, 0.0)  # 125 ms at one sequence
+    assert (r["batch_per_gpu"], r["b_slo"], r["tpot_ok"]) == (1, 1, True)
+    assert {c[1] for c in ps.calls} == {384.0}  # every step tried at the mean context
+    r = P.mixed_pool(PS(), wl(tpot=937.5), None, 100, 0.0)  # 0.125 * 3.5 + 0.5 s at one sequence
+    assert (r["batch_per_gpu"], r["b_slo"], r["tpot_ok"]) == (1, 1, True)
+
+
+def test_mixed_pool_tpot_counts_the_tokens_mtp_emits():
+    # 160 new after 160 cached, MTP 1 at 1/2: T(b) = 0.125 * (b + 1.875 b) + 0.5; TPOT T(b)/1.5: 2250 ms at 8
+    r = P.mixed_pool(PS(mtp=1), wl(h=0.5, tpot=2250), None, 100, 0.5)
+    assert (r["b_slo"], r["batch_per_gpu"], r["batch_limit"], r["tpot_ms"]) == (8, 8, "slo", 2250.0)
+
+
+def test_runs_efficiencies_and_kv_override_reach_the_pools(monkeypatch):
+    f = Fake(monkeypatch)
+    monkeypatch.setattr(P, "read_runs", lambda runs: ["R"] if runs == ["x"] else [])
+    seen = []
+    monkeypatch.setattr(P, "efficiency_for",
+                        lambda runs, hw, dt: seen.append((runs, hw, dt)) or Efficiency(compute=0.3))
+    r = P.project_deployment(DS, H800, wl(), dep(), runs=["x"], kv_dtype="fp8")
+    assert seen == [(["R"], "h800", "fp8")]
+    assert f.calls[0] == ("step", "deepseek-v3", "h800", "fp8", "d", "prefill", Efficiency(compute=0.3), ["R"])
+    assert (r["kv_dtype"], r["efficiency"]["compute"]) == ("fp8", 0.3)
