@@ -282,6 +282,7 @@ class Fake:
         base_mix = {"fits": True, "output_tokens_per_s_per_gpu": 10.0, "batch_per_gpu": 8, "tpot_ms": 30.0,
                     "tpot_ok": True, "ttft_ms": 400.0, "ttft_ok": True}
         pre, dec, mixed = {**base_pre, **(pre or {})}, {**base_dec, **(dec or {})}, {**base_mix, **(mixed or {})}
+        self.pre, self.dec, self.mixed = pre, dec, mixed
         monkeypatch.setattr(P, "_pool_step", lambda m, hw, dt, d, kind, eff, runs: self.calls.append(
             ("step", m.id, hw.id, dt, d.id, kind, eff, runs)) or NS(notes=[f"note {kind}", "shared"], kind=kind))
         # each pool gets its own pool step and the workload (a mutant passing None fails on the attribute)
@@ -298,6 +299,7 @@ def test_disaggregated_row(monkeypatch):
     eff = Efficiency()
     d = dep(mtp={"draft_tokens": 1, "acceptance": 0.5})
     r = P.project_deployment(DS, H800, wl(), d, eff=eff, utilization=0.5)
+    assert r["pools"] == {"prefill": f.pre, "decode": f.dec}
     # a request: 320 / 1000 prefill GPU-s + 128 / 64 decode GPU-s = 2.32
     assert r["prefill_fraction"] == approx(0.32 / 2.32)
     assert r["output_tokens_per_s_per_gpu"] == approx(128 / 2.32)
@@ -336,6 +338,7 @@ def test_mixed_row_and_notes(monkeypatch):
             mtp={"draft_tokens": 1, "acceptance": 0.25})
     r = P.project_deployment(DS, H800, wl(tpot=50, ttft=1000), d, dtype="bf16", max_batched_tokens=88)
     assert f.calls[-1] == ("mix", "mixed", 320, 5, 88, 0.25)
+    assert r["pools"] == {"mixed": f.mixed}
     assert (r["prefill_fraction"], r["batch"], r["tpot_ms"], r["ttft_ms"], r["dtype"]) == (None, 8, 30.0, 1234.4,
                                                                                             "bf16")
     assert r["output_tokens_per_s_per_gpu"] == 10.0
