@@ -108,6 +108,9 @@ def test_expert_curve():
     assert c(2.0) == approx(1.0) and c(1.0) == 0.5 and c(4.0) == 1.5 and c(100.0) == 1.5 and c(0.0) == 0.5
     assert c.inside(1.0) and c.inside(4.0) and c.inside(1 - 0.5e-9) and c.inside(4 * (1 + 0.5e-9))
     assert not c.inside(1 - 2e-9) and not c.inside(4 * (1 + 2e-9))
+    assert c.inside(1.0 * (1 - 1e-9)) and c.inside(4.0 * (1 + 1e-9))  # the edges themselves
+    c = X.ExpertCurve([1.0, 2.0, 4.0], [0.5, 1.0, 1.5], "lbl")
+    assert c.inside(3.0) and not c.inside(5.0)
     c = X.ExpertCurve([0.25, 1.0], [1.0, 2.0], "lbl")  # below one token: still log-linear, down to 1e-9
     assert c(0.5) == approx(1.5) and c(0.0) == 1.0
 
@@ -374,3 +377,13 @@ def test_step_sends_its_tokens_through_the_all_to_all():
     s = ps(ep=16, mtp_drafts=2).step(2, 100)
     assert s["dispatch_s"] == approx((3 + 2) * (LAT + 6 * 2 * 10 * 1 / 63e9))
     assert s["combine_s"] == approx((3 + 2) * (LAT + 6 * 2 * 10 * 2 / 74e9))
+
+
+def test_measured_experts_filters_each_field():
+    fast = dict(expert_ms=0.01)  # each filtered point would be the fastest if it counted
+    bad = [pt(kind="collective", **fast), pt(model="x", **fast), pt(ep=8, **fast), pt(dtype="bf16", **fast),
+           pt(routing="uniform", **fast), pt(status="failed", **fast), pt(expert_ms=0), pt(expert_ms="x")]
+    good = [pt(expert_ms=0.5), pt(ep_rank=0, expert_ms=0.75, routing="router")]  # under 1 ms counts; rank 0 by default
+    c = X.measured_experts([NS(hardware_id="h", run_id="r", points=bad + good)], "h", "m", 4, "fp8")
+    assert (c.tokens, c.seconds) == ([8.0], [0.5e-3])
+    assert c.label == "measured (run r, EP slices ep 4, 1 rank(s), a, 1 token counts 8-8)"
