@@ -387,3 +387,11 @@ def test_measured_experts_filters_each_field():
     c = X.measured_experts([NS(hardware_id="h", run_id="r", points=bad + good)], "h", "m", 4, "fp8")
     assert (c.tokens, c.seconds) == ([8.0], [0.5e-3])
     assert c.label == "measured (run r, EP slices ep 4, 1 rank(s), a, 1 token counts 8-8)"
+
+
+def test_a_faster_nic_scales_the_deepep_bandwidths(monkeypatch):
+    monkeypatch.setattr(X, "INTERNODE_GBPS", 100.0)  # twice the NIC DeepEP measured on
+    d, c = ps(ep=16).alltoall_s(1e6)
+    assert (d, c) == (approx(LAT + 2e7 / (63 * 2e9)), approx(LAT + 4e7 / (74 * 2e9)))
+    d, c = ps(ep=16, kind="prefill").alltoall_s(1e6)
+    assert (d, c) == (approx(LAT + 2e7 * 0.375 / (43 * 2e9)), approx(LAT + 4e7 * 0.375 / (43 * 2e9)))
