@@ -395,3 +395,18 @@ def test_a_faster_nic_scales_the_deepep_bandwidths(monkeypatch):
     assert (d, c) == (approx(LAT + 2e7 / (63 * 2e9)), approx(LAT + 4e7 / (74 * 2e9)))
     d, c = ps(ep=16, kind="prefill").alltoall_s(1e6)
     assert (d, c) == (approx(LAT + 2e7 * 0.375 / (43 * 2e9)), approx(LAT + 4e7 * 0.375 / (43 * 2e9)))
+
+
+def test_step_defaults_and_mtp_only_for_decode():
+    s = ps(a2a=(0.0, 0.0), cache_load_gbps=8.0).step(0, 0, 6, 2)  # no prefill context, KV or hits given: none
+    assert (s["kv_bytes"], s["cache_load_s"]) == (0, 0.0)
+    assert s["flops"] == approx(2 * 6 * 240 + 2 * 6 * 50 + 2 * 6 * 105 + 2 * 6 * 2 * 3 * 30)
+    # a step with no decode sequences runs no MTP layer, drafts or not
+    a = ps(a2a=(0.0, 0.0), mtp_drafts=1).step(0, 0, 600, 200, 1, 1)
+    b = ps(a2a=(0.0, 0.0)).step(0, 0, 600, 200, 1, 1)
+    assert (a["attention_s"], a["moe_s"], a["flops"]) == (b["attention_s"], b["moe_s"], b["flops"])
+    s = ps(m=PM(moe=False, dense_layers=0), mtp_drafts=1).step(2, 100)  # dense: no all-to-all even with a draft
+    assert (s["dispatch_s"], s["combine_s"], s["alltoall_s"]) == (0.0, 0.0, 0.0)
+    curve = X.ExpertCurve([1.0, 4.0], [0.5, 1.5], "lbl")
+    s = ps(a2a=(0.0, 0.0), experts=curve).step(6, 100)  # 3 tokens per micro-batch: inside
+    assert s["experts_source"] == "lbl"
