@@ -402,9 +402,11 @@ def test_step_defaults_and_mtp_only_for_decode():
     assert (s["kv_bytes"], s["cache_load_s"]) == (0, 0.0)
     assert s["flops"] == approx(2 * 6 * 240 + 2 * 6 * 50 + 2 * 6 * 105 + 2 * 6 * 2 * 3 * 30)
     # a step with no decode sequences runs no MTP layer, drafts or not
-    a = ps(a2a=(0.0, 0.0), mtp_drafts=1).step(0, 0, 600, 200, 1, 1)
-    b = ps(a2a=(0.0, 0.0)).step(0, 0, 600, 200, 1, 1)
-    assert (a["attention_s"], a["moe_s"], a["flops"]) == (b["attention_s"], b["moe_s"], b["flops"])
+    for kind in ("decode", "prefill"):
+        a = ps(a2a=(1.0, 2.0), mtp_drafts=1, kind=kind).step(0, 0, 600, 200, 1, 1)
+        b = ps(a2a=(1.0, 2.0), kind=kind).step(0, 0, 600, 200, 1, 1)
+        keys = ("attention_s", "moe_s", "flops", "dispatch_s", "step_s")
+        assert [a[k] for k in keys] == [b[k] for k in keys]
     s = ps(m=PM(moe=False, dense_layers=0), mtp_drafts=1).step(2, 100)  # dense: no all-to-all even with a draft
     assert (s["dispatch_s"], s["combine_s"], s["alltoall_s"]) == (0.0, 0.0, 0.0)
     curve = X.ExpertCurve([1.0, 4.0], [0.5, 1.5], "lbl")
