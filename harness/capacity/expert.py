@@ -196,7 +196,7 @@ class PoolStep:
     def cache_load_s(self, cached_tokens: float) -> float:
         """Seconds to bring `cached_tokens` cache hits' KV onto this GPU over its share of the node's storage link
         (`cache_load_gbps` per node over GPUS_PER_NODE GPUs); 0 where the hits are in HBM."""
-        if not self.cache_load_gbps or cached_tokens <= 0:
+        if not self.cache_load_gbps:
             return 0.0
         return cached_tokens * self.kvb / (self.cache_load_gbps * 1e9 / GPUS_PER_NODE)
 
@@ -245,8 +245,9 @@ class PoolStep:
                 parts["experts_source"] = self.experts.label
             else:
                 moe = self._t(2 * T * other_w + routed_f, reads * other_w * self.wb + routed_b, self.mm_peak)
-            moe *= (nl + d) / nl if dec_seqs else 1.0
-            parts["flops"] += (2 * T * other_w + routed_f) * ((nl + d) / nl if dec_seqs else 1.0)
+            mtp_moe = (nl + d) / nl if dec_seqs else 1.0  # the MTP module's MoE layer, once per draft
+            moe *= mtp_moe
+            parts["flops"] += (2 * T * other_w + routed_f) * mtp_moe
             parts["expert_bytes"] = routed_b
             disp, comb = self.alltoall_s(T)
         head_w = m.lm_head_params + H

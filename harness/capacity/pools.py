@@ -35,20 +35,12 @@ from tokenfleet.capacity.project import (
     _workload,
     refuse_fp8,
 )
-from tokenfleet.capacity.serving import B_SLO_MAX, INTERNODE_GBPS
+from tokenfleet.capacity.serving import B_SLO_MAX, INTERNODE_GBPS, largest
 from tokenfleet.config import ConfigError
 from tokenfleet.dtypes import dtype_bytes
 from tokenfleet.results import Run
 
 DEFAULT_PREFILL_TOKENS = 16384  # deepseek-ai/profile-data README: prefill "batch size of 16K tokens per GPU"
-
-
-def _bisect(ok, hi: int) -> int:
-    lo = 0
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
-    return lo
 
 
 def _pool_step(m, hw, dtype, dep: DeploymentSpec, kind: str, eff: Efficiency, runs=()) -> PoolStep:
@@ -78,7 +70,7 @@ def decode_pool(ps: PoolStep, w: Workload, cap: int | None, acceptance: float) -
     e = emitted_per_step(ps.mtp_drafts, acceptance) if ps.mtp_drafts else 1.0
     kv_seq = ps.kvb * (w.input_len + w.output_len)
     b_mem = math.floor(_free_bytes(ps) / kv_seq)
-    b_slo = _bisect(lambda b: ps.step(b, C)["step_s"] / e * 1e3 <= w.tpot_ms, B_SLO_MAX)
+    b_slo = largest(lambda b: ps.step(b, C)["step_s"] / e * 1e3 <= w.tpot_ms, B_SLO_MAX)
     limits = {"memory": b_mem, "slo": max(b_slo, 1), "cap": cap or B_SLO_MAX}
     limit = min(limits, key=lambda k: limits[k])
     b = limits[limit]
@@ -110,7 +102,7 @@ def prefill_pool(ps: PoolStep, w: Workload, budget: int | None) -> dict:
     N, limit = cfg, "budget"
     one = math.ceil(n)  # below one prompt per step TTFT only grows (more chunks, each reading the weights)
     if at(cfg)[1] * 1e3 > w.ttft_ms and one < cfg and at(one)[1] * 1e3 <= w.ttft_ms:
-        N = one + _bisect(lambda x: at(one + x)[1] * 1e3 <= w.ttft_ms, cfg - one)
+        N = one + largest(lambda x: at(one + x)[1] * 1e3 <= w.ttft_ms, cfg - one)
         limit = "ttft"
     s, ttft = at(N)
     return {"fits": True, "gpus": ps.ep, "tokens_per_gpu": N, "batch_limit": limit, "new_tokens_per_prompt": n,
@@ -135,7 +127,7 @@ def mixed_pool(ps: PoolStep, w: Workload, cap: int | None, budget: int | None, a
     kv_seq = ps.kvb * (w.input_len + w.output_len)
     b_mem = math.floor(_free_bytes(ps) / kv_seq)
     b_budget = max(1, math.floor(N / (1 + ps.mtp_drafts + per)))
-    b_slo = _bisect(lambda b: step(b)["step_s"] / e * 1e3 <= w.tpot_ms, B_SLO_MAX)
+    b_slo = largest(lambda b: step(b)["step_s"] / e * 1e3 <= w.tpot_ms, B_SLO_MAX)
     limits = {"memory": b_mem, "slo": max(b_slo, 1), "cap": cap or B_SLO_MAX, "budget": b_budget}
     limit = min(limits, key=lambda k: limits[k])
     b = limits[limit]

@@ -146,21 +146,28 @@ class Projector:
         n = batch * new_tokens
         return self.forward_s(n, cached + new_tokens / 2, batch * (cached + new_tokens), batch) + self.allreduce_s(n)
 
-    def t_mixed(self, batch: float, context: float, chunk: float, chunk_ctx: float, prompt: float) -> float:
-        """One engine step: `batch` decode tokens at `context` plus `chunk` prefill tokens at mean `chunk_ctx`,
-        from prompts of `prompt` new tokens. Flash attention reads each prefilling request's KV once per step:
-        max(1, chunk/prompt) requests' worth."""
-        return self.forward_s(*mixed_args(batch, context, chunk, chunk_ctx, prompt)) + self.allreduce_s(batch + chunk)
 
 
 def mixed_args(batch: float, context: float, chunk: float, chunk_ctx: float, prompt: float) -> tuple:
-    """`forward_s` arguments of a mixed step (`Projector.t_mixed`): tokens, mean context, KV read, logits, and the
-    decode tokens' share of the attention pairs (MLA's absorbed form)."""
+    """`forward_s` arguments of one engine step (`Steps.step`): `batch` decode tokens at `context` plus `chunk`
+    prefill tokens at mean `chunk_ctx`, from prompts of `prompt` new tokens: tokens, mean context, KV read (flash
+    attention reads each prefilling request's KV once per step: max(1, chunk/prompt) requests' worth), logits, and
+    the decode tokens' share of the attention pairs (MLA's absorbed form)."""
     tokens = batch + chunk
     pairs = batch * context + chunk * chunk_ctx
     attn = pairs / tokens if tokens else 0.0
     kv = batch * context + (max(1.0, chunk / prompt) * chunk_ctx if chunk > 0 else 0.0)
     return tokens, attn, kv, batch, batch * context / pairs if pairs else 0.0
+
+
+def largest(ok, hi: int) -> int:
+    """The largest integer in [0, hi] where `ok` holds, for `ok` true up to some point and false after (bisection);
+    0 when it fails at 1 (`ok(0)` is never asked)."""
+    lo = 0
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+    return lo
 
 
 class Steps:
@@ -231,10 +238,7 @@ def serve(steps: Steps, input_len: int, output_len: int, prefix_hit: float, tpot
         f = min(1.0, b / output_len)  # steps that prefill: b/O requests finish (and are replaced) per step
         return (1 - f) * steps.step(b, C, 0.0, chunk_ctx, new) + f * steps.step(b, C, b * per_step / f, chunk_ctx, new)
 
-    lo, hi = 0, B_SLO_MAX  # T_step grows with B: bisect the largest B meeting TPOT (0 when B=1 misses)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if t(mid) * 1e3 <= tpot_ms else (lo, mid - 1)
+    lo = largest(lambda b: t(b) * 1e3 <= tpot_ms, B_SLO_MAX)  # T_step grows with B (0 when B=1 misses)
     b_budget = max(1, math.floor(budget / (1 + per_step)))
     limits = {"memory": b_mem, "slo": max(lo, 1), "cap": batch_cap, "budget": b_budget}
     limit = min(limits, key=lambda k: limits[k])  # ties: memory, slo, cap, budget
