@@ -203,6 +203,7 @@ def test_plan_shares_the_copy_with_read_and_matvec():
     assert read["ceiling_ratio"] == read["value"] / copy["value"] == 1.0  # 2^21 bytes in 2 ms, as the copy
     matvec = jobs[5].run(ctx)
     assert matvec["ceiling_ratio"] == matvec["value"] / copy["value"]
+    assert jobs[2].run(ctx)["flops"] == 2 * 32**3  # the suite's spec in each matmul job
 
 
 def test_sizes_in_the_key_are_ints_when_whole():
@@ -450,11 +451,15 @@ def test_matvec_relative_error_limit_and_weight_scale(monkeypatch, extra, ok):
     """The weight is the draw over sqrt(k) (2·I / 2 = I here); x [1, k] = [50, 0, 0, 0], y = [50, 0, 0, 0]."""
     crafted(monkeypatch, 2 * torch.eye(4), torch.tensor([[50.0, 0.0, 0.0, 0.0]]))
     weights = eye_linear(monkeypatch, extra)
-    ctx = FakeClock([2.0], l2_bytes=64)  # a 4x4 fp16 weight is 32 bytes: 16 copies make 8x 64 bytes
-    out = part.matvec_job(MATVEC4, "fp16", ctx).run(ctx)
+    ctx = FakeClock([2.0], l2_bytes=64, calls=40)  # a 4x4 fp16 weight is 32 bytes: 16 copies make 8x 64 bytes
+    job = part.matvec_job(MATVEC4, "fp16", ctx)
+    out = job.run(ctx)
     assert weights[0].dtype == torch.float16 and torch.equal(weights[0], torch.eye(4, dtype=torch.float16))
     if ok:
         assert "status" not in out and out["rel_error"] == 0.02 and out["bytes"] == (16 + 4 + 4) * 2
-        assert len(weights) == 2 and torch.equal(weights[1], weights[0])  # the checked call, then the timed one
+        # the checked call, then 40 timed ones rotating over the 16 copies, each its own memory, none twice in a row
+        assert len(weights) == 41 and all(torch.equal(w, weights[0]) for w in weights)
+        assert job.key["copies"] == 16 == len({w.data_ptr() for w in weights[1:]})
+        assert all(a.data_ptr() != b.data_ptr() for a, b in zip(weights[1:], weights[2:], strict=False))
     else:
         assert out == {"status": "incorrect", "error": "matvec relative error 4.00e-02", "rel_error": 0.04}
