@@ -1,9 +1,14 @@
-"""Oracles for tokenfleet.measure.parts.ceilings' arithmetic without timing anything (`make mutate`'s survivors): the
+"""Oracles for tokenfleet.measure.parts.ceilings without timing anything (`make mutate`'s survivors): the
 copy-ceiling comparison, the end-of-run re-probe's choice of jobs and the drift flag, on fixed numbers worked out by
-hand. (The bandwidth and TFLOP/s of a timed probe: tests/test_ceilings.py.)"""
+hand; each probe's GB/s and TFLOP/s as known work over a fake clock; what each probe times (the drawn data, from the
+run's seed, in its dtype and layout) and its correctness checks at their limits, on crafted data with a known error
+(exact in binary: 1/200 is the double nearest 5e-3)."""
 
+import json
 from types import SimpleNamespace
 
+import pytest
+import torch
 from tokenfleet.measure.parts import ceilings as part
 
 SPEC = part.Spec(copy_mb=1, read_mb=2, matmul={"fp32": 32}, matmul_layouts=["nn", "nt"],
@@ -75,12 +80,13 @@ class FakeClock:
 
     torch_device, seed = "cpu", 7
 
-    def __init__(self, medians_ms, on_gpu=False, datasheet=None, l2_bytes=2**18, copy_gbps=None):
+    def __init__(self, medians_ms, on_gpu=False, datasheet=None, l2_bytes=2**18, copy_gbps=None, seed=7, calls=1):
         self.medians, self.on_gpu, self.datasheet, self.calls = list(medians_ms), on_gpu, datasheet, []
         self.device, self.ceilings = SimpleNamespace(l2_bytes=l2_bytes), {"copy_gbps": copy_gbps}
+        self.seed, self.n_calls, self.returned = seed, calls, []  # `calls` of the probe per measure, their results
 
     def measure(self, fn, **kw):
-        fn()
+        self.returned += [fn() for _ in range(self.n_calls)]
         self.calls.append(kw)
         ms = self.medians.pop(0)
         return SimpleNamespace(to_dict=lambda: {"median_ms": ms})
@@ -197,3 +203,263 @@ def test_plan_shares_the_copy_with_read_and_matvec():
     assert read["ceiling_ratio"] == read["value"] / copy["value"] == 1.0  # 2^21 bytes in 2 ms, as the copy
     matvec = jobs[5].run(ctx)
     assert matvec["ceiling_ratio"] == matvec["value"] / copy["value"]
+    assert jobs[2].run(ctx)["flops"] == 2 * 32**3  # the suite's spec in each matmul job
+
+
+def test_sizes_in_the_key_are_ints_when_whole():
+    """A whole number of MiB is keyed as an int (the point's key is JSON: 1, never 1.0), a fraction as it is."""
+    ctx = FakeClock([])
+    assert json.dumps(part.copy_job(SPEC, ctx).key) == '{"kind": "ceiling", "op": "copy", "dtype": "fp32", "mb": 1}'
+    assert json.dumps(part.read_job(SPEC, ctx).key) == '{"kind": "ceiling", "op": "read", "dtype": "fp32", "mb": 2}'
+    half = part.Spec(**{**SPEC.model_dump(), "copy_mb": 1.5})
+    assert part.copy_job(half, ctx).key["mb"] == 1.5
+    assert part.read_job(SPEC, ctx).label == "ceiling read"
+    assert part.matvec_job(SPEC, "fp32", ctx).label == "ceiling matvec fp32"
+
+
+def test_randn_draws_in_fp32_from_the_generator_given():
+    """Drawn in fp32 then cast, whatever torch's default dtype; the same generator seed gives the same draw."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        x = part._randn((256,), torch.float64, "cpu", torch.Generator().manual_seed(3))
+    finally:
+        torch.set_default_dtype(default)
+    assert x.dtype == torch.float64 and torch.equal(x, x.float().double())  # every value an fp32 one
+    want = torch.randn((256,), generator=torch.Generator().manual_seed(3), dtype=torch.float32).half()
+    assert torch.equal(part._randn((256,), torch.float16, "cpu", torch.Generator().manual_seed(3)), want)
+
+
+def test_randn_draws_on_the_device_given():
+    assert part._randn((2, 2), torch.float16, "meta", None).device.type == "meta"  # a device no default reaches
+
+
+def test_fp8_matmul_scales_on_the_operands_device_and_accumulates_as_the_gemm_points(monkeypatch):
+    """torch._scaled_mm with unit scales on the operands' device, bf16 out, use_fast_accum = gemm_fp8's FAST_ACCUM
+    (set True here: the probe follows the constant, not _scaled_mm's default)."""
+    calls = []
+    monkeypatch.setattr(torch, "_scaled_mm", lambda a, b, **kw: calls.append((a, b, kw)) or "product")
+    monkeypatch.setattr(part, "FAST_ACCUM", True)
+    a, rhs = (torch.empty(4, 4, device="meta", dtype=torch.float8_e4m3fn) for _ in range(2))
+    assert part._fp8_matmul(a, rhs)() == "product"
+    ((got_a, got_b, kw),) = calls
+    assert got_a is a and got_b is rhs and set(kw) == {"scale_a", "scale_b", "out_dtype", "use_fast_accum"}
+    assert kw["out_dtype"] == torch.bfloat16 and kw["use_fast_accum"] is True
+    for scale in (kw["scale_a"], kw["scale_b"]):
+        assert scale.device.type == "meta" and scale.shape == () and scale.dtype == torch.float32
+
+
+def test_probes_draw_the_same_data_from_the_same_run_seed():
+    """Every probe's data come from the run's seed: the same seed, the same data (what the timed call returns);
+    another seed, other data."""
+    def returned(job_of, seed):
+        ctx = FakeClock([1.0, 1.0], seed=seed)
+        job_of(ctx).run(ctx)
+        return ctx.returned
+
+    jobs = {"copy": lambda c: part.copy_job(SPEC, c), "read": lambda c: part.read_job(SPEC, c),
+            "matmul": lambda c: part.matmul_job(SPEC, "fp32", 32, "nn"),
+            "matvec": lambda c: part.matvec_job(SPEC, "fp32", c)}
+    for name, job_of in jobs.items():
+        first, again, other = (returned(job_of, seed) for seed in (7, 7, 8))
+        assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True)), name
+        assert not torch.equal(first[0], other[0]), name
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """part._randn recorded: each call's arguments and the tensor it drew."""
+    calls = []
+    real = part._randn
+
+    def spy(shape, dtype, device, gen):
+        x = real(shape, dtype, device, gen)
+        calls.append({"shape": shape, "dtype": dtype, "device": device, "gen": gen, "x": x})
+        return x
+
+    monkeypatch.setattr(part, "_randn", spy)
+    return calls
+
+
+@pytest.mark.parametrize("layout", ["nn", "nt"])
+def test_matmul_probe_times_the_checked_product_into_one_output(drawn, layout):
+    """The timed call is a @ b (nn) or a @ b.T (nt) of the drawn fp16 matrices, written into one output buffer
+    (the same tensor every call); at 80 the check compares the first 64 rows."""
+    ctx = FakeClock([2.0], calls=2)
+    out = part.matmul_job(SPEC, "fp16", 80, layout).run(ctx)
+    assert [(d["shape"], d["dtype"], d["device"]) for d in drawn] == [((80, 80), torch.float16, "cpu")] * 2
+    assert all(isinstance(d["gen"], torch.Generator) for d in drawn)
+    a, b = (d["x"] for d in drawn)
+    rhs = b.T if layout == "nt" else b
+    first, second = ctx.returned
+    assert first is second and first.dtype == torch.float16
+    want = a.double() @ rhs.double()
+    # 5x the error measured on 2026-12-05 (2.1e-4: fp16's output rounding), far below a wrong layout's (~1.4)
+    assert float((first.double() - want).norm() / want.norm()) < 1e-3
+    assert "status" not in out and out["flops"] == 2 * 80**3 and out["rel_error"] < 1e-3
+
+
+def crafted(monkeypatch, *tensors):
+    """part._randn returning the given tensors in turn (cast to the dtype asked for), checking each call's shape."""
+    left = list(tensors)
+
+    def fake(shape, dtype, device, gen):
+        x = left.pop(0)
+        assert tuple(x.shape) == tuple(shape) and isinstance(gen, torch.Generator)
+        return x.to(dtype)
+
+    monkeypatch.setattr(part, "_randn", fake)
+
+
+def skewed_matmul(monkeypatch, extra):
+    """`@` adding `extra` at [0, 1] of every result but an fp64 one (the reference): a product off by a known error."""
+    real = torch.Tensor.__matmul__
+
+    def matmul(x, y):
+        r = real(x, y)
+        if r.dtype != torch.float64:
+            r = r.clone()
+            r[0, 1] += extra
+        return r
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", matmul)
+
+
+A200, EYE2 = torch.tensor([[200.0, 0.0], [0.0, 0.0]]), torch.eye(2)  # a @ eye: [[200, 0], [0, 0]], norm 200
+
+
+@pytest.mark.parametrize(("dtype", "extra", "ok"), [
+    ("fp32", 1.0, True), ("fp32", 2.0, False),  # error 1/200 = 5e-3: the fp32 limit, still correct; 2/200 beyond
+    ("fp16", 4.0, True), ("fp16", 8.0, False),  # 4/200 = 0.02: the limit of the other dtypes; 8/200 beyond
+])
+def test_matmul_relative_error_limits(monkeypatch, dtype, extra, ok):
+    crafted(monkeypatch, A200, EYE2)
+    skewed_matmul(monkeypatch, extra)
+    out = part.matmul_job(SPEC, dtype, 2, "nn").run(FakeClock([2.0]))
+    err = extra / 200
+    if ok:
+        assert "status" not in out and out["rel_error"] == err and out["flops"] == 16
+    else:
+        assert out == {"status": "incorrect", "error": f"matmul relative error {err:.2e}", "rel_error": err}
+
+
+def test_fp8_matmul_timed_through_scaled_mm_on_a_gpu(drawn):
+    """On a GPU the fp8 matmul is timed through torch._scaled_mm (bf16 out; here on the CPU, as a GPU context)."""
+    ctx = FakeClock([2.0], on_gpu=True, datasheet=SimpleNamespace(**{**vars(SHEET), "peak_tflops": {"fp8": 2.0}}))
+    out = part.matmul_job(SPEC, "fp8", 64, "nt").run(ctx)
+    a, b = (d["x"] for d in drawn)
+    assert a.dtype == b.dtype == torch.float8_e4m3fn
+    (timed,) = ctx.returned
+    want = a.double() @ b.double().T
+    # 5x the error measured on 2026-12-05 (1.6e-3: the bf16 output's rounding)
+    assert timed.dtype == torch.bfloat16 and float((timed.double() - want).norm() / want.norm()) < 8e-3
+    assert out["fp8_accum"] == part.ACCUMULATION and out["rel_error"] < 8e-3 and "status" not in out
+    assert out["value"] == 2 * 64**3 / 2e-3 / 1e12 and out["datasheet_value"] == 2.0
+    assert "fp8_accum" not in part.matmul_job(SPEC, "fp16", 32, "nt").run(FakeClock([2.0], on_gpu=True))
+
+
+def test_fp8_cpu_check_reads_b_in_its_layout(monkeypatch):
+    """The CPU's fp8 check takes the job's layout (nt, cuBLASLt's only fp8 one: rhs column-major)."""
+    seen = []
+    real = part._fp8_matmul
+    monkeypatch.setattr(part, "_fp8_matmul", lambda a, rhs: seen.append(rhs.stride()) or real(a, rhs))
+    assert part.matmul_job(SPEC, "fp8", 64, "nt").run(FakeClock([], datasheet=SHEET))["status"] == "skipped"
+    assert part._fp8_cpu_check(FakeClock([]), "nn")["status"] == "skipped"
+    assert seen == [(1, 64), (64, 1)]
+    # drawn from the run's seed: the same seed, the same draw and error; another seed, another
+    errs = [part._fp8_cpu_check(FakeClock([], seed=s), "nt")["rel_error"] for s in (7, 7, 8)]
+    assert errs[0] == errs[1] != errs[2]
+
+
+@pytest.mark.parametrize(("extra", "ok"), [(0.02, True), (0.04, False)])  # a product of norm 1 off by `extra`
+def test_fp8_cpu_check_relative_error_limit(monkeypatch, extra, ok):
+    a = torch.zeros(64, 64)
+    a[0, 0] = 1.0
+    crafted(monkeypatch, a, torch.eye(64))
+
+    def skewed(a, rhs):
+        def mm():
+            r = a.double() @ rhs.double()
+            r[0, 1] += extra
+            return r
+        return mm
+
+    monkeypatch.setattr(part, "_fp8_matmul", skewed)
+    out = part._fp8_cpu_check(FakeClock([]), "nt")
+    if ok:
+        assert out["status"] == "skipped" and out["rel_error"] == 0.02
+        assert out["note"] == f"{part.CPU_FP8_NOTE}; checked against fp64 at 64x64x64"
+    else:
+        assert out == {"status": "incorrect", "error": "matmul relative error 4.00e-02 at 64", "rel_error": 0.04,
+                       "fp8_accum": part.ACCUMULATION}
+
+
+def test_copy_that_moved_nothing_is_incorrect(monkeypatch):
+    ctx = FakeClock([2.0], calls=0)  # the probe never runs: the destination keeps what it held
+    monkeypatch.setattr(torch, "empty_like", lambda x: torch.full_like(x, -1.0))
+    copied = {}
+    out = part.copy_job(SPEC, ctx, copied).run(ctx)
+    assert out == {"status": "incorrect", "error": "copy produced different bytes"}
+    assert copied == {}
+
+
+class OffSum(torch.Tensor):
+    """A reduction gone wrong: the fp32 sum says 5 where the fp64 sum says 4."""
+
+    def sum(self, *args, dtype=None, **kw):
+        return torch.tensor(5.0) if dtype is None else super().sum(*args, dtype=dtype, **kw)
+
+
+class OffMax(torch.Tensor):
+    def amax(self, *args, **kw):
+        return super().amax(*args, **kw) + 1
+
+
+@pytest.mark.parametrize(("data", "want"), [
+    (torch.ones(4).as_subclass(OffSum), {"status": "incorrect", "error": "sum 5.0 differs from 4.0"}),
+    (torch.ones(4).as_subclass(OffMax), {"status": "incorrect", "error": "amax differs from max"}),
+    (torch.zeros(4), None),  # a sum of 0 equal to its fp64 sum: correct
+])
+def test_read_probe_checks_its_reductions(monkeypatch, data, want):
+    monkeypatch.setattr(torch, "rand", lambda *a, **kw: data)
+    out = part.read_job(SPEC, FakeClock([1.0, 2.0])).run(FakeClock([1.0, 2.0]))
+    if want is None:
+        assert out["reduction"] == "sum" and out["median_ms"] == 1.0  # sum 1 ms, amax 2 ms: the sum is the faster
+    else:
+        assert out == want
+
+
+def eye_linear(monkeypatch, extra):
+    """F.linear adding `extra` at [0, 1], recording the weights it read."""
+    real, weights = torch.nn.functional.linear, []
+
+    def linear(x, w):
+        weights.append(w)
+        r = real(x, w).clone()
+        r[0, 1] += extra
+        return r
+
+    monkeypatch.setattr(torch.nn.functional, "linear", linear)
+    return weights
+
+
+MATVEC4 = part.Spec(**{**SPEC.model_dump(), "matvec": {"n": 4, "k": 4, "dtypes": ["fp16"]}})
+
+
+@pytest.mark.parametrize(("extra", "ok"), [(1.0, True), (2.0, False)])  # 1/50 = 0.02: the limit; 2/50 beyond it
+def test_matvec_relative_error_limit_and_weight_scale(monkeypatch, extra, ok):
+    """The weight is the draw over sqrt(k) (2·I / 2 = I here); x [1, k] = [50, 0, 0, 0], y = [50, 0, 0, 0]."""
+    crafted(monkeypatch, 2 * torch.eye(4), torch.tensor([[50.0, 0.0, 0.0, 0.0]]))
+    weights = eye_linear(monkeypatch, extra)
+    ctx = FakeClock([2.0], l2_bytes=64, calls=40)  # a 4x4 fp16 weight is 32 bytes: 16 copies make 8x 64 bytes
+    job = part.matvec_job(MATVEC4, "fp16", ctx)
+    out = job.run(ctx)
+    assert weights[0].dtype == torch.float16 and torch.equal(weights[0], torch.eye(4, dtype=torch.float16))
+    if ok:
+        assert "status" not in out and out["rel_error"] == 0.02 and out["bytes"] == (16 + 4 + 4) * 2
+        # the checked call, then 40 timed ones rotating over the 16 copies, each its own memory, none twice in a row
+        assert len(weights) == 41 and all(torch.equal(w, weights[0]) for w in weights)
+        assert job.key["copies"] == 16 == len({w.data_ptr() for w in weights[1:]})
+        assert all(a.data_ptr() != b.data_ptr() for a, b in zip(weights[1:], weights[2:], strict=False))
+    else:
+        assert out == {"status": "incorrect", "error": "matvec relative error 4.00e-02", "rel_error": 0.04}
