@@ -82,7 +82,7 @@ def headline(rows: list[dict], summary: dict, runs: list[Run] | None = None, tod
         "capacity_high_tokens_per_day": s.get("capacity_high_tokens_per_day"),
         "gpus_low": s.get("gpus_low"), "gpus_high": s.get("gpus_high"),
         "counts_with_range": s.get("counts_with_range") or [],
-        "counts_placeholder": [r["gpu"] for r in per_type if str(r.get("count_source", "")).startswith("assumption")],
+        "counts_placeholder": [r["gpu"] for r in per_type if str(r.get("count_source")).startswith("assumption")],
         "utilization": s["utilization"], "peak_factor": s["peak_factor"],
         "measured_on": _measured_on(runs, eff),
         "efficiency": {"compute": eff.get("compute"), "memory": eff.get("memory"), "from": eff.get("from")},

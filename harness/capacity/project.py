@@ -103,7 +103,7 @@ def resolve_workload(workload: str | Workload | None, input_len: int | None = No
                             output_len=output_len, ttft_ms=ttft_ms or 2000, tpot_ms=tpot_ms or 50, count="total",
                             assumption="default SLOs ttft 2000 ms, tpot 50 ms unless given")
     upd = {k: v for k, v in given.items() if v is not None}
-    return workload.model_copy(update=upd) if upd else workload
+    return workload.model_copy(update=upd)
 
 
 def check_context(m: ModelConfig, w: Workload, field: str = "--input-len") -> None:
