@@ -48,6 +48,10 @@ def test_interval_is_scipys_percentile_bootstrap_with_the_defaults():
                            random_state=np.random.default_rng(0)).confidence_interval
     assert C.median_ratio_interval(list(a), list(b)) == (want.low, want.high)
     assert C.median_ratio_interval([1.0] * 5, [2.0] * 5) == (2.0, 2.0)  # every resample: 2 / 1
+    half = stats.bootstrap((a, b), lambda x, y, axis=-1: np.median(y, axis=axis) / np.median(x, axis=axis),
+                           n_resamples=300, confidence_level=0.5, method="percentile",
+                           random_state=np.random.default_rng(4)).confidence_interval
+    assert C.median_ratio_interval(list(a), list(b), resamples=300, confidence=0.5, seed=4) == (half.low, half.high)
     lo, hi = C.median_ratio_interval([1, 1.1, 0.9, 1, 1], [1.0] * 5)
     assert (lo, hi) == pytest.approx((1 / 1.1, 1 / 0.9))  # medians of resamples lie between 0.9 and 1.1
 
@@ -396,10 +400,10 @@ def test_header_lines():
     assert _cmp().header() == f"A: a (X)  vs  B: b (X); ratios are B/A\n{none}"
     assert _cmp(dev_b="Y").header() == (f"A: a (X)  vs  B: b (Y); ratios are B/A\ncross-device comparison: the ratios "
                                         f"compare devices, not code changes\n{none}")
-    c = _cmp(ceilings={"copy_gbps": {"ratio": 1.5, "differed": True}})
+    c = _cmp(ceilings={"copy_gbps": {"ratio": 1.5, "differed": True}, "read_gbps": {"ratio": 0.5, "differed": True}})
     assert c.header() == ("A: a (X)  vs  B: b (X); ratios are B/A\nthe machines differed: ceilings B/A copy_gbps "
-                          "x1.500 beyond their noise; a change is claimed where a point's raw time and its time "
-                          f"against its own run's ceiling (rel_ratio) agree\n{none}")
+                          "x1.500, read_gbps x0.500 beyond their noise; a change is claimed where a point's raw time "
+                          f"and its time against its own run's ceiling (rel_ratio) agree\n{none}")
     rows = [_row(floor_from="copy_gbps", noise_floor=0.8), _row(floor_from="matmul_tflops.fp32", noise_floor=0.1)]
     c = _cmp(rows, floors={"A": 0.5, "B": 0.2}, floor=0.8)
     assert c.header().endswith(C.floor_text({"A": 0.5, "B": 0.2}, 0.8, {"copy_gbps": 0.8,
@@ -415,16 +419,17 @@ def test_summary_counts_and_floors():
             _row("same", floor_from="matmul_tflops.fp32", noise_floor=0.1, note="another note"),
             _row("slower", rel_ratio=2.0, floor_from="matmul_tflops.fp32", noise_floor=0.1),
             _row("n/a"), _row("n/a")]
-    c = _cmp(rows, ceilings={"copy_gbps": {"ratio": 1.5, "differed": True}})
+    two = {"copy_gbps": {"ratio": 1.5, "differed": True}, "read_gbps": {"ratio": 2, "differed": True}}
+    c = _cmp(rows, ceilings=two)
     assert c.summary() == ("compared: 2 n/a, 4 same, 1 slower (2 judged against each run's own ceilings); 3 same "
                            "only within this machine's between-run noise (1 by no ceiling (each run's largest drift) "
-                           "±90%, 2 by copy_gbps ±80%); the machines differed: copy_gbps x1.500")
+                           "±90%, 2 by copy_gbps ±80%); the machines differed: copy_gbps x1.500, read_gbps x2.000")
     assert _cmp([_row("same")]).summary() == "compared: 1 same"
 
 
 def test_floor_classes_and_blind():
-    rows = [_row(floor_from="copy_gbps", noise_floor=0.5), _row(floor_from="matmul_tflops.fp32", noise_floor=0.1),
-            _row(floor_from="read_gbps", noise_floor=0.5), _row(floor_from="largest", noise_floor=0.9),
+    rows = [_row(floor_from="read_gbps", noise_floor=0.5), _row(floor_from="matmul_tflops.fp32", noise_floor=0.1),
+            _row(floor_from="copy_gbps", noise_floor=0.5), _row(floor_from="largest", noise_floor=0.9),
             _row(kind="ceiling", floor_from="matvec_gbps.bf16", noise_floor=2.0), _row()]
     c = _cmp(rows)
     assert list(c.floor_classes().items()) == [("matvec_gbps.bf16", 2.0), ("largest", 0.9), ("copy_gbps", 0.5),
@@ -502,11 +507,14 @@ def test_compare_runs_end_to_end(tmp_path: Path):
 def test_compare_orders_by_backend_and_dtype(tmp_path: Path):
     pts = [_k("gemm", 1.0, backend="triton", dtype="fp32"), _k("gemm", 1.0, backend="torch", dtype="fp32"),
            _k("gemm", 1.0, backend="torch", dtype="bf16"), {**_k("zz", 1.0), "kind": "prefill"},
-           {**_k("aa", 1.0), "kind": "mystery"}, {**_k("copy", 1.0), "kind": "ceiling"}]
+           {**_k("aa", 1.0), "kind": "mystery"}, {**_k("copy", 1.0), "kind": "ceiling"},
+           {"kind": "kernel", "op": "gemm", "status": "ok", "median_ms": 1.0},  # no backend, no dtype
+           {"kind": "kernel", "m": 1, "backend": "torch", "status": "ok", "median_ms": 1.0}]  # no op: no name
     c = C.compare(_write(tmp_path / "a", pts), _write(tmp_path / "b", pts))
     assert [(r["kind"], r["name"], r["backend"], r["dtype"]) for r in c.rows] == [
-        ("ceiling", "copy", "torch", "fp32"), ("kernel", "gemm", "torch", "bf16"), ("kernel", "gemm", "torch", "fp32"),
-        ("kernel", "gemm", "triton", "fp32"), ("prefill", "zz", "torch", "fp32"), ("mystery", "aa", "torch", "fp32")]
+        ("ceiling", "copy", "torch", "fp32"), ("kernel", None, "torch", None), ("kernel", "gemm", None, None),
+        ("kernel", "gemm", "torch", "bf16"), ("kernel", "gemm", "torch", "fp32"), ("kernel", "gemm", "triton", "fp32"),
+        ("prefill", "zz", "torch", "fp32"), ("mystery", "aa", "torch", "fp32")]
     assert not c.cross_device and c.floors == {"A": None, "B": None} and c.drifts == {"A": {}, "B": {}}
 
 

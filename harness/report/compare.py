@@ -72,7 +72,7 @@ class Comparison:
 
     def floor_of(self, name: str | None) -> tuple[float, str]:
         """The floor of a point judged against ceiling `name` (None: none), and where it came from (`point_floor`)."""
-        return point_floor(name, self.drifts.get("A", {}), self.drifts.get("B", {}))
+        return point_floor(name, self.drifts["A"], self.drifts["B"])
 
     def floor_classes(self) -> dict[str, float]:
         """Each floor the judged points used ({ceiling name or LARGEST: floor}), largest first."""
@@ -149,10 +149,10 @@ def _median_ratio(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
 def median_ratio_interval(a: list[float], b: list[float], resamples: int = RESAMPLES,
                           confidence: float = CONFIDENCE, seed: int = SEED) -> tuple[float, float]:
     """A percentile bootstrap interval of median(b) / median(a), the two sample sets resampled independently with
-    replacement (scipy.stats.bootstrap, seeded: the same samples give the same interval)."""
-    res = stats.bootstrap((np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)), _median_ratio,
-                          n_resamples=resamples, confidence_level=confidence, method="percentile", vectorized=True,
-                          random_state=np.random.default_rng(seed))
+    replacement (scipy.stats.bootstrap, seeded: the same samples give the same interval; vectorized, as scipy infers
+    from the statistic's `axis`)."""
+    res = stats.bootstrap((np.asarray(a), np.asarray(b)), _median_ratio, n_resamples=resamples,
+                          confidence_level=confidence, method="percentile", random_state=np.random.default_rng(seed))
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
@@ -217,8 +217,8 @@ def floor_text(floors: dict[str, float | None], floor: float, classes: dict[str,
     line = (f"between-run noise floors by the ceiling each point is judged against (its drift start to end in each "
             f"run, compounded): {per or 'no point judged'}; a change inside its point's floor is `same` (each run's "
             f"largest drift: {said}; compounded ±{floor:.1%})")
-    if missing:
-        line += f"; {' and '.join(missing)} carries no estimate (no usable end-of-run re-probe)"
+    if missing:  # one of the two runs (both: the line above)
+        line += f"; {missing[0]} carries no estimate (no usable end-of-run re-probe)"
     return line
 
 
