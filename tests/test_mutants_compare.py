@@ -68,6 +68,7 @@ def test_drifts_per_ceiling_both_ways_and_only_finite_positive_ratios():
     assert C.drifts({}) == {} and C.drifts({"ceiling_drift": None}) == {}
     assert C.drifts({"ceiling_drift": {"ratios": None}}) == {} and C.drifts({"ceiling_drift": {}}) == {}
     assert C.drifts({"ceiling_drift": {"ratios": {"copy_gbps": 1}}}) == {"copy_gbps": 0}
+    assert C.drifts({"ceiling_drift": {"ratios": {"copy_gbps": 1e-308}}}) == {"copy_gbps": 1e308 - 1}  # 1/r finite
 
 
 def test_noise_floor_is_the_largest_drift_or_none():
@@ -236,13 +237,33 @@ def test_ceiling_ratios_from_the_probes_spreads():
 
 
 def test_ceiling_ratios_from_the_probes_samples():
-    sa, sb = [1.0, 1.1, 0.9, 1.0, 1.0], [2.0] * 5  # B's probe times constant, A's within +-10%
-    a = _ceiling_run(10.0, [_ceil("copy", 10.0, samples_ms=sa, median_ms=1.0, spread=0.9)])
-    b = _ceiling_run(15.0, [_ceil("copy", 15.0, samples_ms=sb, median_ms=2.0, spread=0.9)])
+    sa, sb = [2.0, 2.2, 1.8, 2.0, 2.0], [3.0] * 5  # B's probe times constant, A's within +-10%
+    a = _ceiling_run(10.0, [_ceil("copy", 10.0, samples_ms=sa, median_ms=2.0, spread=0.9)])
+    b = _ceiling_run(15.0, [_ceil("copy", 15.0, samples_ms=sb, median_ms=3.0, spread=0.9)])
     c = C.ceiling_ratios(a, b)["copy_gbps"]
-    lo_t, hi_t = C.median_ratio_interval(sa, [1.0] * 5)  # each probe about its own median
+    lo_t, hi_t = C.median_ratio_interval([1.0, 1.1, 0.9, 1.0, 1.0], [1.0] * 5)  # each probe about its own median
     assert (c["lo"], c["hi"]) == (pytest.approx(1.5 / hi_t), pytest.approx(1.5 / lo_t))
     assert c["lo"] == pytest.approx(1.5 * 0.9) and c["hi"] == pytest.approx(1.5 * 1.1) and c["differed"]
+
+
+def test_ceiling_ratios_one_sided_samples_and_no_spread():
+    sa = [2.0, 2.2, 1.8, 2.0, 2.0]
+    a = _ceiling_run(10.0, [_ceil("copy", 10.0, samples_ms=sa, median_ms=2.0, spread=0.1)])
+    b = _ceiling_run(15.0, [_ceil("copy", 15.0, spread=0.2)])  # no samples: both sides' spreads
+    c = C.ceiling_ratios(a, b)["copy_gbps"]
+    assert (c["lo"], c["hi"]) == (pytest.approx(1.2), pytest.approx(1.8))
+    bare = C.ceiling_ratios(_ceiling_run(10.0, [_ceil("copy", 10.0)]), _ceiling_run(15.0, [_ceil("copy", 15.0)]))
+    assert bare["copy_gbps"]["lo"] == bare["copy_gbps"]["hi"] == pytest.approx(1.5)  # probes without a spread: 0
+
+
+def test_ceiling_differed_at_the_interval_edges():
+    # 1.25 x (1 - 0.2) is exactly 1.0: an interval that touches 1 does not exclude it
+    at_lo = C.ceiling_ratios(_ceiling_run(8.0, [_ceil("copy", 8.0, spread=0.2)]),
+                             _ceiling_run(10.0, [_ceil("copy", 10.0, spread=0.2)]))["copy_gbps"]
+    assert at_lo["lo"] == 1.0 and not at_lo["differed"]
+    at_hi = C.ceiling_ratios(_ceiling_run(10.0, [_ceil("copy", 10.0, spread=0.25)]),
+                             _ceiling_run(8.0, [_ceil("copy", 8.0, spread=0.25)]))["copy_gbps"]
+    assert at_hi["hi"] == 1.0 and not at_hi["differed"]
 
 
 def test_relative_ratio_and_its_interval():
@@ -298,7 +319,9 @@ def test_pair_one_sided():
     assert row["changed"] == "only_b" and row["status_a"] is None and row["status_b"] == "ok"
     assert row["median_ms_b"] == 1.0 and row["time_ratio"] is None and row["noise_floor"] is None
     assert row["floor_from"] is None and row["note"] is None
-    assert C._pair(KEY, _ok(median_ms=1.0), None, {}, _floors)["changed"] == "only_a"
+    only_a = C._pair(KEY, _ok(median_ms=1.0), None, {}, _floors)
+    assert only_a["changed"] == "only_a" and only_a["status_a"] == "ok" and only_a["median_ms_a"] == 1.0
+    assert set(row) == set(only_a) == set(C.COLUMNS) | {"throughput_field"}
     assert {k for k in row if k not in ("changed", "status_b", "median_ms_b", "spread_b", "kind", "name", "backend",
                                         "dtype", "shape") and row[k] is not None} == set()
 
@@ -330,14 +353,17 @@ def test_pair_on_throughput_alone():
     row = C._pair(KEY, _ok(gbps=10.0, value=1.0), _ok(gbps=5.0, value=4.0), {}, _floors)
     assert row["throughput_ratio"] == 0.5 and row["throughput_field"] == "gbps" and row["time_ratio"] is None
     assert row["method"] == "spread" and row["changed"] == "slower" and row["changed_raw"] == "slower"
+    one_time = C._pair(KEY, _ok(median_ms=1.0, gbps=10.0), _ok(gbps=5.0), {}, _floors)  # a time on one side only
+    assert one_time["time_ratio"] is None and one_time["throughput_ratio"] == 0.5 and one_time["changed"] == "slower"
     first = C._pair(KEY, _ok(tokens_per_s=2.0, gbps=10.0), _ok(tokens_per_s=4.0, gbps=5.0), {}, _floors)
     assert first["throughput_field"] == "tokens_per_s" and first["throughput_ratio"] == 2.0
     assert first["changed"] == "faster"
 
 
 def test_pair_spread_rule_and_the_floor_note():
-    a, b = _ok(median_ms=1.0, spread=0.1), _ok(median_ms=1.5, spread=0.3)
+    a, b = _ok(median_ms=2.0, spread=0.1), _ok(median_ms=3.0, spread=0.3)
     row = C._pair(KEY, a, b, {}, _floors)
+    assert set(row) == set(C.COLUMNS) | {"throughput_field"}
     assert row["time_ratio"] == 1.5 and row["method"] == "spread" and row["ratio_lo"] is None
     assert row["changed"] == "slower" and row["noise_floor"] == 0.0 and row["floor_from"] == "largest"
     assert row["note"] is None and row["spread_a"] == 0.1 and row["spread_b"] == 0.3
@@ -353,6 +379,16 @@ def test_pair_spread_rule_and_the_floor_note():
     assert (row["rel_lo"], row["rel_hi"]) == (pytest.approx(1.1), pytest.approx(1.9))
     assert row["note"] == ("within this machine's between-run noise of ±25% from copy_gbps (B/A x1.200..x1.800; "
                            "against each run's own ceiling x1.100..x1.900)")
+
+
+def test_pair_same_by_disagreement_has_no_floor_note():
+    """Raw x1.2..x1.8 but against the ceilings (B's half as fast, +-10%) x0.35..x1.15: the two disagree even without
+    a floor, so `same` is not the floor's doing and carries no note."""
+    a = _ok(median_ms=2.0, spread=0.1, ceiling_name="copy_gbps")
+    b = _ok(median_ms=3.0, spread=0.3, ceiling_name="copy_gbps")
+    row = C._pair(KEY, a, b, {"copy_gbps": {"ratio": 0.5, "lo": 0.45, "hi": 0.55}}, _floors)
+    assert (row["rel_lo"], row["rel_hi"]) == (pytest.approx(0.35), pytest.approx(1.15))
+    assert row["changed"] == "same" and row["note"] is None
 
 
 def test_pair_same_without_the_floor_has_no_note():
