@@ -11,7 +11,7 @@ import pytest
 from conftest import run_cli
 from test_report import make_run, synthetic_points
 from tokenfleet.cli.main import app
-from tokenfleet.report.compare import compare
+from tokenfleet.report.compare import FLOOR_NOTE, compare
 from typer.testing import CliRunner
 
 
@@ -294,3 +294,91 @@ def test_a_ceiling_that_moved_alone_is_not_a_regression(tmp_path: Path):
     assert len(judged) >= 8 and all(r["rel_lo"] > 1.3 for r in judged)  # relative alone: 1.44x slower
     assert all(r["changed_raw"] == "same" and r["changed"] == "same" for r in judged)
     assert cmp.machines_differed and not cmp.regressions(10)
+
+
+# --- per-ceiling noise floors (issue 24) ---------------------------------------------------------------------------
+
+
+def _floored(folder: Path, slow: dict[str, float], drift: dict[str, float], run_id: str) -> Path:
+    """A run of three kernel points, 40 tight samples each (1% jitter) at 1 ms x `slow[op]`: a gemm judged against the
+    bf16 matmul ceiling, a silu_mul against the copy ceiling, an rmsnorm with no ceiling; its ceilings drifted
+    `drift` (end/start) between its start and its end-of-run re-probe."""
+    from tokenfleet import results
+
+    pts = [{"kind": "kernel", "op": op, "backend": "torch", "dtype": "bf16", "rows": 64, "status": "ok",
+            "median_ms": slow.get(op, 1.0), **({"ceiling_name": name} if name else {})}
+           for op, name in (("gemm", "matmul_tflops.bf16"), ("silu_mul", "copy_gbps"), ("rmsnorm", None))]
+    run = make_run(folder, _with_samples(pts, seed=len(run_id) + sum(map(ord, run_id))), run_id=run_id)
+    results.update_manifest(run, ceiling_drift={"limit": 0.05, "ratios": drift, "flagged": sorted(drift)})
+    return run
+
+
+# A quiet VM's two runs (2026-12-05): the copy probe drifted 48% and 39% within them, the matmul under 6%.
+DRIFT_A = {"copy_gbps": 1.48, "matmul_tflops.bf16": 1.03}
+DRIFT_B = {"copy_gbps": 1 / 1.39, "matmul_tflops.bf16": 0.97}
+
+
+def test_a_matmul_point_is_judged_by_the_matmul_drift_not_the_copys(tmp_path: Path):
+    """The gemm 2x slower in B: beyond the matmul ceiling's own floor (1.03 x 1/0.97: ±6.2%), so a regression at
+    --fail-over 10, though the copy probe's drift (±106%) would hide anything under 2x."""
+    a = _floored(tmp_path / "a", {}, DRIFT_A, "a")
+    b = _floored(tmp_path / "b", {"gemm": 2.0}, DRIFT_B, "b")
+    cmp = compare(a, b)
+    rows = {r["name"]: r for r in cmp.rows}
+    g = rows["gemm"]
+    assert g["floor_from"] == "matmul_tflops.bf16" and g["noise_floor"] == pytest.approx(1.03 / 0.97 - 1)
+    assert g["changed"] == "slower" and g["ratio_lo"] > 1.9
+    assert cmp.floor == pytest.approx(1.48 * 1.39 - 1)  # the largest, for the points without a ceiling
+    assert cmp.regressions(10) == [g]
+    r = cli("compare", str(a), str(b), "--fail-over", "10")
+    assert r.returncode == 1
+    assert "regression: kernel gemm torch bf16" in r.stderr and "±6% from matmul_tflops.bf16" in r.stderr
+    # The gate says what it cannot see, per class of point: the copy-judged and ceiling-less points, not the gemm.
+    warn = next(line for line in r.stderr.splitlines() if line.startswith("--fail-over"))
+    assert "copy_gbps ±106%" in warn and "no ceiling (each run's largest drift) ±106%" in warn
+    assert "matmul" not in warn
+
+
+def test_a_copy_point_is_same_within_the_copy_drift(tmp_path: Path):
+    """The silu_mul 1.5x slower, judged against the copy ceiling that drifted 48% and 39%: `same`, said to be
+    inside the copy ceiling's floor; the gemm unchanged stays `same` without a note."""
+    a = _floored(tmp_path / "a", {}, DRIFT_A, "a")
+    b = _floored(tmp_path / "b", {"silu_mul": 1.5}, DRIFT_B, "b")
+    cmp = compare(a, b)
+    rows = {r["name"]: r for r in cmp.rows}
+    s = rows["silu_mul"]
+    assert s["floor_from"] == "copy_gbps" and s["noise_floor"] == pytest.approx(1.48 * 1.39 - 1)
+    assert s["changed"] == "same" and s["changed_raw"] == "same" and s["ratio_lo"] > 1.4
+    assert s["note"].startswith(FLOOR_NOTE) and "±106% from copy_gbps" in s["note"]
+    assert rows["gemm"]["changed"] == "same" and rows["gemm"]["note"] is None
+    assert not cmp.regressions(10)
+    assert "1 same only within this machine's between-run noise (1 by copy_gbps ±106%)" in cmp.summary()
+    head = cmp.header()
+    assert "matmul_tflops.bf16 ±6.2%" in head and "copy_gbps ±105.7%" in head
+    assert "no ceiling (each run's largest drift) ±105.7%" in head
+
+
+def test_a_point_without_a_ceiling_keeps_the_largest_drift(tmp_path: Path):
+    """The rmsnorm (no ceiling_name) 1.5x slower: judged with each run's largest drift (the copy's here), `same`;
+    a matmul drift alone in both runs would give it the matmul's, since that is then the largest."""
+    a = _floored(tmp_path / "a", {}, DRIFT_A, "a")
+    b = _floored(tmp_path / "b", {"rmsnorm": 1.5}, DRIFT_B, "b")
+    (rms,) = [r for r in compare(a, b).rows if r["name"] == "rmsnorm"]
+    assert rms["floor_from"] == "largest" and rms["noise_floor"] == pytest.approx(1.48 * 1.39 - 1)
+    assert rms["changed"] == "same" and rms["note"].startswith(FLOOR_NOTE)
+    tight = {"matmul_tflops.bf16": 1.03}
+    a2 = _floored(tmp_path / "a2", {}, tight, "a")
+    b2 = _floored(tmp_path / "b2", {"rmsnorm": 1.5}, tight, "b")
+    (rms2,) = [r for r in compare(a2, b2).rows if r["name"] == "rmsnorm"]
+    assert rms2["floor_from"] == "largest" and rms2["noise_floor"] == pytest.approx(1.03**2 - 1)
+    assert rms2["changed"] == "slower"
+
+
+def test_a_ceiling_one_run_did_not_reprobe_falls_back_to_that_runs_largest(tmp_path: Path):
+    """B re-probed its copy ceiling only (its matmul re-probe was, say, `contended`): B has no matmul drift to
+    compound with A's, so the gemm takes each run's largest drift (conservative)."""
+    a = _floored(tmp_path / "a", {}, DRIFT_A, "a")
+    b = _floored(tmp_path / "b", {"gemm": 2.0}, {"copy_gbps": 1.1}, "b")
+    (g,) = [r for r in compare(a, b).rows if r["name"] == "gemm"]
+    assert g["floor_from"] == "largest" and g["noise_floor"] == pytest.approx(1.48 * 1.1 - 1)
+    assert g["changed"] == "slower"  # 2x is beyond a 63% floor

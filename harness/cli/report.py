@@ -42,7 +42,7 @@ def compare(
     fmt: FormatOpt = "table",
 ) -> None:
     """Ratios B/A of median time and throughput per matching point, with each side's noise."""
-    from tokenfleet.report.compare import COLUMNS, compare
+    from tokenfleet.report.compare import COLUMNS, compare, floor_label
 
     check_format(fmt)
     check_finite({"--fail-over": fail_over})
@@ -54,7 +54,8 @@ def compare(
         print(to_json({"a": cmp.a.run_id, "b": cmp.b.run_id, "device_a": cmp.a.device, "device_b": cmp.b.device,
                        "cross_device": cmp.cross_device, "ceilings": cmp.ceilings,
                        "machines_differed": cmp.machines_differed, "noise_floor": cmp.floor,
-                       "noise_floors": cmp.floors, "rows": cmp.rows}))
+                       "noise_floors": cmp.floors, "noise_floors_by_ceiling": cmp.floor_classes(),
+                       "ceiling_drifts": cmp.drifts, "rows": cmp.rows}))
     elif fmt == "csv":
         emit(cmp.rows, fmt, columns=COLUMNS + ["throughput_field", "cross_device"])
     else:
@@ -66,9 +67,12 @@ def compare(
                                                       "status_a", "status_b"])
     typer.echo(cmp.summary(), err=to_err)
     if fail_over is not None:
-        if cmp.floor * 100 > fail_over:
-            typer.echo(f"--fail-over {fail_over:g}% is inside these runs' between-run noise (±{cmp.floor:.0%}): a "
-                       f"slowdown under {cmp.floor:.0%} cannot be told from the machine's noise here", err=True)
+        blind = cmp.blind(fail_over)
+        if blind:
+            which = ", ".join(f"{floor_label(k)} ±{f:.0%}" for k, f in blind.items())
+            typer.echo(f"--fail-over {fail_over:g}% is inside these runs' between-run noise for the points judged "
+                       f"by {which}: a slowdown of those points under their floor cannot be told from the machine's "
+                       "noise here", err=True)
         bad = cmp.regressions(fail_over)
         for r in bad:
             typer.echo(f"regression: {point_name(r)}: {regression_text(r)}", err=True)
@@ -89,11 +93,14 @@ def _interval(r: dict) -> tuple[float, float] | None:
 
 
 def regression_text(r: dict) -> str:
+    from tokenfleet.report.compare import floor_label
+
     if r["changed"] == "contended":
         return f"not judged: measured on a shared machine ({r['note']}); --resume that run on a quiet machine"
     if r["changed"] != "slower":
         return f"failed ({r['note']})"
-    floor = f"; beyond the between-run noise of ±{r['noise_floor']:.0%}" if r.get("noise_floor") else ""
+    floor = (f"; beyond the between-run noise of ±{r['noise_floor']:.0%} from {floor_label(r['floor_from'])}"
+             if r.get("noise_floor") else "")
     if r.get("rel_ratio") is not None:
         return (f"slower x{r['rel_ratio']:.3f} against each run's own ceiling (interval x{r['rel_lo']:.3f}.."
                 f"x{r['rel_hi']:.3f}; raw time x{r['time_ratio']:.3f}{floor})")

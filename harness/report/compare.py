@@ -10,11 +10,17 @@ ratio is further from 1 than the noisier side's spread (p80-p20)/median.
 A point's samples see the noise within its own few tenths of a second, not what moves between runs (a shared VM's
 memory bus, its clocks, another process's placement: small CPU kernel points up to 1.60x apart, their samples tight,
 between quiet runs of one commit on the 2-core development VM, 2026-12-04; results/compare/). Each run measures that
-of itself: its ceilings probed at its start and again at its end (`ceiling_drift`); its largest drift bounds how far
-the run's numbers may sit from the machine's usual, and the two runs' bounds compound into the comparison's
-between-run noise floor (`noise_floor`: (1 + fa)(1 + fb) - 1): a whole interval beyond 1 but inside
-[1/(1+floor), 1+floor] is `same`, said so in the point's note. Runs without a usable re-probe (older runs, suites
-without ceilings) are judged on their samples alone, and the header says so.
+of itself: its ceilings probed at its start and again at its end (`ceiling_drift`, per ceiling: `drifts`). A point
+judged against a ceiling (its `ceiling_name` in both runs: copy, read, matmul.DT or matvec.DT; a ceiling probe: its
+own) takes that ceiling's drift in each run as how far the run's numbers for it may sit from the machine's usual, and
+the two runs' bounds compound into its between-run noise floor ((1 + fa)(1 + fb) - 1; `noise_floor` and `floor_from`
+in its row); a point without a ceiling, or whose ceiling one of the runs did not re-probe, takes each run's largest
+drift (conservative). On the 2-core VM the copy and read probes drifted 35-48% within quiet runs while the matmul
+probes drifted under 6% (2026-12-04/05), so a matmul-bound point is judged within about ±7% and a bandwidth-bound one
+within about ±55% or more: one floor for all would blind the gate to every point. A whole interval beyond 1 but inside
+[1/(1+floor), 1+floor] is `same`, said so in the point's note with the floor's source; the header lists each floor
+the points used and --fail-over warns for the classes of points whose floor is wider than its threshold. Runs without
+a usable re-probe (older runs, suites without ceilings) are judged on their samples alone, and the header says so.
 
 A busy or different machine moves every time, so where both runs carry the ceiling a point is judged against (its
 `ceiling_name`: copy, read, matmul or matvec of its dtype), the point is judged on its efficiency, each run's point
@@ -42,12 +48,13 @@ NAME_FIELDS = ("kind", "op", "model", "backend", "dtype")
 KIND_ORDER = {"ceiling": 0, "kernel": 1, "prefill": 2, "decode": 3}
 COLUMNS = ["kind", "name", "backend", "dtype", "shape", "status_a", "status_b", "median_ms_a", "median_ms_b",
            "time_ratio", "ratio_lo", "ratio_hi", "changed_raw", "rel_ratio", "rel_lo", "rel_hi", "throughput_ratio",
-           "spread_a", "spread_b", "noise_floor", "changed", "method", "note"]
+           "spread_a", "spread_b", "noise_floor", "floor_from", "changed", "method", "note"]
 RESAMPLES = 2000  # bootstrap resamples per point pair
 CONFIDENCE = 0.95  # of the interval on the ratio of medians
 MIN_SAMPLES = 5  # fewer kept samples on either side: the spread rule instead
 SEED = 0  # the same two runs always give the same intervals
 FLOOR_NOTE = "within this machine's between-run noise"  # a point judged `same` because of the noise floor
+LARGEST = "largest"  # `floor_from` of a point judged with each run's largest drift (no ceiling of its own)
 # Ceilings further apart than this (and beyond their noise): the machines differed. The same limit as a ceiling's
 # drift within one run (tokenfleet.measure.parts.ceilings.DRIFT_LIMIT; tests/test_compare.py holds them equal).
 MACHINE_LIMIT = 0.05
@@ -59,8 +66,25 @@ class Comparison:
     b: Run
     rows: list[dict] = field(default_factory=list)
     ceilings: dict[str, dict] = field(default_factory=dict)  # name -> ratio B/A, its interval, differed
-    floor: float = 0.0  # the between-run noise floor both runs measured of themselves (`noise_floor`)
-    floors: dict[str, float | None] = field(default_factory=dict)  # "A"/"B" -> each run's own (None: not measured)
+    floor: float = 0.0  # the largest between-run noise floor: both runs' largest drifts, compounded
+    floors: dict[str, float | None] = field(default_factory=dict)  # "A"/"B" -> each run's largest (None: not measured)
+    drifts: dict[str, dict[str, float]] = field(default_factory=dict)  # "A"/"B" -> each ceiling's drift in that run
+
+    def floor_of(self, name: str | None) -> tuple[float, str]:
+        """The floor of a point judged against ceiling `name` (None: none), and where it came from (`point_floor`)."""
+        return point_floor(name, self.drifts["A"], self.drifts["B"])
+
+    def floor_classes(self) -> dict[str, float]:
+        """Each floor the judged points used ({ceiling name or LARGEST: floor}), largest first."""
+        got = {r["floor_from"]: r["noise_floor"] for r in self.rows if r["floor_from"] is not None}
+        return dict(sorted(got.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    def blind(self, pct: float) -> dict[str, float]:
+        """The floors wider than `pct` percent among the points --fail-over gates (not ceilings): a slowdown of
+        those points under their floor cannot be told from the machine's noise."""
+        got = {r["floor_from"]: r["noise_floor"] for r in self.rows
+               if r["floor_from"] is not None and r["kind"] != "ceiling" and r["noise_floor"] * 100 > pct}
+        return dict(sorted(got.items(), key=lambda kv: (-kv[1], kv[0])))
 
     @property
     def machines_differed(self) -> list[str]:
@@ -79,7 +103,7 @@ class Comparison:
             line += ("\nthe machines differed: ceilings B/A " + ", ".join(self.machines_differed) + " beyond their "
                      "noise; a change is claimed where a point's raw time and its time against its own run's "
                      "ceiling (rel_ratio) agree")
-        return line + "\n" + floor_text(self.floors, self.floor)
+        return line + "\n" + floor_text(self.floors, self.floor, self.floor_classes())
 
     def summary(self) -> str:
         counts: dict[str, int] = {}
@@ -89,9 +113,14 @@ class Comparison:
         rel = sum(r.get("rel_ratio") is not None for r in self.rows)
         if rel:
             text += f" ({rel} judged against each run's own ceilings)"
-        floored = sum(bool(r["note"]) and r["note"].startswith(FLOOR_NOTE) for r in self.rows)
+        floored: dict[str, int] = {}
+        for r in self.rows:
+            if r["note"] and r["note"].startswith(FLOOR_NOTE):
+                floored[r["floor_from"]] = floored.get(r["floor_from"], 0) + 1
         if floored:
-            text += f"; {floored} same only within this machine's between-run noise of ±{self.floor:.0%}"
+            per = ", ".join(f"{floored[k]} by {floor_label(k)} ±{f:.0%}" for k, f in self.floor_classes().items()
+                            if k in floored)
+            text += f"; {sum(floored.values())} same only within this machine's between-run noise ({per})"
         if self.machines_differed:
             text += "; the machines differed: " + ", ".join(self.machines_differed)
         return text
@@ -120,21 +149,54 @@ def _median_ratio(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
 def median_ratio_interval(a: list[float], b: list[float], resamples: int = RESAMPLES,
                           confidence: float = CONFIDENCE, seed: int = SEED) -> tuple[float, float]:
     """A percentile bootstrap interval of median(b) / median(a), the two sample sets resampled independently with
-    replacement (scipy.stats.bootstrap, seeded: the same samples give the same interval)."""
-    res = stats.bootstrap((np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)), _median_ratio,
-                          n_resamples=resamples, confidence_level=confidence, method="percentile", vectorized=True,
-                          random_state=np.random.default_rng(seed))
+    replacement (scipy.stats.bootstrap, seeded: the same samples give the same interval; vectorized, as scipy infers
+    from the statistic's `axis`)."""
+    res = stats.bootstrap((np.asarray(a), np.asarray(b)), _median_ratio, n_resamples=resamples,
+                          confidence_level=confidence, method="percentile", random_state=np.random.default_rng(seed))
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
+def drifts(manifest: dict) -> dict[str, float]:
+    """The between-run noise a run measured of its machine, per ceiling: each ceiling's move between the run's start
+    and its end-of-run re-probe (`ceiling_drift.ratios`, end/start), as a relative change (ratio r: max(r, 1/r) - 1).
+    Empty where the run has no usable re-probe (an older run, a suite without ceilings or without the re-probe, a run
+    cut short, re-probes all `contended`)."""
+    ratios = ((manifest.get("ceiling_drift") or {}).get("ratios") or {}).items()
+    return {k: max(r, 1 / r) - 1 for k, r in ratios
+            if isinstance(r, (int, float)) and r > 0 and math.isfinite(r) and math.isfinite(1 / r)}
+
+
 def noise_floor(manifest: dict) -> float | None:
-    """The between-run noise a run measured of its machine: the largest move of any of its ceilings between the
-    run's start and its end-of-run re-probe (`ceiling_drift.ratios`, end/start), as a relative change (ratio r:
-    max(r, 1/r) - 1). None where the run has no usable re-probe (an older run, a suite without ceilings or without
-    the re-probe, a run cut short, re-probes all `contended`)."""
-    ratios = [r for r in ((manifest.get("ceiling_drift") or {}).get("ratios") or {}).values()
-              if isinstance(r, (int, float)) and r > 0 and math.isfinite(r) and math.isfinite(1 / r)]
-    return max(max(r, 1 / r) for r in ratios) - 1 if ratios else None
+    """A run's largest ceiling drift (`drifts`): the floor of its points that have no ceiling of their own. None
+    where the run has no usable re-probe."""
+    return max(drifts(manifest).values(), default=None)
+
+
+def point_floor(name: str | None, da: dict[str, float], db: dict[str, float]) -> tuple[float, str]:
+    """The floor of a point judged against ceiling `name` (a burst ceiling: its sustained probe, the one re-probed),
+    from A's drifts `da` and B's `db`: that ceiling's own drift in each run, compounded (`combined_floor`), and
+    `name` as where it came from. Where the point has no ceiling, or a run that re-probed did not re-probe that one,
+    each run's largest drift (LARGEST): conservative. A run without an estimate (empty) adds nothing."""
+    name = name and name.removeprefix("burst_")
+    own = bool(name) and all(name in d for d in (da, db) if d)
+    fa, fb = ((d[name] if own else max(d.values())) if d else None for d in (da, db))
+    return combined_floor(fa, fb), (name if own else LARGEST)
+
+
+def floor_name(a: dict, b: dict) -> str | None:
+    """The ceiling a pair of points is judged against: a timed point's `ceiling_name` where both runs agree on it;
+    a ceiling probe's own (copy_gbps, read_gbps, matvec_gbps.DT, matmul_tflops.DT); else None."""
+    if a.get("kind") == "ceiling":
+        op, dtype = a.get("op"), a.get("dtype")
+        return {"copy": "copy_gbps", "read": "read_gbps", "matvec": f"matvec_gbps.{dtype}",
+                "matmul": f"matmul_tflops.{dtype}"}.get(op)
+    name = a.get("ceiling_name")
+    return name if name == b.get("ceiling_name") else None
+
+
+def floor_label(name: str) -> str:
+    """How a floor's source is named to a reader: a ceiling's drift, or each run's largest."""
+    return "no ceiling (each run's largest drift)" if name == LARGEST else name
 
 
 def combined_floor(fa: float | None, fb: float | None) -> float:
@@ -143,17 +205,20 @@ def combined_floor(fa: float | None, fb: float | None) -> float:
     return min((1 + (fa or 0.0)) * (1 + (fb or 0.0)) - 1, sys.float_info.max)  # finite: JSON has no inf
 
 
-def floor_text(floors: dict[str, float | None], floor: float) -> str:
-    """The header's line on the between-run noise floor: what each run measured, or that one did not."""
+def floor_text(floors: dict[str, float | None], floor: float, classes: dict[str, float] | None = None) -> str:
+    """The header's line on the between-run noise floors: each floor the points used (`classes`: a ceiling's own
+    drift in each run, compounded, or each run's largest), what each run measured at most, or that one did not."""
     missing = [k for k, f in floors.items() if f is None]
     if len(missing) == len(floors):
         return ("no between-run noise estimate (neither run has a usable end-of-run ceiling re-probe): changes "
                 "judged on the points' own samples only")
     said = ", ".join(f"{k} ±{f:.1%}" for k, f in floors.items() if f is not None)
-    line = (f"between-run noise floor ±{floor:.1%} (each run's largest ceiling drift, start to end: {said}; "
-            "compounded): a change inside it is `same`")
-    if missing:
-        line += f"; {' and '.join(missing)} carries no estimate (no usable end-of-run re-probe)"
+    per = "; ".join(f"{floor_label(k)} ±{f:.1%}" for k, f in (classes or {}).items())
+    line = (f"between-run noise floors by the ceiling each point is judged against (its drift start to end in each "
+            f"run, compounded): {per or 'no point judged'}; a change inside its point's floor is `same` (each run's "
+            f"largest drift: {said}; compounded ±{floor:.1%})")
+    if missing:  # one of the two runs (both: the line above)
+        line += f"; {missing[0]} carries no estimate (no usable end-of-run re-probe)"
     return line
 
 
@@ -248,14 +313,14 @@ def judge(row: dict, lo: float, hi: float, floor: float) -> tuple[str, str]:
     return (rel if rel == raw else "same"), raw
 
 
-def _pair(key: str, a: dict | None, b: dict | None, ceilings: dict[str, dict] | None = None,
-          floor: float = 0.0) -> dict:
+def _pair(key: str, a: dict | None, b: dict | None, ceilings: dict[str, dict], floor_of) -> dict:
+    """One row: point `key` of A (`a`) and of B (`b`) judged; `floor_of(ceiling name)` gives its floor."""
     row = {**_ident(key), "status_a": a and a.get("status"), "status_b": b and b.get("status"),
            "median_ms_a": a and a.get("median_ms"), "median_ms_b": b and b.get("median_ms"),
            "time_ratio": None, "throughput_ratio": None, "throughput_field": None,
            "spread_a": a and _spread(a), "spread_b": b and _spread(b), "changed": None, "note": None,
            "ratio_lo": None, "ratio_hi": None, "method": None, "changed_raw": None, "rel_ratio": None,
-           "rel_lo": None, "rel_hi": None, "noise_floor": None}
+           "rel_lo": None, "rel_hi": None, "noise_floor": None, "floor_from": None}
     if a is None or b is None:
         row["changed"] = "only_b" if a is None else "only_a"
         return row
@@ -288,12 +353,14 @@ def _pair(key: str, a: dict | None, b: dict | None, ceilings: dict[str, dict] | 
     else:  # beyond the noisier side's spread
         noise = max(row["spread_a"], row["spread_b"])
         lo, hi, row["method"] = ratio - noise, ratio + noise, "spread"
-    _relative(row, a, b, ceilings or {})
+    _relative(row, a, b, ceilings)
+    floor, row["floor_from"] = floor_of(floor_name(a, b))
     row["noise_floor"] = floor
     row["changed"], row["changed_raw"] = judge(row, lo, hi, floor)
     if row["changed"] == "same" and judge(row, lo, hi, 0.0)[0] != "same":
         rel = f"; against each run's own ceiling x{row['rel_lo']:.3f}..x{row['rel_hi']:.3f}" if row["rel_lo"] else ""
-        row["note"] = f"{FLOOR_NOTE} of ±{floor:.0%} (B/A x{lo:.3f}..x{hi:.3f}{rel})"
+        row["note"] = (f"{FLOOR_NOTE} of ±{floor:.0%} from {floor_label(row['floor_from'])} (B/A x{lo:.3f}.."
+                       f"x{hi:.3f}{rel})")
     return row
 
 
@@ -309,10 +376,11 @@ def compare(run_a: str | Path, run_b: str | Path) -> Comparison:
     cmp = Comparison(load_run(da), load_run(db))
     cmp.ceilings = ceiling_ratios(cmp.a, cmp.b)
     cmp.floors = {"A": noise_floor(cmp.a.manifest), "B": noise_floor(cmp.b.manifest)}
+    cmp.drifts = {"A": drifts(cmp.a.manifest), "B": drifts(cmp.b.manifest)}
     cmp.floor = combined_floor(cmp.floors["A"], cmp.floors["B"])
     pa, pb = cmp.a.by_key(), cmp.b.by_key()
     keys = list(pa) + [k for k in pb if k not in pa]
-    rows = [_pair(k, pa.get(k), pb.get(k), cmp.ceilings, cmp.floor) for k in keys]
+    rows = [_pair(k, pa.get(k), pb.get(k), cmp.ceilings, cmp.floor_of) for k in keys]
     for r in rows:
         r["cross_device"] = cmp.cross_device
     cmp.rows = sorted(rows, key=lambda r: (r["changed"] in ("only_a", "only_b"), KIND_ORDER.get(r["kind"], 9),
