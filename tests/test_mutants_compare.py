@@ -523,7 +523,8 @@ def test_compare_runs_end_to_end(tmp_path: Path):
                                 {"kind": "decode", "model": "m", "backend": "torch", "status": "ok",
                                  "median_ms": 1.0, "spread": 0.01}, _k("add", 1.0)],
                {"copy_gbps": 1 / 1.2, "matmul_tflops.fp32": 1.05}, device="CPU Y")
-    c = C.compare(a, b)
+    c = C.compare(a, b, "ceiling")
+    assert c.floor_rule == "ceiling"
     assert c.floors == {"A": pytest.approx(0.5), "B": pytest.approx(0.2)} and c.floor == pytest.approx(0.8)
     assert c.drifts["A"] == {"copy_gbps": pytest.approx(0.5), "matmul_tflops.fp32": pytest.approx(0.1)}
     assert c.drifts["B"]["matmul_tflops.fp32"] == pytest.approx(0.05)
@@ -538,6 +539,15 @@ def test_compare_runs_end_to_end(tmp_path: Path):
     assert rows["m"]["changed"] == "same" and rows["m"]["floor_from"] == "largest"
     assert c.regressions(10) == [rows["gemm"]]
     assert [r["changed"] for r in c.rows[-2:]] == ["only_b", "only_a"]
+    d = C.compare(a, b)  # the default rule: every point takes each run's largest drift, compounded (1.5 x 1.2)
+    assert d.floor_rule == "largest"
+    assert {r["name"]: (r["floor_from"], round(r["noise_floor"], 12), r["changed"]) for r in d.rows[:3]} == {
+        "gemm": ("largest", 0.8, "same"), "silu": ("largest", 0.8, "same"), "m": ("largest", 0.8, "same")}
+    assert d.regressions(10) == []
+    with pytest.raises(ConfigError) as e:
+        C.compare(a, b, "Largest")
+    assert (e.value.file, e.value.field) == ("--floor", None)
+    assert str(e.value).endswith("unknown rule 'Largest'; known: largest, ceiling")
 
 
 def test_compare_orders_by_backend_and_dtype(tmp_path: Path):

@@ -39,6 +39,10 @@ def compare(
     fail_over: Annotated[float | None, typer.Option(
         "--fail-over", help="exit 1 when a point failed, or slowed by more than PCT percent beyond its noise (by "
                             "the interval on B/A where the runs kept their samples)", metavar="PCT", min=0)] = None,
+    floor: Annotated[str, typer.Option(
+        "--floor", help="between-run noise floor of each point: `largest` (each run's largest ceiling drift, start to "
+                        "end) or `ceiling` (the drift of the ceiling the point is judged against; tighter, but on a "
+                        "shared CPU VM small kernels move more than their ceilings)")] = "largest",
     fmt: FormatOpt = "table",
 ) -> None:
     """Ratios B/A of median time and throughput per matching point, with each side's noise."""
@@ -46,7 +50,7 @@ def compare(
 
     check_format(fmt)
     check_finite({"--fail-over": fail_over})
-    cmp = compare(run_a, run_b)
+    cmp = compare(run_a, run_b, floor)
     # Machine formats keep stdout parseable: the header and summary go to stderr there.
     to_err = fmt in ("json", "csv")
     typer.echo(cmp.header(), err=to_err)

@@ -58,6 +58,13 @@ LARGEST = "largest"  # `floor_from` of a point judged with each run's largest dr
 # Ceilings further apart than this (and beyond their noise): the machines differed. The same limit as a ceiling's
 # drift within one run (tokenfleet.measure.parts.ceilings.DRIFT_LIMIT; tests/test_compare.py holds them equal).
 MACHINE_LIMIT = 0.05
+# How a point's between-run floor is chosen. `largest` (the default): each run's largest ceiling drift, for every
+# point. `ceiling`: the drift of the ceiling the point is judged against. Two quiet ci-cpu runs of one commit on the
+# 2-core VM (2026-12-05, results/compare/cpu-amd-epyc-2core-2026-12-05-floors.md): the matmul ceilings drifted 2-5%
+# while small gemm and moe points moved 1.26-1.57x with tight samples, so under `ceiling` the pair failed
+# --fail-over 10 on four points of one commit; a ceiling's drift does not bound a small kernel's between-run noise
+# there. `ceiling` is for machines whose points move with their ceilings (to be shown on a GPU).
+FLOOR_RULES = ("largest", "ceiling")
 
 
 @dataclass
@@ -69,10 +76,12 @@ class Comparison:
     floor: float = 0.0  # the largest between-run noise floor: both runs' largest drifts, compounded
     floors: dict[str, float | None] = field(default_factory=dict)  # "A"/"B" -> each run's largest (None: not measured)
     drifts: dict[str, dict[str, float]] = field(default_factory=dict)  # "A"/"B" -> each ceiling's drift in that run
+    floor_rule: str = "largest"  # FLOOR_RULES: each run's largest drift for every point, or the point's own ceiling's
 
     def floor_of(self, name: str | None) -> tuple[float, str]:
-        """The floor of a point judged against ceiling `name` (None: none), and where it came from (`point_floor`)."""
-        return point_floor(name, self.drifts["A"], self.drifts["B"])
+        """The floor of a point judged against ceiling `name` (None: none), and where it came from (`point_floor`);
+        under the `largest` rule every point takes each run's largest drift."""
+        return point_floor(name if self.floor_rule == "ceiling" else None, self.drifts["A"], self.drifts["B"])
 
     def floor_classes(self) -> dict[str, float]:
         """Each floor the judged points used ({ceiling name or LARGEST: floor}), largest first."""
@@ -364,7 +373,9 @@ def _pair(key: str, a: dict | None, b: dict | None, ceilings: dict[str, dict], f
     return row
 
 
-def compare(run_a: str | Path, run_b: str | Path) -> Comparison:
+def compare(run_a: str | Path, run_b: str | Path, floor_rule: str = "largest") -> Comparison:
+    if floor_rule not in FLOOR_RULES:
+        raise ConfigError("--floor", None, f"unknown rule {floor_rule!r}; known: {', '.join(FLOOR_RULES)}")
     da, db = resolve_run(run_a), resolve_run(run_b)
     # Each manifest read as JSON first, A's before B's (a problem names its own file), the versions compared before
     # either is read as this build's schema: one of them may be a schema this build does not know.
@@ -373,7 +384,7 @@ def compare(run_a: str | Path, run_b: str | Path) -> Comparison:
         raise ConfigError(db / "manifest.json", "schema_version",
                           f"{vb!r} differs from {va!r} of run A ({da}): runs of different schema versions are not "
                           "comparable")
-    cmp = Comparison(load_run(da), load_run(db))
+    cmp = Comparison(load_run(da), load_run(db), floor_rule=floor_rule)
     cmp.ceilings = ceiling_ratios(cmp.a, cmp.b)
     cmp.floors = {"A": noise_floor(cmp.a.manifest), "B": noise_floor(cmp.b.manifest)}
     cmp.drifts = {"A": drifts(cmp.a.manifest), "B": drifts(cmp.b.manifest)}
