@@ -162,15 +162,15 @@ class _ModelSpec(Strict):
     ep: PositiveInt = Field(1, description="MoE models: time one GPU of an expert-parallel pool of ep GPUs (E/ep "
                             "experts held, the pool's tokens routed; decoder.ep_slice)")
     ep_rank: NonNegativeInt = Field(0, description="which GPU of the pool (its experts [rank·E/ep, (rank+1)·E/ep))")
+    more: list[MoreGrid] = Field(default_factory=list, description="further grids beside this one")
+
+    _models = field_validator("models")(classmethod(lambda cls, v: _known_models(v)))
 
     @model_validator(mode="after")
     def _rank(self):
         if self.ep_rank >= self.ep:
             raise ValueError(f"ep_rank {self.ep_rank} must be below ep {self.ep}")
         return self
-    more: list[MoreGrid] = Field(default_factory=list, description="further grids beside this one")
-
-    _models = field_validator("models")(classmethod(lambda cls, v: _known_models(v)))
 
     def fp8_spec(self, length_key: str):
         """This section narrowed to its fp8 grid: dtype fp8, the grid's models, batch, lengths, KV dtype, scales."""
