@@ -50,7 +50,8 @@ def main() -> None:
     out_file = mutants.parent / "recheck.json"
     done = json.loads(out_file.read_text()) if out_file.is_file() else {}
     start = time.time()
-    todo = [(m, k) for m, k in todo if k not in done]
+    # Every survivor, each time: one the oracles killed is no longer one (its .meta says 1), and one that survived an
+    # earlier recheck may fall to oracles added since.
     for meta_path, key in todo:
         module = key.partition(".x")[0].rpartition(".")[2]  # tokenfleet.model.spec.x_... -> spec
         code, test = run_one(key, own.get(module, args), a.timeout)
@@ -60,7 +61,6 @@ def main() -> None:
             meta["exit_code_by_key"][key] = 1
             meta_path.write_text(json.dumps(meta))
         print(f"{done[key]['result']:8} {key} {test or ''}", flush=True)
-        out_file.parent.mkdir(parents=True, exist_ok=True)
         out_file.write_text(json.dumps(done, indent=1, ensure_ascii=False) + "\n")
     killed = sum(1 for k in (k for _, k in todo) if done[k]["result"] == "killed")
     print(f"{killed} of {len(todo)} survivors killed by {len(tests)} oracle files in {time.time() - start:.0f} s")
