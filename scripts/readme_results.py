@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tokenfleet.provenance import git_sha
+
 ROOT = Path(__file__).resolve().parent.parent
 H200 = "--run results/reference/h200-2026-11-28/followup/run --run results/reference/h200-2026-11-28/quick/run"
 CPU = "--run results/reference/cpu-amd-epyc-2core-2026-12-04"
@@ -30,7 +32,7 @@ COMMANDS = {
 def main() -> int:
     out = ROOT / "results" / "readme"
     out.mkdir(parents=True, exist_ok=True)
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
+    sha = git_sha(ROOT)[:7]  # "unknown" outside this repository
     for name, cmd in COMMANDS.items():
         argv = [sys.executable, "-m", "tokenfleet", *cmd.split()[1:]]
         res = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
@@ -38,7 +40,7 @@ def main() -> int:
             print(f"error: {cmd}: exit {res.returncode}: {res.stderr.strip()[-300:]}", file=sys.stderr)
             return 1
         data = {"command": cmd, "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
-                "commit": sha.strip() or "unknown", "written_by": "python scripts/readme_results.py",
+                "commit": sha, "written_by": "python scripts/readme_results.py",
                 "device": "none: projections (efficiencies from the runs named in the command, else defaults)",
                 "output": json.loads(res.stdout)}
         (out / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
