@@ -35,6 +35,7 @@ from importlib import metadata
 from pathlib import Path
 
 import yaml
+from tokenfleet.provenance import git_sha
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "results" / "mutation"
@@ -83,7 +84,7 @@ def write_modules(stage: Path, note: str) -> None:
     run = json.loads((stage / "run.json").read_text())  # mutate.sh: the modules and the test selection
     seconds = json.loads((stage / "seconds.json").read_text()) if (stage / "seconds.json").is_file() else {}
     recheck = json.loads((stage / "recheck.json").read_text()) if (stage / "recheck.json").is_file() else {}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    commit = git_sha(ROOT)[:7]
     dirty = subprocess.run(["git", "status", "--porcelain", "--", "harness", "tests"], capture_output=True,
                            text=True, cwd=ROOT).stdout.strip()
     (OUT / "modules").mkdir(parents=True, exist_ok=True)
@@ -100,7 +101,7 @@ def write_modules(stage: Path, note: str) -> None:
                        f"make mutate MODULES='{mod.removeprefix('tokenfleet/')}'",
             "tool": "mutmut " + metadata.version("mutmut"),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "commit": commit.stdout.strip() + (" (+ uncommitted changes in harness/ or tests/)" if dirty else ""),
+            "commit": commit + (" (+ uncommitted changes in harness/ or tests/)" if dirty else ""),
             "machine": f"{platform.node()}: {os.cpu_count()} CPUs (shared), {platform.machine()}, "
                        f"Python {platform.python_version()}",
             "seconds": {"mutants": round(sum(meta.get("durations_by_key", {}).values())), **seconds},
