@@ -10,14 +10,15 @@ ratio is further from 1 than the noisier side's spread (p80-p20)/median.
 A point's samples see the noise within its own few tenths of a second, not what moves between runs (a shared VM's
 memory bus, its clocks, another process's placement: small CPU kernel points up to 1.60x apart, their samples tight,
 between quiet runs of one commit on the 2-core development VM, 2026-12-04; results/compare/). Each run measures that
-of itself: its ceilings probed at its start and again at its end (`ceiling_drift`, per ceiling: `drifts`). A point
-judged against a ceiling (its `ceiling_name` in both runs: copy, read, matmul.DT or matvec.DT; a ceiling probe: its
-own) takes that ceiling's drift in each run as how far the run's numbers for it may sit from the machine's usual, and
-the two runs' bounds compound into its between-run noise floor ((1 + fa)(1 + fb) - 1; `noise_floor` and `floor_from`
-in its row); a point without a ceiling, or whose ceiling one of the runs did not re-probe, takes each run's largest
-drift (conservative). On the 2-core VM the copy and read probes drifted 35-48% within quiet runs while the matmul
-probes drifted under 6% (2026-12-04/05), so a matmul-bound point is judged within about ±7% and a bandwidth-bound one
-within about ±55% or more: one floor for all would blind the gate to every point. A whole interval beyond 1 but inside
+of itself: its ceilings probed at its start and again at its end (`ceiling_drift`, per ceiling: `drifts`), a drift
+taken as how far the run's numbers may sit from the machine's usual; the two runs' bounds compound into a point's
+between-run noise floor ((1 + fa)(1 + fb) - 1; `noise_floor` and `floor_from` in its row). Which drift (FLOOR_RULES,
+`--floor`): by default (`largest`) each run's largest, for every point; under `ceiling` the drift of the ceiling the
+point is judged against (its `ceiling_name` in both runs: copy, read, matmul.DT or matvec.DT; a ceiling probe: its
+own), each run's largest for a point without one or whose ceiling a run did not re-probe. On the 2-core VM the copy
+and read probes drifted 35-48% within quiet runs while the matmul probes drifted under 6%, so `ceiling` judges a
+matmul-bound point within about ±7%; but small kernel points moved up to 1.57x between two quiet runs whose ceilings
+drifted under 10% (2026-12-05), which is why it is not the default. A whole interval beyond 1 but inside
 [1/(1+floor), 1+floor] is `same`, said so in the point's note with the floor's source; the header lists each floor
 the points used and --fail-over warns for the classes of points whose floor is wider than its threshold. Runs without
 a usable re-probe (older runs, suites without ceilings) are judged on their samples alone, and the header says so.
