@@ -268,3 +268,186 @@ def test_steal_limit_is_the_drift_limit():
     from tokenfleet.measure.parts.ceilings import DRIFT_LIMIT
 
     assert load.STEAL_LIMIT == DRIFT_LIMIT
+
+
+# --- the CPU's own speed (a host that gives another guest a share of our cores) -----------------------------------
+
+
+class FakeSpeed:
+    """Speed-probe readings in us, one per call, the last repeated."""
+
+    def __init__(self, *readings: float):
+        self.readings, self.calls = list(readings), 0
+
+    def __call__(self) -> float:
+        self.calls += 1
+        return self.readings.pop(0) if len(self.readings) > 1 else self.readings[0]
+
+
+def test_a_point_on_a_slowed_cpu_is_contended_against_the_runs_fastest_reading(fake):
+    proc, clock = fake
+    m = load.Meter("cpu", proc=proc.root, hz=HZ, speed=FakeSpeed(5.0, 5.2, 5.1, 6.2, 7.5, 7.6))
+    quiet = _point(m, proc, clock, 1.0, ours_cores=1.0)
+    assert quiet["speed_us"] == [5.0, 5.2] and quiet["speed_fastest_us"] == 5.0 and quiet["contended"] == []
+    edge = _point(m, proc, clock, 1.0, ours_cores=1.0)  # 6.2 / 5.0 = x1.24: within SPEED_LIMIT
+    assert edge["contended"] == [] and load.slowdown(edge) == pytest.approx(1.24)
+    slow = _point(m, proc, clock, 1.0, ours_cores=1.0)
+    assert load.slowdown(slow) == pytest.approx(7.6 / 5.0) and len(slow["contended"]) == 1
+    assert slow["contended"][0].startswith("the CPU ran x1.52 slower than its fastest in this run (speed probe 7.6 us")
+    # A GPU meter and a meter without a probe read no speed; a probe that fails or reads nonsense says nothing.
+    assert "speed_us" not in _point(load.Meter("cuda", proc=proc.root, hz=HZ, speed=FakeSpeed(5.0)), proc, clock, 1.0)
+    assert "speed_us" not in _point(load.Meter("cpu", proc=proc.root, hz=HZ), proc, clock, 1.0)
+    for bad in (float("nan"), -1.0, 0.0, float("inf")):
+        assert "speed_us" not in _point(load.Meter("cpu", proc=proc.root, hz=HZ, speed=FakeSpeed(bad)), proc, clock,
+                                        1.0)
+
+    def broken():
+        raise RuntimeError("no torch here")
+
+    assert "speed_us" not in _point(load.Meter("cpu", proc=proc.root, hz=HZ, speed=broken), proc, clock, 1.0)
+
+
+def test_slowdown_reads_only_what_is_there():
+    assert load.slowdown({}) is None and load.slowdown({"speed_us": [5.0]}) is None
+    assert load.slowdown({"speed_us": ["x", None], "speed_fastest_us": 5.0}) is None
+    assert load.slowdown({"speed_us": [6.0, 9.0], "speed_fastest_us": 6.0}) == 1.5
+    assert load.slowdown({"speed_us": [6.0, 9.0], "speed_fastest_us": 6.0}, fastest=4.5) == 2.0
+    assert load.cpu_reasons({"speed_us": [6.0, 7.4], "speed_fastest_us": 6.0}) == []  # x1.23
+    assert load.cpu_reasons({"speed_us": [6.0, 7.6], "speed_fastest_us": 6.0})  # x1.27
+
+
+def test_the_real_speed_probe_reads_a_finite_time():
+    v = load.SpeedProbe()()
+    assert 0 < v < 1e5
+
+
+def test_retry_budget_and_recovery(fake, monkeypatch):
+    proc, clock = fake
+    speed = FakeSpeed(5.0, 9.0, 9.0, 5.1)
+    m = load.Meter("cpu", proc=proc.root, hz=HZ, speed=speed)
+    assert not m.may_retry()  # no time spent yet: no budget
+    clock.t += 4.0
+    assert m.may_retry()
+    m.retry_s = 4.0 * load.RETRY_SHARE - 0.01
+    assert m.may_retry()
+    m.retry_s = 4.0 * load.RETRY_SHARE  # its share of the run's 4 s
+    assert not m.may_retry()
+    monkeypatch.setenv(load.IGNORE_ENV, "1")
+    m.retry_s = 0.0
+    assert not m.may_retry()  # not judging: never measured again
+    monkeypatch.setattr(load.time, "sleep", lambda s: setattr(clock, "t", clock.t + s))
+    m.fastest = None
+    assert m.recover() and m.fastest == 5.0  # the first reading sets the fastest
+    assert m.recover() and speed.calls == 4  # 9.0, 9.0 waited out, 5.1 within the limit
+    speed.readings = [9.0]
+    t0 = clock.t
+    assert not m.recover() and clock.t - t0 >= load.RECOVER_S  # gives up after RECOVER_S
+    assert load.Meter("cpu", proc=proc.root, hz=HZ).recover()  # no probe: nothing to wait for
+
+
+def _speed_run(tmp_path, monkeypatch, speed):
+    from conftest import TINY_CEILINGS_SUITE
+    from tokenfleet.measure.runner import run_suite
+
+    suite = tmp_path / "tiny.yaml"
+    suite.write_text(TINY_CEILINGS_SUITE.format(id="tiny").replace("copy_mb: 8", "copy_mb: 8\n  end_probe: false"))
+    monkeypatch.setenv(load.IGNORE_ENV, "0")
+    monkeypatch.setattr(load, "RECOVER_S", 0.0)
+    monkeypatch.setattr(load, "RETRY_SHARE", 1e9)  # tests: the budget is tested above
+    monkeypatch.setattr(load, "CPU_CORES_LIMIT", 1e9)  # whatever else runs beside the tests
+    monkeypatch.setattr(load, "STEAL_LIMIT", 1e9)
+    monkeypatch.setattr(load.meter("cpu"), "speed", speed)
+    run = run_suite(str(suite), out=tmp_path / "run", progress=False)
+    return results.read_run(run)
+
+
+def test_a_slowed_point_is_measured_again_once_the_cpu_is_fast(tmp_path, monkeypatch):
+    """The second point reads slow after its samples: measured again (after a recovery reading), ok, `retries: 1`."""
+    state = {"n": 0}
+
+    def speed():
+        state["n"] += 1
+        return 9.0 if state["n"] == 4 else 5.0  # begin/end of point 1, begin/end of point 2 (slow at its end)
+
+    manifest, points = _speed_run(tmp_path, monkeypatch, speed)
+    assert {p["status"] for p in points} <= results.USABLE
+    assert points[1]["load"]["retries"] == 1 and all("retries" not in p["load"] for p in points[:1] + points[2:])
+    assert manifest["load"]["retries"] == 1 and manifest["load"]["slowed"] == 0
+    assert manifest["load"]["speed_fastest_us"] == 5.0 and manifest["load"]["speed_slowest_us"] == 9.0
+
+
+def test_a_cpu_slowed_for_good_leaves_contended_points_unmeasured_again(tmp_path, monkeypatch):
+    state = {"n": 0}
+
+    def speed():
+        state["n"] += 1
+        return 5.0 if state["n"] <= 2 else 8.0  # fast for the first point only
+
+    manifest, points = _speed_run(tmp_path, monkeypatch, speed)
+    assert points[0]["status"] in results.USABLE
+    rest = points[1:]
+    assert rest and {p["status"] for p in rest} == {"contended"}
+    assert all("retries" not in p["load"] for p in rest)  # the probe never read fast again: no use measuring
+    assert manifest["load"]["retries"] == 0
+    assert all("the CPU ran x1.60 slower" in p["error"] for p in rest)
+    assert manifest["load"]["slowed"] == len(rest) and manifest["load"]["contended"] == len(rest)
+
+
+def test_a_run_that_starts_slow_measures_its_first_points_again_at_the_end(tmp_path, monkeypatch):
+    """The run learns how fast the CPU is only after its first point: that point is judged again at the end, and
+    measured again (fast now)."""
+    state = {"n": 0}
+
+    def speed():
+        state["n"] += 1
+        return 8.0 if state["n"] <= 2 else 5.0
+
+    manifest, points = _speed_run(tmp_path, monkeypatch, speed)
+    assert {p["status"] for p in points} <= results.USABLE
+    assert max(points[0]["load"]["speed_us"]) == 5.0  # the first point's record is the one measured again
+    assert manifest["load"]["retries"] == 1
+    lines = (tmp_path / "run" / "points.jsonl").read_text().splitlines()
+    assert len(lines) == len(points)  # compacted at the end: one record per key
+
+
+def test_a_slowed_first_point_is_contended_when_it_cannot_be_measured_again(tmp_path, monkeypatch):
+    state = {"n": 0}
+
+    def speed():
+        state["n"] += 1
+        return 8.0 if state["n"] <= 2 else 5.0
+
+    from tokenfleet.measure import runner
+
+    monkeypatch.setattr(runner.load.Meter, "may_retry", lambda self: False)
+    manifest, points = _speed_run(tmp_path, monkeypatch, speed)
+    assert points[0]["status"] == "contended" and "the CPU ran x1.60 slower" in points[0]["error"]
+    assert points[0]["load"]["speed_fastest_us"] == 5.0
+    assert {p["status"] for p in points[1:]} <= results.USABLE
+
+
+def test_a_point_slow_each_time_is_measured_again_at_most_speed_retries_times(tmp_path, monkeypatch):
+    """Each point reads slow at its end and fast otherwise: measured SPEED_RETRIES more times in the job loop, and
+    again (with as many retries) at the end of the run, then `contended`."""
+    phase = {"end": False}
+
+    def speed():
+        return 8.0 if phase["end"] else 5.0
+
+    def begin_hook(self, _orig=load.Meter.begin):
+        phase["end"] = False
+        return _orig(self)
+
+    def end_hook(self, _orig=load.Meter.end):
+        phase["end"] = True
+        out = _orig(self)
+        phase["end"] = False
+        return out
+
+    monkeypatch.setattr(load.Meter, "begin", begin_hook)
+    monkeypatch.setattr(load.Meter, "end", end_hook)
+    manifest, points = _speed_run(tmp_path, monkeypatch, speed)
+    assert {p["status"] for p in points} == {"contended"}
+    # the job loop's retries, then the end of the run's measurement with its own retries
+    assert all(p["load"]["retries"] == load.SPEED_RETRIES for p in points)
+    assert manifest["load"]["retries"] == len(points) * (2 * load.SPEED_RETRIES + 1)

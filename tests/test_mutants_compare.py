@@ -27,7 +27,8 @@ def test_constants():
     assert C.NAME_FIELDS == ("kind", "op", "model", "backend", "dtype")
     assert C.KIND_ORDER == {"ceiling": 0, "kernel": 1, "prefill": 2, "decode": 3}
     assert C.FLOOR_NOTE == "within this machine's between-run noise" and C.LARGEST == "largest"
-    assert C.COLUMNS[-5:] == ["noise_floor", "floor_from", "changed", "method", "note"]
+    assert C.COLUMNS[-6:] == ["noise_floor", "floor_from", "speed_ratio", "changed", "method", "note"]
+    assert C.MACHINE == "machine"
 
 
 # --- the bootstrap ------------------------------------------------------------------------------------------------
@@ -122,7 +123,7 @@ def test_floor_name_of_a_pair():
 
 
 def test_floor_label():
-    assert C.floor_label("largest") == "no ceiling (each run's largest drift)"
+    assert C.floor_label("largest") == "each run's largest drift"
     assert C.floor_label("copy_gbps") == "copy_gbps"
 
 
@@ -133,12 +134,16 @@ def test_floor_text_exactly():
     classes = {"copy_gbps": 0.8, "largest": 0.8, "matmul_tflops.fp32": 0.155}
     assert C.floor_text({"A": 0.5, "B": 0.2}, 0.8, classes) == (
         "between-run noise floors by the ceiling each point is judged against (its drift start to end in each run, "
-        "compounded): copy_gbps ±80.0%; no ceiling (each run's largest drift) ±80.0%; matmul_tflops.fp32 ±15.5%; a "
-        "change inside its point's floor is `same` (each run's largest drift: A ±50.0%, B ±20.0%; compounded ±80.0%)")
+        "compounded; --floor ceiling): copy_gbps ±80.0%; each run's largest drift ±80.0%; matmul_tflops.fp32 ±15.5%; "
+        "a change inside its point's floor is `same` (each run's largest drift: A ±50.0%, B ±20.0%; compounded ±80.0%)")
+    assert C.floor_text({"A": 0.5, "B": 0.2}, 0.8, {"largest": 0.8}, "largest") == (
+        "between-run noise floors of every point: each run's largest ceiling drift (a ceiling's move start to end), "
+        "compounded; --floor largest): each run's largest drift ±80.0%; a change inside its point's floor is `same` "
+        "(each run's largest drift: A ±50.0%, B ±20.0%; compounded ±80.0%)")
     assert C.floor_text({"A": None, "B": 0.2}, 0.2) == (
         "between-run noise floors by the ceiling each point is judged against (its drift start to end in each run, "
-        "compounded): no point judged; a change inside its point's floor is `same` (each run's largest drift: B "
-        "±20.0%; compounded ±20.0%); A carries no estimate (no usable end-of-run re-probe)")
+        "compounded; --floor ceiling): no point judged; a change inside its point's floor is `same` (each run's "
+        "largest drift: B ±20.0%; compounded ±20.0%); A carries no estimate (no usable end-of-run re-probe)")
     assert C.floor_text({"A": 0.1, "B": None}, 0.1, {}).endswith("; B carries no estimate (no usable end-of-run "
                                                                  "re-probe)")
     assert "carries no estimate" not in C.floor_text({"A": 0.1, "B": 0.0}, 0.1, {})
@@ -443,7 +448,7 @@ def test_header_lines():
     rows = [_row(floor_from="copy_gbps", noise_floor=0.8), _row(floor_from="matmul_tflops.fp32", noise_floor=0.1)]
     c = _cmp(rows, floors={"A": 0.5, "B": 0.2}, floor=0.8)
     assert c.header().endswith(C.floor_text({"A": 0.5, "B": 0.2}, 0.8, {"copy_gbps": 0.8,
-                                                                         "matmul_tflops.fp32": 0.1}))
+                                                                         "matmul_tflops.fp32": 0.1}, c.floor_rule))
 
 
 def test_summary_counts_and_floors():
@@ -458,7 +463,7 @@ def test_summary_counts_and_floors():
     two = {"copy_gbps": {"ratio": 1.5, "differed": True}, "read_gbps": {"ratio": 2, "differed": True}}
     c = _cmp(rows, ceilings=two)
     assert c.summary() == ("compared: 2 n/a, 4 same, 1 slower (2 judged against each run's own ceilings); 3 same "
-                           "only within this machine's between-run noise (1 by no ceiling (each run's largest drift) "
+                           "only within this machine's between-run noise (1 by each run's largest drift "
                            "±90%, 2 by copy_gbps ±80%); the machines differed: copy_gbps x1.500, read_gbps x2.000")
     assert _cmp([_row("same")]).summary() == "compared: 1 same"
 
@@ -575,3 +580,63 @@ def test_compare_refuses_different_schema_versions(tmp_path: Path):
     assert e.value.field == "schema_version" and Path(e.value.file) == b / "manifest.json"
     assert str(e.value).endswith(f"99 differs from {results.SCHEMA_VERSION!r} of run A ({a}): runs of different "
                                  "schema versions are not comparable")
+
+
+# --- points measured at different CPU speeds (issue 24) ----------------------------------------------------------
+
+
+def test_speed_of_a_point_is_its_slower_reading():
+    assert C.speed_of({}) is None and C.speed_of({"load": None}) is None and C.speed_of({"load": {}}) is None
+    assert C.speed_of({"load": {"speed_us": None}}) is None
+    assert C.speed_of({"load": {"speed_us": [5.0, 7.0]}}) == 7.0
+    assert C.speed_of({"load": {"speed_us": [7.0, 5.0]}}) == 7.0
+    assert C.speed_of({"load": {"speed_us": [0.0, -1.0, "x"]}}) is None
+    assert C.speed_of({"load": {"speed_us": [0.0, 4.0]}}) == 4.0
+
+
+def test_speed_text_exactly():
+    rows = [{"speed_ratio": 1.5}, {"speed_ratio": 1 / 1.3}, {"speed_ratio": 1.4}]
+    assert C.speed_text(rows) == (
+        "3 point(s) not judged (`machine`): measured while the CPU ran at speeds x1.30..x1.50 apart in the two runs "
+        "(the speed probe; limit x1.25), another guest sharing the cores in one of them; measure them again to judge "
+        "them")
+
+
+def _sp(us, **kw):
+    return _ok(**kw, load={"speed_us": [us * 0.9, us]})
+
+
+@pytest.mark.parametrize(("ua", "ub", "changed"), [
+    (5.0, 6.25, "slower"),  # x1.25 exactly: within the limit, judged
+    (5.0, 6.26, "machine"),
+    (6.26, 5.0, "machine"),  # either way
+    (6.25, 5.0, "slower"),
+])
+def test_pair_at_different_speeds_boundary(ua, ub, changed):
+    row = C._pair(KEY, _sp(ua, median_ms=2.0, spread=0.1), _sp(ub, median_ms=3.0, spread=0.1), {}, _floors)
+    assert row["changed"] == changed and row["speed_ratio"] == pytest.approx(ub / ua)
+    if changed == "machine":
+        assert row["note"] == (f"not judged: slower x1.400..x1.600, but the CPU ran x{ub / ua:.2f} as slow in B as in "
+                               f"A around it (speed probe {ua:.1f} us in A, {ub:.1f} us in B)")
+        assert row["time_ratio"] == 1.5 and row["changed_raw"] == "slower"
+    else:
+        assert row["note"] is None
+
+
+def test_pair_at_different_speeds_that_agree_is_same():
+    row = C._pair(KEY, _sp(5.0, median_ms=2.0, spread=0.1), _sp(8.0, median_ms=2.02, spread=0.1), {}, _floors)
+    assert row["changed"] == "same" and row["speed_ratio"] == 1.6 and row["note"] is None
+    one = C._pair(KEY, _sp(5.0, median_ms=2.0, spread=0.1), _ok(median_ms=3.0, spread=0.1), {}, _floors)
+    assert one["speed_ratio"] is None and one["changed"] == "slower"
+
+
+def test_unjudged_header_summary_and_gate():
+    rows = [_row("machine", speed_ratio=1.5, time_ratio=1.5, ratio_lo=1.4), _row("same", speed_ratio=1.0),
+            _row("slower", time_ratio=1.5, ratio_lo=1.4)]
+    c = _cmp(rows)
+    assert c.unjudged == [rows[0]]
+    assert C.speed_text([rows[0]]) in c.header().splitlines()
+    assert c.summary() == ("compared: 1 machine, 1 same, 1 slower; 1 not judged: the CPU ran at different speeds for "
+                           "them (`machine`)")
+    assert c.regressions(10) == [rows[2]]
+    assert _cmp(rows[1:]).unjudged == [] and "not judged" not in _cmp(rows[1:]).header()

@@ -46,7 +46,7 @@ def compare(
     fmt: FormatOpt = "table",
 ) -> None:
     """Ratios B/A of median time and throughput per matching point, with each side's noise."""
-    from tokenfleet.report.compare import COLUMNS, compare, floor_label
+    from tokenfleet.report.compare import COLUMNS, compare, floor_label, speed_text
 
     check_format(fmt)
     check_finite({"--fail-over": fail_over})
@@ -77,6 +77,8 @@ def compare(
             typer.echo(f"--fail-over {fail_over:g}% is inside these runs' between-run noise for the points judged "
                        f"by {which}: a slowdown of those points under their floor cannot be told from the machine's "
                        "noise here", err=True)
+        if cmp.unjudged:
+            typer.echo(f"--fail-over {fail_over:g}%: {speed_text(cmp.unjudged)}", err=True)
         bad = cmp.regressions(fail_over)
         for r in bad:
             typer.echo(f"regression: {point_name(r)}: {regression_text(r)}", err=True)

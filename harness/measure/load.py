@@ -21,10 +21,25 @@ computed on it. A quiet machine's background (daemons, kernel threads) uses a fe
 the 2-vCPU development machine between other sessions' work, 2 s windows) and no GPU; one CPU-bound neighbour uses a
 whole core. TOKENFLEET_IGNORE_LOAD=1 records all this but marks nothing (a shared CI machine, where the tests run
 beside other jobs); the manifest says which.
+
+A virtual machine's CPUs can also be slowed from outside, where the guest sees no process and little steal: the host
+puts another guest's thread on a hyperthread sibling of ours, or our two vCPUs on different cache complexes. On the
+2-vCPU development VM (2026-12-05) that came and went every few seconds with no other process in the guest: a fixed
+elementwise op over both threads took 4.7 us, then 7.0-8.3 us for seconds at a time, and a single-threaded one 3.1
+then 4.3-5.7 us; a cold-cache MoE point moved 1.1 -> 1.5 ms with it, a 2-thread cache-line round trip 60 -> 360 ns.
+So on a CPU each point also reads the machine's speed before and after it (`speed_us`: SpeedProbe, ~1 ms each, the
+CPU's analogue of polling a GPU's clocks), against the fastest this run has read (`speed_fastest_us`). A point that
+read more than SPEED_LIMIT slower is `contended` ("the CPU ran x1.50 slower than its fastest in this run"), and the
+runner measures it again once the probe reads fast (as nvbench discards samples taken while a GPU throttles): at
+most SPEED_RETRIES times, while retries have cost under RETRY_SHARE of the run's time (so a run costs at most 1.5x
+its measuring time); when the probe still reads slow after RECOVER_S the point waits for the end of the run. There
+every point is judged again against the run's fastest reading (a run may start slow, or be slowed for a minute), and
+those over the limit are measured again once the probe reads fast, else kept `contended`.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import deque
@@ -40,6 +55,16 @@ STEAL_LIMIT = 0.05
 MIN_WINDOW_S = 1.0  # judge over at least this much of the machine's recent life
 HISTORY_S = 10.0  # snapshots older than this are dropped
 IGNORE_ENV = "TOKENFLEET_IGNORE_LOAD"
+# The speed probe read this much slower than the run's fastest: the point ran on a slowed CPU. A quiet machine's
+# probe moves by a few percent (4.6-4.8 us on the development VM); a shared hyperthread or a split of the vCPUs over
+# cache complexes by 1.45-1.75x there, with points moving as much (see above).
+SPEED_LIMIT = 0.25
+SPEED_CALLS = 64  # calls per reading, of which the median: ~0.5 ms of probe at 5-8 us a call
+GRAIN = 32768  # at::internal::GRAIN_SIZE: torch splits an elementwise op over its threads in chunks of at least this
+SPEED_RETRIES = 2  # a slowed point is measured again at most this often
+RETRY_SHARE = 0.5  # and only while the retries (their waits included) have cost under this share of the run's time
+RECOVER_S = 2.0  # before a retry, wait up to this long for the probe to read fast again
+RECOVER_STEP_S = 0.05  # between readings while waiting
 
 
 def judging() -> bool:
@@ -49,7 +74,7 @@ def judging() -> bool:
 
 def limits() -> dict:
     return {"cpu_cores": CPU_CORES_LIMIT, "min_other_cpu_s": MIN_OTHER_CPU_S, "steal_share": STEAL_LIMIT,
-            "gpu_other_processes": 0, "min_window_s": MIN_WINDOW_S}
+            "gpu_other_processes": 0, "min_window_s": MIN_WINDOW_S, "cpu_speed": SPEED_LIMIT}
 
 
 @dataclass(frozen=True)
@@ -179,7 +204,53 @@ def cpu_reasons(load: dict) -> list[str]:
     steal = load.get("steal_share")
     if steal is not None and steal > STEAL_LIMIT:
         out.append(f"the hypervisor gave {steal:.0%} of the CPU time to other guests (limit {STEAL_LIMIT:.0%})")
+    slow = slowdown(load)
+    if slow is not None and slow > 1 + SPEED_LIMIT:
+        out.append(f"the CPU ran x{slow:.2f} slower than its fastest in this run (speed probe "
+                   f"{max(load['speed_us']):.1f} us against {load['speed_fastest_us']:.1f} us; limit "
+                   f"x{1 + SPEED_LIMIT:.2f}): another guest shared its cores")
     return out
+
+
+def slowdown(load: dict, fastest: float | None = None) -> float | None:
+    """How much slower than `fastest` (default: the fastest the run had read by then) the speed probe read around a
+    point (the slower of its readings before and after), or None where it was not read."""
+    readings = [x for x in (load.get("speed_us") or []) if isinstance(x, (int, float)) and x > 0]
+    fastest = fastest or load.get("speed_fastest_us")
+    if not readings or not isinstance(fastest, (int, float)) or fastest <= 0:
+        return None
+    return max(readings) / fastest
+
+
+# --- the CPU's own speed -----------------------------------------------------------------------------------------
+
+
+class SpeedProbe:
+    """One reading of the CPU's speed now: the median time, in us, of SPEED_CALLS calls of one fixed elementwise op
+    (a multiply in place) over GRAIN elements per thread of torch's pool, so each call forks to every thread the
+    points use and joins them; its data (128 kB a thread) stays in the L2. A hyperthread shared with another guest,
+    or threads placed apart, slow it as they slow the points."""
+
+    def __init__(self):
+        self.buf = None
+
+    def __call__(self) -> float:
+        import torch
+
+        n = GRAIN * torch.get_num_threads()
+        if self.buf is None or self.buf.numel() != n:
+            self.buf = torch.ones(n)
+            self.buf.mul_(1.0)  # its pages touched before any reading
+        times = []
+        for _ in range(SPEED_CALLS):
+            t = time.perf_counter_ns()
+            self.buf.mul_(1.0)
+            times.append(time.perf_counter_ns() - t)
+        times.sort()
+        return times[len(times) // 2] / 1e3
+
+
+speed_probe = SpeedProbe()
 
 
 # --- GPU, through NVML -------------------------------------------------------------------------------------------
@@ -255,11 +326,52 @@ class Meter:
     (the measures, and `contended`: the reasons it is over the limits, empty when it is not)."""
 
     def __init__(self, device_kind: str = "cpu", gpu_index: int | None = None, proc: Path = PROC,
-                 nvml=nvml_reading, hz: float | None = None):
+                 nvml=nvml_reading, hz: float | None = None, speed=None):
         self.kind, self.gpu_index, self.proc, self.nvml = device_kind, gpu_index, proc, nvml
         self.hz = hz or _clock_ticks()
         self.history: deque[CpuSnap] = deque()
         self._gpu_start: int | None = None
+        self.speed = speed if device_kind == "cpu" else None  # a SpeedProbe (None: the CPU's speed is not read)
+        self._speed_start: float | None = None
+        self.start_run()
+
+    def start_run(self) -> None:
+        """A new run: its own fastest speed reading and retry budget."""
+        self.fastest: float | None = None
+        self.slowest: float | None = None
+        self.run_start = time.monotonic()
+        self.retry_s = 0.0
+        self.retries = 0
+
+    def _read_speed(self) -> float | None:
+        if self.speed is None:
+            return None
+        try:
+            v = float(self.speed())
+        except Exception:  # noqa: BLE001 - a probe that cannot run says nothing about the machine
+            return None
+        if v > 0 and math.isfinite(v):
+            self.fastest = v if self.fastest is None else min(self.fastest, v)
+            self.slowest = v if self.slowest is None else max(self.slowest, v)
+            return v
+        return None
+
+    def may_retry(self) -> bool:
+        """Whether a slowed point may be measured again: judging, and retries so far under RETRY_SHARE of the run."""
+        return (self.speed is not None and judging()
+                and self.retry_s < RETRY_SHARE * max(time.monotonic() - self.run_start, 0.0))
+
+    def recover(self) -> bool:
+        """Wait (up to RECOVER_S) for the speed probe to read within SPEED_LIMIT of the run's fastest: whether it
+        did (a probe that cannot read: True, nothing to wait for)."""
+        deadline = time.monotonic() + RECOVER_S
+        while True:
+            v = self._read_speed()
+            if v is None or self.fastest is None or v <= self.fastest * (1 + SPEED_LIMIT):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(RECOVER_STEP_S)
 
     def _snap(self, trim: bool = False) -> CpuSnap | None:
         s = cpu_snapshot(self.proc)
@@ -279,6 +391,7 @@ class Meter:
         return gpu_others(pids, tree_pids(self.proc)), util
 
     def begin(self) -> None:
+        self._speed_start = self._read_speed()
         self._snap(trim=True)
         self._gpu_start, _ = self._gpu()
 
@@ -294,6 +407,10 @@ class Meter:
         if others is not None or self._gpu_start is not None:
             out["gpu_other_processes"] = max(others or 0, self._gpu_start or 0)
             out["gpu_util_pct"] = util
+        readings = [v for v in (self._speed_start, self._read_speed()) if v is not None]
+        if readings and self.fastest:
+            out["speed_us"] = [round(v, 3) for v in readings]
+            out["speed_fastest_us"] = round(self.fastest, 3)
         out["contended"] = cpu_reasons(out) if self.kind == "cpu" else gpu_reasons(out)
         return out
 
@@ -315,20 +432,34 @@ def judge(point: dict, load: dict, usable: frozenset[str]) -> dict:
     return point
 
 
-def summary(points: list[dict]) -> dict:
-    """The run's load for its manifest: the limits, whether they were applied, how many points they marked, and
-    the most other processes used around any point."""
+def summary(points: list[dict], watch: Meter | None = None) -> dict:
+    """The run's load for its manifest: the limits, whether they were applied, how many points they marked, the
+    most other processes used around any point, and on a CPU the speed probe's fastest and slowest readings (as
+    they compare, the machine's best and worst moments in the run: the meter's, retried points' readings included,
+    else those the points kept) and the retries of slowed points."""
     loads = [p["load"] for p in points if isinstance(p.get("load"), dict)]
 
     def most(field: str):
         vals = [v for x in loads if isinstance(v := x.get(field), (int, float))]
         return max(vals) if vals else None
 
-    return {"judged": judging(), "limits": limits(), "points": len(loads),
-            "contended": sum(p.get("status") == "contended" for p in points),
-            "over_limits": sum(bool(x.get("contended")) for x in loads),
-            "others_cpu_cores_max": most("others_cpu_cores"), "steal_share_max": most("steal_share"),
-            "gpu_other_processes_max": most("gpu_other_processes")}
+    speeds = [v for x in loads for v in (x.get("speed_us") or []) if isinstance(v, (int, float))]
+    out = {"judged": judging(), "limits": limits(), "points": len(loads),
+           "contended": sum(p.get("status") == "contended" for p in points),
+           "over_limits": sum(bool(x.get("contended")) for x in loads),
+           "others_cpu_cores_max": most("others_cpu_cores"), "steal_share_max": most("steal_share"),
+           "gpu_other_processes_max": most("gpu_other_processes")}
+    if speeds:
+        out.update(speed_fastest_us=min(speeds), speed_slowest_us=max(speeds),
+                   slowed=sum(p.get("status") == "contended" and bool(x.get("contended")) and
+                              any(r.startswith("the CPU ran") for r in x["contended"])
+                              for p in points if isinstance(x := p.get("load"), dict)))
+    if watch is not None and watch.speed is not None:
+        out.update(retries=watch.retries, retry_s=round(watch.retry_s, 3))
+        if watch.fastest:  # a resumed run: its earlier sessions' readings too
+            out.update(speed_fastest_us=round(min(watch.fastest, out.get("speed_fastest_us") or math.inf), 3),
+                       speed_slowest_us=round(max(watch.slowest, out.get("speed_slowest_us") or 0.0), 3))
+    return out
 
 
 _METERS: dict[tuple[str, int | None], Meter] = {}
@@ -339,5 +470,5 @@ def meter(device_kind: str, gpu_index: int | None = None) -> Meter:
     second before it too."""
     key = (device_kind, gpu_index)
     if key not in _METERS:
-        _METERS[key] = Meter(device_kind, gpu_index)
+        _METERS[key] = Meter(device_kind, gpu_index, speed=speed_probe)
     return _METERS[key]

@@ -39,10 +39,43 @@ def _failure(exc: BaseException) -> dict:
     return {"status": "oom" if oom else "error", "error": msg}
 
 
-def execute(job: Job, ctx: RunContext) -> dict:
-    """Run one job into a point: key + measurements + derived rates + status. Never raises for job errors."""
+def _meter(ctx: RunContext) -> load.Meter:
+    return load.meter(ctx.device.kind, torch.cuda.current_device() if ctx.on_gpu else None)
+
+
+def execute(job: Job, ctx: RunContext, retry: bool = False) -> dict:
+    """Run one job into a point: key + measurements + derived rates + status. Never raises for job errors.
+    `retry`: a point measured on a slowed CPU (`measure.load`: its speed probe read beyond SPEED_LIMIT) is measured
+    again once the probe reads fast, within the run's retry budget; its `load` says how often (`retries`), and its
+    `elapsed_s` counts every attempt. (Not in a run on several ranks: their jobs run in lockstep.)"""
     t0 = time.perf_counter()
-    watch = load.meter(ctx.device.kind, torch.cuda.current_device() if ctx.on_gpu else None)
+    watch = _meter(ctx)
+    point = _execute_once(job, ctx, watch)
+    tries = 0
+    while retry and tries < load.SPEED_RETRIES and slowed(point) and watch.may_retry():
+        t = time.monotonic()
+        fast = watch.recover()
+        if not fast:  # still slow: measured again at the end of the run, if the CPU is fast by then
+            watch.retry_s += time.monotonic() - t
+            break
+        point = _execute_once(job, ctx, watch)
+        tries += 1
+        watch.retries += 1
+        watch.retry_s += time.monotonic() - t
+    if tries:
+        point["load"] = {**point["load"], "retries": tries}
+    point["elapsed_s"] = round(time.perf_counter() - t0, 3)
+    return point
+
+
+def slowed(point: dict, fastest: float | None = None) -> bool:
+    """Whether a point was measured on a CPU slowed beyond SPEED_LIMIT (against `fastest`, default the fastest
+    reading the run had when it was measured)."""
+    r = load.slowdown(point.get("load") or {}, fastest)
+    return r is not None and r > 1 + load.SPEED_LIMIT
+
+
+def _execute_once(job: Job, ctx: RunContext, watch: load.Meter) -> dict:
     watch.begin()
     try:
         measured = job.run(ctx) or {}
@@ -63,7 +96,6 @@ def execute(job: Job, ctx: RunContext) -> dict:
     if ctx.on_gpu and status in results.USABLE and "telemetry" not in point:
         # Read just after the samples (probes poll during theirs): a clock event here explains a slow point.
         point["telemetry"] = telemetry(torch.cuda.current_device())
-    point["elapsed_s"] = round(time.perf_counter() - t0, 3)
     return results.clean_floats(point)
 
 
@@ -133,6 +165,7 @@ def run_suite(suite_name: str | None = None, out: str | Path | None = None, resu
         ctx = RunContext(device=info, suite=suite, datasheet=datasheet)
         for p in writer.points.values():
             ctx.record_ceiling(p)
+        _meter(ctx).start_run()
         # What lives now (torch, Triton, Inductor: ~10^5-10^6 objects) leaves every later collection: the model
         # parts collect before each point to free device memory, and a full collection over them costs 0.2-0.5 s.
         gc.collect()
@@ -146,6 +179,9 @@ def run_suite(suite_name: str | None = None, out: str | Path | None = None, resu
                 # ranks: there the start probes ran on every rank in lockstep, and the other ranks have stopped.)
                 end = ceilings_part.end_jobs(suite.parts["ceilings"], ctx, list(writer.points.values()))
                 _run_jobs(end, ctx, writer, writer.final_keys(), progress, on_point)
+                jobs = jobs + end
+            if group is None:
+                _rejudge(jobs, ctx, writer, on_point)
         except BaseException as e:
             said = _stop(writer, ctx, e)
             if said:
@@ -154,7 +190,7 @@ def run_suite(suite_name: str | None = None, out: str | Path | None = None, resu
         finally:
             gc.unfreeze()  # a caller that goes on (tests, a notebook) collects as before
         writer.finish(ceilings=ctx.ceilings, finished=_now(), **_drift(ctx.ceilings, list(writer.points.values())),
-                      load=load.summary(list(writer.points.values())),
+                      load=load.summary(list(writer.points.values()), _meter(ctx)),
                       **({"energy_counter": ctx.energy[1] or "nvmlDeviceGetTotalEnergyConsumption"} if ctx.energy
                          else {}))
         _link_latest(run_dir)
@@ -239,6 +275,47 @@ def is_done(job: Job, final: set[str]) -> bool:
     return job_key(job) in final
 
 
+def run_fastest(points: list[dict], watch: load.Meter) -> float | None:
+    """The fastest speed reading of the run: this session's and any earlier one's (a resumed run), or None."""
+    found = [v for p in points if isinstance(v := (p.get("load") or {}).get("speed_fastest_us"), (int, float))]
+    found += [watch.fastest] if watch.fastest else []
+    return min(found) if found else None
+
+
+def _rejudge(jobs: list[Job], ctx: RunContext, writer: results.RunWriter,
+             on_point: Callable[[dict], None] | None) -> None:
+    """Every point judged again against the run's fastest speed reading (a run may start on a slowed CPU and learn
+    only later how fast it is, or be slowed for a minute): one measured on a CPU slowed beyond SPEED_LIMIT (usable, or
+    already `contended`) is measured again once the probe reads fast (within the retry budget), else kept as (or
+    made) `contended`, its numbers beside the reason."""
+    watch = _meter(ctx)
+    fastest = run_fastest(list(writer.points.values()), watch)
+    if fastest is None or not load.judging():
+        return
+    by_key = {job_key(j): j for j in jobs}
+    slow = [k for k, p in writer.points.items()
+            if p.get("status") in results.USABLE | {"contended"} and slowed(p, fastest)]
+    for k in slow:
+        if k in by_key and watch.may_retry():
+            t = time.monotonic()
+            if watch.recover():
+                _record(execute(by_key[k], ctx, retry=True), ctx, writer, on_point)
+                watch.retries += 1
+            watch.retry_s += time.monotonic() - t
+        p = writer.points[k]
+        if p.get("status") in results.USABLE and slowed(p, fastest):
+            rec = {**p["load"], "speed_fastest_us": round(fastest, 3)}
+            writer.append(load.judge(p, {**rec, "contended": load.cpu_reasons(rec)}, results.USABLE))
+
+
+def _record(point: dict, ctx: RunContext, writer: results.RunWriter, on_point: Callable[[dict], None] | None) -> None:
+    writer.append(point)
+    if point["kind"] == "ceiling":
+        ctx.record_ceiling(point)
+    if on_point:
+        on_point(point)
+
+
 def _run_jobs(jobs: list[Job], ctx: RunContext, writer: results.RunWriter, final: set[str], progress: bool,
               on_point: Callable[[dict], None] | None) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -249,10 +326,5 @@ def _run_jobs(jobs: list[Job], ctx: RunContext, writer: results.RunWriter, final
         task = bar.add_task("measuring", total=len(todo))
         for job in todo:
             bar.update(task, description=f"{job.label or job.key.get('kind')}"[:60])
-            point = execute(job, ctx)
-            writer.append(point)
-            if point["kind"] == "ceiling":
-                ctx.record_ceiling(point)
-            if on_point:
-                on_point(point)
+            _record(execute(job, ctx, retry=True), ctx, writer, on_point)
             bar.advance(task)

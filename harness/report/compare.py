@@ -29,6 +29,13 @@ against its own run's ceiling: the time ratio times the ceilings' ratio B/A (`re
 the two ceilings' own noise), with the raw time ratio and its verdict beside (`time_ratio`, `changed_raw`); a change
 is claimed (and gated) only where both judgments agree, since each alone moves with the machine or the probe. A ceiling
 that differs between the runs beyond its noise and by more than MACHINE_LIMIT is reported: the machines differed.
+
+On a CPU each point carries the machine's speed around it (`load.speed_us`: tokenfleet.measure.load's speed probe,
+slowed when the host gives another guest a share of our cores; on the 2-vCPU VM a state that lasts seconds to
+minutes and moves small kernels 1.4-1.6x while the guest sees nothing). Two points whose probes read more than
+SPEED_LIMIT apart were measured on machines that differed for them: where they still differ beyond their noise
+floor they are `machine` (`speed_ratio` B/A beside), not judged and not gated, and the summary and --fail-over say
+how many; where they agree they are `same` as usual.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 from tokenfleet.config import ConfigError
+from tokenfleet.measure.load import SPEED_LIMIT
 from tokenfleet.results import USABLE, Run, flat_ceilings, load_run, manifest_json, resolve_run
 
 THROUGHPUT = ("tokens_per_s", "tflops", "gbps", "value")  # first one both sides have; all are higher-is-better
@@ -49,13 +57,14 @@ NAME_FIELDS = ("kind", "op", "model", "backend", "dtype")
 KIND_ORDER = {"ceiling": 0, "kernel": 1, "prefill": 2, "decode": 3}
 COLUMNS = ["kind", "name", "backend", "dtype", "shape", "status_a", "status_b", "median_ms_a", "median_ms_b",
            "time_ratio", "ratio_lo", "ratio_hi", "changed_raw", "rel_ratio", "rel_lo", "rel_hi", "throughput_ratio",
-           "spread_a", "spread_b", "noise_floor", "floor_from", "changed", "method", "note"]
+           "spread_a", "spread_b", "noise_floor", "floor_from", "speed_ratio", "changed", "method", "note"]
 RESAMPLES = 2000  # bootstrap resamples per point pair
 CONFIDENCE = 0.95  # of the interval on the ratio of medians
 MIN_SAMPLES = 5  # fewer kept samples on either side: the spread rule instead
 SEED = 0  # the same two runs always give the same intervals
 FLOOR_NOTE = "within this machine's between-run noise"  # a point judged `same` because of the noise floor
 LARGEST = "largest"  # `floor_from` of a point judged with each run's largest drift (no ceiling of its own)
+MACHINE = "machine"  # `changed` of a pair measured at CPU speeds further apart than SPEED_LIMIT: not judged
 # Ceilings further apart than this (and beyond their noise): the machines differed. The same limit as a ceiling's
 # drift within one run (tokenfleet.measure.parts.ceilings.DRIFT_LIMIT; tests/test_compare.py holds them equal).
 MACHINE_LIMIT = 0.05
@@ -105,6 +114,11 @@ class Comparison:
     def cross_device(self) -> bool:
         return self.a.device != self.b.device
 
+    @property
+    def unjudged(self) -> list[dict]:
+        """The pairs measured at CPU speeds more than SPEED_LIMIT apart that moved beyond their floor (`machine`)."""
+        return [r for r in self.rows if r["changed"] == MACHINE]
+
     def header(self) -> str:
         line = f"A: {self.a.run_id} ({self.a.device})  vs  B: {self.b.run_id} ({self.b.device}); ratios are B/A"
         if self.cross_device:
@@ -113,7 +127,9 @@ class Comparison:
             line += ("\nthe machines differed: ceilings B/A " + ", ".join(self.machines_differed) + " beyond their "
                      "noise; a change is claimed where a point's raw time and its time against its own run's "
                      "ceiling (rel_ratio) agree")
-        return line + "\n" + floor_text(self.floors, self.floor, self.floor_classes())
+        if self.unjudged:
+            line += "\n" + speed_text(self.unjudged)
+        return line + "\n" + floor_text(self.floors, self.floor, self.floor_classes(), self.floor_rule)
 
     def summary(self) -> str:
         counts: dict[str, int] = {}
@@ -133,6 +149,8 @@ class Comparison:
             text += f"; {sum(floored.values())} same only within this machine's between-run noise ({per})"
         if self.machines_differed:
             text += "; the machines differed: " + ", ".join(self.machines_differed)
+        if self.unjudged:
+            text += f"; {len(self.unjudged)} not judged: the CPU ran at different speeds for them (`{MACHINE}`)"
         return text
 
     def regressions(self, pct: float) -> list[dict]:
@@ -206,7 +224,21 @@ def floor_name(a: dict, b: dict) -> str | None:
 
 def floor_label(name: str) -> str:
     """How a floor's source is named to a reader: a ceiling's drift, or each run's largest."""
-    return "no ceiling (each run's largest drift)" if name == LARGEST else name
+    return "each run's largest drift" if name == LARGEST else name
+
+
+def speed_of(p: dict) -> float | None:
+    """The slower of a point's speed-probe readings (us; before and after it), or None where it has none."""
+    got = [x for x in ((p.get("load") or {}).get("speed_us") or []) if isinstance(x, (int, float)) and x > 0]
+    return max(got) if got else None
+
+
+def speed_text(rows: list[dict]) -> str:
+    """The line on pairs not judged because the CPU ran at different speeds for them (`machine`)."""
+    apart = [max(r["speed_ratio"], 1 / r["speed_ratio"]) for r in rows]
+    return (f"{len(rows)} point(s) not judged (`{MACHINE}`): measured while the CPU ran at speeds x{min(apart):.2f}.."
+            f"x{max(apart):.2f} apart in the two runs (the speed probe; limit x{1 + SPEED_LIMIT:.2f}), another guest "
+            "sharing the cores in one of them; measure them again to judge them")
 
 
 def combined_floor(fa: float | None, fb: float | None) -> float:
@@ -215,18 +247,22 @@ def combined_floor(fa: float | None, fb: float | None) -> float:
     return min((1 + (fa or 0.0)) * (1 + (fb or 0.0)) - 1, sys.float_info.max)  # finite: JSON has no inf
 
 
-def floor_text(floors: dict[str, float | None], floor: float, classes: dict[str, float] | None = None) -> str:
-    """The header's line on the between-run noise floors: each floor the points used (`classes`: a ceiling's own
-    drift in each run, compounded, or each run's largest), what each run measured at most, or that one did not."""
+def floor_text(floors: dict[str, float | None], floor: float, classes: dict[str, float] | None = None,
+               rule: str = "ceiling") -> str:
+    """The header's line on the between-run noise floors under `rule` (FLOOR_RULES): each floor the points used
+    (`classes`: a ceiling's own drift in each run, compounded, or each run's largest), what each run measured at
+    most, or that one did not."""
     missing = [k for k, f in floors.items() if f is None]
     if len(missing) == len(floors):
         return ("no between-run noise estimate (neither run has a usable end-of-run ceiling re-probe): changes "
                 "judged on the points' own samples only")
     said = ", ".join(f"{k} ±{f:.1%}" for k, f in floors.items() if f is not None)
     per = "; ".join(f"{floor_label(k)} ±{f:.1%}" for k, f in (classes or {}).items())
-    line = (f"between-run noise floors by the ceiling each point is judged against (its drift start to end in each "
-            f"run, compounded): {per or 'no point judged'}; a change inside its point's floor is `same` (each run's "
-            f"largest drift: {said}; compounded ±{floor:.1%})")
+    how = ("of every point: each run's largest ceiling drift (a ceiling's move start to end), compounded; --floor "
+           "largest" if rule == LARGEST else "by the ceiling each point is judged against (its drift start to end "
+           "in each run, compounded; --floor ceiling")
+    line = (f"between-run noise floors {how}): {per or 'no point judged'}; a change inside its point's floor is "
+            f"`same` (each run's largest drift: {said}; compounded ±{floor:.1%})")
     if missing:  # one of the two runs (both: the line above)
         line += f"; {missing[0]} carries no estimate (no usable end-of-run re-probe)"
     return line
@@ -330,7 +366,7 @@ def _pair(key: str, a: dict | None, b: dict | None, ceilings: dict[str, dict], f
            "time_ratio": None, "throughput_ratio": None, "throughput_field": None,
            "spread_a": a and _spread(a), "spread_b": b and _spread(b), "changed": None, "note": None,
            "ratio_lo": None, "ratio_hi": None, "method": None, "changed_raw": None, "rel_ratio": None,
-           "rel_lo": None, "rel_hi": None, "noise_floor": None, "floor_from": None}
+           "rel_lo": None, "rel_hi": None, "noise_floor": None, "floor_from": None, "speed_ratio": None}
     if a is None or b is None:
         row["changed"] = "only_b" if a is None else "only_a"
         return row
@@ -367,6 +403,14 @@ def _pair(key: str, a: dict | None, b: dict | None, ceilings: dict[str, dict], f
     floor, row["floor_from"] = floor_of(floor_name(a, b))
     row["noise_floor"] = floor
     row["changed"], row["changed_raw"] = judge(row, lo, hi, floor)
+    va, vb = speed_of(a), speed_of(b)
+    if va and vb:
+        row["speed_ratio"] = vb / va
+        if max(vb / va, va / vb) > 1 + SPEED_LIMIT and row["changed"] != "same":
+            row["note"] = (f"not judged: {row['changed']} x{lo:.3f}..x{hi:.3f}, but the CPU ran x{vb / va:.2f} as "
+                           f"slow in B as in A around it (speed probe {va:.1f} us in A, {vb:.1f} us in B)")
+            row["changed"] = MACHINE
+            return row
     if row["changed"] == "same" and judge(row, lo, hi, 0.0)[0] != "same":
         rel = f"; against each run's own ceiling x{row['rel_lo']:.3f}..x{row['rel_hi']:.3f}" if row["rel_lo"] else ""
         row["note"] = (f"{FLOOR_NOTE} of ±{floor:.0%} from {floor_label(row['floor_from'])} (B/A x{lo:.3f}.."
