@@ -451,3 +451,32 @@ def test_a_point_slow_each_time_is_measured_again_at_most_speed_retries_times(tm
     # the job loop's retries, then the end of the run's measurement with its own retries
     assert all(p["load"]["retries"] == load.SPEED_RETRIES for p in points)
     assert manifest["load"]["retries"] == len(points) * (2 * load.SPEED_RETRIES + 1)
+
+
+def test_speed_reading_lets_a_quarter_of_the_readings_be_slow():
+    assert load.speed_reading({}) is None and load.speed_reading({"speed_us": [float("inf"), -2.0]}) is None
+    assert load.speed_reading({"speed_us": [5.0, 9.0]}) == 9.0  # of two, the slower
+    assert load.speed_reading({"speed_us": [5.0]}) == 5.0
+    # 8 readings: the 6th (nearest rank of 0.75): one or two slow ones do not count, three do
+    assert load.speed_reading({"speed_us": [5.0, 5.1], "speed_during_us": [5.0] * 4 + [9.0, 9.5]}) == 5.1
+    assert load.speed_reading({"speed_us": [5.0, 9.0], "speed_during_us": [5.0] * 3 + [9.0, 9.5, 5.2]}) == 9.0
+    assert load.slowdown({"speed_us": [5.0, 5.1], "speed_during_us": [9.0] * 6, "speed_fastest_us": 4.5}) == 2.0
+
+
+def test_speed_is_read_between_samples_at_most_every_during_s(fake):
+    proc, clock = fake
+    speed = FakeSpeed(5.0, 5.0, 8.0, 8.1, 8.2, 8.3, 5.0)
+    m = load.Meter("cpu", proc=proc.root, hz=HZ, speed=speed)
+    m.begin()
+    for _ in range(12):  # twelve samples 0.03 s apart: a reading every DURING_S = 0.1 s of them (3)
+        clock.t += 0.03
+        m.during()
+    clock.t += 0.03
+    proc.tick(0.39)
+    rec = m.end()
+    assert rec["speed_during_us"] == [5.0, 8.0, 8.1] and rec["speed_us"] == [5.0, 8.2]
+    assert load.speed_reading(rec) == 8.1 and rec["contended"]  # three of five readings slow
+    none = load.Meter("cpu", proc=proc.root, hz=HZ)
+    none.begin()
+    none.during()
+    assert "speed_during_us" not in none.end()

@@ -52,6 +52,20 @@ def test_cpu_timing_structure(clock):
     assert not t.cuda_graph and t.launch_us is None
 
 
+def test_between_samples_hooks_run_after_each_sample_outside_its_time(clock):
+    calls = []
+
+    def hook():
+        calls.append(clock.ns)
+        clock.advance(5.0)  # a hook's own time is in no sample
+
+    with timing.between_samples(hook):
+        t = measure(lambda: clock.advance(2.0), device="cpu", min_samples=5, min_time_s=0.0, warmup_s=0.0)
+    assert len(calls) == t.n_samples == 5 and t.samples_ms == [2.0] * 5
+    measure(lambda: clock.advance(2.0), device="cpu", min_samples=5, min_time_s=0.0, warmup_s=0.0)
+    assert len(calls) == 5 and timing._BETWEEN == []  # gone after the block
+
+
 def test_sample_count_bounds(clock):
     t = measure(lambda: clock.advance(0.2), device="cpu", min_samples=3, min_time_s=0.05, warmup_s=0.0)
     assert t.n_samples == 250  # min_time_s / per-call time

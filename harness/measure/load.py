@@ -28,8 +28,10 @@ puts another guest's thread on a hyperthread sibling of ours, or our two vCPUs o
 elementwise op over both threads took 4.7 us, then 7.0-8.3 us for seconds at a time, and a single-threaded one 3.1
 then 4.3-5.7 us; a cold-cache MoE point moved 1.1 -> 1.5 ms with it, a 2-thread cache-line round trip 60 -> 360 ns.
 So on a CPU each point also reads the machine's speed before and after it (`speed_us`: SpeedProbe, ~1 ms each, the
-CPU's analogue of polling a GPU's clocks), against the fastest this run has read (`speed_fastest_us`). A point that
-read more than SPEED_LIMIT slower is `contended` ("the CPU ran x1.50 slower than its fastest in this run"), and the
+CPU's analogue of polling a GPU's clocks) and between its samples every DURING_S (`speed_during_us`; the timing
+function's `between_samples`, outside the samples), against the fastest this run has read (`speed_fastest_us`). A
+point whose reading (`speed_reading`: a quarter of its readings may be slower) is more than SPEED_LIMIT slower is
+`contended` ("the CPU ran x1.50 slower than its fastest in this run"), and the
 runner measures it again once the probe reads fast (as nvbench discards samples taken while a GPU throttles): at
 most SPEED_RETRIES times, while retries have cost under RETRY_SHARE of the run's time (so a run costs at most 1.5x
 its measuring time); when the probe still reads slow after RECOVER_S the point waits for the end of the run. There
@@ -65,6 +67,10 @@ SPEED_RETRIES = 2  # a slowed point is measured again at most this often
 RETRY_SHARE = 0.5  # and only while the retries (their waits included) have cost under this share of the run's time
 RECOVER_S = 2.0  # before a retry, wait up to this long for the probe to read fast again
 RECOVER_STEP_S = 0.05  # between readings while waiting
+DURING_S = 0.1  # while a point samples, the speed is read between its samples at most this often
+# A point's speed: the reading this share of its readings (before, during, after) stay below; a CPU slowed for more
+# than a quarter of the point moves its median sample.
+SPEED_QUANTILE = 0.75
 
 
 def judging() -> bool:
@@ -207,19 +213,28 @@ def cpu_reasons(load: dict) -> list[str]:
     slow = slowdown(load)
     if slow is not None and slow > 1 + SPEED_LIMIT:
         out.append(f"the CPU ran x{slow:.2f} slower than its fastest in this run (speed probe "
-                   f"{max(load['speed_us']):.1f} us against {load['speed_fastest_us']:.1f} us; limit "
+                   f"{speed_reading(load):.1f} us against {load['speed_fastest_us']:.1f} us; limit "
                    f"x{1 + SPEED_LIMIT:.2f}): another guest shared its cores")
     return out
 
 
+def speed_reading(load: dict) -> float | None:
+    """A point's speed-probe reading in us: of its readings before and after it (`speed_us`) and between its
+    samples (`speed_during_us`), the one SPEED_QUANTILE of them stay at or below (nearest rank: of two, the slower;
+    of many, a few slow ones do not count), or None where none was read."""
+    got = sorted(x for f in ("speed_us", "speed_during_us") for x in (load.get(f) or [])
+                 if isinstance(x, (int, float)) and 0 < x < math.inf)
+    return got[math.ceil(SPEED_QUANTILE * len(got)) - 1] if got else None
+
+
 def slowdown(load: dict, fastest: float | None = None) -> float | None:
-    """How much slower than `fastest` (default: the fastest the run had read by then) the speed probe read around a
-    point (the slower of its readings before and after), or None where it was not read."""
-    readings = [x for x in (load.get("speed_us") or []) if isinstance(x, (int, float)) and x > 0]
+    """How much slower than `fastest` (default: the fastest the run had read by then) the speed probe read for a
+    point (`speed_reading`), or None where it was not read."""
+    reading = speed_reading(load)
     fastest = fastest or load.get("speed_fastest_us")
-    if not readings or not isinstance(fastest, (int, float)) or fastest <= 0:
+    if reading is None or not isinstance(fastest, (int, float)) or fastest <= 0:
         return None
-    return max(readings) / fastest
+    return reading / fastest
 
 
 # --- the CPU's own speed -----------------------------------------------------------------------------------------
@@ -333,6 +348,8 @@ class Meter:
         self._gpu_start: int | None = None
         self.speed = speed if device_kind == "cpu" else None  # a SpeedProbe (None: the CPU's speed is not read)
         self._speed_start: float | None = None
+        self._during: list[float] = []
+        self._during_t = 0.0
         self.start_run()
 
     def start_run(self) -> None:
@@ -390,7 +407,17 @@ class Meter:
         pids, util = r
         return gpu_others(pids, tree_pids(self.proc)), util
 
+    def during(self) -> None:
+        """Between a point's samples (`timing.between_samples`): a speed reading, at most every DURING_S."""
+        now = time.monotonic()
+        if self.speed is not None and now - self._during_t >= DURING_S:
+            v = self._read_speed()
+            self._during_t = time.monotonic()
+            if v is not None:
+                self._during.append(v)
+
     def begin(self) -> None:
+        self._during, self._during_t = [], time.monotonic()
         self._speed_start = self._read_speed()
         self._snap(trim=True)
         self._gpu_start, _ = self._gpu()
@@ -410,6 +437,8 @@ class Meter:
         readings = [v for v in (self._speed_start, self._read_speed()) if v is not None]
         if readings and self.fastest:
             out["speed_us"] = [round(v, 3) for v in readings]
+            if self._during:
+                out["speed_during_us"] = [round(v, 2) for v in self._during]
             out["speed_fastest_us"] = round(self.fastest, 3)
         out["contended"] = cpu_reasons(out) if self.kind == "cpu" else gpu_reasons(out)
         return out
@@ -443,7 +472,8 @@ def summary(points: list[dict], watch: Meter | None = None) -> dict:
         vals = [v for x in loads if isinstance(v := x.get(field), (int, float))]
         return max(vals) if vals else None
 
-    speeds = [v for x in loads for v in (x.get("speed_us") or []) if isinstance(v, (int, float))]
+    speeds = [v for x in loads for f in ("speed_us", "speed_during_us") for v in (x.get(f) or [])
+              if isinstance(v, (int, float))]
     out = {"judged": judging(), "limits": limits(), "points": len(loads),
            "contended": sum(p.get("status") == "contended" for p in points),
            "over_limits": sum(bool(x.get("contended")) for x in loads),

@@ -29,6 +29,7 @@ from tokenfleet.measure.device import DeviceInfo, detect, telemetry
 from tokenfleet.measure.parts import ceilings as ceilings_part
 from tokenfleet.measure.plan import ordered_jobs
 from tokenfleet.measure.suite import Suite, load_suite, suite_from_dict
+from tokenfleet.measure.timing import between_samples
 
 
 def _failure(exc: BaseException) -> dict:
@@ -78,7 +79,8 @@ def slowed(point: dict, fastest: float | None = None) -> bool:
 def _execute_once(job: Job, ctx: RunContext, watch: load.Meter) -> dict:
     watch.begin()
     try:
-        measured = job.run(ctx) or {}
+        with between_samples(watch.during):
+            measured = job.run(ctx) or {}
     except KeyboardInterrupt:
         raise
     except BaseException as e:  # noqa: BLE001 - a failure is a row, not a crash

@@ -15,14 +15,18 @@ GPU, three ways, all with the first call reported apart and never in the samples
   (Not `do_bench_cudagraph` itself: it takes 10 samples of one graph without input rotation or a warm-up by time.)
 - `cuda_graph=True` without `args` (a decode step): the same graph replays, without rotation.
 - otherwise: CUDA events around each eager call, one synchronize at the end, an optional L2 flush between samples.
+
+On a CPU the hooks of `between_samples` run after each sample, outside its time (the runner reads the machine's
+speed there, tokenfleet.measure.load: a host can slow a VM for part of a point).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -133,6 +137,19 @@ def _cpu_flush_buffer(nbytes: int) -> torch.Tensor:
     return torch.zeros(nbytes // 4, dtype=torch.int32)  # zeros: its pages faulted in here, not in a sample
 
 
+_BETWEEN: list[Callable[[], object]] = []  # run after each CPU sample, outside its time (`between_samples`)
+
+
+@contextlib.contextmanager
+def between_samples(hook: Callable[[], object]) -> Iterator[None]:
+    """Within the block, `hook()` runs after each sample of a CPU measurement (not in the sample's time)."""
+    _BETWEEN.append(hook)
+    try:
+        yield
+    finally:
+        _BETWEEN.remove(hook)
+
+
 def _measure_cpu(fn, min_samples, min_time_s, warmup_s, max_samples, noise_limit, flush_l2=False,
                  l2_bytes=None) -> Timing:
     # On a CPU the last-level cache plays the L2's part: writing twice its size evicts the previous call's data.
@@ -159,6 +176,8 @@ def _measure_cpu(fn, min_samples, min_time_s, warmup_s, max_samples, noise_limit
         t = flushed()
         fn()
         samples.append((_now_ns() - t) / 1e6)
+        for hook in _BETWEEN:
+            hook()
     flush_ms = (per_sample - call_ns / 1e9 / calls) * 1e3 if flush is not None else None
     return Timing(first_call_ms=first_ms, threads=torch.get_num_threads(), flush_ms=flush_ms,
                   **summarize(samples, noise_limit))

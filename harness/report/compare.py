@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 from tokenfleet.config import ConfigError
-from tokenfleet.measure.load import SPEED_LIMIT
+from tokenfleet.measure.load import SPEED_LIMIT, speed_reading
 from tokenfleet.results import USABLE, Run, flat_ceilings, load_run, manifest_json, resolve_run
 
 THROUGHPUT = ("tokens_per_s", "tflops", "gbps", "value")  # first one both sides have; all are higher-is-better
@@ -228,9 +228,8 @@ def floor_label(name: str) -> str:
 
 
 def speed_of(p: dict) -> float | None:
-    """The slower of a point's speed-probe readings (us; before and after it), or None where it has none."""
-    got = [x for x in ((p.get("load") or {}).get("speed_us") or []) if isinstance(x, (int, float)) and x > 0]
-    return max(got) if got else None
+    """A point's speed-probe reading in us (tokenfleet.measure.load.speed_reading), or None where it has none."""
+    return speed_reading(p.get("load") or {})
 
 
 def speed_text(rows: list[dict]) -> str:
