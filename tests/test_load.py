@@ -328,9 +328,9 @@ def test_retry_budget_and_recovery(fake, monkeypatch):
     assert not m.may_retry()  # no time spent yet: no budget
     clock.t += 4.0
     assert m.may_retry()
-    m.retry_s = 4.0 * load.RETRY_SHARE - 0.01
+    m.retry_s = 1.33  # of 4 s, 2.67 s measuring and 1.33 s of retries: just under half
     assert m.may_retry()
-    m.retry_s = 4.0 * load.RETRY_SHARE  # its share of the run's 4 s
+    m.retry_s = 1.34  # over half of the rest of the run (2.66 s)
     assert not m.may_retry()
     monkeypatch.setenv(load.IGNORE_ENV, "1")
     m.retry_s = 0.0

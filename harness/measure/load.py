@@ -31,11 +31,12 @@ So on a CPU each point also reads the machine's speed before and after it (`spee
 CPU's analogue of polling a GPU's clocks) and between its samples every DURING_S (`speed_during_us`; the timing
 function's `between_samples`, outside the samples), against the fastest this run has read (`speed_fastest_us`). A
 point whose reading (`speed_reading`: a quarter of its readings may be slower) is more than SPEED_LIMIT slower is
-`contended` ("the CPU ran x1.50 slower than its fastest in this run"), and the
-runner measures it again once the probe reads fast (as nvbench discards samples taken while a GPU throttles): at
-most SPEED_RETRIES times, while retries have cost under RETRY_SHARE of the run's time (so a run costs at most 1.5x
-its measuring time); when the probe still reads slow after RECOVER_S the point waits for the end of the run. There
-every point is judged again against the run's fastest reading (a run may start slow, or be slowed for a minute), and
+`contended` ("the CPU ran x1.50 slower than its fastest in this run"), and the runner measures it again once the
+probe reads fast (as nvbench discards samples taken while a GPU throttles): at most SPEED_RETRIES times, while
+retries have cost under RETRY_SHARE of the rest of the run (so a run costs about 1.5x its measuring time at most,
+one point's retry over); when the probe still reads slow after RECOVER_S the point waits for the end of the run.
+There every point is judged again against the run's fastest reading (a run may start slow, or be slowed for a
+minute), and
 those over the limit are measured again once the probe reads fast, else kept `contended`.
 """
 
@@ -64,7 +65,7 @@ SPEED_LIMIT = 0.25
 SPEED_CALLS = 64  # calls per reading, of which the median: ~0.5 ms of probe at 5-8 us a call
 GRAIN = 32768  # at::internal::GRAIN_SIZE: torch splits an elementwise op over its threads in chunks of at least this
 SPEED_RETRIES = 2  # a slowed point is measured again at most this often
-RETRY_SHARE = 0.5  # and only while the retries (their waits included) have cost under this share of the run's time
+RETRY_SHARE = 0.5  # and only while the retries (their waits included) cost under this share of the rest of the run
 RECOVER_S = 2.0  # before a retry, wait up to this long for the probe to read fast again
 RECOVER_STEP_S = 0.05  # between readings while waiting
 DURING_S = 0.1  # while a point samples, the speed is read between its samples at most this often
@@ -374,9 +375,10 @@ class Meter:
         return None
 
     def may_retry(self) -> bool:
-        """Whether a slowed point may be measured again: judging, and retries so far under RETRY_SHARE of the run."""
+        """Whether a slowed point may be measured again: judging, and retries so far under RETRY_SHARE of the time
+        the run spent on everything else."""
         return (self.speed is not None and judging()
-                and self.retry_s < RETRY_SHARE * max(time.monotonic() - self.run_start, 0.0))
+                and self.retry_s < RETRY_SHARE * max(time.monotonic() - self.run_start - self.retry_s, 0.0))
 
     def recover(self) -> bool:
         """Wait (up to RECOVER_S) for the speed probe to read within SPEED_LIMIT of the run's fastest: whether it

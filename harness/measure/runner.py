@@ -299,11 +299,11 @@ def _rejudge(jobs: list[Job], ctx: RunContext, writer: results.RunWriter,
             if p.get("status") in results.USABLE | {"contended"} and slowed(p, fastest)]
     for k in slow:
         if k in by_key and watch.may_retry():
-            t = time.monotonic()
+            t, spent = time.monotonic(), watch.retry_s
             if watch.recover():
                 _record(execute(by_key[k], ctx, retry=True), ctx, writer, on_point)
                 watch.retries += 1
-            watch.retry_s += time.monotonic() - t
+            watch.retry_s = spent + time.monotonic() - t  # its own retries inside, counted once
         p = writer.points[k]
         if p.get("status") in results.USABLE and slowed(p, fastest):
             rec = {**p["load"], "speed_fastest_us": round(fastest, 3)}
