@@ -108,6 +108,10 @@ class Load(_Record):
     gpu_other_processes: Int = None
     gpu_util_pct: Num = None
     contended: list[str] | None = None
+    speed_us: list[float] | None = None  # the CPU's speed probe before and after the point
+    speed_during_us: list[float] | None = None  # and between its samples
+    speed_fastest_us: Num = None  # the run's fastest reading by then
+    retries: Int = None  # times the point was measured again on a slowed CPU
 
 
 class PointRecord(_Record):

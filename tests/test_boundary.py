@@ -194,6 +194,17 @@ def test_the_writer_refuses_a_record_of_the_wrong_type(tmp_path):
         make_run(tmp_path / "run", [{"kind": "kernel", "op": "x", "status": "ok", "median_ms": "fast"}])
 
 
+@pytest.mark.parametrize(("field", "bad"), [("speed_us", 5.0), ("speed_during_us", ["5"]), ("speed_fastest_us", "x"),
+                                          ("retries", 1.5)])
+def test_a_points_speed_readings_are_typed(tmp_path, field, bad):
+    """The CPU speed probe's fields of a point's `load` (tokenfleet.measure.load) are validated as the rest."""
+    good = {"kind": "kernel", "op": "x", "status": "ok", "median_ms": 1.0,
+            "load": {"speed_us": [4.7, 4.8], "speed_during_us": [4.7], "speed_fastest_us": 4.6, "retries": 1}}
+    make_run(tmp_path / "ok", [good])
+    with pytest.raises(ValueError, match=field):
+        make_run(tmp_path / "bad", [{**good, "load": {**good["load"], field: bad}}])
+
+
 def test_gpu_point_shapes_validate(tmp_path):
     """What a GPU run writes, which no CPU test measures: a probe's polled telemetry (min/median/max), a point's
     telemetry read once, the distributed fields and a fractional probe size."""

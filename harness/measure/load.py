@@ -36,8 +36,7 @@ probe reads fast (as nvbench discards samples taken while a GPU throttles): at m
 retries have cost under RETRY_SHARE of the rest of the run (so a run costs about 1.5x its measuring time at most,
 one point's retry over); when the probe still reads slow after RECOVER_S the point waits for the end of the run.
 There every point is judged again against the run's fastest reading (a run may start slow, or be slowed for a
-minute), and
-those over the limit are measured again once the probe reads fast, else kept `contended`.
+minute), and those over the limit are measured again once the probe reads fast, else kept `contended`.
 """
 
 from __future__ import annotations
