@@ -24,9 +24,9 @@ beside other jobs); the manifest says which.
 
 A virtual machine's CPUs can also be slowed from outside, where the guest sees no process and little steal: the host
 puts another guest's thread on a hyperthread sibling of ours, or our two vCPUs on different cache complexes. On the
-2-vCPU development VM (2026-12-05) that came and went every few seconds with no other process in the guest: a fixed
-elementwise op over both threads took 4.7 us, then 7.0-8.3 us for seconds at a time, and a single-threaded one 3.1
-then 4.3-5.7 us; a cold-cache MoE point moved 1.1 -> 1.5 ms with it, a 2-thread cache-line round trip 60 -> 360 ns.
+2-vCPU development VM (2026-12-05, results/compare/cpu-amd-epyc-2core-2026-12-05-speed.md) that came and went for
+seconds to minutes with no other process in the guest: a fixed elementwise op over both threads took 4.7-5.9 us, then
+6.3-9.4 us, and a cold-cache 64x1024x4096 fp32 matmul 1.24x as long with it (3.96 -> 4.91 ms on average).
 So on a CPU each point also reads the machine's speed before and after it (`speed_us`: SpeedProbe, ~1 ms each, the
 CPU's analogue of polling a GPU's clocks) and between its samples every DURING_S (`speed_during_us`; the timing
 function's `between_samples`, outside the samples), against the fastest this run has read (`speed_fastest_us`). A
@@ -57,9 +57,10 @@ STEAL_LIMIT = 0.05
 MIN_WINDOW_S = 1.0  # judge over at least this much of the machine's recent life
 HISTORY_S = 10.0  # snapshots older than this are dropped
 IGNORE_ENV = "TOKENFLEET_IGNORE_LOAD"
-# The speed probe read this much slower than the run's fastest: the point ran on a slowed CPU. A quiet machine's
-# probe moves by a few percent (4.6-4.8 us on the development VM); a shared hyperthread or a split of the vCPUs over
-# cache complexes by 1.45-1.75x there, with points moving as much (see above).
+# The speed probe read this much slower than the run's fastest: the point ran on a slowed CPU. In the two quiet runs E
+# and F of results/compare/cpu-amd-epyc-2core-2026-12-05-speed.md, 542 of the 549 readings their points kept lie
+# within 20% of the run's fastest and the other 7 are 50% or more over it, none between; points under a CPU-bound
+# neighbour (run G there) read 1.56-1.82x.
 SPEED_LIMIT = 0.25
 SPEED_CALLS = 64  # calls per reading, of which the median: ~0.5 ms of probe at 5-8 us a call
 GRAIN = 32768  # at::internal::GRAIN_SIZE: torch splits an elementwise op over its threads in chunks of at least this

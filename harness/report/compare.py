@@ -30,12 +30,13 @@ the two ceilings' own noise), with the raw time ratio and its verdict beside (`t
 is claimed (and gated) only where both judgments agree, since each alone moves with the machine or the probe. A ceiling
 that differs between the runs beyond its noise and by more than MACHINE_LIMIT is reported: the machines differed.
 
-On a CPU each point carries the machine's speed around it (`load.speed_us`: tokenfleet.measure.load's speed probe,
-slowed when the host gives another guest a share of our cores; on the 2-vCPU VM a state that lasts seconds to
-minutes and moves small kernels 1.4-1.6x while the guest sees nothing). Two points whose probes read more than
-SPEED_LIMIT apart were measured on machines that differed for them: where they still differ beyond their noise
-floor they are `machine` (`speed_ratio` B/A beside), not judged and not gated, and the summary and --fail-over say
-how many; where they agree they are `same` as usual.
+On a CPU each point carries the machine's speed around it (`load.speed_us`, `load.speed_during_us`:
+tokenfleet.measure.load's speed probe, slowed when the host gives another guest a share of our cores; on the 2-vCPU
+VM a state that lasts seconds to minutes while the guest sees nothing:
+results/compare/cpu-amd-epyc-2core-2026-12-05-speed.md). Two points whose probes read more than SPEED_LIMIT apart
+were measured on machines that differed for them: where they still differ beyond their noise floor they are
+`machine` (`speed_ratio` B/A beside), not judged and not gated, and the summary and --fail-over say how many; where
+they agree they are `same` as usual.
 """
 
 from __future__ import annotations
