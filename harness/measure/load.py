@@ -482,10 +482,9 @@ def summary(points: list[dict], watch: Meter | None = None) -> dict:
            "others_cpu_cores_max": most("others_cpu_cores"), "steal_share_max": most("steal_share"),
            "gpu_other_processes_max": most("gpu_other_processes")}
     if speeds:
-        out.update(speed_fastest_us=min(speeds), speed_slowest_us=max(speeds),
-                   slowed=sum(p.get("status") == "contended" and bool(x.get("contended")) and
-                              any(r.startswith("the CPU ran") for r in x["contended"])
-                              for p in points if isinstance(x := p.get("load"), dict)))
+        slow = [x for p in points if p.get("status") == "contended" and isinstance(x := p.get("load"), dict)
+                and (slowdown(x) or 0.0) > 1 + SPEED_LIMIT]  # judged on its own record, as cpu_reasons did
+        out.update(speed_fastest_us=min(speeds), speed_slowest_us=max(speeds), slowed=len(slow))
     if watch is not None and watch.speed is not None:
         out.update(retries=watch.retries, retry_s=round(watch.retry_s, 3))
         if watch.fastest:  # a resumed run: its earlier sessions' readings too
