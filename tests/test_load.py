@@ -480,3 +480,23 @@ def test_speed_is_read_between_samples_at_most_every_during_s(fake):
     none.begin()
     none.during()
     assert "speed_during_us" not in none.end()
+
+
+def test_again_counts_a_retry_and_its_time_once(fake, monkeypatch):
+    """`Meter.again`: measured only when the probe reads fast; its time, a nested retry's included, budgeted once."""
+    proc, clock = fake
+    monkeypatch.setattr(load.time, "sleep", lambda s: setattr(clock, "t", clock.t + s))
+    m = load.Meter("cpu", proc=proc.root, hz=HZ, speed=FakeSpeed(5.0))
+    m.fastest = 5.0
+
+    def nested():
+        clock.t += 2.0
+        m.retry_s += 1.5  # a retry inside, as the end of the run's execute(retry=True) has
+        m.retries += 1
+        return {"status": "ok"}
+
+    assert m.again(nested) == {"status": "ok"}
+    assert m.retries == 2 and m.retry_s == pytest.approx(2.0)
+    m.speed = FakeSpeed(9.0)  # stays slow: nothing measured, the wait budgeted
+    assert m.again(nested) is None
+    assert m.retries == 2 and m.retry_s == pytest.approx(2.0 + load.RECOVER_S, abs=load.RECOVER_STEP_S)

@@ -409,6 +409,16 @@ class Meter:
         pids, util = r
         return gpu_others(pids, tree_pids(self.proc)), util
 
+    def again(self, measure):
+        """A slowed point measured again: wait for the probe to read fast (`recover`), then `measure()` and count a
+        retry; None (nothing measured) when it stayed slow. The time, waits and any retries inside `measure` included,
+        goes to the retry budget once."""
+        t, spent = time.monotonic(), self.retry_s
+        point = measure() if self.recover() else None
+        self.retries += point is not None
+        self.retry_s = spent + time.monotonic() - t
+        return point
+
     def during(self) -> None:
         """Between a point's samples (`timing.between_samples`): a speed reading, at most every DURING_S."""
         now = time.monotonic()

@@ -54,15 +54,10 @@ def execute(job: Job, ctx: RunContext, retry: bool = False) -> dict:
     point = _execute_once(job, ctx, watch)
     tries = 0
     while retry and tries < load.SPEED_RETRIES and slowed(point) and watch.may_retry():
-        t = time.monotonic()
-        fast = watch.recover()
-        if not fast:  # still slow: measured again at the end of the run, if the CPU is fast by then
-            watch.retry_s += time.monotonic() - t
+        again = watch.again(lambda: _execute_once(job, ctx, watch))
+        if again is None:  # still slow: measured again at the end of the run, if the CPU is fast by then
             break
-        point = _execute_once(job, ctx, watch)
-        tries += 1
-        watch.retries += 1
-        watch.retry_s += time.monotonic() - t
+        point, tries = again, tries + 1
     if tries:
         point["load"] = {**point["load"], "retries": tries}
     point["elapsed_s"] = round(time.perf_counter() - t0, 3)
@@ -299,11 +294,9 @@ def _rejudge(jobs: list[Job], ctx: RunContext, writer: results.RunWriter,
             if p.get("status") in results.USABLE | {"contended"} and slowed(p, fastest)]
     for k in slow:
         if k in by_key and watch.may_retry():
-            t, spent = time.monotonic(), watch.retry_s
-            if watch.recover():
-                _record(execute(by_key[k], ctx, retry=True), ctx, writer, on_point)
-                watch.retries += 1
-            watch.retry_s = spent + time.monotonic() - t  # its own retries inside, counted once
+            again = watch.again(lambda job=by_key[k]: execute(job, ctx, retry=True))
+            if again is not None:
+                _record(again, ctx, writer, on_point)
         p = writer.points[k]
         if p.get("status") in results.USABLE and slowed(p, fastest):
             rec = {**p["load"], "speed_fastest_us": round(fastest, 3)}
